@@ -1,0 +1,140 @@
+//! Types that cross the kernel boundary: map keys and values, ring-buffer
+//! events, counter indices and the names of maps and programs.
+//!
+//! Every struct is `#[repr(C)]` with explicit padding so the eBPF programs and
+//! the agent agree on the layout byte for byte, on every architecture.
+#![no_std]
+
+/// IP protocol numbers used in [`FlowKey::proto`].
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Address families used in [`FlowKey::family`] (Linux `AF_*` values).
+pub const FAMILY_IPV4: u8 = 2;
+pub const FAMILY_IPV6: u8 = 10;
+
+/// Pseudo-uid under which bytes are counted when the skb egress hook sees a
+/// packet whose socket is not a full socket (kernel-made packets such as
+/// request-socket replies). Never a real uid: Linux reserves `(uid_t)-1`.
+pub const KERNEL_UID: u32 = u32::MAX;
+
+/// One flow: who (uid) sent what (protocol, family) to where (address, port).
+///
+/// IPv4 addresses, including IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`),
+/// occupy `addr[0..4]` with `family == FAMILY_IPV4`; the rest is zero.
+/// `port` is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub uid: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub addr: [u8; 16],
+}
+
+/// Counters of one flow on one CPU (the flow map is per-CPU; the agent sums).
+///
+/// Times are `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// connect() calls (TCP and connected UDP), from the connect4/6 hooks.
+    pub connects: u64,
+    /// UDP datagrams: every UDP skb at skb egress, or unconnected sends at
+    /// sendmsg4/6 when skb egress is not attached.
+    pub udp_sends: u64,
+    /// skbs seen at cgroup skb egress (before GSO/TSO segmentation).
+    pub tx_packets: u64,
+    /// Sum of skb->len at cgroup skb egress: IP header included.
+    pub tx_bytes: u64,
+    pub first_seen: u64,
+    pub last_seen: u64,
+}
+
+/// Per-uid totals, kept in a plain hash map that destination churn cannot
+/// evict (one entry per uid, not per destination).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UidTotals {
+    pub connects: u64,
+    pub udp_sends: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+/// Which hook saw a flow first, carried in [`FlowEvent::hook`].
+pub const HOOK_CONNECT4: u8 = 1;
+pub const HOOK_CONNECT6: u8 = 2;
+pub const HOOK_SENDMSG4: u8 = 3;
+pub const HOOK_SENDMSG6: u8 = 4;
+pub const HOOK_SKB_EGRESS: u8 = 5;
+
+/// Emitted once per new flow over the ring buffer.
+///
+/// `pid`/`tgid`/`comm` are those of the current task. At skb egress the
+/// current task may be unrelated to the socket (softirq), so the agent prefers
+/// the identity reported by a sock_addr hook for the same flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub key: FlowKey,
+    pub cgroup_id: u64,
+    pub ts: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: [u8; 16],
+    pub hook: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Indices into the per-CPU `STATS` array.
+pub const STAT_EVENTS_LOST: u32 = 0;
+pub const STAT_FLOW_UPDATE_FAILED: u32 = 1;
+pub const STAT_UID_UPDATE_FAILED: u32 = 2;
+pub const STAT_PARSE_SKIPPED: u32 = 3;
+pub const STAT_KERNEL_PACKETS: u32 = 4;
+pub const STAT_COUNT: u32 = 8;
+
+/// Bit in the `CONFIG` array: skb egress is attached (sendmsg hooks then
+/// only name senders instead of counting datagrams a second time).
+pub const CONFIG_SKB_ATTACHED: u32 = 1;
+pub const MAP_CONFIG: &str = "CONFIG";
+
+/// Map names as they appear in the object file and under the pin directory.
+pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_FLOW_SEEN: &str = "FLOW_SEEN";
+pub const MAP_UID_TOTALS: &str = "UID_TOTALS";
+pub const MAP_EVENTS: &str = "EVENTS";
+pub const MAP_STATS: &str = "STATS";
+
+/// Default map sizes (overridable at load time).
+pub const DEFAULT_FLOW_ENTRIES: u32 = 65_536;
+pub const DEFAULT_UID_ENTRIES: u32 = 16_384;
+pub const DEFAULT_RINGBUF_BYTES: u32 = 256 * 1024;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain-old-data, repr(C), no implicit padding.
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for UidTotals {}
+    unsafe impl aya::Pod for FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<FlowKey>(), 24);
+        assert_eq!(size_of::<FlowValue>(), 48);
+        assert_eq!(size_of::<UidTotals>(), 32);
+        assert_eq!(size_of::<FlowEvent>(), 24 + 8 + 8 + 4 + 4 + 16 + 8);
+    }
+}

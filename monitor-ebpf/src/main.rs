@@ -1,0 +1,391 @@
+//! egressmon's kernel programs: one compact file, one program per hook, all
+//! sharing the same accounting helper and maps.
+//!
+//! * `connect4`/`connect6` (cgroup sock_addr): connect() calls per flow, uid of
+//!   the calling task.
+//! * `sendmsg4`/`sendmsg6` (cgroup sock_addr): unconnected UDP datagrams per
+//!   flow, uid of the calling task. Only attached where skb egress cannot be.
+//! * `skb_egress` (cgroup_skb egress): packets and bytes per flow, uid of the
+//!   socket (on Android the DNS resolver `fchown`s its sockets to the app that
+//!   asked, so the socket owner is the right owner of bytes).
+//!
+//! Every program returns 1 ("allow"): egressmon observes, it never filters.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, generated::bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, map},
+    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{SkBuffContext, SockAddrContext},
+};
+use monitor_common::*;
+
+/// Flow counters, per CPU so concurrent senders never contend on a line;
+/// increments are atomic adds so a softirq on the same CPU cannot lose one.
+#[map(name = "FLOWS")]
+static FLOWS: LruPerCpuHashMap<FlowKey, FlowValue> =
+    LruPerCpuHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Keys already announced over `EVENTS`: makes "new flow" a single event per
+/// flow across CPUs (the per-CPU flow map alone would announce once per CPU).
+#[map(name = "FLOW_SEEN")]
+static FLOW_SEEN: LruHashMap<FlowKey, u64> = LruHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Per-uid totals: one entry per uid, so destination churn cannot evict them.
+#[map(name = "UID_TOTALS")]
+static UID_TOTALS: PerCpuHashMap<u32, UidTotals> = PerCpuHashMap::pinned(DEFAULT_UID_ENTRIES, 0);
+
+/// New-flow events for the agent (pid, comm, cgroup of the first sender).
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RINGBUF_BYTES, 0);
+
+/// Written by the agent at load: `CONFIG_SKB_ATTACHED` tells the sendmsg
+/// programs that skb egress already counts every datagram, so they only name
+/// the sender (pid, comm) and do not count it twice.
+#[map(name = "CONFIG")]
+static CONFIG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Health counters (`STAT_*`): lost events, failed updates.
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+const ALLOW: i32 = 1;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// The agent polls the ring buffer in batches: no wakeup per event.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+
+/// What one program run adds to a flow.
+#[derive(Clone, Copy)]
+struct Delta {
+    connects: u64,
+    udp_sends: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+#[inline(always)]
+fn add(counter: &mut u64, value: u64) {
+    if value != 0 {
+        // SAFETY: `counter` points into a map value; lowers to BPF `lock xadd`.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                counter, value,
+            );
+        }
+    }
+}
+
+#[inline(always)]
+fn bump_stat(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU array slot, always present for index < STAT_COUNT.
+        add(unsafe { &mut *slot }, 1);
+    }
+}
+
+#[inline(always)]
+fn add_to_flow(value: &mut FlowValue, delta: &Delta, now: u64) {
+    add(&mut value.connects, delta.connects);
+    add(&mut value.udp_sends, delta.udp_sends);
+    add(&mut value.tx_packets, delta.packets);
+    add(&mut value.tx_bytes, delta.bytes);
+    value.last_seen = now;
+}
+
+#[inline(always)]
+fn add_to_uid(uid: u32, delta: &Delta) {
+    if let Some(totals) = UID_TOTALS.get_ptr_mut(uid) {
+        // SAFETY: map value pointer from a successful lookup.
+        let totals = unsafe { &mut *totals };
+        add(&mut totals.connects, delta.connects);
+        add(&mut totals.udp_sends, delta.udp_sends);
+        add(&mut totals.tx_packets, delta.packets);
+        add(&mut totals.tx_bytes, delta.bytes);
+        return;
+    }
+    let fresh = UidTotals {
+        connects: delta.connects,
+        udp_sends: delta.udp_sends,
+        tx_packets: delta.packets,
+        tx_bytes: delta.bytes,
+    };
+    if UID_TOTALS.insert(uid, fresh, BPF_NOEXIST as u64).is_err() {
+        // Lost a race with a same-CPU insert, or the map is full.
+        match UID_TOTALS.get_ptr_mut(uid) {
+            Some(totals) => {
+                let totals = unsafe { &mut *totals };
+                add(&mut totals.connects, delta.connects);
+                add(&mut totals.udp_sends, delta.udp_sends);
+                add(&mut totals.tx_packets, delta.packets);
+                add(&mut totals.tx_bytes, delta.bytes);
+            }
+            None => bump_stat(STAT_UID_UPDATE_FAILED),
+        }
+    }
+}
+
+/// The one accounting path shared by every hook. Hot path: one per-CPU
+/// lookup and a few local atomic adds; the slow path (first packet of a flow
+/// on this CPU) inserts and, once per flow, emits an event.
+#[inline(always)]
+fn account(key: &FlowKey, delta: Delta, hook: u8, task_context: bool, skb_cgroup: u64) {
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    add_to_uid(key.uid, &delta);
+    if let Some(value) = FLOWS.get_ptr_mut(key) {
+        add_to_flow(unsafe { &mut *value }, &delta, now);
+        return;
+    }
+    let fresh = FlowValue {
+        connects: delta.connects,
+        udp_sends: delta.udp_sends,
+        tx_packets: delta.packets,
+        tx_bytes: delta.bytes,
+        first_seen: now,
+        last_seen: now,
+    };
+    if FLOWS.insert(key, fresh, BPF_NOEXIST as u64).is_err() {
+        match FLOWS.get_ptr_mut(key) {
+            Some(value) => add_to_flow(unsafe { &mut *value }, &delta, now),
+            None => {
+                if FLOWS.insert(key, fresh, BPF_ANY as u64).is_err() {
+                    bump_stat(STAT_FLOW_UPDATE_FAILED);
+                }
+            }
+        }
+    }
+    if FLOW_SEEN.insert(key, now, BPF_NOEXIST as u64).is_ok() {
+        emit_new_flow(key, now, hook, task_context, skb_cgroup);
+    }
+}
+
+#[inline(always)]
+fn emit_new_flow(key: &FlowKey, now: u64, hook: u8, task_context: bool, skb_cgroup: u64) {
+    let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
+        bump_stat(STAT_EVENTS_LOST);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to reserved ring-buffer memory of the right size;
+    // every field is written before submit.
+    unsafe {
+        (*event).key = *key;
+        (*event).ts = now;
+        (*event).hook = hook;
+        (*event)._pad = [0; 7];
+        if task_context {
+            let pid_tgid = bpf_get_current_pid_tgid();
+            (*event).pid = pid_tgid as u32;
+            (*event).tgid = (pid_tgid >> 32) as u32;
+            (*event).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+            (*event).cgroup_id = bpf_get_current_cgroup_id();
+        } else {
+            (*event).pid = 0;
+            (*event).tgid = 0;
+            (*event).comm = [0; 16];
+            (*event).cgroup_id = skb_cgroup;
+        }
+    }
+    entry.submit(BPF_RB_NO_WAKEUP);
+}
+
+// ---- sock_addr hooks -------------------------------------------------------
+
+#[inline(always)]
+fn current_uid() -> u32 {
+    bpf_get_current_uid_gid() as u32
+}
+
+/// Key for an IPv4 destination from a sock_addr context.
+#[inline(always)]
+fn key_from_addr4(ctx: &SockAddrContext) -> FlowKey {
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut key = FlowKey {
+        uid: current_uid(),
+        port: u16::from_be(sa.user_port as u16),
+        proto: sa.protocol as u8,
+        family: FAMILY_IPV4,
+        addr: [0; 16],
+    };
+    key.addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    key
+}
+
+/// Key for an IPv6 destination; `::ffff:a.b.c.d` becomes IPv4 a.b.c.d, which
+/// is also what skb egress sees for such a socket.
+#[inline(always)]
+fn key_from_addr6(ctx: &SockAddrContext) -> FlowKey {
+    let sa = unsafe { &*ctx.sock_addr };
+    let words = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    let mut key = FlowKey {
+        uid: current_uid(),
+        port: u16::from_be(sa.user_port as u16),
+        proto: sa.protocol as u8,
+        family: FAMILY_IPV6,
+        addr: [0; 16],
+    };
+    // Words are in network byte order as stored in memory.
+    let mapped = words[0] == 0 && words[1] == 0 && words[2] == u32::from_be(0x0000_ffff);
+    if mapped {
+        key.family = FAMILY_IPV4;
+        key.addr[..4].copy_from_slice(&words[3].to_ne_bytes());
+    } else {
+        key.addr[0..4].copy_from_slice(&words[0].to_ne_bytes());
+        key.addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
+        key.addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
+        key.addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    }
+    key
+}
+
+const CONNECT: Delta = Delta {
+    connects: 1,
+    udp_sends: 0,
+    packets: 0,
+    bytes: 0,
+};
+const UDP_SEND: Delta = Delta {
+    connects: 0,
+    udp_sends: 1,
+    packets: 0,
+    bytes: 0,
+};
+const NOTHING: Delta = Delta {
+    connects: 0,
+    udp_sends: 0,
+    packets: 0,
+    bytes: 0,
+};
+
+#[inline(always)]
+fn udp_send_delta() -> Delta {
+    match CONFIG.get(0) {
+        Some(flags) if flags & CONFIG_SKB_ATTACHED != 0 => NOTHING,
+        _ => UDP_SEND,
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    let key = key_from_addr4(&ctx);
+    account(&key, CONNECT, HOOK_CONNECT4, true, 0);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    let key = key_from_addr6(&ctx);
+    account(&key, CONNECT, HOOK_CONNECT6, true, 0);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    let key = key_from_addr4(&ctx);
+    account(&key, udp_send_delta(), HOOK_SENDMSG4, true, 0);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    let key = key_from_addr6(&ctx);
+    account(&key, udp_send_delta(), HOOK_SENDMSG6, true, 0);
+    ALLOW
+}
+
+// ---- skb egress ------------------------------------------------------------
+
+#[cgroup_skb(egress)]
+pub fn skb_egress(ctx: SkBuffContext) -> i32 {
+    count_skb(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn count_skb(ctx: &SkBuffContext) {
+    let skb = unsafe { &*ctx.skb.skb };
+    let len = skb.len as u64;
+    let Some(mut key) = parse_destination(ctx, skb.protocol) else {
+        bump_stat(STAT_PARSE_SKIPPED);
+        return;
+    };
+    key.uid = skb_owner(ctx);
+    let udp = (key.proto == PROTO_UDP) as u64;
+    let delta = Delta {
+        connects: 0,
+        udp_sends: udp,
+        packets: 1,
+        bytes: len,
+    };
+    let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    account(&key, delta, HOOK_SKB_EGRESS, false, cgroup);
+}
+
+/// The socket's uid, or [`KERNEL_UID`] when the skb carries no full socket.
+#[inline(always)]
+fn skb_owner(ctx: &SkBuffContext) -> u32 {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        bump_stat(STAT_KERNEL_PACKETS);
+        return KERNEL_UID;
+    }
+    ctx.get_socket_uid()
+}
+
+/// Destination (protocol, family, address, port) from the IP header. The
+/// hook runs before fragmentation, so every skb starts with its L4 header.
+#[inline(always)]
+fn parse_destination(ctx: &SkBuffContext, protocol_be: u32) -> Option<FlowKey> {
+    let mut key = FlowKey::default();
+    let l4_offset;
+    match u16::from_be(protocol_be as u16) as u32 {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(0).ok()?;
+            key.proto = ctx.load::<u8>(9).ok()?;
+            let daddr: [u8; 4] = ctx.load(16).ok()?;
+            key.addr[..4].copy_from_slice(&daddr);
+            key.family = FAMILY_IPV4;
+            l4_offset = ((vihl & 0x0f) as usize) * 4;
+        }
+        ETH_P_IPV6 => {
+            key.proto = ctx.load::<u8>(6).ok()?;
+            key.addr = ctx.load(24).ok()?;
+            key.family = FAMILY_IPV6;
+            l4_offset = 40;
+        }
+        _ => return None,
+    }
+    if key.proto == PROTO_TCP || key.proto == PROTO_UDP {
+        let dport: u16 = ctx.load(l4_offset + 2).ok()?;
+        key.port = u16::from_be(dport);
+    }
+    Some(key)
+}
+
+const _: () = {
+    assert!(AF_INET as u8 == FAMILY_IPV4 && AF_INET6 as u8 == FAMILY_IPV6);
+};
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

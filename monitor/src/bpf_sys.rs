@@ -1,0 +1,227 @@
+//! Raw bpf(2) commands that aya 0.14 does not expose: querying what is
+//! attached to a cgroup, creating cgroup links we can pin, adopting and
+//! updating pinned links, and reading a link's target.
+//!
+//! Each command has its own `#[repr(C)]` attribute struct laid out as in
+//! `union bpf_attr` (include/uapi/linux/bpf.h); unused trailing bytes stay zero.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+const BPF_OBJ_PIN: u32 = 6;
+const BPF_OBJ_GET: u32 = 7;
+const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_PROG_QUERY: u32 = 16;
+const BPF_LINK_CREATE: u32 = 28;
+const BPF_LINK_UPDATE: u32 = 29;
+const BPF_LINK_DETACH: u32 = 34;
+
+/// `BPF_F_ALLOW_OVERRIDE` / `BPF_F_ALLOW_MULTI` attach flags.
+pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
+pub const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// Calls bpf(2) with `attr`, returning the non-negative result.
+///
+/// # Safety
+/// `attr` must be a valid attribute struct for `cmd`, with any pointers in it
+/// valid for the kernel to read or write.
+pub unsafe fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut T as *mut libc::c_void,
+            std::mem::size_of::<T>() as libc::c_long,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn owned_fd(ret: i64) -> OwnedFd {
+    // SAFETY: the kernel returned a new file descriptor we now own.
+    unsafe { OwnedFd::from_raw_fd(ret as i32) }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+}
+
+/// What is attached directly at one cgroup for one attach type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attached {
+    /// `BPF_F_ALLOW_*` flags of the cgroup for this type (0 = exclusive).
+    pub flags: u32,
+    pub prog_ids: Vec<u32>,
+}
+
+impl Attached {
+    /// True when a program holds this hook without allowing others beside
+    /// it: attaching below it would be refused, or would replace it.
+    pub fn is_exclusive(&self) -> bool {
+        !self.prog_ids.is_empty() && self.flags & BPF_F_ALLOW_MULTI == 0
+    }
+}
+
+/// BPF_PROG_QUERY on `cgroup` (programs attached at that cgroup itself).
+pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Attached> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = ProgQueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr matches BPF_PROG_QUERY; `ids` outlives the call.
+    unsafe { sys_bpf(BPF_PROG_QUERY, &mut attr)? };
+    ids.truncate(attr.prog_cnt.min(64) as usize);
+    Ok(Attached {
+        flags: attr.attach_flags,
+        prog_ids: ids,
+    })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// BPF_LINK_CREATE: a multi-attach cgroup link (never replaces anyone).
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    // SAFETY: attr matches BPF_LINK_CREATE.
+    unsafe { sys_bpf(BPF_LINK_CREATE, &mut attr) }.map(owned_fd)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// BPF_LINK_UPDATE: atomically swap the program behind an existing link.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr matches BPF_LINK_UPDATE.
+    unsafe { sys_bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// BPF_LINK_DETACH: detach now, even if other processes hold the link.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    // SAFETY: attr matches BPF_LINK_DETACH.
+    unsafe { sys_bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+/// BPF_OBJ_PIN: make `fd` outlive this process at `path` on bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let cpath = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: attr matches BPF_OBJ_PIN; `cpath` outlives the call.
+    unsafe { sys_bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
+}
+
+/// BPF_OBJ_GET: open a pinned object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let cpath = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: cpath.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: attr matches BPF_OBJ_GET; `cpath` outlives the call.
+    unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }.map(owned_fd)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The part of `struct bpf_link_info` egressmon reads (cgroup links).
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+pub struct CgroupLinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    _pad: u32,
+    /// 0 once the cgroup is gone or the link was detached.
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+    _rest: [u32; 9],
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a link.
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    let mut info = CgroupLinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<CgroupLinkInfo>() as u32,
+        info: &mut info as *mut CgroupLinkInfo as u64,
+    };
+    // SAFETY: attr matches BPF_OBJ_GET_INFO_BY_FD; `info` outlives the call.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+    Ok(info)
+}

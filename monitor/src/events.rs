@@ -1,0 +1,106 @@
+//! Drains the new-flow ring buffer. The kernel submits events without waking
+//! us (BPF_RB_NO_WAKEUP), so the reader polls in batches on a short timer:
+//! one wakeup per interval, not per flow.
+
+use monitor_common::{FlowEvent, FlowKey, HOOK_SKB_EGRESS};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Identity of the first sender of a flow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowMeta {
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    /// Reported by a sock_addr hook (the calling task is the sender).
+    pub from_task: bool,
+}
+
+pub type MetaTable = Arc<Mutex<HashMap<FlowKey, FlowMeta>>>;
+
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+fn decode(bytes: &[u8]) -> Option<FlowEvent> {
+    if bytes.len() < std::mem::size_of::<FlowEvent>() {
+        return None;
+    }
+    // SAFETY: FlowEvent is plain old data and the slice is long enough.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const FlowEvent) })
+}
+
+fn comm_string(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Records an event; a task-context identity replaces an skb-only one.
+pub fn record(table: &mut HashMap<FlowKey, FlowMeta>, event: &FlowEvent) {
+    let meta = FlowMeta {
+        pid: event.tgid,
+        tgid: event.tgid,
+        comm: comm_string(&event.comm),
+        cgroup_id: event.cgroup_id,
+        from_task: event.hook != HOOK_SKB_EGRESS,
+    };
+    match table.get(&event.key) {
+        Some(existing) if existing.from_task && !meta.from_task => {}
+        _ => {
+            table.insert(event.key, meta);
+        }
+    }
+}
+
+/// Spawns the polling thread; it ends when `stop` is set.
+pub fn spawn_reader(
+    mut ring: aya::maps::RingBuf<aya::maps::MapData>,
+    table: MetaTable,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("egressmon-events".into())
+        .spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut batch = Vec::new();
+                while let Some(item) = ring.next() {
+                    if let Some(event) = decode(&item) {
+                        batch.push(event);
+                    }
+                }
+                if !batch.is_empty() {
+                    let mut table = table.lock().unwrap();
+                    for event in &batch {
+                        record(&mut table, event);
+                    }
+                }
+                std::thread::sleep(POLL_INTERVAL);
+            }
+        })
+        .expect("spawning the event reader thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use monitor_common::HOOK_CONNECT4;
+
+    #[test]
+    fn task_identity_wins_over_skb() {
+        let mut table = HashMap::new();
+        let mut ev = FlowEvent {
+            hook: HOOK_CONNECT4,
+            tgid: 42,
+            ..Default::default()
+        };
+        ev.comm[..4].copy_from_slice(b"curl");
+        record(&mut table, &ev);
+        let skb = FlowEvent {
+            hook: HOOK_SKB_EGRESS,
+            ..Default::default()
+        };
+        record(&mut table, &skb);
+        assert_eq!(table[&ev.key].comm, "curl");
+        assert_eq!(table[&ev.key].pid, 42);
+    }
+}

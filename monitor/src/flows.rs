@@ -1,0 +1,179 @@
+//! The flow table users see: kernel counters joined with the sender's
+//! identity and owner, in the field names of the product contract.
+
+use crate::events::FlowMeta;
+use crate::owners::{Owner, OwnerResolver};
+use crate::system::rfc3339;
+use monitor_common::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// One row of `egressmon flows --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlowRecord {
+    pub uid: u32,
+    pub user: u32,
+    pub app_id: u32,
+    pub owner: String,
+    pub packages: Vec<String>,
+    pub origin: String,
+    pub firmware: bool,
+    pub comm: Option<String>,
+    pub pid: Option<u32>,
+    pub cgroup_id: Option<u64>,
+    pub proto: String,
+    pub family: String,
+    pub dst: String,
+    pub port: u16,
+    pub connects: u64,
+    pub udp_sends: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub first_seen: Option<String>,
+    pub last_seen: Option<String>,
+    pub host: Option<String>,
+    pub host_source: Option<String>,
+    pub country: Option<String>,
+    pub asn: Option<u32>,
+    pub payload: String,
+}
+
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        PROTO_ICMP => "icmp".into(),
+        PROTO_ICMPV6 => "icmpv6".into(),
+        other => format!("ip{other}"),
+    }
+}
+
+pub fn destination(key: &FlowKey) -> IpAddr {
+    if key.family == FAMILY_IPV4 {
+        IpAddr::V4(Ipv4Addr::new(
+            key.addr[0],
+            key.addr[1],
+            key.addr[2],
+            key.addr[3],
+        ))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(key.addr))
+    }
+}
+
+pub fn record(
+    key: &FlowKey,
+    value: &FlowValue,
+    owner: &Owner,
+    meta: Option<&FlowMeta>,
+) -> FlowRecord {
+    let known = meta.filter(|m| m.tgid != 0);
+    FlowRecord {
+        uid: key.uid,
+        user: owner.user,
+        app_id: owner.app_id,
+        owner: owner.owner.clone(),
+        packages: owner.packages.clone(),
+        origin: owner.origin.clone(),
+        firmware: owner.firmware,
+        comm: known.map(|m| m.comm.clone()),
+        pid: known.map(|m| m.pid),
+        cgroup_id: meta.map(|m| m.cgroup_id).filter(|&id| id != 0),
+        proto: proto_name(key.proto),
+        family: if key.family == FAMILY_IPV4 {
+            "ipv4"
+        } else {
+            "ipv6"
+        }
+        .into(),
+        dst: destination(key).to_string(),
+        port: key.port,
+        connects: value.connects,
+        udp_sends: value.udp_sends,
+        tx_packets: value.tx_packets,
+        tx_bytes: value.tx_bytes,
+        first_seen: rfc3339(value.first_seen),
+        last_seen: rfc3339(value.last_seen),
+        host: None,
+        host_source: None,
+        country: None,
+        asn: None,
+        payload: "unknown".into(),
+    }
+}
+
+/// Joins kernel flows with identities and owners, busiest first.
+pub fn table(
+    flows: &[(FlowKey, FlowValue)],
+    meta: &HashMap<FlowKey, FlowMeta>,
+    resolver: &OwnerResolver,
+) -> Vec<FlowRecord> {
+    let mut owners: HashMap<u32, Owner> = HashMap::new();
+    let mut rows: Vec<FlowRecord> = flows
+        .iter()
+        .map(|(key, value)| {
+            let owner = owners
+                .entry(key.uid)
+                .or_insert_with(|| resolver.resolve(key.uid));
+            record(key, value, owner, meta.get(key))
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.tx_bytes
+            .cmp(&a.tx_bytes)
+            .then(b.connects.cmp(&a.connects))
+    });
+    rows
+}
+
+/// Plain-text table for terminals.
+pub fn render_text(rows: &[FlowRecord]) -> String {
+    let mut out = format!(
+        "{:>8} {:<16} {:<9} {:<5} {:<40} {:>8} {:>8} {:>8} {:>12}\n",
+        "UID", "OWNER", "ORIGIN", "PROTO", "DESTINATION", "CONNECTS", "UDP", "PACKETS", "BYTES"
+    );
+    for r in rows {
+        let dst = if r.family == "ipv6" {
+            format!("[{}]:{}", r.dst, r.port)
+        } else {
+            format!("{}:{}", r.dst, r.port)
+        };
+        let origin = if r.firmware {
+            format!("{}*", r.origin)
+        } else {
+            r.origin.clone()
+        };
+        out.push_str(&format!(
+            "{:>8} {:<16.16} {:<9} {:<5} {:<40} {:>8} {:>8} {:>8} {:>12}\n",
+            r.uid, r.owner, origin, r.proto, dst, r.connects, r.udp_sends, r.tx_packets, r.tx_bytes
+        ));
+    }
+    out.push_str("(* = firmware: platform, preinstalled or system)\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_and_ipv6_destinations_render() {
+        let mut key = FlowKey {
+            uid: 1000,
+            port: 443,
+            proto: PROTO_TCP,
+            family: FAMILY_IPV4,
+            addr: [0; 16],
+        };
+        key.addr[..4].copy_from_slice(&[203, 0, 113, 7]);
+        assert_eq!(destination(&key).to_string(), "203.0.113.7");
+        let key6 = FlowKey {
+            family: FAMILY_IPV6,
+            addr: Ipv6Addr::LOCALHOST.octets(),
+            ..key
+        };
+        assert_eq!(destination(&key6).to_string(), "::1");
+        assert_eq!(proto_name(PROTO_UDP), "udp");
+    }
+}

@@ -1,0 +1,348 @@
+//! Loads the embedded eBPF object, attaches its programs as pinned cgroup
+//! links (so counting continues while no agent runs), adopts what an earlier
+//! agent left pinned, reads the maps, and removes everything on `detach`.
+//!
+//! Pin directory layout: one file per map (`FLOWS`, `FLOW_SEEN`, `UID_TOTALS`,
+//! `EVENTS`, `STATS`) and one per attached hook (`link_<hook>`).
+
+use crate::bpf_sys;
+use crate::hooks::{self, Hook, HookPlan};
+use crate::system;
+use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::{CgroupSkb, CgroupSockAddr, ProgramError};
+use aya::{Ebpf, EbpfLoader};
+use monitor_common::*;
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+/// Load-time options.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub hooks: Option<Vec<Hook>>,
+    pub flow_entries: u32,
+    pub uid_entries: u32,
+    pub ringbuf_bytes: u32,
+}
+
+/// Summed (over CPUs) counters of one flow.
+pub type FlowTotals = FlowValue;
+
+pub struct Kernel {
+    ebpf: Ebpf,
+    pub plans: Vec<HookPlan>,
+    pub options: LoadOptions,
+}
+
+fn link_pin(pin_dir: &Path, hook: Hook) -> PathBuf {
+    pin_dir.join(format!("link_{}", hook.name()))
+}
+
+/// Whether `pin_dir` holds egressmon pins (maps or links).
+pub fn has_pins(pin_dir: &Path) -> bool {
+    pin_dir.join(MAP_FLOWS).exists() || Hook::ALL.iter().any(|h| link_pin(pin_dir, *h).exists())
+}
+
+fn verifier_error(hook: Hook, err: ProgramError) -> anyhow::Error {
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => anyhow!(
+            "the kernel rejected the {hook} program ({io_error}); verifier log:\n{verifier_log}"
+        ),
+        other => anyhow!("loading the {hook} program: {other}"),
+    }
+}
+
+impl Kernel {
+    pub fn load(options: LoadOptions) -> Result<Kernel> {
+        system::require_kernel()?;
+        system::ensure_pin_dir(&options.pin_dir)?;
+        if !options.ringbuf_bytes.is_power_of_two() || options.ringbuf_bytes < 4096 {
+            bail!(
+                "--ringbuf-bytes must be a power of two of at least 4096, got {}",
+                options.ringbuf_bytes
+            );
+        }
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&options.pin_dir)
+            .map_max_entries(MAP_FLOWS, options.flow_entries)
+            .map_max_entries(MAP_FLOW_SEEN, options.flow_entries)
+            .map_max_entries(MAP_UID_TOTALS, options.uid_entries)
+            .map_max_entries(MAP_EVENTS, options.ringbuf_bytes)
+            .load(crate::EBPF_OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading egressmon's maps (pinned under {}): if an older egressmon left them \
+                     there with other sizes, run `egressmon detach --pin-dir {}` first",
+                    options.pin_dir.display(),
+                    options.pin_dir.display()
+                )
+            })?;
+        let plans = hooks::plan(options.hooks.as_deref(), &options.cgroup)?;
+        let mut kernel = Kernel {
+            ebpf,
+            plans,
+            options,
+        };
+        kernel.drop_unplanned_links();
+        kernel.write_config()?;
+        kernel.attach_planned();
+        if !kernel.plans.iter().any(|p| p.attach) {
+            let reasons: Vec<String> = kernel
+                .plans
+                .iter()
+                .map(|p| format!("{}: {}", p.hook, p.reason.clone().unwrap_or_default()))
+                .collect();
+            bail!(
+                "no hook could be attached at {}:\n  {}",
+                kernel.options.cgroup.display(),
+                reasons.join("\n  ")
+            );
+        }
+        Ok(kernel)
+    }
+
+    fn write_config(&mut self) -> Result<()> {
+        let skb = self
+            .plans
+            .iter()
+            .any(|p| p.hook == Hook::SkbEgress && p.attach);
+        let mut config: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_CONFIG)
+                .context("CONFIG map missing")?,
+        )?;
+        config.set(0, if skb { CONFIG_SKB_ATTACHED } else { 0 }, 0)?;
+        Ok(())
+    }
+
+    /// Links pinned by an earlier run for hooks not planned now are removed.
+    fn drop_unplanned_links(&self) {
+        for plan in self.plans.iter().filter(|p| !p.attach) {
+            let pin = link_pin(&self.options.pin_dir, plan.hook);
+            if pin.exists() {
+                if let Ok(fd) = bpf_sys::obj_get(&pin) {
+                    let _ = bpf_sys::link_detach(fd.as_fd());
+                }
+                let _ = std::fs::remove_file(&pin);
+            }
+        }
+    }
+
+    fn attach_planned(&mut self) {
+        let cgroup_id = system::cgroup_id(&self.options.cgroup).unwrap_or(0);
+        for i in 0..self.plans.len() {
+            if !self.plans[i].attach {
+                continue;
+            }
+            let hook = self.plans[i].hook;
+            if let Err(err) = self.attach_one(hook, cgroup_id) {
+                log::warn!("hook {hook} not attached: {err:#}");
+                self.plans[i].attach = false;
+                self.plans[i].reason = Some(format!("failed: {err:#}"));
+            }
+        }
+    }
+
+    /// Loads `hook`'s program and attaches it: through the pinned link of an
+    /// earlier run if it still points at this cgroup (an atomic program swap,
+    /// so no packet goes uncounted), or through a new pinned link.
+    fn attach_one(&mut self, hook: Hook, cgroup_id: u64) -> Result<()> {
+        let program = self
+            .ebpf
+            .program_mut(hook.program())
+            .with_context(|| format!("program {} missing from the object", hook.program()))?;
+        let prog_fd = match hook {
+            Hook::SkbEgress => {
+                let p: &mut CgroupSkb = program.try_into()?;
+                p.load().map_err(|e| verifier_error(hook, e))?;
+                p.fd()?.try_clone()?
+            }
+            _ => {
+                let p: &mut CgroupSockAddr = program.try_into()?;
+                p.load().map_err(|e| verifier_error(hook, e))?;
+                p.fd()?.try_clone()?
+            }
+        };
+        let pin = link_pin(&self.options.pin_dir, hook);
+        if pin.exists() {
+            let link =
+                bpf_sys::obj_get(&pin).with_context(|| format!("opening {}", pin.display()))?;
+            let info = bpf_sys::link_info(link.as_fd())?;
+            if info.cgroup_id == cgroup_id {
+                bpf_sys::link_update(link.as_fd(), prog_fd.as_fd())
+                    .with_context(|| format!("updating the program behind {}", pin.display()))?;
+                log::info!(
+                    "{hook}: adopted pinned link {} (program replaced in place)",
+                    info.id
+                );
+                return Ok(());
+            }
+            if info.cgroup_id != 0 {
+                bail!(
+                    "{} is attached to another cgroup (id {}); run `egressmon detach --pin-dir {}` \
+                     or choose another --pin-dir",
+                    pin.display(),
+                    info.cgroup_id,
+                    self.options.pin_dir.display()
+                );
+            }
+            // The cgroup it pointed at is gone: replace the stale pin.
+            std::fs::remove_file(&pin)?;
+        }
+        let cgroup = std::fs::File::open(&self.options.cgroup)?;
+        let link = bpf_sys::link_create(prog_fd.as_fd(), cgroup.as_fd(), hook.attach_type())
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EPERM) => anyhow!(
+                    "the kernel refused a multi-attach link ({e}): another program holds this hook \
+                     exclusively above {}",
+                    self.options.cgroup.display()
+                ),
+                _ => anyhow!("BPF_LINK_CREATE: {e}"),
+            })?;
+        bpf_sys::obj_pin(link.as_fd(), &pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        log::info!("{hook}: attached at {}", self.options.cgroup.display());
+        Ok(())
+    }
+
+    pub fn attached(&self) -> Vec<Hook> {
+        self.plans
+            .iter()
+            .filter(|p| p.attach)
+            .map(|p| p.hook)
+            .collect()
+    }
+
+    fn flows_map(&self) -> Result<PerCpuHashMap<&MapData, FlowKey, FlowValue>> {
+        Ok(PerCpuHashMap::try_from(
+            self.ebpf.map(MAP_FLOWS).context("FLOWS map missing")?,
+        )?)
+    }
+
+    /// Every flow in the kernel map, counters summed over CPUs.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowTotals)>> {
+        let map = self.flows_map()?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let Ok((key, per_cpu)) = item else { continue };
+            out.push((key, sum_flow(per_cpu.iter())));
+        }
+        Ok(out)
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows_map()
+            .map(|m| m.keys().filter(Result::is_ok).count())
+            .unwrap_or(0)
+    }
+
+    /// Per-uid totals (not subject to flow eviction).
+    pub fn uid_totals(&self) -> Result<HashMap<u32, UidTotals>> {
+        let map: PerCpuHashMap<&MapData, u32, UidTotals> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map(MAP_UID_TOTALS)
+                .context("UID_TOTALS missing")?,
+        )?;
+        let mut out = HashMap::new();
+        for item in map.iter() {
+            let Ok((uid, per_cpu)) = item else { continue };
+            let mut t = UidTotals::default();
+            for v in per_cpu.iter() {
+                t.connects += v.connects;
+                t.udp_sends += v.udp_sends;
+                t.tx_packets += v.tx_packets;
+                t.tx_bytes += v.tx_bytes;
+            }
+            out.insert(uid, t);
+        }
+        Ok(out)
+    }
+
+    /// Health counters summed over CPUs, indexed by `STAT_*`.
+    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_STATS).context("STATS missing")?)?;
+        let mut out = [0u64; STAT_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = map.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        Ok(out)
+    }
+
+    /// The new-flow event ring (taken once by the event reader).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(MAP_EVENTS)
+            .context("EVENTS map already taken")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+}
+
+/// Sums per-CPU flow values: counters add, first_seen is the earliest
+/// non-zero stamp, last_seen the latest.
+pub fn sum_flow<'a>(values: impl Iterator<Item = &'a FlowValue>) -> FlowValue {
+    let mut total = FlowValue::default();
+    for v in values {
+        total.connects += v.connects;
+        total.udp_sends += v.udp_sends;
+        total.tx_packets += v.tx_packets;
+        total.tx_bytes += v.tx_bytes;
+        if v.first_seen != 0 && (total.first_seen == 0 || v.first_seen < total.first_seen) {
+            total.first_seen = v.first_seen;
+        }
+        total.last_seen = total.last_seen.max(v.last_seen);
+    }
+    total
+}
+
+/// What `detach` removed.
+#[derive(Debug, Default)]
+pub struct DetachReport {
+    pub links: Vec<String>,
+    pub pins: Vec<String>,
+}
+
+/// Detaches every pinned link under `pin_dir` and removes every pin and the
+/// directory itself. Programs and maps are freed by the kernel once the last
+/// reference (pin, link or agent fd) is gone.
+pub fn detach(pin_dir: &Path) -> Result<DetachReport> {
+    let mut report = DetachReport::default();
+    if !pin_dir.exists() {
+        return Ok(report);
+    }
+    for hook in Hook::ALL {
+        let pin = link_pin(pin_dir, hook);
+        if !pin.exists() {
+            continue;
+        }
+        match bpf_sys::obj_get(&pin) {
+            Ok(fd) => {
+                if let Err(e) = bpf_sys::link_detach(fd.as_fd()) {
+                    // Pre-5.9 kernels: removing the last reference detaches.
+                    log::debug!("BPF_LINK_DETACH {}: {e}", pin.display());
+                }
+                report.links.push(hook.name().to_string());
+            }
+            Err(e) => log::warn!("opening {}: {e}", pin.display()),
+        }
+    }
+    for entry in std::fs::read_dir(pin_dir)? {
+        let entry = entry?;
+        std::fs::remove_file(entry.path())
+            .with_context(|| format!("removing {}", entry.path().display()))?;
+        report
+            .pins
+            .push(entry.file_name().to_string_lossy().into_owned());
+    }
+    std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    Ok(report)
+}

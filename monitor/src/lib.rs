@@ -1,0 +1,21 @@
+//! egressmon: which app, or which part of the firmware, sends data off this
+//! device, and to whom. Kernel programs count every connect, datagram and byte
+//! per uid and destination; this library loads them and turns the counters
+//! into flows with owners.
+
+pub mod agent;
+pub mod api;
+pub mod bpf_sys;
+pub mod cli;
+pub mod client;
+pub mod events;
+pub mod flows;
+pub mod hooks;
+pub mod kernel;
+pub mod metrics;
+pub mod owners;
+pub mod system;
+pub mod traffic;
+
+/// The eBPF object built from monitor-ebpf by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));

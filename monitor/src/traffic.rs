@@ -1,0 +1,211 @@
+//! `egressmon gen`: a small traffic generator and sink used by the test suite
+//! and benchmarks (and handy to check a setup by hand). It can enter a
+//! network namespace and a cgroup and drop to a uid before sending, so the
+//! traffic is attributed exactly as a real app's would be.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct GenArgs {
+    /// Enter this network namespace first (e.g. /run/netns/NAME).
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
+    /// Move into this cgroup (a cgroup2 directory) first.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Switch to this uid (and gid) before sending.
+    #[arg(long)]
+    pub uid: Option<u32>,
+    #[command(subcommand)]
+    pub what: GenKind,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GenKind {
+    /// TCP: connect, send --bytes, half-close, wait for the peer to close.
+    Tcp {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        threads: u64,
+        #[arg(long, default_value_t = 0)]
+        bytes: usize,
+    },
+    /// UDP on a connected socket: connect() once, then send().
+    UdpConnected {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// UDP on an unconnected socket: sendto() each datagram.
+    UdpSendto {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Send from an AF_INET6 socket (for IPv4-mapped destinations).
+        #[arg(long)]
+        v6_socket: bool,
+    },
+    /// Sink: accept TCP and drain UDP on the given addresses until killed.
+    Serve {
+        #[arg(long)]
+        tcp: Vec<SocketAddr>,
+        #[arg(long)]
+        udp: Vec<SocketAddr>,
+    },
+}
+
+fn enter(args: &GenArgs) -> Result<()> {
+    if let Some(ns) = &args.netns {
+        let file = std::fs::File::open(ns).with_context(|| format!("opening {}", ns.display()))?;
+        // SAFETY: setns on a namespace fd we hold.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+    }
+    if let Some(cg) = &args.cgroup {
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", cg.display()))?;
+    }
+    if let Some(uid) = args.uid {
+        // SAFETY: plain credential syscalls; gid first while still root.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(uid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error()).context("dropping to the test uid");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: GenArgs) -> Result<()> {
+    // Enter namespace/cgroup/uid before any thread exists: setns and setuid
+    // act on the calling thread only.
+    enter(&args)?;
+    match args.what {
+        GenKind::Tcp {
+            dst,
+            count,
+            threads,
+            bytes,
+        } => tcp(dst, count, threads.max(1), bytes),
+        GenKind::UdpConnected { dst, count, size } => {
+            let socket = UdpSocket::bind(unspecified(dst, false))?;
+            socket.connect(dst)?;
+            let payload = vec![0x5au8; size];
+            for _ in 0..count {
+                socket.send(&payload)?;
+            }
+            Ok(())
+        }
+        GenKind::UdpSendto {
+            dst,
+            count,
+            size,
+            v6_socket,
+        } => {
+            let socket = UdpSocket::bind(unspecified(dst, v6_socket))?;
+            let payload = vec![0x5au8; size];
+            let target = match (dst, v6_socket) {
+                (SocketAddr::V4(v4), true) => {
+                    SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                }
+                _ => dst,
+            };
+            for _ in 0..count {
+                socket.send_to(&payload, target)?;
+            }
+            Ok(())
+        }
+        GenKind::Serve { tcp, udp } => serve(tcp, udp),
+    }
+}
+
+fn unspecified(dst: SocketAddr, force_v6: bool) -> SocketAddr {
+    if dst.is_ipv6() || force_v6 {
+        "[::]:0".parse().unwrap()
+    } else {
+        "0.0.0.0:0".parse().unwrap()
+    }
+}
+
+fn tcp(dst: SocketAddr, count: u64, threads: u64, bytes: usize) -> Result<()> {
+    let per_thread = count / threads;
+    let extra = count % threads;
+    let workers: Vec<_> = (0..threads)
+        .map(|i| {
+            let n = per_thread + u64::from(i < extra);
+            std::thread::spawn(move || -> Result<()> {
+                let payload = vec![0xa5u8; bytes];
+                for _ in 0..n {
+                    one_tcp(dst, &payload)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
+    }
+    Ok(())
+}
+
+fn one_tcp(dst: SocketAddr, payload: &[u8]) -> Result<()> {
+    let mut stream = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+    stream.set_nodelay(true)?;
+    if !payload.is_empty() {
+        stream.write_all(payload)?;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut sink = [0u8; 64];
+    while stream.read(&mut sink)? > 0 {}
+    Ok(())
+}
+
+fn serve(tcp: Vec<SocketAddr>, udp: Vec<SocketAddr>) -> Result<()> {
+    if tcp.is_empty() && udp.is_empty() {
+        bail!("serve needs at least one --tcp or --udp address");
+    }
+    let mut handles = Vec::new();
+    for addr in tcp {
+        let listener = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
+        handles.push(std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+                });
+            }
+        }));
+    }
+    for addr in udp {
+        let socket = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
+        handles.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while socket.recv(&mut buf).is_ok() {}
+        }));
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
