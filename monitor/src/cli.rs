@@ -53,6 +53,13 @@ pub enum Command {
         #[arg(long)]
         android_root: Option<PathBuf>,
     },
+    /// Live table grouped by owner (q quits); --once prints one plain table.
+    Top {
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Hooks attached or skipped (and why), map fill, lost events.
     Status {
         #[arg(long)]
@@ -121,6 +128,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Detach { target } => detach(target),
+        Command::Top { once, target } => crate::top::run(target.listen, once),
         Command::Gen(args) => traffic::run(args),
     }
 }

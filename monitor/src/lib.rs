@@ -15,7 +15,9 @@ pub mod kernel;
 pub mod metrics;
 pub mod owners;
 pub mod system;
+pub mod top;
 pub mod traffic;
+pub mod tui;
 
 /// The eBPF object built from monitor-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));

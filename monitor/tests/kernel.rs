@@ -1,0 +1,543 @@
+//! Kernel tests: the real programs on this machine's kernel, attached to a
+//! cgroup made for each test, with traffic from several uids to a server in a
+//! network namespace the test creates. Counts are asserted exactly.
+//!
+//! Run as root (`cargo xtask test`); they never skip.
+
+mod support;
+
+use egressmon::bpf_sys;
+use egressmon::hooks::Hook;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::Duration;
+use support::netd::{ExclusiveProgram, PROG_TYPE_CGROUP_SKB, PROG_TYPE_CGROUP_SOCK_ADDR};
+use support::*;
+
+const UIDS: [u32; 4] = [0, 1000, 10123, 1_010_123];
+const IPV4_UDP_HEADERS: u64 = 20 + 8;
+const IPV6_UDP_HEADERS: u64 = 40 + 8;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn attached_ids(cgroup: &Path, hook: Hook) -> Vec<u32> {
+    let dir = std::fs::File::open(cgroup).unwrap();
+    bpf_sys::prog_query(dir.as_fd(), hook.attach_type())
+        .unwrap()
+        .prog_ids
+}
+
+fn program_exists(id: u32) -> bool {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .any(|p| p.id() == id)
+}
+
+#[test]
+fn counts_every_uid_protocol_and_family_exactly() {
+    require_root();
+    let tag = tag("count");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let s4 = format!("{SERVER4}:8080");
+    let s6 = format!("[{SERVER6}]:8080");
+    let _sink = start_sink(
+        &net,
+        &[addr(&s4), addr(&s6), addr(&format!("{SERVER4}:8081"))],
+        &[
+            addr(&format!("{SERVER4}:9000")),
+            addr(&format!("{SERVER4}:9001")),
+            addr(&format!("[{SERVER6}]:9001")),
+            addr(&format!("{SERVER4}:9002")),
+        ],
+    );
+    let nft = NftCounters::new(&net);
+    for uid in UIDS {
+        nft.add(
+            &format!("tcp4_{uid}"),
+            &format!("meta skuid {uid} ip daddr {SERVER4} tcp dport 8080"),
+        );
+        nft.add(
+            &format!("tcp6_{uid}"),
+            &format!("meta skuid {uid} ip6 daddr {SERVER6} tcp dport 8080"),
+        );
+        nft.add(
+            &format!("mapped_{uid}"),
+            &format!("meta skuid {uid} ip daddr {SERVER4} tcp dport 8081"),
+        );
+    }
+    let agent = AgentProc::start(&cgroup.path, &tag, &[]);
+
+    let mut tcp4_pid = 0;
+    for uid in UIDS {
+        tcp4_pid = gen(
+            &net,
+            &cgroup.path,
+            uid,
+            &["tcp", "--dst", &s4, "--count", "3", "--bytes", "1000"],
+        );
+        gen(
+            &net,
+            &cgroup.path,
+            uid,
+            &["tcp", "--dst", &s6, "--count", "2", "--bytes", "500"],
+        );
+        // An AF_INET6 socket connecting to ::ffff:10.200.0.2, as Java apps do.
+        gen(
+            &net,
+            &cgroup.path,
+            uid,
+            &[
+                "tcp",
+                "--dst",
+                &format!("[::ffff:{SERVER4}]:8081"),
+                "--count",
+                "2",
+                "--bytes",
+                "10",
+            ],
+        );
+        gen(
+            &net,
+            &cgroup.path,
+            uid,
+            &[
+                "udp-connected",
+                "--dst",
+                &format!("{SERVER4}:9000"),
+                "--count",
+                "4",
+                "--size",
+                "100",
+            ],
+        );
+        gen(
+            &net,
+            &cgroup.path,
+            uid,
+            &[
+                "udp-sendto",
+                "--dst",
+                &format!("{SERVER4}:9001"),
+                "--count",
+                "5",
+                "--size",
+                "64",
+            ],
+        );
+        gen(
+            &net,
+            &cgroup.path,
+            uid,
+            &[
+                "udp-sendto",
+                "--dst",
+                &format!("[{SERVER6}]:9001"),
+                "--count",
+                "6",
+                "--size",
+                "64",
+            ],
+        );
+        gen(
+            &net,
+            &cgroup.path,
+            uid,
+            &[
+                "udp-sendto",
+                "--v6-socket",
+                "--dst",
+                &format!("{SERVER4}:9002"),
+                "--count",
+                "3",
+                "--size",
+                "64",
+            ],
+        );
+    }
+    // Let the last FIN/ACK exchanges finish before comparing bytes.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let flows = agent.flows();
+    for uid in UIDS {
+        let tcp4 = find(&flows, uid, "tcp", SERVER4, 8080);
+        assert_eq!(
+            (tcp4.connects, tcp4.udp_sends, tcp4.family.as_str()),
+            (3, 0, "ipv4"),
+            "uid {uid}"
+        );
+        let (packets, bytes) = nft.read(&format!("tcp4_{uid}"));
+        assert_eq!(
+            (tcp4.tx_packets, tcp4.tx_bytes),
+            (packets, bytes),
+            "uid {uid} tcp4 vs nftables"
+        );
+        assert!(
+            tcp4.tx_bytes >= 3 * (1000 + 40),
+            "uid {uid}: payload and headers counted"
+        );
+
+        let tcp6 = find(&flows, uid, "tcp", SERVER6, 8080);
+        assert_eq!(
+            (tcp6.connects, tcp6.family.as_str()),
+            (2, "ipv6"),
+            "uid {uid}"
+        );
+        assert_eq!(
+            (tcp6.tx_packets, tcp6.tx_bytes),
+            nft.read(&format!("tcp6_{uid}")),
+            "uid {uid} tcp6 vs nftables"
+        );
+        assert!(tcp6.tx_bytes >= 2 * (500 + 60));
+
+        let mapped = find(&flows, uid, "tcp", SERVER4, 8081);
+        assert_eq!(
+            (mapped.connects, mapped.family.as_str()),
+            (2, "ipv4"),
+            "uid {uid}: mapped reported as IPv4"
+        );
+        assert_eq!(
+            (mapped.tx_packets, mapped.tx_bytes),
+            nft.read(&format!("mapped_{uid}"))
+        );
+        assert!(
+            !flows
+                .iter()
+                .any(|f| f.uid == uid && f.dst.starts_with("::ffff:")),
+            "no mapped address leaks"
+        );
+
+        let connected = find(&flows, uid, "udp", SERVER4, 9000);
+        assert_eq!(
+            (
+                connected.connects,
+                connected.udp_sends,
+                connected.tx_packets,
+                connected.tx_bytes
+            ),
+            (1, 4, 4, 4 * (IPV4_UDP_HEADERS + 100)),
+            "uid {uid} connected UDP"
+        );
+        let sendto4 = find(&flows, uid, "udp", SERVER4, 9001);
+        assert_eq!(
+            (
+                sendto4.connects,
+                sendto4.udp_sends,
+                sendto4.tx_packets,
+                sendto4.tx_bytes
+            ),
+            (0, 5, 5, 5 * (IPV4_UDP_HEADERS + 64)),
+            "uid {uid} sendto IPv4"
+        );
+        let sendto6 = find(&flows, uid, "udp", SERVER6, 9001);
+        assert_eq!(
+            (
+                sendto6.udp_sends,
+                sendto6.tx_packets,
+                sendto6.tx_bytes,
+                sendto6.family.as_str()
+            ),
+            (6, 6, 6 * (IPV6_UDP_HEADERS + 64), "ipv6"),
+            "uid {uid} sendto IPv6"
+        );
+        let mapped_udp = find(&flows, uid, "udp", SERVER4, 9002);
+        assert_eq!(
+            (
+                mapped_udp.udp_sends,
+                mapped_udp.tx_bytes,
+                mapped_udp.family.as_str()
+            ),
+            (3, 3 * (IPV4_UDP_HEADERS + 64), "ipv4"),
+            "uid {uid} sendto from an AF_INET6 socket to a mapped address"
+        );
+        let owner = find(&flows, uid, "udp", SERVER4, 9001);
+        assert_eq!((owner.user, owner.app_id), (uid / 100_000, uid % 100_000));
+        assert!(owner.first_seen.is_some() && owner.last_seen.is_some());
+    }
+    // Exactly the flows generated: 7 per uid, nothing else in this cgroup.
+    assert_eq!(flows.len(), 7 * UIDS.len(), "{flows:#?}");
+
+    // The sender's identity arrives over the ring buffer.
+    let last_uid = *UIDS.last().unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let flows = agent.flows();
+            let f = find(&flows, last_uid, "tcp", SERVER4, 8080);
+            f.pid == Some(tcp4_pid) && f.comm.as_deref() == Some("egressmon")
+        }),
+        "pid and comm of the connecting process"
+    );
+    let status = agent.status();
+    assert_eq!(status["events_lost"], 0);
+    assert_eq!(status["flow_update_failures"], 0);
+}
+
+#[test]
+fn two_threads_lose_no_increment() {
+    require_root();
+    let tag = tag("threads");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:8090");
+    let _sink = start_sink(&net, &[addr(&dst)], &[]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &[]);
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["tcp", "--dst", &dst, "--count", "20000", "--threads", "2"],
+    );
+    let flows = agent.flows();
+    assert_eq!(find(&flows, 1000, "tcp", SERVER4, 8090).connects, 20_000);
+}
+
+#[test]
+fn netd_held_hooks_are_skipped_never_replaced() {
+    require_root();
+    let tag = tag("netd");
+    let net = NetPair::new(&tag);
+    let parent = TestCgroup::new(&cgroup2_root(), &tag);
+    let child = TestCgroup::new(&parent.path, "app");
+    let _sink = start_sink(
+        &net,
+        &[
+            addr(&format!("[{SERVER6}]:8080")),
+            addr(&format!("{SERVER4}:8080")),
+        ],
+        &[addr(&format!("{SERVER4}:9001"))],
+    );
+    // netd's way: exclusive BPF_PROG_ATTACH (flags 0) at the parent cgroup.
+    let egress = ExclusiveProgram::attach(
+        &parent.path,
+        PROG_TYPE_CGROUP_SKB,
+        Hook::SkbEgress.attach_type(),
+        "netd_sim_egress",
+    );
+    let connect4 = ExclusiveProgram::attach(
+        &parent.path,
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        Hook::Connect4.attach_type(),
+        "netd_sim_conn4",
+    );
+    let before = (egress.query(), connect4.query());
+    assert!(before.0.is_exclusive() && before.1.is_exclusive());
+
+    let mut agent = AgentProc::start(&child.path, &tag, &[]);
+    let status = agent.status();
+    let hook = |name: &str| {
+        status["hooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["hook"] == name)
+            .unwrap()
+            .clone()
+    };
+    for held in ["skb_egress", "connect4"] {
+        let h = hook(held);
+        assert_eq!(h["attached"], false, "{held} must be skipped: {h}");
+        assert_eq!(h["held_by"]["cgroup"], parent.path.to_str().unwrap(), "{h}");
+        assert!(
+            h["reason"].as_str().unwrap().contains("never replaces"),
+            "{h}"
+        );
+    }
+    assert!(hook("skb_egress")["held_by"]["prog_names"]
+        .as_array()
+        .unwrap()
+        .contains(&"netd_sim_egress".into()));
+    for free in ["connect6", "sendmsg4", "sendmsg6"] {
+        assert_eq!(
+            hook(free)["attached"],
+            true,
+            "{free} should attach: {}",
+            hook(free)
+        );
+    }
+    // The agent reports the skipped hooks in metrics too.
+    let metrics = egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").unwrap();
+    assert!(
+        metrics.contains("egressmon_hook_attached{hook=\"skb_egress\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("egressmon_hook_attached{hook=\"sendmsg4\"} 1"),
+        "{metrics}"
+    );
+
+    gen(
+        &net,
+        &child.path,
+        10123,
+        &[
+            "udp-sendto",
+            "--dst",
+            &format!("{SERVER4}:9001"),
+            "--count",
+            "5",
+            "--size",
+            "64",
+        ],
+    );
+    gen(
+        &net,
+        &child.path,
+        10123,
+        &["tcp", "--dst", &format!("[{SERVER6}]:8080"), "--count", "2"],
+    );
+    gen(
+        &net,
+        &child.path,
+        10123,
+        &["tcp", "--dst", &format!("{SERVER4}:8080"), "--count", "1"],
+    );
+    let flows = agent.flows();
+    let udp = find(&flows, 10123, "udp", SERVER4, 9001);
+    assert_eq!(
+        (udp.udp_sends, udp.tx_packets, udp.tx_bytes),
+        (5, 0, 0),
+        "sendmsg4 counts datagrams; no skb hook"
+    );
+    assert_eq!(find(&flows, 10123, "tcp", SERVER6, 8080).connects, 2);
+    assert!(
+        !flows.iter().any(|f| f.dst == SERVER4 && f.proto == "tcp"),
+        "connect4 is netd's: nothing counted"
+    );
+
+    // Still netd's after the agent died, and after detach.
+    agent.kill();
+    assert_eq!((egress.query(), connect4.query()), before);
+    agent.spawn(&child.path, &[]);
+    agent.detach();
+    assert_eq!((egress.query(), connect4.query()), before);
+
+    // Aimed at the very cgroup netd holds, the agent skips the same hooks.
+    let mut agent = AgentProc::start(&parent.path, &tag, &[]);
+    let status = agent.status();
+    let attached: Vec<String> = status["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["attached"] == true)
+        .map(|h| h["hook"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(attached, ["connect6", "sendmsg4", "sendmsg6"]);
+    agent.detach();
+    assert_eq!((egress.query(), connect4.query()), before);
+}
+
+#[test]
+fn detach_leaves_no_program_link_or_pin() {
+    require_root();
+    let tag = tag("detach");
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let mut agent = AgentProc::start(
+        &cgroup.path,
+        &tag,
+        &["--hooks", "connect4,connect6,sendmsg4,sendmsg6,skb_egress"],
+    );
+    let mut ids = Vec::new();
+    for hook in Hook::ALL {
+        let attached = attached_ids(&cgroup.path, hook);
+        assert_eq!(attached.len(), 1, "{hook} attached once");
+        ids.extend(attached);
+    }
+    let pin_dir = agent.pin_dir.clone();
+    assert!(pin_dir.join("link_skb_egress").exists() && pin_dir.join("FLOWS").exists());
+    let out = agent.detach();
+    assert!(out.contains("detached 5 link(s)"), "{out}");
+    assert!(!pin_dir.exists(), "pin directory removed");
+    for hook in Hook::ALL {
+        assert!(
+            attached_ids(&cgroup.path, hook).is_empty(),
+            "{hook} detached"
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || ids
+            .iter()
+            .all(|&id| !program_exists(id))),
+        "programs {ids:?} unloaded"
+    );
+}
+
+#[test]
+fn stopped_agent_keeps_counting_and_restart_adopts() {
+    require_root();
+    let tag = tag("restart");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:9001");
+    let _sink = start_sink(&net, &[], &[addr(&dst)]);
+    let mut agent = AgentProc::start(&cgroup.path, &tag, &[]);
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["udp-sendto", "--dst", &dst, "--count", "10", "--size", "64"],
+    );
+    let ids_before = attached_ids(&cgroup.path, Hook::SkbEgress);
+    agent.kill();
+    // Nobody is running: the pinned links keep the programs counting.
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["udp-sendto", "--dst", &dst, "--count", "7", "--size", "64"],
+    );
+    agent.spawn(&cgroup.path, &[]);
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["udp-sendto", "--dst", &dst, "--count", "3", "--size", "64"],
+    );
+    let flow = find(&agent.flows(), 1000, "udp", SERVER4, 9001).clone();
+    assert_eq!(
+        (flow.udp_sends, flow.tx_bytes),
+        (20, 20 * (IPV4_UDP_HEADERS + 64))
+    );
+    // Adopted, not attached twice.
+    let ids_after = attached_ids(&cgroup.path, Hook::SkbEgress);
+    assert_eq!(ids_after.len(), 1);
+    assert_ne!(
+        ids_before, ids_after,
+        "program swapped in place behind the same link"
+    );
+}
+
+#[test]
+fn bad_cgroup_and_hook_names_get_clear_errors() {
+    require_root();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "run",
+            "--cgroup",
+            "/nonexistent/cgroup",
+            "--pin-dir",
+            "/sys/fs/bpf/egm-bad",
+            "--listen",
+            "127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a cgroup v2 directory") && err.contains("--cgroup"),
+        "{err}"
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--hooks", "connect5"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unknown hook `connect5`"),
+        "{err}"
+    );
+    assert!(!Path::new("/sys/fs/bpf/egm-bad").exists());
+}

@@ -1,0 +1,429 @@
+//! Test fixtures that need root and the real kernel: a cgroup, a client and a
+//! server network namespace joined by a veth pair, a traffic sink, an agent,
+//! and nftables counters for independent byte counts. Everything made here is
+//! removed in `Drop`, also when the test fails.
+#![allow(dead_code)]
+
+pub mod netd;
+
+use egressmon::flows::FlowRecord;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_egressmon");
+pub const SERVER4: &str = "10.200.0.2";
+pub const CLIENT4: &str = "10.200.0.1";
+pub const SERVER6: &str = "fd00:200::2";
+pub const CLIENT6: &str = "fd00:200::1";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub fn require_root() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "kernel tests need root: run them with `cargo xtask test` as root"
+    );
+}
+
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sh_quiet(program: &str, args: &[&str]) {
+    let _ = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+pub fn cgroup2_root() -> PathBuf {
+    egressmon::system::cgroup2_root().expect("cgroup2 mounted")
+}
+
+/// A cgroup made for one test, removed on drop (after its processes exit).
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(parent: &Path, name: &str) -> TestCgroup {
+        let path = parent.join(name);
+        std::fs::create_dir_all(&path).expect("mkdir cgroup");
+        TestCgroup { path }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("warning: could not remove cgroup {}", self.path.display());
+    }
+}
+
+/// Two namespaces, client and server, joined by veth with IPv4 and IPv6.
+pub struct NetPair {
+    pub client: String,
+    pub server: String,
+}
+
+impl NetPair {
+    pub fn new(tag: &str) -> NetPair {
+        let client = format!("{tag}-c");
+        let server = format!("{tag}-s");
+        sh_quiet("ip", &["netns", "del", &client]);
+        sh_quiet("ip", &["netns", "del", &server]);
+        let pair = NetPair {
+            client: client.clone(),
+            server: server.clone(),
+        };
+        sh("ip", &["netns", "add", &client]);
+        sh("ip", &["netns", "add", &server]);
+        sh(
+            "ip",
+            &[
+                "-n", &client, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+                "netns", &server,
+            ],
+        );
+        for (ns, v4, v6, dev) in [
+            (&client, CLIENT4, CLIENT6, "veth0"),
+            (&server, SERVER4, SERVER6, "veth1"),
+        ] {
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"]);
+            sh(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev],
+            );
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ],
+            );
+            sh("ip", &["-n", ns, "link", "set", dev, "up"]);
+        }
+        pair
+    }
+
+    pub fn path(ns: &str) -> String {
+        format!("/run/netns/{ns}")
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        sh_quiet("ip", &["netns", "del", &self.client]);
+        sh_quiet("ip", &["netns", "del", &self.server]);
+    }
+}
+
+/// A child process killed (by pid, it is ours) and reaped on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `egressmon gen serve` in the server namespace.
+pub fn start_sink(net: &NetPair, tcp: &[SocketAddr], udp: &[SocketAddr]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["gen", "--netns", &NetPair::path(&net.server), "serve"]);
+    for a in tcp {
+        cmd.args(["--tcp", &a.to_string()]);
+    }
+    for a in udp {
+        cmd.args(["--udp", &a.to_string()]);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn sink");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "sink did not start");
+    Proc(child)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `egressmon run` on a test cgroup with its own pins and port.
+pub struct AgentProc {
+    pub pin_dir: PathBuf,
+    pub listen: String,
+    pub proc: Option<Proc>,
+}
+
+impl AgentProc {
+    pub fn start(cgroup: &Path, tag: &str, extra: &[&str]) -> AgentProc {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{tag}"));
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut agent = AgentProc {
+            pin_dir,
+            listen,
+            proc: None,
+        };
+        agent.spawn(cgroup, extra);
+        agent
+    }
+
+    pub fn spawn(&mut self, cgroup: &Path, extra: &[&str]) {
+        let child = Command::new(BIN)
+            .args(["run", "--cgroup"])
+            .arg(cgroup)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["--listen", &self.listen])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn agent");
+        self.proc = Some(Proc(child));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(out) = Command::new(BIN)
+                .args(["status", "--json", "--listen", &self.listen])
+                .output()
+            {
+                if out.status.success() {
+                    return;
+                }
+            }
+            if let Some(status) = self.proc.as_mut().unwrap().0.try_wait().unwrap() {
+                panic!("agent exited early: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not answer on {}",
+                self.listen
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--listen", &self.listen])
+            .output()
+            .expect("run egressmon");
+        assert!(
+            out.status.success(),
+            "egressmon {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn flows(&self) -> Vec<FlowRecord> {
+        serde_json::from_str(&self.cli(&["flows", "--json"])).expect("flows --json parses")
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli(&["status", "--json"])).expect("status --json parses")
+    }
+
+    pub fn detach(&mut self) -> String {
+        let out = Command::new(BIN)
+            .args(["detach", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .args(["--listen", &self.listen])
+            .output()
+            .expect("run detach");
+        assert!(
+            out.status.success(),
+            "detach: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(mut p) = self.proc.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while p.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Kills the agent without detaching (its pins keep counting).
+    pub fn kill(&mut self) {
+        self.proc.take();
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN)
+            .args(["detach", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .args(["--listen", &self.listen])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        self.proc.take();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// A unique tag for one test's objects (netns, cgroup, pins).
+pub fn tag(name: &str) -> String {
+    format!(
+        "egm-{name}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs `egressmon gen` as `uid` inside the test cgroup and client netns.
+pub fn gen(net: &NetPair, cgroup: &Path, uid: u32, args: &[&str]) -> u32 {
+    let child = Command::new(BIN)
+        .args(["gen", "--netns", &NetPair::path(&net.client), "--cgroup"])
+        .arg(cgroup)
+        .args(["--uid", &uid.to_string()])
+        .args(args)
+        .spawn()
+        .expect("spawn gen");
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "gen {args:?} as uid {uid} failed");
+    pid
+}
+
+/// One flow from the table, by uid, protocol, destination and port.
+pub fn find<'a>(
+    flows: &'a [FlowRecord],
+    uid: u32,
+    proto: &str,
+    dst: &str,
+    port: u16,
+) -> &'a FlowRecord {
+    flows
+        .iter()
+        .find(|f| f.uid == uid && f.proto == proto && f.dst == dst && f.port == port)
+        .unwrap_or_else(|| panic!("no flow uid={uid} {proto} {dst}:{port} in {flows:#?}"))
+}
+
+/// nftables counters in the client namespace, as an independent byte count.
+pub struct NftCounters {
+    pub netns: String,
+}
+
+impl NftCounters {
+    pub fn new(net: &NetPair) -> NftCounters {
+        let ns = net.client.clone();
+        sh(
+            "ip",
+            &["netns", "exec", &ns, "nft", "add", "table", "inet", "egm"],
+        );
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "add chain inet egm out { type filter hook output priority 0 ; policy accept ; }",
+            ],
+        );
+        NftCounters { netns: ns }
+    }
+
+    /// Counts packets leaving for `match_expr` (nft syntax) in counter `name`.
+    pub fn add(&self, name: &str, match_expr: &str) {
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "nft",
+                &format!("add counter inet egm {name}"),
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "nft",
+                &format!("add rule inet egm out {match_expr} counter name {name}"),
+            ],
+        );
+    }
+
+    /// (packets, bytes) of counter `name`.
+    pub fn read(&self, name: &str) -> (u64, u64) {
+        let out = sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "nft",
+                "-j",
+                "list",
+                "counter",
+                "inet",
+                "egm",
+                name,
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).expect("nft json");
+        let counter = v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|e| e.get("counter"))
+            .expect("counter in nft output");
+        (
+            counter["packets"].as_u64().unwrap(),
+            counter["bytes"].as_u64().unwrap(),
+        )
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
