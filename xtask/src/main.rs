@@ -136,6 +136,23 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    shell::run_in(
+        "monitor-ebpf",
+        "cargo",
+        &[
+            "+nightly",
+            "clippy",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+            "../target/ebpf-clippy",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
     shell::step("test", "unit tests");
     shell::cargo(&["test", "--package", "monitor-common", "--package", "xtask"])?;
     shell::cargo(&["test", "--package", "monitor", "--lib", "--bins"])?;

@@ -29,6 +29,19 @@ pub fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Runs a command in `dir` (relative to the workspace root).
+pub fn run_in(dir: &str, program: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(workspace_root().join(dir))
+        .status()
+        .with_context(|| format!("starting {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` in {dir} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
 /// Runs a command and returns its stdout, or None if it cannot run or fails.
 pub fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
