@@ -54,8 +54,18 @@ pub struct FlowValue {
     pub last_seen: u64,
 }
 
+/// Key of the per-uid totals: uid and IP protocol (so metrics can be split
+/// by protocol without depending on the evictable flow map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UidKey {
+    pub uid: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Per-uid totals, kept in a plain hash map that destination churn cannot
-/// evict (one entry per uid, not per destination).
+/// evict (one entry per uid and protocol, not per destination).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UidTotals {
@@ -122,6 +132,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for UidTotals {}
+    unsafe impl aya::Pod for UidKey {}
     unsafe impl aya::Pod for FlowEvent {}
 }
 
@@ -135,6 +146,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 24);
         assert_eq!(size_of::<FlowValue>(), 48);
         assert_eq!(size_of::<UidTotals>(), 32);
+        assert_eq!(size_of::<UidKey>(), 8);
         assert_eq!(size_of::<FlowEvent>(), 24 + 8 + 8 + 4 + 4 + 16 + 8);
     }
 }

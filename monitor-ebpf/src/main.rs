@@ -40,7 +40,7 @@ static FLOW_SEEN: LruHashMap<FlowKey, u64> = LruHashMap::pinned(DEFAULT_FLOW_ENT
 
 /// Per-uid totals: one entry per uid, so destination churn cannot evict them.
 #[map(name = "UID_TOTALS")]
-static UID_TOTALS: PerCpuHashMap<u32, UidTotals> = PerCpuHashMap::pinned(DEFAULT_UID_ENTRIES, 0);
+static UID_TOTALS: PerCpuHashMap<UidKey, UidTotals> = PerCpuHashMap::pinned(DEFAULT_UID_ENTRIES, 0);
 
 /// New-flow events for the agent (pid, comm, cgroup of the first sender).
 #[map(name = "EVENTS")]
@@ -103,8 +103,13 @@ fn add_to_flow(value: &mut FlowValue, delta: &Delta, now: u64) {
 }
 
 #[inline(always)]
-fn add_to_uid(uid: u32, delta: &Delta) {
-    if let Some(totals) = UID_TOTALS.get_ptr_mut(uid) {
+fn add_to_uid(uid: u32, proto: u8, delta: &Delta) {
+    let key = UidKey {
+        uid,
+        proto,
+        _pad: [0; 3],
+    };
+    if let Some(totals) = UID_TOTALS.get_ptr_mut(key) {
         // SAFETY: map value pointer from a successful lookup.
         let totals = unsafe { &mut *totals };
         add(&mut totals.connects, delta.connects);
@@ -119,9 +124,9 @@ fn add_to_uid(uid: u32, delta: &Delta) {
         tx_packets: delta.packets,
         tx_bytes: delta.bytes,
     };
-    if UID_TOTALS.insert(uid, fresh, BPF_NOEXIST as u64).is_err() {
+    if UID_TOTALS.insert(key, fresh, BPF_NOEXIST as u64).is_err() {
         // Lost a race with a same-CPU insert, or the map is full.
-        match UID_TOTALS.get_ptr_mut(uid) {
+        match UID_TOTALS.get_ptr_mut(key) {
             Some(totals) => {
                 let totals = unsafe { &mut *totals };
                 add(&mut totals.connects, delta.connects);
@@ -140,7 +145,7 @@ fn add_to_uid(uid: u32, delta: &Delta) {
 #[inline(always)]
 fn account(key: &FlowKey, delta: Delta, hook: u8, task_context: bool, skb_cgroup: u64) {
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    add_to_uid(key.uid, &delta);
+    add_to_uid(key.uid, key.proto, &delta);
     if let Some(value) = FLOWS.get_ptr_mut(key) {
         add_to_flow(unsafe { &mut *value }, &delta, now);
         return;

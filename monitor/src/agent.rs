@@ -1,27 +1,70 @@
 //! The running agent: owns the loaded kernel programs, the identity table fed
-//! by the event reader and the owner resolver, and produces the snapshots the
-//! API serves (flows, status, metrics).
+//! by the event reader, the owner resolver (reloaded when its sources
+//! change) and the flow tracker; produces what the API serves (flows,
+//! status, metrics) and writes the `--log` JSON lines.
 
 use crate::events::{self, MetaTable};
 use crate::flows::{self, FlowRecord};
 use crate::hooks::{Conflict, Hook};
+use crate::jsonl::JsonlLog;
 use crate::kernel::{Kernel, LoadOptions};
 use crate::owners::OwnerResolver;
-use anyhow::Result;
+use crate::tracker::{Tracker, TrackerOptions};
+use anyhow::{Context, Result};
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// User-space options of `egressmon run`.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub android_root: Option<PathBuf>,
+    /// `--log`: a path, or `-` for stdout.
+    pub log: Option<String>,
+    pub log_max_bytes: u64,
+    pub log_keep: usize,
+    pub log_interval: Duration,
+    pub flow_idle: Duration,
+    /// How often the flow map is read for the tracker.
+    pub poll_interval: Duration,
+    /// Uids that get their own metric series; later ones fold into `other`.
+    pub metrics_max_uids: usize,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            android_root: None,
+            log: None,
+            log_max_bytes: 10 << 20,
+            log_keep: 5,
+            log_interval: Duration::from_secs(60),
+            flow_idle: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+            metrics_max_uids: 1000,
+        }
+    }
+}
 
 pub struct Agent {
     kernel: Mutex<Kernel>,
     meta: MetaTable,
-    resolver: OwnerResolver,
+    resolver: RwLock<Arc<OwnerResolver>>,
+    sources_stamp: Mutex<Vec<Option<SystemTime>>>,
+    pub tracker: Mutex<Tracker>,
+    log: Mutex<Option<JsonlLog>>,
+    pub options: AgentOptions,
+    /// Uids given their own metric series, in order of first appearance.
+    pub labelled_uids: Mutex<BTreeSet<u32>>,
+    last_flow_count: AtomicU64,
+    log_errors: AtomicU64,
     started: Instant,
     stop: Arc<AtomicBool>,
-    reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,23 +97,131 @@ pub struct Status {
     pub uid_update_failures: u64,
     pub unparsed_packets: u64,
     pub kernel_packets: u64,
+    pub flows_evicted: u64,
+    pub log_write_errors: u64,
+}
+
+/// Files the owner resolver reads; a change to any of them triggers a reload.
+fn owner_sources(android_root: Option<&std::path::Path>) -> Vec<PathBuf> {
+    let root = android_root
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    vec![
+        PathBuf::from("/etc/passwd"),
+        root.join("data/system/packages.list"),
+        root.join("data/system/packages.xml"),
+    ]
+}
+
+fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
+    paths
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
 }
 
 impl Agent {
-    pub fn start(options: LoadOptions, resolver: OwnerResolver) -> Result<Arc<Agent>> {
-        let mut kernel = Kernel::load(options)?;
+    pub fn start(load: LoadOptions, options: AgentOptions) -> Result<Arc<Agent>> {
+        let log = match &options.log {
+            Some(target) => Some(
+                JsonlLog::open(target, options.log_max_bytes, options.log_keep).with_context(
+                    || {
+                        format!(
+                            "opening --log {target} (check the directory exists and is writable)"
+                        )
+                    },
+                )?,
+            ),
+            None => None,
+        };
+        let resolver = OwnerResolver::new(options.android_root.as_deref());
+        let mut kernel = Kernel::load(load)?;
         let ring = kernel.take_events()?;
         let meta: MetaTable = Default::default();
         let stop = Arc::new(AtomicBool::new(false));
         let reader = events::spawn_reader(ring, meta.clone(), stop.clone());
-        Ok(Arc::new(Agent {
+        let tracker = Tracker::new(TrackerOptions {
+            update_every: options.log_interval,
+            idle_after: options.flow_idle,
+        });
+        let sources_stamp = stamps(&owner_sources(options.android_root.as_deref()));
+        let agent = Arc::new(Agent {
             kernel: Mutex::new(kernel),
             meta,
-            resolver,
+            resolver: RwLock::new(Arc::new(resolver)),
+            sources_stamp: Mutex::new(sources_stamp),
+            tracker: Mutex::new(tracker),
+            log: Mutex::new(log),
+            options,
+            labelled_uids: Mutex::new(BTreeSet::new()),
+            last_flow_count: AtomicU64::new(0),
+            log_errors: AtomicU64::new(0),
             started: Instant::now(),
             stop,
-            reader: Mutex::new(Some(reader)),
-        }))
+            threads: Mutex::new(vec![reader]),
+        });
+        let poller = Agent::spawn_poller(agent.clone());
+        agent.threads.lock().unwrap().push(poller);
+        Ok(agent)
+    }
+
+    fn spawn_poller(agent: Arc<Agent>) -> std::thread::JoinHandle<()> {
+        std::thread::Builder::new()
+            .name("egressmon-poll".into())
+            .spawn(move || {
+                let mut last_reload_check = Instant::now();
+                while !agent.stop.load(Ordering::Relaxed) {
+                    if last_reload_check.elapsed() >= Duration::from_secs(5) {
+                        agent.reload_owners_if_changed();
+                        last_reload_check = Instant::now();
+                    }
+                    if let Err(e) = agent.tick() {
+                        log::warn!("reading flows: {e:#}");
+                    }
+                    let mut slept = Duration::ZERO;
+                    while slept < agent.options.poll_interval && !agent.stop.load(Ordering::Relaxed)
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                        slept += Duration::from_millis(50);
+                    }
+                }
+                let _ = agent.tick();
+            })
+            .expect("spawning the flow poller")
+    }
+
+    /// One tracker step: snapshot, events, log lines.
+    pub fn tick(&self) -> Result<()> {
+        let snapshot = self.keyed_flows()?;
+        self.last_flow_count
+            .store(snapshot.len() as u64, Ordering::Relaxed);
+        let events = self.tracker.lock().unwrap().tick(Instant::now(), snapshot);
+        if let Some(log) = self.log.lock().unwrap().as_mut() {
+            for event in &events {
+                if let Err(e) = log.write(event) {
+                    self.log_errors.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("writing the --log line: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the resolver when one of its files changed.
+    pub fn reload_owners_if_changed(&self) {
+        let now = stamps(&owner_sources(self.options.android_root.as_deref()));
+        let mut last = self.sources_stamp.lock().unwrap();
+        if *last == now {
+            return;
+        }
+        *last = now;
+        let fresh = OwnerResolver::new(self.options.android_root.as_deref());
+        *self.resolver.write().unwrap() = Arc::new(fresh);
+        log::info!("owner sources changed: reloaded");
+    }
+
+    pub fn resolver(&self) -> Arc<OwnerResolver> {
+        self.resolver.read().unwrap().clone()
     }
 
     pub fn attached(&self) -> Vec<Hook> {
@@ -91,8 +242,7 @@ impl Agent {
             .collect()
     }
 
-    /// The flow table, busiest first.
-    pub fn flows(&self) -> Result<Vec<FlowRecord>> {
+    fn keyed_flows(&self) -> Result<Vec<(FlowKey, FlowRecord)>> {
         let (flows, capacity) = {
             let kernel = self.kernel.lock().unwrap();
             (kernel.flows()?, kernel.options.flow_entries as usize)
@@ -102,22 +252,24 @@ impl Agent {
             let live: std::collections::HashSet<FlowKey> = flows.iter().map(|(k, _)| *k).collect();
             meta.retain(|k, _| live.contains(k));
         }
-        Ok(flows::table(&flows, &meta, &self.resolver))
+        Ok(flows::keyed_table(&flows, &meta, &self.resolver()))
     }
 
-    pub fn uid_totals(&self) -> Result<std::collections::HashMap<u32, UidTotals>> {
+    /// The flow table, busiest first.
+    pub fn flows(&self) -> Result<Vec<FlowRecord>> {
+        let mut rows: Vec<FlowRecord> = self.keyed_flows()?.into_iter().map(|(_, r)| r).collect();
+        flows::sort_busiest_first(&mut rows);
+        Ok(rows)
+    }
+
+    pub fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
         self.kernel.lock().unwrap().uid_totals()
-    }
-
-    pub fn resolver(&self) -> &OwnerResolver {
-        &self.resolver
     }
 
     pub fn status(&self) -> Result<Status> {
         let hooks = self.hook_report();
         let kernel = self.kernel.lock().unwrap();
         let stats = kernel.stats()?;
-        let flow_entries = kernel.flow_count() as u64;
         let uid_entries = kernel.uid_totals().map(|t| t.len() as u64).unwrap_or(0);
         let o = &kernel.options;
         Ok(Status {
@@ -131,7 +283,7 @@ impl Agent {
             maps: vec![
                 MapStatus {
                     map: MAP_FLOWS.to_lowercase(),
-                    entries: flow_entries,
+                    entries: self.last_flow_count.load(Ordering::Relaxed),
                     capacity: o.flow_entries as u64,
                 },
                 MapStatus {
@@ -145,14 +297,17 @@ impl Agent {
             uid_update_failures: stats[STAT_UID_UPDATE_FAILED as usize],
             unparsed_packets: stats[STAT_PARSE_SKIPPED as usize],
             kernel_packets: stats[STAT_KERNEL_PACKETS as usize],
+            flows_evicted: self.tracker.lock().unwrap().flows_evicted,
+            log_write_errors: self.log_errors.load(Ordering::Relaxed),
         })
     }
 
-    /// Stops the event reader. Programs stay attached through their pinned
-    /// links: the kernel keeps counting until `egressmon detach`.
+    /// Stops the background threads after a last tracker step. Programs stay
+    /// attached through their pinned links: the kernel keeps counting until
+    /// `egressmon detach`.
     pub fn stop(&self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(handle) = self.reader.lock().unwrap().take() {
+        self.stop.store(true, Ordering::Relaxed);
+        for handle in self.threads.lock().unwrap().drain(..) {
             let _ = handle.join();
         }
     }

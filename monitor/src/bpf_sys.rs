@@ -225,3 +225,67 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
     unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
     Ok(info)
 }
+
+const BPF_MAP_LOOKUP_BATCH: u32 = 24;
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Reads a whole per-CPU hash map with BPF_MAP_LOOKUP_BATCH (5.6+): a few
+/// syscalls for thousands of entries instead of two per entry. Each value
+/// comes back as one `V` per possible CPU. `V`'s size must be a multiple of 8
+/// (the kernel pads per-CPU values to 8 bytes).
+pub fn percpu_lookup_batch<K: Copy + Default, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    cpus: usize,
+) -> io::Result<Vec<(K, Vec<V>)>> {
+    assert_eq!(
+        std::mem::size_of::<V>() % 8,
+        0,
+        "per-CPU values are 8-byte padded"
+    );
+    const CHUNK: usize = 1024;
+    let mut keys = vec![K::default(); CHUNK];
+    let mut values = vec![V::default(); CHUNK * cpus];
+    let mut out = Vec::new();
+    let mut cursor = [0u64; 2];
+    let mut first = true;
+    loop {
+        let mut next = [0u64; 2];
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { cursor.as_mut_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: buffers sized for CHUNK keys and CHUNK * cpus values.
+        let result = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let done = match result {
+            Ok(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        let n = (attr.count as usize).min(CHUNK);
+        for i in 0..n {
+            out.push((keys[i], values[i * cpus..(i + 1) * cpus].to_vec()));
+        }
+        if done {
+            return Ok(out);
+        }
+        cursor = next;
+        first = false;
+    }
+}

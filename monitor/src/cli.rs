@@ -1,6 +1,6 @@
 //! Command-line interface: `egressmon run|flows|owners|top|status|detach`.
 
-use crate::agent::{Agent, Status};
+use crate::agent::{Agent, AgentOptions, Status};
 use crate::hooks;
 use crate::kernel::{self, LoadOptions};
 use crate::owners::OwnerResolver;
@@ -92,6 +92,25 @@ pub struct RunArgs {
     /// Device layout to resolve owners from (DIR/data/system/packages.list).
     #[arg(long)]
     pub android_root: Option<PathBuf>,
+    /// Write JSON lines (flow_start, flow_update, flow_end, owner_change,
+    /// alert) to this file, or `-` for stdout.
+    #[arg(long)]
+    pub log: Option<String>,
+    /// Rotate the --log file when the next line would make it larger than this.
+    #[arg(long, default_value_t = 10 << 20)]
+    pub log_max_bytes: u64,
+    /// Rotated --log files to keep (FILE.1 ... FILE.N).
+    #[arg(long, default_value_t = 5)]
+    pub log_keep: usize,
+    /// Seconds between flow_update lines for flows that changed.
+    #[arg(long, default_value_t = 60)]
+    pub log_interval: u64,
+    /// Seconds without traffic after which a flow_end line is written.
+    #[arg(long, default_value_t = 300)]
+    pub flow_idle: u64,
+    /// Uids that get their own metric series; later uids fold into uid="other".
+    #[arg(long, default_value_t = 1000)]
+    pub metrics_max_uids: usize,
     /// Flow map capacity (LRU: least recently used flows are evicted).
     #[arg(long, default_value_t = DEFAULT_FLOW_ENTRIES)]
     pub flow_entries: u32,
@@ -145,8 +164,17 @@ fn run(args: RunArgs) -> Result<()> {
         uid_entries: args.uid_entries,
         ringbuf_bytes: args.ringbuf_bytes,
     };
-    let resolver = OwnerResolver::new(args.android_root.as_deref());
-    let agent = Agent::start(options, resolver)?;
+    let agent_options = AgentOptions {
+        android_root: args.android_root.clone(),
+        log: args.log.clone(),
+        log_max_bytes: args.log_max_bytes,
+        log_keep: args.log_keep,
+        log_interval: std::time::Duration::from_secs(args.log_interval.max(1)),
+        flow_idle: std::time::Duration::from_secs(args.flow_idle.max(1)),
+        metrics_max_uids: args.metrics_max_uids,
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start(options, agent_options)?;
     for hook in agent.hook_report() {
         match (&hook.attached, &hook.reason) {
             (true, _) => log::info!("hook {}: attached", hook.hook),

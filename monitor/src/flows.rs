@@ -103,28 +103,30 @@ pub fn record(
     }
 }
 
-/// Joins kernel flows with identities and owners, busiest first.
-pub fn table(
+/// Joins kernel flows with identities and owners (one owner lookup per uid).
+pub fn keyed_table(
     flows: &[(FlowKey, FlowValue)],
     meta: &HashMap<FlowKey, FlowMeta>,
     resolver: &OwnerResolver,
-) -> Vec<FlowRecord> {
+) -> Vec<(FlowKey, FlowRecord)> {
     let mut owners: HashMap<u32, Owner> = HashMap::new();
-    let mut rows: Vec<FlowRecord> = flows
+    flows
         .iter()
         .map(|(key, value)| {
             let owner = owners
                 .entry(key.uid)
                 .or_insert_with(|| resolver.resolve(key.uid));
-            record(key, value, owner, meta.get(key))
+            (*key, record(key, value, owner, meta.get(key)))
         })
-        .collect();
+        .collect()
+}
+
+pub fn sort_busiest_first(rows: &mut [FlowRecord]) {
     rows.sort_by(|a, b| {
         b.tx_bytes
             .cmp(&a.tx_bytes)
             .then(b.connects.cmp(&a.connects))
     });
-    rows
 }
 
 /// Plain-text table for terminals.

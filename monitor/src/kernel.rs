@@ -225,8 +225,22 @@ impl Kernel {
         )?)
     }
 
-    /// Every flow in the kernel map, counters summed over CPUs.
+    /// Every flow in the kernel map, counters summed over CPUs. Uses batched
+    /// lookups; falls back to per-key lookups where the kernel lacks them.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowTotals)>> {
+        if let Some(aya::maps::Map::PerCpuLruHashMap(data)) = self.ebpf.map(MAP_FLOWS) {
+            let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+            match bpf_sys::percpu_lookup_batch::<FlowKey, FlowValue>(data.fd().as_fd(), cpus) {
+                Ok(entries) => {
+                    return Ok(entries
+                        .into_iter()
+                        .map(|(k, v)| (k, sum_flow(v.iter())))
+                        .collect())
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(anyhow!("reading the flow map: {e}")),
+            }
+        }
         let map = self.flows_map()?;
         let mut out = Vec::new();
         for item in map.iter() {
@@ -243,8 +257,8 @@ impl Kernel {
     }
 
     /// Per-uid totals (not subject to flow eviction).
-    pub fn uid_totals(&self) -> Result<HashMap<u32, UidTotals>> {
-        let map: PerCpuHashMap<&MapData, u32, UidTotals> = PerCpuHashMap::try_from(
+    pub fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
+        let map: PerCpuHashMap<&MapData, UidKey, UidTotals> = PerCpuHashMap::try_from(
             self.ebpf
                 .map(MAP_UID_TOTALS)
                 .context("UID_TOTALS missing")?,

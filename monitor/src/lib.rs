@@ -11,11 +11,13 @@ pub mod client;
 pub mod events;
 pub mod flows;
 pub mod hooks;
+pub mod jsonl;
 pub mod kernel;
 pub mod metrics;
 pub mod owners;
 pub mod system;
 pub mod top;
+pub mod tracker;
 pub mod traffic;
 pub mod tui;
 

@@ -1,15 +1,25 @@
-//! Prometheus exposition of the agent's state, built at scrape time from the
-//! kernel maps (no per-packet work in user space).
+//! Prometheus exposition, built at scrape time: traffic counters from the
+//! kernel's per-uid totals (exact, never evicted, monotonic across agent
+//! restarts because the map is pinned), the rest from the agent's state.
+//! No per-packet work happens in user space.
 //!
-//! Series per scrape: flows are folded by (uid, proto), so the traffic
-//! families hold at most uids x protocols series each.
+//! Series are bounded. With U uids seen, P protocols (tcp, udp, icmp...),
+//! M = `--metrics-max-uids`, K owner classes (origin x firmware, at most 8)
+//! and C countries:
+//!   traffic families: 4 x (min(U, M) + K) x P series
+//!   bytes by country: K x C; cleartext flows: min(U, M) + K
+//! Uids beyond the first M seen share `uid="other", owner="other"` series per
+//! origin, firmware and protocol, counted in `egressmon_metrics_folded_uids`.
+//! Assignment is sticky (first come), so every series stays monotonic.
 
 use crate::agent::Agent;
+use crate::flows::proto_name;
 use anyhow::Result;
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::collections::BTreeMap;
 
 const TRAFFIC_LABELS: [&str; 5] = ["uid", "owner", "origin", "firmware", "proto"];
+pub const OTHER: &str = "other";
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
@@ -31,31 +41,62 @@ struct Sums {
     udp_sends: u64,
 }
 
+/// Whether `uid` has (or now gets) its own series.
+fn labelled(agent: &Agent, uid: u32) -> bool {
+    let mut set = agent.labelled_uids.lock().unwrap();
+    if set.contains(&uid) {
+        return true;
+    }
+    if set.len() < agent.options.metrics_max_uids {
+        set.insert(uid);
+        return true;
+    }
+    false
+}
+
 pub fn render(agent: &Agent) -> Result<String> {
     let registry = Registry::new();
     let bytes = counter(
         &registry,
         "egressmon_tx_bytes_total",
-        "Bytes sent (IP header included), by owner",
+        "Bytes sent, IP header included (skb->len at cgroup egress)",
         &TRAFFIC_LABELS,
     )?;
     let packets = counter(
         &registry,
         "egressmon_tx_packets_total",
-        "Packets (skbs before segmentation) sent, by owner",
+        "Packets sent (skbs at cgroup egress, before GSO/TSO segmentation)",
         &TRAFFIC_LABELS,
     )?;
     let connects = counter(
         &registry,
         "egressmon_connects_total",
-        "connect() calls, by owner",
+        "connect() calls",
         &TRAFFIC_LABELS,
     )?;
     let udp = counter(
         &registry,
         "egressmon_udp_sends_total",
-        "UDP datagrams sent, by owner",
+        "UDP datagrams sent",
         &TRAFFIC_LABELS,
+    )?;
+    let by_country = counter(
+        &registry,
+        "egressmon_tx_bytes_by_country_total",
+        "Bytes sent by destination country (unknown without GeoIP)",
+        &["origin", "firmware", "country"],
+    )?;
+    let cleartext = counter(
+        &registry,
+        "egressmon_cleartext_flows_total",
+        "Flows that sent readable cleartext",
+        &["uid", "owner", "origin", "firmware"],
+    )?;
+    let alerts = counter(
+        &registry,
+        "egressmon_alerts_total",
+        "Alert rule matches",
+        &["rule"],
     )?;
     let hook_attached = gauge(
         &registry,
@@ -81,6 +122,18 @@ pub fn render(agent: &Agent) -> Result<String> {
         "New-flow events dropped because the ring buffer was full",
         &[],
     )?;
+    let evicted = counter(
+        &registry,
+        "egressmon_flows_evicted_total",
+        "Flows evicted from the LRU flow map (per-uid totals stay exact)",
+        &[],
+    )?;
+    let folded = gauge(
+        &registry,
+        "egressmon_metrics_folded_uids",
+        "Uids folded into uid=\"other\" series (over --metrics-max-uids)",
+        &[],
+    )?;
     let build = gauge(
         &registry,
         "egressmon_build_info",
@@ -88,30 +141,65 @@ pub fn render(agent: &Agent) -> Result<String> {
         &["version", "kernel"],
     )?;
 
-    let mut sums: BTreeMap<(u32, String), (crate::flows::FlowRecord, Sums)> = BTreeMap::new();
-    for flow in agent.flows()? {
-        let entry = sums
-            .entry((flow.uid, flow.proto.clone()))
-            .or_insert_with(|| (flow.clone(), Sums::default()));
-        entry.1.bytes += flow.tx_bytes;
-        entry.1.packets += flow.tx_packets;
-        entry.1.connects += flow.connects;
-        entry.1.udp_sends += flow.udp_sends;
-    }
-    for ((uid, proto), (flow, s)) in &sums {
-        let uid = uid.to_string();
-        let firmware = flow.firmware.to_string();
+    let resolver = agent.resolver();
+    let mut sums: BTreeMap<[String; 5], Sums> = BTreeMap::new();
+    let mut folded_uids = std::collections::BTreeSet::new();
+    for (key, totals) in agent.uid_totals()? {
+        let owner = resolver.resolve(key.uid);
+        let (uid, name) = if labelled(agent, key.uid) {
+            (key.uid.to_string(), owner.owner)
+        } else {
+            folded_uids.insert(key.uid);
+            (OTHER.to_string(), OTHER.to_string())
+        };
         let labels = [
-            uid.as_str(),
-            flow.owner.as_str(),
-            flow.origin.as_str(),
-            firmware.as_str(),
-            proto.as_str(),
+            uid,
+            name,
+            owner.origin,
+            owner.firmware.to_string(),
+            proto_name(key.proto),
         ];
+        let s = sums.entry(labels).or_default();
+        s.bytes += totals.tx_bytes;
+        s.packets += totals.tx_packets;
+        s.connects += totals.connects;
+        s.udp_sends += totals.udp_sends;
+    }
+    for (labels, s) in &sums {
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
         bytes.with_label_values(&labels).inc_by(s.bytes);
         packets.with_label_values(&labels).inc_by(s.packets);
         connects.with_label_values(&labels).inc_by(s.connects);
         udp.with_label_values(&labels).inc_by(s.udp_sends);
+    }
+    folded
+        .with_label_values::<&str>(&[])
+        .set(folded_uids.len() as i64);
+    {
+        let tracker = agent.tracker.lock().unwrap();
+        for ((origin, firmware, country), value) in &tracker.bytes_by_country {
+            by_country
+                .with_label_values(&[origin.as_str(), &firmware.to_string(), country.as_str()])
+                .inc_by(*value);
+        }
+        for ((uid, owner, origin, firmware), value) in &tracker.cleartext_flows {
+            let (uid, owner) = if labelled(agent, *uid) {
+                (uid.to_string(), owner.clone())
+            } else {
+                (OTHER.into(), OTHER.into())
+            };
+            cleartext
+                .with_label_values(&[
+                    uid.as_str(),
+                    owner.as_str(),
+                    origin.as_str(),
+                    &firmware.to_string(),
+                ])
+                .inc_by(*value);
+        }
+        for (rule, value) in &tracker.alerts {
+            alerts.with_label_values(&[rule.as_str()]).inc_by(*value);
+        }
     }
     let status = agent.status()?;
     for hook in &status.hooks {
@@ -129,6 +217,9 @@ pub fn render(agent: &Agent) -> Result<String> {
     }
     lost.with_label_values::<&str>(&[])
         .inc_by(status.events_lost);
+    evicted
+        .with_label_values::<&str>(&[])
+        .inc_by(status.flows_evicted);
     build
         .with_label_values(&[status.version.as_str(), status.kernel.as_str()])
         .set(1);

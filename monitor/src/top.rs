@@ -82,11 +82,11 @@ pub fn human_bytes(n: f64) -> String {
     }
 }
 
-/// Plain table that fits 80 columns.
+/// Plain table that fits 80 columns (the busiest destination is cut to fit).
 pub fn render_plain(rows: &[OwnerRow]) -> String {
     let mut out = format!(
-        "{:>8} {:<20} {:<11} {:>10} {:>10} {:>6} {:>5} TOP\n",
-        "UID", "OWNER", "ORIGIN", "RATE/s", "TOTAL", "CONN", "DSTS"
+        "{:>7} {:<16} {:<11} {:>7} {:>7} {:>5} {:>4} {}\n",
+        "UID", "OWNER", "ORIGIN", "RATE/s", "TOTAL", "CONN", "DSTS", "BUSIEST"
     );
     for r in rows {
         let origin = if r.firmware {
@@ -94,8 +94,16 @@ pub fn render_plain(rows: &[OwnerRow]) -> String {
         } else {
             r.origin.clone()
         };
+        let busiest: String = r
+            .top_destinations
+            .first()
+            .cloned()
+            .unwrap_or_default()
+            .chars()
+            .take(16)
+            .collect();
         out.push_str(&format!(
-            "{:>8} {:<20.20} {:<11.11} {:>10} {:>10} {:>6} {:>5} {}\n",
+            "{:>7} {:<16.16} {:<11.11} {:>7} {:>7} {:>5} {:>4} {}\n",
             r.uid,
             r.owner,
             origin,
@@ -103,7 +111,7 @@ pub fn render_plain(rows: &[OwnerRow]) -> String {
             human_bytes(r.tx_bytes as f64),
             r.connects,
             r.destinations,
-            r.top_destinations.first().cloned().unwrap_or_default()
+            busiest
         ));
     }
     out

@@ -117,6 +117,20 @@ fn listen_arg(extra: &[String]) -> String {
         .unwrap_or_else(|| "127.0.0.1:9864".into())
 }
 
+/// One integration test file of the agent, tests run one at a time (each
+/// makes cgroups, namespaces and pins of its own).
+fn integration_test(name: &str) -> Result<()> {
+    shell::cargo(&[
+        "test",
+        "--package",
+        "monitor",
+        "--test",
+        name,
+        "--",
+        "--test-threads=1",
+    ])
+}
+
 fn test() -> Result<()> {
     setup::all()?;
     shell::require_root("cargo xtask test (the kernel tests load eBPF programs)")?;
@@ -160,15 +174,12 @@ fn test() -> Result<()> {
         "test",
         "kernel tests on this machine's kernel (root, real programs, exact counts)",
     );
-    shell::cargo(&[
+    integration_test("kernel")?;
+    shell::step(
         "test",
-        "--package",
-        "monitor",
-        "--test",
-        "kernel",
-        "--",
-        "--test-threads=1",
-    ])?;
+        "what users see: a real Prometheus, the JSON log, top in tmux",
+    );
+    integration_test("observability")?;
     shell::step("test", "all passed");
     Ok(())
 }

@@ -1,0 +1,426 @@
+//! What users see, tested against the real consumers: a real Prometheus
+//! server scraping `/metrics`, `promtool check metrics`, the JSON-lines log
+//! with rotation, and `egressmon top` in a real terminal (tmux).
+//!
+//! Run as root (`cargo xtask test`, which installs prometheus and tmux).
+
+mod support;
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::*;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(tag);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Removes a scratch directory on drop.
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn http_get(url_addr: &str, path: &str) -> String {
+    egressmon::client::get(url_addr.parse().unwrap(), path).unwrap_or_default()
+}
+
+fn prom_query(prom: &str, query: &str) -> Option<f64> {
+    let mut encoded = String::new();
+    for b in query.bytes() {
+        if b.is_ascii_alphanumeric() || b"_-.".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let body = http_get(prom, &format!("/api/v1/query?query={encoded}"));
+    let v: Value = serde_json::from_str(&body).ok()?;
+    let result = v["data"]["result"].as_array()?;
+    let first = result.first()?;
+    first["value"][1].as_str()?.parse().ok()
+}
+
+#[test]
+fn real_prometheus_sees_the_agents_exact_counts() {
+    require_root();
+    let tag = tag("prom");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:8080");
+    let _sink = start_sink(&net, &[addr(&dst)], &[addr(&format!("{SERVER4}:9001"))]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &[]);
+    for uid in [1000u32, 10123] {
+        gen(
+            &net,
+            &cgroup.path,
+            uid,
+            &["tcp", "--dst", &dst, "--count", "5", "--bytes", "2000"],
+        );
+        gen(
+            &net,
+            &cgroup.path,
+            uid,
+            &[
+                "udp-sendto",
+                "--dst",
+                &format!("{SERVER4}:9001"),
+                "--count",
+                "4",
+                "--size",
+                "64",
+            ],
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    // promtool reads the exposition exactly as Prometheus would (after the
+    // agent's first pass over the flow map, which feeds bytes by country).
+    assert!(eventually(Duration::from_secs(5), || http_get(
+        &agent.listen,
+        "/metrics"
+    )
+    .contains("egressmon_tx_bytes_by_country_total{")));
+    let exposition = http_get(&agent.listen, "/metrics");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (installed by cargo xtask setup)");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), exposition.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics: {report}\n{exposition}"
+    );
+    for name in [
+        "egressmon_tx_bytes_total",
+        "egressmon_tx_packets_total",
+        "egressmon_connects_total",
+        "egressmon_udp_sends_total",
+        "egressmon_tx_bytes_by_country_total",
+        "egressmon_hook_attached",
+        "egressmon_map_entries",
+        "egressmon_map_capacity",
+        "egressmon_events_lost_total",
+        "egressmon_build_info",
+    ] {
+        assert!(
+            exposition.contains(&format!("\n{name}")),
+            "{name} missing:\n{exposition}"
+        );
+    }
+
+    // A real Prometheus on loopback, scraping every second.
+    let dir = scratch(&tag);
+    let _cleanup = Scratch(dir.clone());
+    let prom_listen = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: egressmon\n    static_configs:\n      - targets: ['{}']\n",
+            agent.listen
+        ),
+    )
+    .unwrap();
+    let _prom = Proc(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={prom_listen}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (installed by cargo xtask setup)"),
+    );
+
+    let flows = agent.flows();
+    for uid in [1000u32, 10123] {
+        let mine: Vec<_> = flows.iter().filter(|f| f.uid == uid).collect();
+        let bytes: u64 = mine.iter().map(|f| f.tx_bytes).sum();
+        let connects: u64 = mine.iter().map(|f| f.connects).sum();
+        let udp: u64 = mine.iter().map(|f| f.udp_sends).sum();
+        assert_eq!((connects, udp), (5, 4));
+        let seen = eventually(Duration::from_secs(30), || {
+            prom_query(
+                &prom_listen,
+                &format!("sum(egressmon_tx_bytes_total{{uid=\"{uid}\"}})"),
+            ) == Some(bytes as f64)
+                && prom_query(
+                    &prom_listen,
+                    &format!("sum(egressmon_connects_total{{uid=\"{uid}\"}})"),
+                ) == Some(connects as f64)
+        });
+        assert!(
+            seen,
+            "Prometheus should report uid {uid}: {bytes} bytes, {connects} connects; it has {:?} / {:?}",
+            prom_query(&prom_listen, &format!("sum(egressmon_tx_bytes_total{{uid=\"{uid}\"}})")),
+            prom_query(&prom_listen, &format!("sum(egressmon_connects_total{{uid=\"{uid}\"}})"))
+        );
+        assert_eq!(
+            prom_query(
+                &prom_listen,
+                &format!("egressmon_udp_sends_total{{uid=\"{uid}\",proto=\"udp\"}}")
+            ),
+            Some(4.0)
+        );
+    }
+    assert_eq!(
+        prom_query(&prom_listen, "egressmon_hook_attached{hook=\"skb_egress\"}"),
+        Some(1.0)
+    );
+}
+
+fn read_log_lines(path: &Path) -> Vec<Value> {
+    let mut files: Vec<PathBuf> = (1..=100)
+        .rev()
+        .map(|n| PathBuf::from(format!("{}.{n}", path.display())))
+        .filter(|p| p.exists())
+        .collect();
+    files.push(path.to_path_buf());
+    let mut lines = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "{} ends mid-line",
+            file.display()
+        );
+        for line in text.lines() {
+            lines.push(
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("torn line in {}: {e}: {line}", file.display())),
+            );
+        }
+    }
+    lines
+}
+
+#[test]
+fn json_log_starts_updates_ends_rotates_and_reports_owner_changes() {
+    require_root();
+    let tag = tag("log");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dir = scratch(&tag);
+    let _cleanup = Scratch(dir.clone());
+    let android = dir.join("device");
+    std::fs::create_dir_all(android.join("data/system")).unwrap();
+    let packages = android.join("data/system/packages.list");
+    std::fs::write(&packages, "com.example.one 10123 0 /data/user/0/com.example.one default:targetSdkVersion=34 3003 0 1 1 @null\n").unwrap();
+    let log = dir.join("flows.jsonl");
+    let dst = format!("{SERVER4}:9001");
+    let _sink = start_sink(&net, &[], &[addr(&dst)]);
+    let agent = AgentProc::start(
+        &cgroup.path,
+        &tag,
+        &[
+            "--log",
+            log.to_str().unwrap(),
+            "--log-interval",
+            "1",
+            "--flow-idle",
+            "3",
+            "--log-max-bytes",
+            "1500",
+            "--log-keep",
+            "100",
+            "--android-root",
+            android.to_str().unwrap(),
+        ],
+    );
+    gen(
+        &net,
+        &cgroup.path,
+        10123,
+        &["udp-sendto", "--dst", &dst, "--count", "3", "--size", "64"],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    gen(
+        &net,
+        &cgroup.path,
+        10123,
+        &["udp-sendto", "--dst", &dst, "--count", "2", "--size", "64"],
+    );
+    // A package update renames the uid's owner; the agent notices on reload.
+    std::fs::write(&packages, "com.example.two 10123 0 /data/user/0/com.example.two default:targetSdkVersion=34 3003 0 1 1 @null\n").unwrap();
+    let got_all = eventually(Duration::from_secs(20), || {
+        let lines = read_log_lines(&log);
+        let has = |e: &str| lines.iter().any(|l| l["event"] == e && l["uid"] == 10123);
+        has("flow_start") && has("flow_update") && has("flow_end") && has("owner_change")
+    });
+    let lines = read_log_lines(&log);
+    assert!(got_all, "{lines:#?}");
+    let mine: Vec<&Value> = lines.iter().filter(|l| l["uid"] == 10123).collect();
+    let start = mine.iter().find(|l| l["event"] == "flow_start").unwrap();
+    assert_eq!(
+        (start["udp_sends"].as_u64(), start["owner"].as_str()),
+        (Some(3), Some("com.example.one")),
+        "{start}"
+    );
+    for field in [
+        "uid", "owner", "origin", "firmware", "proto", "family", "dst", "port", "tx_bytes", "time",
+    ] {
+        assert!(
+            start.get(field).is_some(),
+            "flow_start lacks {field}: {start}"
+        );
+    }
+    let update = mine.iter().find(|l| l["event"] == "flow_update").unwrap();
+    assert_eq!(
+        (
+            update["udp_sends"].as_u64(),
+            update["delta_udp_sends"].as_u64()
+        ),
+        (Some(5), Some(2)),
+        "{update}"
+    );
+    let end = mine.iter().find(|l| l["event"] == "flow_end").unwrap();
+    assert_eq!(
+        (end["reason"].as_str(), end["udp_sends"].as_u64()),
+        (Some("idle"), Some(5)),
+        "{end}"
+    );
+    let change = mine.iter().find(|l| l["event"] == "owner_change").unwrap();
+    assert_eq!(
+        (change["owner"].as_str(), change["previous_owner"].as_str()),
+        (Some("com.example.two"), Some("com.example.one"))
+    );
+    assert!(
+        PathBuf::from(format!("{}.1", log.display())).exists(),
+        "rotated at 1500 bytes"
+    );
+    drop(agent);
+}
+
+fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("tmux (installed by cargo xtask setup)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tmux session killed on drop.
+struct Tmux(String);
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn top_runs_in_a_real_80x24_terminal() {
+    require_root();
+    let tag = tag("top");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:8080");
+    let _sink = start_sink(&net, &[addr(&dst)], &[]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &[]);
+    gen(
+        &net,
+        &cgroup.path,
+        0,
+        &["tcp", "--dst", &dst, "--count", "2", "--bytes", "3000"],
+    );
+    gen(
+        &net,
+        &cgroup.path,
+        10123,
+        &["tcp", "--dst", &dst, "--count", "3", "--bytes", "100"],
+    );
+
+    let once = agent.cli(&["top", "--once"]);
+    assert!(once.contains("root") && once.contains("10123"), "{once}");
+    assert!(
+        once.lines().all(|l| l.chars().count() <= 80),
+        "--once fits 80 columns:\n{once}"
+    );
+
+    let session = Tmux(tag.clone());
+    let command = format!("{BIN} top --listen {}", agent.listen);
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session.0,
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &command,
+    ]);
+    let screen = || tmux(&["capture-pane", "-p", "-t", &session.0]);
+    assert!(
+        eventually(Duration::from_secs(10), || screen().contains("uid 10123")),
+        "{}",
+        screen()
+    );
+    let first = screen();
+    assert!(
+        first.contains("root") && first.contains("system FW") && first.contains(&dst),
+        "{first}"
+    );
+    // f: firmware only — the unknown uid disappears, root stays.
+    tmux(&["send-keys", "-t", &session.0, "f"]);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let s = screen();
+            s.contains("[firmware only]") && !s.contains("uid 10123")
+        }),
+        "{}",
+        screen()
+    );
+    // Enter: expand the selected owner into its flows (comm of the sender).
+    tmux(&["send-keys", "-t", &session.0, "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(5), || screen()
+            .contains("tcp egressmon")),
+        "{}",
+        screen()
+    );
+    // s: next sort key.
+    tmux(&["send-keys", "-t", &session.0, "s"]);
+    assert!(
+        eventually(Duration::from_secs(5), || screen().contains("sort: rate")),
+        "{}",
+        screen()
+    );
+    // q: quit — the session ends with the program.
+    tmux(&["send-keys", "-t", &session.0, "q"]);
+    assert!(
+        eventually(Duration::from_secs(5), || !Command::new("tmux")
+            .args(["has-session", "-t", &session.0])
+            .status()
+            .unwrap()
+            .success()),
+        "top did not quit on q"
+    );
+}
