@@ -106,6 +106,9 @@ pub const STAT_FLOW_UPDATE_FAILED: u32 = 1;
 pub const STAT_UID_UPDATE_FAILED: u32 = 2;
 pub const STAT_PARSE_SKIPPED: u32 = 3;
 pub const STAT_KERNEL_PACKETS: u32 = 4;
+/// Distinct flows announced (each either reached the ring buffer or was
+/// counted in `STAT_EVENTS_LOST`).
+pub const STAT_FLOWS_CREATED: u32 = 5;
 pub const STAT_COUNT: u32 = 8;
 
 /// Bit in the `CONFIG` array: skb egress is attached (sendmsg hooks then

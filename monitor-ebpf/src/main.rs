@@ -169,6 +169,7 @@ fn account(key: &FlowKey, delta: Delta, hook: u8, task_context: bool, skb_cgroup
         }
     }
     if FLOW_SEEN.insert(key, now, BPF_NOEXIST as u64).is_ok() {
+        bump_stat(STAT_FLOWS_CREATED);
         emit_new_flow(key, now, hook, task_context, skb_cgroup);
     }
 }

@@ -61,6 +61,7 @@ pub struct Agent {
     /// Uids given their own metric series, in order of first appearance.
     pub labelled_uids: Mutex<BTreeSet<u32>>,
     last_flow_count: AtomicU64,
+    events_received: Arc<AtomicU64>,
     log_errors: AtomicU64,
     started: Instant,
     stop: Arc<AtomicBool>,
@@ -97,7 +98,13 @@ pub struct Status {
     pub uid_update_failures: u64,
     pub unparsed_packets: u64,
     pub kernel_packets: u64,
+    /// Distinct flows the kernel announced since its maps were created.
+    pub flows_created: u64,
+    /// Flows no longer in the map: created minus present (or the evictions
+    /// the tracker saw, if higher).
     pub flows_evicted: u64,
+    /// New-flow events this agent read from the ring buffer.
+    pub events_received: u64,
     pub log_write_errors: u64,
 }
 
@@ -120,6 +127,28 @@ fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
         .collect()
 }
 
+/// Builds records for the tracker, resolving each uid once per pass.
+struct Describer<'a> {
+    meta: &'a HashMap<FlowKey, events::FlowMeta>,
+    resolver: &'a OwnerResolver,
+    owners: std::cell::RefCell<HashMap<u32, crate::owners::Owner>>,
+}
+
+impl crate::tracker::Describe for Describer<'_> {
+    fn record(&self, key: &FlowKey, value: &FlowValue) -> FlowRecord {
+        let owner = self.owner(key.uid);
+        flows::record(key, value, &owner, self.meta.get(key))
+    }
+
+    fn owner(&self, uid: u32) -> crate::owners::Owner {
+        self.owners
+            .borrow_mut()
+            .entry(uid)
+            .or_insert_with(|| self.resolver.resolve(uid))
+            .clone()
+    }
+}
+
 impl Agent {
     pub fn start(load: LoadOptions, options: AgentOptions) -> Result<Arc<Agent>> {
         let log = match &options.log {
@@ -139,10 +168,13 @@ impl Agent {
         let ring = kernel.take_events()?;
         let meta: MetaTable = Default::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let reader = events::spawn_reader(ring, meta.clone(), stop.clone());
+        let events_received = Arc::new(AtomicU64::new(0));
+        let reader =
+            events::spawn_reader(ring, meta.clone(), stop.clone(), events_received.clone());
         let tracker = Tracker::new(TrackerOptions {
             update_every: options.log_interval,
             idle_after: options.flow_idle,
+            emit: options.log.is_some(),
         });
         let sources_stamp = stamps(&owner_sources(options.android_root.as_deref()));
         let agent = Arc::new(Agent {
@@ -155,6 +187,7 @@ impl Agent {
             options,
             labelled_uids: Mutex::new(BTreeSet::new()),
             last_flow_count: AtomicU64::new(0),
+            events_received,
             log_errors: AtomicU64::new(0),
             started: Instant::now(),
             stop,
@@ -192,17 +225,46 @@ impl Agent {
 
     /// One tracker step: snapshot, events, log lines.
     pub fn tick(&self) -> Result<()> {
-        let snapshot = self.keyed_flows()?;
+        let (snapshot, capacity) = {
+            let kernel = self.kernel.lock().unwrap();
+            (kernel.flows()?, kernel.options.flow_entries as usize)
+        };
         self.last_flow_count
             .store(snapshot.len() as u64, Ordering::Relaxed);
-        let events = self.tracker.lock().unwrap().tick(Instant::now(), snapshot);
-        if let Some(log) = self.log.lock().unwrap().as_mut() {
-            for event in &events {
-                if let Err(e) = log.write(event) {
+        let resolver = self.resolver();
+        let mut meta = self.meta.lock().unwrap();
+        // Identities of flows the kernel evicted are of no further use.
+        if meta.len() > capacity {
+            let live: std::collections::HashSet<FlowKey> =
+                snapshot.iter().map(|(k, _)| *k).collect();
+            meta.retain(|k, _| live.contains(k));
+            meta.shrink_to(capacity);
+        }
+        let describe = Describer {
+            meta: &meta,
+            resolver: &resolver,
+            owners: Default::default(),
+        };
+        let mut log = self.log.lock().unwrap();
+        let mut write = |event: serde_json::Value| {
+            if let Some(log) = log.as_mut() {
+                if let Err(e) = log.write(&event) {
                     self.log_errors.fetch_add(1, Ordering::Relaxed);
                     log::warn!("writing the --log line: {e}");
                 }
             }
+        };
+        self.tracker
+            .lock()
+            .unwrap()
+            .tick(Instant::now(), &snapshot, &describe, &mut write);
+        drop(log);
+        drop(meta);
+        // Big snapshots leave freed memory in malloc's arenas; hand it back.
+        #[cfg(target_env = "gnu")]
+        if snapshot.len() > 4096 {
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
         }
         Ok(())
     }
@@ -297,7 +359,11 @@ impl Agent {
             uid_update_failures: stats[STAT_UID_UPDATE_FAILED as usize],
             unparsed_packets: stats[STAT_PARSE_SKIPPED as usize],
             kernel_packets: stats[STAT_KERNEL_PACKETS as usize],
-            flows_evicted: self.tracker.lock().unwrap().flows_evicted,
+            flows_created: stats[STAT_FLOWS_CREATED as usize],
+            flows_evicted: stats[STAT_FLOWS_CREATED as usize]
+                .saturating_sub(self.last_flow_count.load(Ordering::Relaxed))
+                .max(self.tracker.lock().unwrap().flows_evicted),
+            events_received: self.events_received.load(Ordering::Relaxed),
             log_write_errors: self.log_errors.load(Ordering::Relaxed),
         })
     }

@@ -37,6 +37,7 @@ fn json<T: serde::Serialize>(result: anyhow::Result<T>) -> Response<Full<Bytes>>
 async fn handle(
     agent: Arc<Agent>,
     shutdown: Arc<Notify>,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
@@ -50,6 +51,12 @@ async fn handle(
         },
         (&Method::GET, "/flows") => json(agent.flows()),
         (&Method::GET, "/status") => json(agent.status()),
+        // The only control request; never from the network, whatever --listen is.
+        (&Method::POST, "/shutdown") if !peer.ip().is_loopback() => reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "control requests are accepted from loopback only\n".into(),
+        ),
         (&Method::POST, "/shutdown") => {
             shutdown.notify_one();
             reply(StatusCode::OK, "text/plain", "stopping\n".into())
@@ -81,12 +88,13 @@ pub async fn serve(
     );
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
             let (agent, shutdown) = (agent.clone(), shutdown.clone());
             tokio::spawn(async move {
-                let service = service_fn(move |req| handle(agent.clone(), shutdown.clone(), req));
+                let service =
+                    service_fn(move |req| handle(agent.clone(), shutdown.clone(), peer, req));
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;

@@ -244,11 +244,13 @@ struct BatchAttr {
 /// Reads a whole per-CPU hash map with BPF_MAP_LOOKUP_BATCH (5.6+): a few
 /// syscalls for thousands of entries instead of two per entry. Each value
 /// comes back as one `V` per possible CPU. `V`'s size must be a multiple of 8
-/// (the kernel pads per-CPU values to 8 bytes).
+/// (the kernel pads per-CPU values to 8 bytes). `each` sees every entry once,
+/// with its per-CPU values, without a per-entry allocation.
 pub fn percpu_lookup_batch<K: Copy + Default, V: Copy + Default>(
     map: BorrowedFd<'_>,
     cpus: usize,
-) -> io::Result<Vec<(K, Vec<V>)>> {
+    mut each: impl FnMut(K, &[V]),
+) -> io::Result<()> {
     assert_eq!(
         std::mem::size_of::<V>() % 8,
         0,
@@ -257,7 +259,6 @@ pub fn percpu_lookup_batch<K: Copy + Default, V: Copy + Default>(
     const CHUNK: usize = 1024;
     let mut keys = vec![K::default(); CHUNK];
     let mut values = vec![V::default(); CHUNK * cpus];
-    let mut out = Vec::new();
     let mut cursor = [0u64; 2];
     let mut first = true;
     loop {
@@ -280,10 +281,10 @@ pub fn percpu_lookup_batch<K: Copy + Default, V: Copy + Default>(
         };
         let n = (attr.count as usize).min(CHUNK);
         for i in 0..n {
-            out.push((keys[i], values[i * cpus..(i + 1) * cpus].to_vec()));
+            each(keys[i], &values[i * cpus..(i + 1) * cpus]);
         }
         if done {
-            return Ok(out);
+            return Ok(());
         }
         cursor = next;
         first = false;

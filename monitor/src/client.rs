@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 /// Sends one request to the agent at `addr` and returns the body.
 pub async fn call(addr: SocketAddr, method: Method, path: &str) -> Result<String> {
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-        anyhow!("no egressmon agent answers on {addr} ({e}): start one with `egressmon run`, or pass the --listen it uses")
+        anyhow!(
+            "no egressmon agent answers on {addr} ({e}): start one with `egressmon run`, or pass the --listen it uses"
+        )
     })?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

@@ -12,7 +12,8 @@ use std::time::Duration;
 pub struct FlowMeta {
     pub pid: u32,
     pub tgid: u32,
-    pub comm: String,
+    /// Task name as the kernel reports it (NUL padded, no allocation).
+    pub comm: [u8; 16],
     pub cgroup_id: u64,
     /// Reported by a sock_addr hook (the calling task is the sender).
     pub from_task: bool,
@@ -30,6 +31,12 @@ fn decode(bytes: &[u8]) -> Option<FlowEvent> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const FlowEvent) })
 }
 
+impl FlowMeta {
+    pub fn comm(&self) -> String {
+        comm_string(&self.comm)
+    }
+}
+
 fn comm_string(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
@@ -40,7 +47,7 @@ pub fn record(table: &mut HashMap<FlowKey, FlowMeta>, event: &FlowEvent) {
     let meta = FlowMeta {
         pid: event.tgid,
         tgid: event.tgid,
-        comm: comm_string(&event.comm),
+        comm: event.comm,
         cgroup_id: event.cgroup_id,
         from_task: event.hook != HOOK_SKB_EGRESS,
     };
@@ -53,26 +60,46 @@ pub fn record(table: &mut HashMap<FlowKey, FlowMeta>, event: &FlowEvent) {
 }
 
 /// Spawns the polling thread; it ends when `stop` is set.
+/// Most events held while the identity table is busy (the flow poller holds
+/// it during a pass); beyond this the oldest pending identities are dropped.
+const MAX_PENDING: usize = 1 << 17;
+
+/// Spawns the polling thread; it ends when `stop` is set. The ring is
+/// drained every interval even while the table is locked, so a long pass
+/// over the flow map never makes the kernel drop events.
 pub fn spawn_reader(
     mut ring: aya::maps::RingBuf<aya::maps::MapData>,
     table: MetaTable,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    received: Arc<std::sync::atomic::AtomicU64>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("egressmon-events".into())
         .spawn(move || {
+            let mut pending: Vec<FlowEvent> = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut batch = Vec::new();
+                let before = pending.len();
                 while let Some(item) = ring.next() {
                     if let Some(event) = decode(&item) {
-                        batch.push(event);
+                        pending.push(event);
                     }
                 }
-                if !batch.is_empty() {
-                    let mut table = table.lock().unwrap();
-                    for event in &batch {
-                        record(&mut table, event);
+                received.fetch_add(
+                    (pending.len() - before) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                if pending.len() > MAX_PENDING {
+                    pending.drain(..pending.len() - MAX_PENDING);
+                }
+                if !pending.is_empty() {
+                    if let Ok(mut table) = table.try_lock() {
+                        for event in pending.drain(..) {
+                            record(&mut table, &event);
+                        }
                     }
+                }
+                if pending.capacity() > 4096 && pending.is_empty() {
+                    pending.shrink_to(4096);
                 }
                 std::thread::sleep(POLL_INTERVAL);
             }
@@ -100,7 +127,7 @@ mod tests {
             ..Default::default()
         };
         record(&mut table, &skb);
-        assert_eq!(table[&ev.key].comm, "curl");
+        assert_eq!(table[&ev.key].comm(), "curl");
         assert_eq!(table[&ev.key].pid, 42);
     }
 }

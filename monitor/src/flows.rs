@@ -77,7 +77,7 @@ pub fn record(
         packages: owner.packages.clone(),
         origin: owner.origin.clone(),
         firmware: owner.firmware,
-        comm: known.map(|m| m.comm.clone()),
+        comm: known.map(|m| m.comm()),
         pid: known.map(|m| m.pid),
         cgroup_id: meta.map(|m| m.cgroup_id).filter(|&id| id != 0),
         proto: proto_name(key.proto),

@@ -22,8 +22,14 @@ pub struct RotatingFile {
     keep: usize,
 }
 
+/// Logs name apps and destinations: readable by root only.
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 fn rotated(path: &Path, n: usize) -> PathBuf {

@@ -28,6 +28,17 @@ pub struct LoadOptions {
     pub ringbuf_bytes: u32,
 }
 
+/// Fault injection for the reliability tests: hooks named in
+/// `EGRESSMON_SIMULATE_MISSING_HOOKS` (comma separated) fail to attach as
+/// they would on a kernel without them (EINVAL from BPF_LINK_CREATE).
+fn simulated_missing_hook(hook: Hook) -> std::io::Result<()> {
+    let listed = std::env::var("EGRESSMON_SIMULATE_MISSING_HOOKS").unwrap_or_default();
+    if listed.split(',').any(|h| h.trim() == hook.name()) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
+}
+
 /// Summed (over CPUs) counters of one flow.
 pub type FlowTotals = FlowValue;
 
@@ -51,9 +62,9 @@ fn verifier_error(hook: Hook, err: ProgramError) -> anyhow::Error {
         ProgramError::LoadError {
             io_error,
             verifier_log,
-        } => anyhow!(
-            "the kernel rejected the {hook} program ({io_error}); verifier log:\n{verifier_log}"
-        ),
+        } => {
+            anyhow!("the kernel rejected the {hook} program ({io_error}); verifier log:\n{verifier_log}")
+        }
         other => anyhow!("loading the {hook} program: {other}"),
     }
 }
@@ -196,8 +207,12 @@ impl Kernel {
             std::fs::remove_file(&pin)?;
         }
         let cgroup = std::fs::File::open(&self.options.cgroup)?;
-        let link = bpf_sys::link_create(prog_fd.as_fd(), cgroup.as_fd(), hook.attach_type())
+        let link = simulated_missing_hook(hook)
+            .and_then(|()| bpf_sys::link_create(prog_fd.as_fd(), cgroup.as_fd(), hook.attach_type()))
             .map_err(|e| match e.raw_os_error() {
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                    anyhow!("this kernel does not support the {hook} hook ({e}); the other hooks run without it")
+                }
                 Some(libc::EPERM) => anyhow!(
                     "the kernel refused a multi-attach link ({e}): another program holds this hook \
                      exclusively above {}",
@@ -230,13 +245,14 @@ impl Kernel {
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowTotals)>> {
         if let Some(aya::maps::Map::PerCpuLruHashMap(data)) = self.ebpf.map(MAP_FLOWS) {
             let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-            match bpf_sys::percpu_lookup_batch::<FlowKey, FlowValue>(data.fd().as_fd(), cpus) {
-                Ok(entries) => {
-                    return Ok(entries
-                        .into_iter()
-                        .map(|(k, v)| (k, sum_flow(v.iter())))
-                        .collect())
-                }
+            let mut out = Vec::new();
+            let read = bpf_sys::percpu_lookup_batch::<FlowKey, FlowValue>(
+                data.fd().as_fd(),
+                cpus,
+                |k, v| out.push((k, sum_flow(v.iter()))),
+            );
+            match read {
+                Ok(()) => return Ok(out),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => return Err(anyhow!("reading the flow map: {e}")),
             }

@@ -128,6 +128,12 @@ pub fn render(agent: &Agent) -> Result<String> {
         "Flows evicted from the LRU flow map (per-uid totals stay exact)",
         &[],
     )?;
+    let created = counter(
+        &registry,
+        "egressmon_flows_created_total",
+        "Distinct flows announced by the kernel",
+        &[],
+    )?;
     let folded = gauge(
         &registry,
         "egressmon_metrics_folded_uids",
@@ -220,6 +226,9 @@ pub fn render(agent: &Agent) -> Result<String> {
     evicted
         .with_label_values::<&str>(&[])
         .inc_by(status.flows_evicted);
+    created
+        .with_label_values::<&str>(&[])
+        .inc_by(status.flows_created);
     build
         .with_label_values(&[status.version.as_str(), status.kernel.as_str()])
         .set(1);

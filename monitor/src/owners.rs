@@ -238,7 +238,9 @@ mod tests {
         let r = OwnerResolver {
             android: true,
             accounts: HashMap::new(),
-            packages: parse_packages_list("com.example.app 10123 0 /data/user/0/com.example.app default:targetSdkVersion=34 3003 0 1 1 @null\n"),
+            packages: parse_packages_list(
+                "com.example.app 10123 0 /data/user/0/com.example.app default:targetSdkVersion=34 3003 0 1 1 @null\n",
+            ),
             uid_min: 1000,
         };
         let app = r.resolve(10123);

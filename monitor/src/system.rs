@@ -158,7 +158,11 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
         }
     }
     std::fs::create_dir_all(pin_dir)
-        .with_context(|| format!("creating pin directory {}", pin_dir.display()))
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    // Pins give access to the counters: root only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(pin_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {} to root", pin_dir.display()))
 }
 
 fn mount_bpffs(at: &Path) -> Result<()> {

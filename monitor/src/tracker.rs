@@ -3,27 +3,36 @@
 //! owner. It produces the `--log` events and keeps the running totals that
 //! must stay monotonic even when the kernel evicts flows (bytes by country,
 //! cleartext flows).
+//!
+//! Memory is bounded by the flow map: per tracked flow it keeps two counter
+//! sets and an index into a small table of (origin, firmware, country)
+//! classes; full records are built only for the flows it logs.
 
 use crate::flows::FlowRecord;
 use crate::owners::Owner;
-use monitor_common::FlowKey;
+use monitor_common::{FlowKey, FlowValue};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 struct Tracked {
-    current: FlowRecord,
+    current: FlowValue,
     /// Totals at the last flow_start/flow_update line.
-    logged: FlowRecord,
+    logged: FlowValue,
     last_change: Instant,
     /// Ended idle: the next change is logged as a new flow_start.
     ended: bool,
-    counted_cleartext: bool,
+    /// Index into `Tracker::classes`.
+    class: u32,
+    /// Snapshot number that last contained this flow.
+    seen: u64,
 }
 
 pub struct TrackerOptions {
     pub update_every: Duration,
     pub idle_after: Duration,
+    /// Build log events at all (false without `--log`: totals only).
+    pub emit: bool,
 }
 
 /// (origin, firmware, country)
@@ -31,21 +40,32 @@ pub type CountryKey = (String, bool, String);
 /// (uid, owner, origin, firmware)
 pub type OwnerKey = (u32, String, String, bool);
 
+/// How the tracker learns about flows it has to describe.
+pub trait Describe {
+    /// The full record of a flow (owner, identity, destination details).
+    fn record(&self, key: &FlowKey, value: &FlowValue) -> FlowRecord;
+    /// The owner of a uid as the resolver sees it now.
+    fn owner(&self, uid: u32) -> Owner;
+}
+
 pub struct Tracker {
     options: TrackerOptions,
     flows: HashMap<FlowKey, Tracked>,
     owners: HashMap<u32, Owner>,
+    classes: Vec<CountryKey>,
+    class_index: HashMap<CountryKey, u32>,
     last_update: Option<Instant>,
+    generation: u64,
     pub bytes_by_country: BTreeMap<CountryKey, u64>,
     pub cleartext_flows: BTreeMap<OwnerKey, u64>,
     /// Matches per alert rule.
     pub alerts: BTreeMap<String, u64>,
+    /// Flows that vanished from the kernel map between two snapshots.
     pub flows_evicted: u64,
 }
 
-fn event(name: &str, flow: &FlowRecord) -> Value {
-    let mut value = serde_json::to_value(flow).expect("FlowRecord serializes");
-    let map = value.as_object_mut().expect("FlowRecord is an object");
+fn stamp(mut value: Value, name: &str) -> Value {
+    let map = value.as_object_mut().expect("records serialize to objects");
     map.insert("event".into(), json!(name));
     map.insert(
         "time".into(),
@@ -54,7 +74,14 @@ fn event(name: &str, flow: &FlowRecord) -> Value {
     value
 }
 
-fn with_deltas(mut value: Value, now: &FlowRecord, before: &FlowRecord) -> Value {
+fn event(name: &str, record: &FlowRecord) -> Value {
+    stamp(
+        serde_json::to_value(record).expect("FlowRecord serializes"),
+        name,
+    )
+}
+
+fn with_deltas(mut value: Value, now: &FlowValue, before: &FlowValue) -> Value {
     let map = value.as_object_mut().expect("object");
     map.insert(
         "delta_connects".into(),
@@ -75,7 +102,32 @@ fn with_deltas(mut value: Value, now: &FlowRecord, before: &FlowRecord) -> Value
     value
 }
 
-fn changed(a: &FlowRecord, b: &FlowRecord) -> bool {
+/// Log events go straight to the writer; none is built when logging is off.
+struct Sink<'a> {
+    emit: bool,
+    sink: &'a mut dyn FnMut(Value),
+}
+
+impl Sink<'_> {
+    fn push_with(&mut self, build: impl FnOnce() -> Value) {
+        if self.emit {
+            (self.sink)(build());
+        }
+    }
+}
+
+fn end_event(describe: &dyn Describe, key: &FlowKey, tracked: &Tracked, reason: &str) -> Value {
+    let record = describe.record(key, &tracked.current);
+    let mut end = with_deltas(
+        event("flow_end", &record),
+        &tracked.current,
+        &tracked.logged,
+    );
+    end["reason"] = json!(reason);
+    end
+}
+
+fn changed(a: &FlowValue, b: &FlowValue) -> bool {
     (a.connects, a.udp_sends, a.tx_packets, a.tx_bytes)
         != (b.connects, b.udp_sends, b.tx_packets, b.tx_bytes)
 }
@@ -86,7 +138,10 @@ impl Tracker {
             options,
             flows: HashMap::new(),
             owners: HashMap::new(),
+            classes: Vec::new(),
+            class_index: HashMap::new(),
             last_update: None,
+            generation: 0,
             bytes_by_country: BTreeMap::new(),
             cleartext_flows: BTreeMap::new(),
             alerts: BTreeMap::new(),
@@ -94,159 +149,164 @@ impl Tracker {
         }
     }
 
-    /// Consumes one snapshot; returns the log events it implies, in order.
-    pub fn tick(&mut self, now: Instant, snapshot: Vec<(FlowKey, FlowRecord)>) -> Vec<Value> {
-        let mut events = Vec::new();
+    fn class_of(&mut self, record: &FlowRecord) -> u32 {
+        let key = (
+            record.origin.clone(),
+            record.firmware,
+            record.country.clone().unwrap_or_else(|| "unknown".into()),
+        );
+        if let Some(&i) = self.class_index.get(&key) {
+            return i;
+        }
+        let i = self.classes.len() as u32;
+        self.classes.push(key.clone());
+        self.class_index.insert(key, i);
+        i
+    }
+
+    fn add_bytes(&mut self, class: u32, bytes: u64) {
+        if bytes > 0 {
+            let key = self.classes[class as usize].clone();
+            *self.bytes_by_country.entry(key).or_default() += bytes;
+        }
+    }
+
+    /// Consumes one snapshot and hands the log events it implies, in order,
+    /// to `sink` (nothing is built when events are off).
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        snapshot: &[(FlowKey, FlowValue)],
+        describe: &dyn Describe,
+        sink: &mut dyn FnMut(Value),
+    ) {
+        let mut events = Sink {
+            emit: self.options.emit,
+            sink,
+        };
         let update_due = self
             .last_update
             .is_none_or(|t| now.duration_since(t) >= self.options.update_every);
-        let mut seen = std::collections::HashSet::with_capacity(snapshot.len());
-        for (key, record) in snapshot {
-            seen.insert(key);
-            self.note_owner(&record, &mut events);
-            match self.flows.get_mut(&key) {
-                None => {
-                    let country = record.country.clone().unwrap_or_else(|| "unknown".into());
-                    *self
-                        .bytes_by_country
-                        .entry((record.origin.clone(), record.firmware, country))
-                        .or_default() += record.tx_bytes;
-                    events.push(event("flow_start", &record));
-                    let mut tracked = Tracked {
-                        logged: record.clone(),
-                        current: record,
-                        last_change: now,
-                        ended: false,
-                        counted_cleartext: false,
-                    };
-                    Self::count_cleartext(&mut self.cleartext_flows, &mut tracked);
-                    self.flows.insert(key, tracked);
-                }
-                Some(tracked) => {
-                    let delta = record.tx_bytes.saturating_sub(tracked.current.tx_bytes);
-                    if delta > 0 {
-                        let country = record.country.clone().unwrap_or_else(|| "unknown".into());
-                        *self
-                            .bytes_by_country
-                            .entry((record.origin.clone(), record.firmware, country))
-                            .or_default() += delta;
-                    }
-                    let moved = changed(&record, &tracked.current);
-                    tracked.current = record;
-                    if moved {
-                        tracked.last_change = now;
-                        if tracked.ended {
-                            tracked.ended = false;
-                            events.push(with_deltas(
-                                event("flow_start", &tracked.current),
-                                &tracked.current,
-                                &tracked.logged,
-                            ));
-                            tracked.logged = tracked.current.clone();
-                        }
-                    }
-                    Self::count_cleartext(&mut self.cleartext_flows, tracked);
+        self.note_owners(snapshot, describe, &mut events);
+        self.generation += 1;
+        let generation = self.generation;
+        for (key, value) in snapshot {
+            let Some(tracked) = self.flows.get(key) else {
+                let record = describe.record(key, value);
+                let class = self.class_of(&record);
+                self.add_bytes(class, value.tx_bytes);
+                self.count_cleartext(&record);
+                events.push_with(|| event("flow_start", &record));
+                let tracked = Tracked {
+                    current: *value,
+                    logged: *value,
+                    last_change: now,
+                    ended: false,
+                    class,
+                    seen: generation,
+                };
+                self.flows.insert(*key, tracked);
+                continue;
+            };
+            let (before, class, ended, logged) = (
+                tracked.current,
+                tracked.class,
+                tracked.ended,
+                tracked.logged,
+            );
+            self.add_bytes(class, value.tx_bytes.saturating_sub(before.tx_bytes));
+            let moved = changed(value, &before);
+            if moved && ended {
+                events.push_with(|| {
+                    with_deltas(
+                        event("flow_start", &describe.record(key, value)),
+                        value,
+                        &logged,
+                    )
+                });
+            }
+            let tracked = self.flows.get_mut(key).expect("present");
+            tracked.current = *value;
+            tracked.seen = generation;
+            if moved {
+                tracked.last_change = now;
+                if ended {
+                    tracked.ended = false;
+                    tracked.logged = *value;
                 }
             }
         }
         // Evicted by the kernel (LRU) or gone with the maps.
-        let gone: Vec<FlowKey> = self
-            .flows
-            .keys()
-            .filter(|k| !seen.contains(k))
-            .copied()
-            .collect();
-        for key in gone {
-            let tracked = self.flows.remove(&key).expect("present");
-            self.flows_evicted += 1;
-            let mut end = with_deltas(
-                event("flow_end", &tracked.current),
-                &tracked.current,
-                &tracked.logged,
-            );
-            end["reason"] = json!("evicted");
-            events.push(end);
-        }
-        // Idle flows end; the kernel entry stays, new traffic restarts it.
-        let idle: Vec<FlowKey> = self
-            .flows
-            .iter()
-            .filter(|(_, t)| {
-                !t.ended && now.duration_since(t.last_change) >= self.options.idle_after
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for key in idle {
-            let tracked = self.flows.get_mut(&key).expect("present");
-            let mut end = with_deltas(
-                event("flow_end", &tracked.current),
-                &tracked.current,
-                &tracked.logged,
-            );
-            end["reason"] = json!("idle");
-            events.push(end);
-            // Keep tracking so byte deltas stay right; a restart is a new flow_start.
-            tracked.logged = tracked.current.clone();
-            tracked.ended = true;
+        let before = self.flows.len();
+        self.flows.retain(|key, tracked| {
+            if tracked.seen != generation {
+                events.push_with(|| end_event(describe, key, tracked, "evicted"));
+            }
+            tracked.seen == generation
+        });
+        self.flows_evicted += (before - self.flows.len()) as u64;
+        // Idle flows end; the kernel entry stays and new traffic restarts it.
+        for (key, tracked) in self.flows.iter_mut() {
+            if !tracked.ended && now.duration_since(tracked.last_change) >= self.options.idle_after
+            {
+                events.push_with(|| end_event(describe, key, tracked, "idle"));
+                tracked.logged = tracked.current;
+                tracked.ended = true;
+            }
         }
         if update_due {
             self.last_update = Some(now);
-            for tracked in self.flows.values_mut().filter(|t| !t.ended) {
+            for (key, tracked) in self.flows.iter_mut().filter(|(_, t)| !t.ended) {
                 if changed(&tracked.current, &tracked.logged) {
-                    events.push(with_deltas(
-                        event("flow_update", &tracked.current),
-                        &tracked.current,
-                        &tracked.logged,
-                    ));
-                    tracked.logged = tracked.current.clone();
+                    events.push_with(|| {
+                        let record = describe.record(key, &tracked.current);
+                        with_deltas(
+                            event("flow_update", &record),
+                            &tracked.current,
+                            &tracked.logged,
+                        )
+                    });
+                    tracked.logged = tracked.current;
                 }
             }
         }
-        events
     }
 
-    fn count_cleartext(counts: &mut BTreeMap<OwnerKey, u64>, tracked: &mut Tracked) {
-        let r = &tracked.current;
-        if !tracked.counted_cleartext && matches!(r.payload.as_str(), "cleartext" | "http") {
-            tracked.counted_cleartext = true;
-            *counts
+    fn count_cleartext(&mut self, r: &FlowRecord) {
+        if matches!(r.payload.as_str(), "cleartext" | "http") {
+            *self
+                .cleartext_flows
                 .entry((r.uid, r.owner.clone(), r.origin.clone(), r.firmware))
                 .or_default() += 1;
         }
     }
 
-    fn note_owner(&mut self, record: &FlowRecord, events: &mut Vec<Value>) {
-        let owner = Owner {
-            uid: record.uid,
-            user: record.user,
-            app_id: record.app_id,
-            owner: record.owner.clone(),
-            packages: record.packages.clone(),
-            origin: record.origin.clone(),
-            firmware: record.firmware,
-        };
-        match self.owners.get(&record.uid) {
-            Some(before) if *before != owner => {
-                let mut value = serde_json::to_value(&owner).expect("Owner serializes");
-                let map = value.as_object_mut().expect("object");
-                map.insert("event".into(), json!("owner_change"));
-                map.insert(
-                    "time".into(),
-                    json!(
-                        humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-                    ),
-                );
-                map.insert("previous_owner".into(), json!(before.owner));
-                map.insert("previous_packages".into(), json!(before.packages));
-                map.insert("previous_origin".into(), json!(before.origin));
-                map.insert("previous_firmware".into(), json!(before.firmware));
-                events.push(value);
-                self.owners.insert(record.uid, owner);
+    /// One resolver lookup per uid in the snapshot; a difference from the
+    /// last one seen is an owner_change.
+    fn note_owners(
+        &mut self,
+        snapshot: &[(FlowKey, FlowValue)],
+        describe: &dyn Describe,
+        events: &mut Sink<'_>,
+    ) {
+        let uids: std::collections::BTreeSet<u32> = snapshot.iter().map(|(k, _)| k.uid).collect();
+        for uid in uids {
+            let owner = describe.owner(uid);
+            if let Some(before) = self.owners.get(&uid).filter(|b| **b != owner) {
+                events.push_with(|| {
+                    let mut value = stamp(
+                        serde_json::to_value(&owner).expect("Owner serializes"),
+                        "owner_change",
+                    );
+                    let map = value.as_object_mut().expect("object");
+                    map.insert("previous_owner".into(), json!(before.owner));
+                    map.insert("previous_packages".into(), json!(before.packages));
+                    map.insert("previous_origin".into(), json!(before.origin));
+                    map.insert("previous_firmware".into(), json!(before.firmware));
+                    value
+                });
             }
-            Some(_) => {}
-            None => {
-                self.owners.insert(record.uid, owner);
-            }
+            self.owners.insert(uid, owner);
         }
     }
 
@@ -259,7 +319,18 @@ impl Tracker {
 mod tests {
     use super::*;
     use crate::flows::record;
-    use monitor_common::{FlowValue, FAMILY_IPV4, PROTO_TCP};
+    use monitor_common::{FAMILY_IPV4, PROTO_TCP};
+    use std::cell::RefCell;
+
+    struct Fixed(RefCell<Owner>);
+    impl Describe for Fixed {
+        fn record(&self, key: &FlowKey, value: &FlowValue) -> FlowRecord {
+            record(key, value, &self.0.borrow(), None)
+        }
+        fn owner(&self, _uid: u32) -> Owner {
+            self.0.borrow().clone()
+        }
+    }
 
     fn owner(name: &str, origin: &str) -> Owner {
         Owner {
@@ -273,7 +344,7 @@ mod tests {
         }
     }
 
-    fn snap(bytes: u64, o: &Owner) -> Vec<(FlowKey, FlowRecord)> {
+    fn snap(bytes: u64) -> Vec<(FlowKey, FlowValue)> {
         let key = FlowKey {
             uid: 10123,
             port: 80,
@@ -281,13 +352,15 @@ mod tests {
             family: FAMILY_IPV4,
             addr: [203, 0, 113, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         };
-        let value = FlowValue {
-            connects: 1,
-            tx_packets: bytes / 100,
-            tx_bytes: bytes,
-            ..Default::default()
-        };
-        vec![(key, record(&key, &value, o, None))]
+        vec![(
+            key,
+            FlowValue {
+                connects: 1,
+                tx_packets: bytes / 100,
+                tx_bytes: bytes,
+                ..Default::default()
+            },
+        )]
     }
 
     #[test]
@@ -295,21 +368,27 @@ mod tests {
         let mut t = Tracker::new(TrackerOptions {
             update_every: Duration::from_secs(10),
             idle_after: Duration::from_secs(30),
+            emit: true,
         });
-        let app = owner("com.example.app", "app");
+        let tick = |t: &mut Tracker, at: Instant, snap: &[(FlowKey, FlowValue)], d: &Fixed| {
+            let mut out = Vec::new();
+            t.tick(at, snap, d, &mut |v| out.push(v));
+            out
+        };
+        let d = Fixed(RefCell::new(owner("com.example.app", "app")));
         let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
         let names = |evs: &[Value]| {
             evs.iter()
                 .map(|e| e["event"].as_str().unwrap().to_string())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(names(&t.tick(t0, snap(100, &app))), ["flow_start"]);
+        assert_eq!(names(&tick(&mut t, t0, &snap(100), &d)), ["flow_start"]);
         assert!(
-            t.tick(t0 + Duration::from_secs(5), snap(300, &app))
-                .is_empty(),
+            tick(&mut t, s(5), &snap(300), &d).is_empty(),
             "no update before the interval"
         );
-        let evs = t.tick(t0 + Duration::from_secs(10), snap(300, &app));
+        let evs = tick(&mut t, s(10), &snap(300), &d);
         assert_eq!(names(&evs), ["flow_update"]);
         assert_eq!(
             (
@@ -318,21 +397,19 @@ mod tests {
             ),
             (Some(300), Some(200))
         );
-        assert_eq!(
-            names(&t.tick(t0 + Duration::from_secs(41), snap(300, &app))),
-            ["flow_end"]
-        );
-        let evs = t.tick(t0 + Duration::from_secs(50), snap(500, &app));
+        assert_eq!(names(&tick(&mut t, s(41), &snap(300), &d)), ["flow_end"]);
+        assert!(tick(&mut t, s(45), &snap(300), &d).is_empty(), "ended once");
+        let evs = tick(&mut t, s(50), &snap(500), &d);
         assert_eq!(names(&evs), ["flow_start"]);
         assert_eq!(evs[0]["delta_tx_bytes"].as_u64(), Some(200));
-        let renamed = owner("com.vendor.updater", "preinstalled");
-        let evs = t.tick(t0 + Duration::from_secs(51), snap(500, &renamed));
+        *d.0.borrow_mut() = owner("com.vendor.updater", "preinstalled");
+        let evs = tick(&mut t, s(51), &snap(500), &d);
         assert_eq!(names(&evs), ["owner_change"]);
         assert_eq!(
             (evs[0]["owner"].as_str(), evs[0]["previous_owner"].as_str()),
             (Some("com.vendor.updater"), Some("com.example.app"))
         );
-        let evs = t.tick(t0 + Duration::from_secs(52), vec![]);
+        let evs = tick(&mut t, s(52), &[], &d);
         assert_eq!(names(&evs), ["flow_end"]);
         assert_eq!(evs[0]["reason"], "evicted");
         assert_eq!(t.flows_evicted, 1);

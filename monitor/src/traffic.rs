@@ -37,6 +37,9 @@ pub enum GenKind {
         threads: u64,
         #[arg(long, default_value_t = 0)]
         bytes: usize,
+        /// Spread connections over this many consecutive destination ports.
+        #[arg(long, default_value_t = 1)]
+        ports: u16,
     },
     /// UDP on a connected socket: connect() once, then send().
     UdpConnected {
@@ -58,6 +61,18 @@ pub enum GenKind {
         /// Send from an AF_INET6 socket (for IPv4-mapped destinations).
         #[arg(long)]
         v6_socket: bool,
+    },
+    /// UDP to `count` distinct IPv4 addresses from `base` upward (e.g.
+    /// 127.1.0.0 in a namespace of its own: all loopback, no neighbours).
+    UdpSpray {
+        #[arg(long)]
+        base: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 9)]
+        port: u16,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[arg(long, default_value_t = 16)]
+        size: usize,
     },
     /// Sink: accept TCP and drain UDP on the given addresses until killed.
     Serve {
@@ -104,7 +119,8 @@ pub fn run(args: GenArgs) -> Result<()> {
             count,
             threads,
             bytes,
-        } => tcp(dst, count, threads.max(1), bytes),
+            ports,
+        } => tcp(dst, count, threads.max(1), bytes, ports.max(1)),
         GenKind::UdpConnected { dst, count, size } => {
             let socket = UdpSocket::bind(unspecified(dst, false))?;
             socket.connect(dst)?;
@@ -133,6 +149,24 @@ pub fn run(args: GenArgs) -> Result<()> {
             }
             Ok(())
         }
+        GenKind::UdpSpray {
+            base,
+            port,
+            count,
+            size,
+        } => {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let payload = vec![0x5au8; size];
+            let base = u32::from(base);
+            for i in 0..count {
+                let dst = SocketAddr::new(
+                    std::net::Ipv4Addr::from(base.wrapping_add(i as u32)).into(),
+                    port,
+                );
+                socket.send_to(&payload, dst)?;
+            }
+            Ok(())
+        }
         GenKind::Serve { tcp, udp } => serve(tcp, udp),
     }
 }
@@ -145,7 +179,7 @@ fn unspecified(dst: SocketAddr, force_v6: bool) -> SocketAddr {
     }
 }
 
-fn tcp(dst: SocketAddr, count: u64, threads: u64, bytes: usize) -> Result<()> {
+fn tcp(dst: SocketAddr, count: u64, threads: u64, bytes: usize, ports: u16) -> Result<()> {
     let per_thread = count / threads;
     let extra = count % threads;
     let workers: Vec<_> = (0..threads)
@@ -153,8 +187,10 @@ fn tcp(dst: SocketAddr, count: u64, threads: u64, bytes: usize) -> Result<()> {
             let n = per_thread + u64::from(i < extra);
             std::thread::spawn(move || -> Result<()> {
                 let payload = vec![0xa5u8; bytes];
-                for _ in 0..n {
-                    one_tcp(dst, &payload)?;
+                for j in 0..n {
+                    let mut target = dst;
+                    target.set_port(dst.port() + (j % ports as u64) as u16);
+                    one_tcp(target, &payload)?;
                 }
                 Ok(())
             })

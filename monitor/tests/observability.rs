@@ -231,7 +231,11 @@ fn json_log_starts_updates_ends_rotates_and_reports_owner_changes() {
     let android = dir.join("device");
     std::fs::create_dir_all(android.join("data/system")).unwrap();
     let packages = android.join("data/system/packages.list");
-    std::fs::write(&packages, "com.example.one 10123 0 /data/user/0/com.example.one default:targetSdkVersion=34 3003 0 1 1 @null\n").unwrap();
+    std::fs::write(
+        &packages,
+        "com.example.one 10123 0 /data/user/0/com.example.one default:targetSdkVersion=34 3003 0 1 1 @null\n",
+    )
+    .unwrap();
     let log = dir.join("flows.jsonl");
     let dst = format!("{SERVER4}:9001");
     let _sink = start_sink(&net, &[], &[addr(&dst)]);
@@ -267,7 +271,11 @@ fn json_log_starts_updates_ends_rotates_and_reports_owner_changes() {
         &["udp-sendto", "--dst", &dst, "--count", "2", "--size", "64"],
     );
     // A package update renames the uid's owner; the agent notices on reload.
-    std::fs::write(&packages, "com.example.two 10123 0 /data/user/0/com.example.two default:targetSdkVersion=34 3003 0 1 1 @null\n").unwrap();
+    std::fs::write(
+        &packages,
+        "com.example.two 10123 0 /data/user/0/com.example.two default:targetSdkVersion=34 3003 0 1 1 @null\n",
+    )
+    .unwrap();
     let got_all = eventually(Duration::from_secs(20), || {
         let lines = read_log_lines(&log);
         let has = |e: &str| lines.iter().any(|l| l["event"] == e && l["uid"] == 10123);

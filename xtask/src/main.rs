@@ -35,7 +35,11 @@ enum Command {
         args: Vec<String>,
     },
     /// Run every test: formatting, lints, unit tests, kernel tests (root).
-    Test,
+    Test {
+        /// Length of the soak test in seconds.
+        #[arg(long, default_value_t = 240)]
+        soak_secs: u64,
+    },
 }
 
 fn main() {
@@ -44,7 +48,7 @@ fn main() {
         Command::Setup => setup::all().map(drop),
         Command::Build { release } => setup::all().and_then(|_| build(release)),
         Command::Run { args } => run(args),
-        Command::Test => test(),
+        Command::Test { soak_secs } => test(soak_secs),
     };
     if let Err(err) = result {
         eprintln!("xtask: {err:#}");
@@ -131,7 +135,7 @@ fn integration_test(name: &str) -> Result<()> {
     ])
 }
 
-fn test() -> Result<()> {
+fn test(soak_secs: u64) -> Result<()> {
     setup::all()?;
     shell::require_root("cargo xtask test (the kernel tests load eBPF programs)")?;
     shell::step("test", "formatting (cargo fmt --check)");
@@ -180,6 +184,12 @@ fn test() -> Result<()> {
         "what users see: a real Prometheus, the JSON log, top in tmux",
     );
     integration_test("observability")?;
+    shell::step(
+        "test",
+        &format!("faults: kill -9, a million destinations, bad input, soak for {soak_secs}s, security defaults"),
+    );
+    std::env::set_var("EGRESSMON_SOAK_SECS", soak_secs.to_string());
+    integration_test("reliability")?;
     shell::step("test", "all passed");
     Ok(())
 }

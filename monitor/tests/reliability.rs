@@ -1,0 +1,670 @@
+//! Faults injected on purpose, and what must survive them: kill -9 and
+//! restart, a million destinations through a 65,536-entry flow map, bad
+//! input and missing kernel features, a soak at thousands of connections per
+//! second, and the security defaults. Figures are printed for RELIABILITY.md.
+//!
+//! Run as root (`cargo xtask test`). `EGRESSMON_SOAK_SECS` sets the soak
+//! length (`cargo xtask test --soak-secs N`).
+
+mod support;
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::*;
+
+const IPV4_UDP_HEADERS: u64 = 28;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn metrics(agent: &AgentProc) -> String {
+    egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").expect("scrape")
+}
+
+/// Sum of a metric's samples whose label text contains every `filter`.
+fn metric_sum(text: &str, name: &str, filters: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| filters.iter().all(|f| l.contains(f)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+        .sum()
+}
+
+fn agent_pid(agent: &AgentProc) -> u32 {
+    agent.status()["pid"].as_u64().unwrap() as u32
+}
+
+/// (current RSS, peak RSS) of a process in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn bpftool_ids(what: &str) -> Vec<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", what, "show"])
+        .output()
+        .expect("bpftool (installed by setup)");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
+    v.as_array()
+        .map(|a| a.iter().filter_map(|e| e["id"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+fn pinned_id(kind: &str, path: &Path) -> u64 {
+    let out = Command::new("bpftool")
+        .args(["-j", kind, "show", "pinned"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("bpftool {kind} show pinned {}", path.display()));
+    v["id"].as_u64().unwrap()
+}
+
+#[test]
+fn kill_9_and_restart_lose_nothing_and_detach_leaves_nothing_bpftool_sees() {
+    require_root();
+    let tag = tag("kill9");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:9001");
+    let tcp = format!("{SERVER4}:8080");
+    let _sink = start_sink(&net, &[addr(&tcp)], &[addr(&dst)]);
+    let mut agent = AgentProc::start(&cgroup.path, &tag, &[]);
+    let pins = agent.pin_dir.clone();
+    let maps: Vec<u64> = ["FLOWS", "FLOW_SEEN", "UID_TOTALS", "EVENTS", "STATS"]
+        .iter()
+        .map(|m| pinned_id("map", &pins.join(m)))
+        .collect();
+    let links: Vec<u64> = ["connect4", "connect6", "skb_egress"]
+        .iter()
+        .map(|h| pinned_id("link", &pins.join(format!("link_{h}"))))
+        .collect();
+    let progs_before: Vec<u64> = bpftool_ids("prog");
+
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["udp-sendto", "--dst", &dst, "--count", "10", "--size", "64"],
+    );
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["tcp", "--dst", &tcp, "--count", "4"],
+    );
+    agent.kill(); // SIGKILL: no clean-up of any kind
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["udp-sendto", "--dst", &dst, "--count", "7", "--size", "64"],
+    );
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["tcp", "--dst", &tcp, "--count", "3"],
+    );
+    agent.spawn(&cgroup.path, &[]);
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["udp-sendto", "--dst", &dst, "--count", "3", "--size", "64"],
+    );
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["tcp", "--dst", &tcp, "--count", "2"],
+    );
+
+    let flows = agent.flows();
+    let udp = find(&flows, 1000, "udp", SERVER4, 9001);
+    assert_eq!(
+        (udp.udp_sends, udp.tx_bytes),
+        (20, 20 * (IPV4_UDP_HEADERS + 64)),
+        "no loss, no double count"
+    );
+    assert_eq!(find(&flows, 1000, "tcp", SERVER4, 8080).connects, 9);
+    let text = metrics(&agent);
+    assert_eq!(
+        metric_sum(&text, "egressmon_udp_sends_total", &["uid=\"1000\""]),
+        20
+    );
+    assert_eq!(
+        metric_sum(&text, "egressmon_connects_total", &["uid=\"1000\""]),
+        9
+    );
+    // Same links and maps as before the kill: adopted, not attached twice.
+    let links_after: Vec<u64> = ["connect4", "connect6", "skb_egress"]
+        .iter()
+        .map(|h| pinned_id("link", &pins.join(format!("link_{h}"))))
+        .collect();
+    assert_eq!(links, links_after);
+    assert_eq!(pinned_id("map", &pins.join("FLOWS")), maps[0]);
+    let our_progs: Vec<u64> = bpftool_ids("prog")
+        .into_iter()
+        .filter(|id| !progs_before.contains(id))
+        .collect();
+
+    agent.detach();
+    assert!(!pins.exists());
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let (p, m, l) = (bpftool_ids("prog"), bpftool_ids("map"), bpftool_ids("link"));
+            maps.iter().all(|id| !m.contains(id))
+                && links.iter().all(|id| !l.contains(id))
+                && our_progs.iter().all(|id| !p.contains(id))
+        }),
+        "bpftool still lists egressmon objects: maps {maps:?} links {links:?} progs {our_progs:?}"
+    );
+}
+
+#[test]
+fn a_million_destinations_through_a_65536_flow_map() {
+    require_root();
+    let tag = tag("million");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:9001");
+    let _sink = start_sink(&net, &[], &[addr(&dst)]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &["--flow-entries", "65536"]);
+    gen(
+        &net,
+        &cgroup.path,
+        10123,
+        &[
+            "udp-sendto",
+            "--dst",
+            &dst,
+            "--count",
+            "100",
+            "--size",
+            "64",
+        ],
+    );
+    let started = Instant::now();
+    // 1,000,000 distinct loopback destinations (127.1.0.0 upward) as uid 1000.
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &[
+            "udp-spray",
+            "--base",
+            "127.1.0.0",
+            "--count",
+            "1000000",
+            "--size",
+            "16",
+        ],
+    );
+    let spray = started.elapsed();
+
+    // Every announced flow is either read by the agent or counted as lost.
+    let mut status = agent.status();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            status = agent.status();
+            status["events_received"].as_u64().unwrap() + status["events_lost"].as_u64().unwrap()
+                == status["flows_created"].as_u64().unwrap()
+        }),
+        "{status:#}"
+    );
+    let created = status["flows_created"].as_u64().unwrap();
+    assert!(created >= 1_000_001, "{status:#}");
+    let flows_map = status["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["map"] == "flows")
+        .unwrap()
+        .clone();
+    assert!(
+        flows_map["entries"].as_u64().unwrap() <= 65_536,
+        "{flows_map}"
+    );
+    assert!(
+        status["flows_evicted"].as_u64().unwrap() >= created - 65_536,
+        "{status:#}"
+    );
+    assert!(
+        status["events_lost"].as_u64().unwrap() > 0,
+        "a 256 KiB ring cannot hold a million events"
+    );
+
+    // Per-uid totals are exact despite the churn.
+    let text = metrics(&agent);
+    assert_eq!(
+        metric_sum(&text, "egressmon_udp_sends_total", &["uid=\"1000\""]),
+        1_000_000
+    );
+    assert_eq!(
+        metric_sum(&text, "egressmon_tx_bytes_total", &["uid=\"1000\""]),
+        1_000_000 * (IPV4_UDP_HEADERS + 16)
+    );
+    assert_eq!(
+        metric_sum(&text, "egressmon_udp_sends_total", &["uid=\"10123\""]),
+        100
+    );
+    assert_eq!(
+        metric_sum(&text, "egressmon_events_lost_total", &[]),
+        status["events_lost"].as_u64().unwrap()
+    );
+    let (rss, peak) = rss_kib(agent_pid(&agent));
+    println!(
+        "FIGURE million: spray {:.1}s, flows created {created}, evicted {}, events received {}, lost {}, agent RSS {} KiB, peak {} KiB",
+        spray.as_secs_f64(),
+        status["flows_evicted"],
+        status["events_received"],
+        status["events_lost"],
+        rss,
+        peak
+    );
+    assert!(
+        peak < 128 * 1024,
+        "agent peak RSS {peak} KiB: the tables are bounded by the flow map"
+    );
+}
+
+fn expect_failure(mut cmd: Command, needles: &[&str]) -> String {
+    let out = cmd.output().expect("run egressmon");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "should fail: {err}");
+    for n in needles {
+        assert!(err.contains(n), "error should mention `{n}`: {err}");
+    }
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("egressmon:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one clear error line: {err}");
+    err
+}
+
+#[test]
+fn bad_environment_gets_one_clear_error_each() {
+    require_root();
+    let tag = tag("badenv");
+    // Not root: says which capabilities it needs.
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--pin-dir", &format!("/sys/fs/bpf/{tag}")]);
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    expect_failure(cmd, &["needs root", "CAP_BPF"]);
+
+    // A cgroup path that does not exist.
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "--cgroup",
+        "/sys/fs/cgroup/does-not-exist",
+        "--pin-dir",
+        &format!("/sys/fs/bpf/{tag}"),
+    ]);
+    expect_failure(cmd, &["does-not-exist", "not a cgroup v2 directory"]);
+
+    // A pin directory that is not on bpffs.
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "--pin-dir",
+        &format!("/tmp/{tag}/pins"),
+        "--listen",
+        "127.0.0.1:1",
+    ]);
+    expect_failure(cmd, &["not on a bpffs mount", "mount -t bpf"]);
+
+    // No cgroup2 mounted: in a private mount namespace without it.
+    let root = cgroup2_root();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--pin-dir", &format!("/sys/fs/bpf/{tag}")]);
+    let target = std::ffi::CString::new(root.to_str().unwrap()).unwrap();
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let slash = c"/";
+            libc::mount(
+                std::ptr::null(),
+                slash.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            );
+            if libc::umount2(target.as_ptr(), libc::MNT_DETACH) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    expect_failure(
+        cmd,
+        &["no cgroup2 filesystem is mounted", "mount -t cgroup2"],
+    );
+    assert!(
+        !Path::new(&format!("/sys/fs/bpf/{tag}")).exists(),
+        "nothing pinned on failure"
+    );
+}
+
+#[test]
+fn a_kernel_without_a_hook_runs_with_the_others_and_says_so() {
+    require_root();
+    let tag = tag("nohook");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:8080");
+    let _sink = start_sink(&net, &[addr(&dst)], &[]);
+    std::env::set_var("EGRESSMON_SIMULATE_MISSING_HOOKS", "connect6");
+    let agent = AgentProc::start(&cgroup.path, &tag, &[]);
+    std::env::remove_var("EGRESSMON_SIMULATE_MISSING_HOOKS");
+    let status = agent.status();
+    let hook = status["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hook"] == "connect6")
+        .unwrap()
+        .clone();
+    assert_eq!(hook["attached"], false);
+    assert!(
+        hook["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not support the connect6 hook"),
+        "{hook}"
+    );
+    assert!(metrics(&agent).contains("egressmon_hook_attached{hook=\"connect6\"} 0"));
+    gen(
+        &net,
+        &cgroup.path,
+        1000,
+        &["tcp", "--dst", &dst, "--count", "2"],
+    );
+    assert_eq!(
+        find(&agent.flows(), 1000, "tcp", SERVER4, 8080).connects,
+        2,
+        "the other hooks still count"
+    );
+}
+
+#[test]
+fn security_defaults() {
+    require_root();
+    let tag = tag("secure");
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dir = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("flows.jsonl");
+    // Listening on every address: control requests still only from loopback.
+    let port = free_port();
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{tag}"));
+    let _agent = Proc(
+        Command::new(BIN)
+            .args(["run", "--cgroup"])
+            .arg(&cgroup.path)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args([
+                "--listen",
+                &format!("0.0.0.0:{port}"),
+                "--log",
+                log.to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let local: SocketAddr = addr(&format!("127.0.0.1:{port}"));
+    assert!(eventually(Duration::from_secs(20), || {
+        egressmon::client::get(local, "/status").is_ok()
+    }));
+    struct Detach(std::path::PathBuf, String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new(BIN)
+                .args(["detach", "--pin-dir"])
+                .arg(&self.0)
+                .args(["--listen", &self.1])
+                .output();
+        }
+    }
+    let _detach = Detach(pin_dir.clone(), local.to_string());
+    assert_eq!(
+        std::fs::metadata(&pin_dir).unwrap().permissions().mode() & 0o777,
+        0o700,
+        "pins: root only"
+    );
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "log: root only"
+    );
+    let outside = non_loopback_ipv4().expect("a non-loopback IPv4 address on this host");
+    let from_network = egressmon::client::post(SocketAddr::new(outside.into(), port), "/shutdown");
+    let err = format!("{:#}", from_network.unwrap_err());
+    assert!(
+        err.contains("403") && err.contains("loopback only"),
+        "{err}"
+    );
+    assert!(
+        egressmon::client::get(SocketAddr::new(outside.into(), port), "/metrics").is_ok(),
+        "metrics stay readable"
+    );
+    assert!(
+        egressmon::client::get(local, "/status").is_ok(),
+        "still running"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    // Default listen address is loopback.
+    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("127.0.0.1:9864"));
+}
+
+fn non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
+    let text = std::fs::read_to_string("/proc/net/fib_trie").ok()?;
+    let mut last: Option<std::net::Ipv4Addr> = None;
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(ip) = t
+            .strip_prefix("|-- ")
+            .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+        {
+            last = Some(ip);
+        } else if t.contains("/32 host LOCAL") {
+            if let Some(ip) = last.filter(|ip| !ip.is_loopback()) {
+                return Some(ip);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn soak_keeps_exact_counts_and_flat_memory() {
+    require_root();
+    let secs: u64 = std::env::var("EGRESSMON_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let tag = tag("soak");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let tcp_ports: Vec<SocketAddr> = (0..16)
+        .map(|i| addr(&format!("{SERVER4}:{}", 8100 + i)))
+        .collect();
+    let _sink = start_sink(&net, &tcp_ports, &[addr(&format!("{SERVER4}:9001"))]);
+    let agent = AgentProc::start(
+        &cgroup.path,
+        &tag,
+        &["--log", &format!("/tmp/{tag}.jsonl"), "--log-interval", "5"],
+    );
+    let pid = agent_pid(&agent);
+    let uids = [1000u32, 10123, 10124, 1010123];
+    let mut truth_connects = std::collections::HashMap::<u32, u64>::new();
+    let mut truth_udp = std::collections::HashMap::<u32, u64>::new();
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    let started = Instant::now();
+    let mut round = 0u64;
+    while started.elapsed() < Duration::from_secs(secs) {
+        // One round: 4 uids x 1,000 new TCP connections in parallel, bulk
+        // UDP, and 2,000 fresh destinations for flow churn.
+        let children: Vec<(u32, std::process::Child)> = uids
+            .iter()
+            .map(|&uid| {
+                let c = Command::new(BIN)
+                    .args(["gen", "--netns", &NetPair::path(&net.client), "--cgroup"])
+                    .arg(&cgroup.path)
+                    .args([
+                        "--uid",
+                        &uid.to_string(),
+                        "tcp",
+                        "--dst",
+                        &format!("{SERVER4}:8100"),
+                        "--ports",
+                        "16",
+                        "--count",
+                        "1000",
+                        "--bytes",
+                        "100",
+                    ])
+                    .spawn()
+                    .unwrap();
+                (uid, c)
+            })
+            .collect();
+        gen(
+            &net,
+            &cgroup.path,
+            10123,
+            &[
+                "udp-sendto",
+                "--dst",
+                &format!("{SERVER4}:9001"),
+                "--count",
+                "500",
+                "--size",
+                "1200",
+            ],
+        );
+        gen(
+            &net,
+            &cgroup.path,
+            1000,
+            &[
+                "udp-spray",
+                "--base",
+                &format!("127.{}.0.0", 2 + round % 200),
+                "--count",
+                "2000",
+                "--size",
+                "16",
+            ],
+        );
+        for (uid, mut c) in children {
+            assert!(c.wait().unwrap().success(), "gen as {uid}");
+            *truth_connects.entry(uid).or_default() += 1000;
+        }
+        *truth_udp.entry(10123).or_default() += 500;
+        *truth_udp.entry(1000).or_default() += 2000;
+        round += 1;
+        samples.push((started.elapsed().as_secs_f64(), rss_kib(pid).0 as f64));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let text = metrics(&agent);
+    for uid in uids {
+        let label = format!("uid=\"{uid}\"");
+        assert_eq!(
+            metric_sum(
+                &text,
+                "egressmon_connects_total",
+                &[&label, "proto=\"tcp\""]
+            ),
+            truth_connects[&uid],
+            "uid {uid}"
+        );
+        assert_eq!(
+            metric_sum(&text, "egressmon_udp_sends_total", &[&label]),
+            truth_udp.get(&uid).copied().unwrap_or(0),
+            "uid {uid}"
+        );
+    }
+    let status = agent.status();
+    let lost = status["events_lost"].as_u64().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = agent.status();
+            s["events_received"].as_u64().unwrap() + s["events_lost"].as_u64().unwrap()
+                == s["flows_created"].as_u64().unwrap()
+        }),
+        "events unaccounted for: {status:#}"
+    );
+    // RSS slope over the second half (after warm-up), KiB per minute.
+    let half: Vec<&(f64, f64)> = samples
+        .iter()
+        .filter(|(t, _)| *t >= elapsed / 2.0)
+        .collect();
+    let slope = if half.len() >= 2 {
+        let n = half.len() as f64;
+        let (sx, sy) = half
+            .iter()
+            .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+        let (mx, my) = (sx / n, sy / n);
+        let cov: f64 = half.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+        let var: f64 = half.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+        if var > 0.0 {
+            cov / var * 60.0
+        } else {
+            0.0
+        }
+    } else {
+        0.0
+    };
+    let total_connects: u64 = truth_connects.values().sum();
+    let (rss, peak) = rss_kib(pid);
+    println!(
+        "FIGURE soak: {elapsed:.0}s, {round} rounds, {total_connects} connects ({:.0}/s), events lost {lost}, RSS {rss} KiB (peak {peak}), slope {slope:.0} KiB/min",
+        total_connects as f64 / elapsed
+    );
+    // Flat: once the tables have filled (first half), the last quarter's
+    // peak stays within 10% (+4 MiB of allocator noise) of the second's.
+    let peak_in = |from: f64, to: f64| {
+        samples
+            .iter()
+            .filter(|(t, _)| *t >= from * elapsed && *t < to * elapsed)
+            .map(|(_, r)| *r)
+            .fold(0.0, f64::max)
+    };
+    let (second, last) = (peak_in(0.25, 0.5), peak_in(0.75, 1.01));
+    assert!(
+        last <= second * 1.10 + 4096.0,
+        "agent RSS still growing: {second} KiB -> {last} KiB ({slope:.0} KiB/min)"
+    );
+    let _ = std::fs::remove_file(format!("/tmp/{tag}.jsonl"));
+}
