@@ -1,16 +1,63 @@
-//! UID -> owner: who a uid is (login account, service account, Android app
-//! or platform daemon) and whether it counts as firmware.
+//! UID -> owner: who a uid is (an app the user installed, a package that
+//! came with the firmware, a platform daemon, a login or service account)
+//! and whether its traffic counts as firmware.
 //!
-//! Linux: /etc/passwd names accounts; uid 0 and accounts below UID_MIN
-//! (/etc/login.defs, default 1000) or with a no-login shell are `system`.
-//! Android (a device, or `--android-root DIR`): uid = user * 100000 + app id;
-//! app ids below 10000 are `platform`, packages.list names apps.
+//! Android (on a device, or a device layout given with `--android-root DIR`):
+//! uid = user * 100000 + app id. What an app id is follows from its number
+//! ([`aids`]); which packages own it and whether they came with the system
+//! image come from, in order of trust:
+//!
+//! 1. /data/system/packages.xml, text or Android Binary XML
+//!    ([`packages_xml`], [`abx`]): code path, flags, shared-user names;
+//! 2. `pm list packages -U -f` when running on the device itself ([`pm`]);
+//! 3. /data/system/packages.list ([`packages_list`]): names and uids, and its
+//!    installer field (`@system`, `@product`) as a last resort for
+//!    preinstalled packages.
+//!
+//! A source that is missing or damaged is reported (log warning, and
+//! [`OwnerResolver::warnings`]) and the others are used.
+//!
+//! Linux ([`linux`]): /etc/passwd names accounts, /etc/login.defs separates
+//! people from services.
+//!
+//! Origins, as the product contract defines them: `app` (user-installed),
+//! `preinstalled` (system image package, app id >= 10000), `platform` (app
+//! id < 10000), `user` and `system` on Linux, and `unknown` when no source
+//! names the uid. `firmware` = preinstalled, platform or system.
 
+pub mod abx;
+#[cfg(test)]
+mod abx_writer;
+pub mod aids;
+pub mod linux;
+pub mod packages_list;
+pub mod packages_xml;
+pub mod pm;
+
+use anyhow::{bail, Result};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use aids::AppIdClass;
 use monitor_common::KERNEL_UID;
+
+pub const ORIGIN_APP: &str = "app";
+pub const ORIGIN_PREINSTALLED: &str = "preinstalled";
+pub const ORIGIN_PLATFORM: &str = "platform";
+pub const ORIGIN_USER: &str = "user";
+pub const ORIGIN_SYSTEM: &str = "system";
+pub const ORIGIN_UNKNOWN: &str = "unknown";
+
+/// Traffic from these origins was sent by the firmware, not by something the
+/// device's owner chose to install.
+pub fn is_firmware(origin: &str) -> bool {
+    matches!(
+        origin,
+        ORIGIN_PREINSTALLED | ORIGIN_PLATFORM | ORIGIN_SYSTEM
+    )
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Owner {
@@ -23,235 +70,422 @@ pub struct Owner {
     pub firmware: bool,
 }
 
-#[derive(Debug, Clone)]
-struct Account {
-    name: String,
-    login: bool,
+/// What the Android sources say about one app id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct AppIdInfo {
+    packages: BTreeSet<String>,
+    shared_user: Option<String>,
+    preinstalled: bool,
 }
 
-/// Platform AIDs egressmon names without a device's help (system/core's
-/// android_filesystem_config.h).
-const AIDS: &[(u32, &str)] = &[
-    (0, "root"),
-    (1000, "system"),
-    (1001, "radio"),
-    (1002, "bluetooth"),
-    (1003, "graphics"),
-    (1010, "wifi"),
-    (1013, "media"),
-    (1016, "vpn"),
-    (1021, "gps"),
-    (1027, "nfc"),
-    (1029, "clat"),
-    (1051, "dns"),
-    (1052, "dns_tether"),
-    (1073, "network_stack"),
-    (2000, "shell"),
-    (3003, "inet"),
-    (9999, "nobody"),
-];
+/// Evidence about one package, merged across sources.
+#[derive(Debug, Default)]
+struct PackageEvidence {
+    app_id: Option<u32>,
+    /// packages.xml: code path / FLAG_SYSTEM / updated system package.
+    xml: Option<bool>,
+    /// pm: APK path.
+    pm: Option<bool>,
+    /// packages.list: installer field.
+    list: Option<bool>,
+}
+
+impl PackageEvidence {
+    fn preinstalled(&self) -> bool {
+        self.xml.or(self.pm).or(self.list).unwrap_or(false)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Android {
+    apps: HashMap<u32, AppIdInfo>,
+    /// Android users (0, work profiles, secondary users) the sources show.
+    users: BTreeSet<u32>,
+    /// Names partitions give their reserved AIDs (vendor/etc/passwd, ...).
+    partition_names: HashMap<u32, String>,
+}
+
+/// The Android sources to read; tests point them at fixture files.
+#[derive(Debug, Default)]
+pub struct AndroidSources {
+    /// The device's root: DIR for `--android-root DIR`, `/` on the device.
+    pub root: PathBuf,
+    /// Run this `pm` for the live package list (only on the device).
+    pub pm: Option<PathBuf>,
+}
 
 pub struct OwnerResolver {
-    android: bool,
-    accounts: HashMap<u32, Account>,
-    packages: HashMap<u32, Vec<String>>,
-    uid_min: u32,
+    android: Option<Android>,
+    accounts: HashMap<u32, linux::Account>,
+    limits: linux::Limits,
+    warnings: Vec<String>,
 }
 
-fn parse_passwd(text: &str) -> HashMap<u32, Account> {
-    let mut out = HashMap::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(':').collect();
-        if fields.len() < 7 {
-            continue;
-        }
-        let Ok(uid) = fields[2].parse::<u32>() else {
-            continue;
-        };
-        let shell = fields[6];
-        let login = !(shell.ends_with("nologin") || shell.ends_with("/false") || shell.is_empty());
-        out.entry(uid).or_insert(Account {
-            name: fields[0].to_string(),
-            login,
-        });
-    }
-    out
-}
-
-fn parse_uid_min(text: &str) -> Option<u32> {
-    text.lines().find_map(|l| {
-        let mut it = l.split_whitespace();
-        (it.next() == Some("UID_MIN"))
-            .then(|| it.next()?.parse().ok())
-            .flatten()
-    })
-}
-
-fn parse_packages_list(text: &str) -> HashMap<u32, Vec<String>> {
-    let mut out: HashMap<u32, Vec<String>> = HashMap::new();
-    for line in text.lines() {
-        let mut it = line.split_whitespace();
-        let (Some(name), Some(uid)) = (it.next(), it.next()) else {
-            continue;
-        };
-        let Ok(uid) = uid.parse::<u32>() else {
-            continue;
-        };
-        out.entry(uid).or_default().push(name.to_string());
-    }
-    out
-}
+const PM: &str = "/system/bin/pm";
+const PM_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl OwnerResolver {
-    /// Reads the host's sources; `android_root` points at a device layout.
-    pub fn new(android_root: Option<&Path>) -> OwnerResolver {
-        let root = android_root
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("/"));
-        let packages_list = root.join("data/system/packages.list");
-        let android = android_root.is_some() || packages_list.exists();
-        let packages = std::fs::read_to_string(&packages_list)
-            .map(|t| parse_packages_list(&t))
-            .unwrap_or_default();
-        let accounts = if android {
-            HashMap::new()
-        } else {
-            std::fs::read_to_string("/etc/passwd")
-                .map(|t| parse_passwd(&t))
-                .unwrap_or_default()
-        };
-        let uid_min = std::fs::read_to_string("/etc/login.defs")
-            .ok()
-            .and_then(|t| parse_uid_min(&t))
-            .unwrap_or(1000);
-        OwnerResolver {
-            android,
-            accounts,
-            packages,
-            uid_min,
+    /// Reads the owner sources: the device layout under `android_root`, or
+    /// this machine's own (Android when it has /system/bin/pm or
+    /// /data/system/packages.list, Linux otherwise).
+    pub fn new(android_root: Option<&Path>) -> Result<OwnerResolver> {
+        match android_root {
+            Some(root) => {
+                if !root.is_dir() {
+                    bail!(
+                        "--android-root {}: not a directory; give the directory that holds the device's data/system/packages.list",
+                        root.display()
+                    );
+                }
+                let system = root.join("data/system");
+                if !system.join("packages.list").is_file()
+                    && packages_xml::locate(&system).is_none()
+                {
+                    let hint = if root.join("packages.list").is_file() {
+                        format!(
+                            " (this looks like data/system itself: use --android-root {})",
+                            root.parent()
+                                .and_then(Path::parent)
+                                .unwrap_or(Path::new("/"))
+                                .display()
+                        )
+                    } else {
+                        String::new()
+                    };
+                    bail!(
+                        "--android-root {}: found neither {} nor packages.xml next to it{hint}",
+                        root.display(),
+                        system.join("packages.list").display()
+                    );
+                }
+                Ok(Self::android(AndroidSources {
+                    root: root.to_path_buf(),
+                    pm: None,
+                }))
+            }
+            None if Path::new(PM).exists() || Path::new("/data/system/packages.list").exists() => {
+                Ok(Self::android(AndroidSources {
+                    root: PathBuf::from("/"),
+                    pm: Path::new(PM).exists().then(|| PathBuf::from(PM)),
+                }))
+            }
+            None => Ok(Self::linux(Path::new("/"))),
         }
     }
 
-    /// Every uid the sources name (accounts, packages) and every fixed AID.
-    pub fn known_owners(&self) -> Vec<Owner> {
-        let mut uids: Vec<u32> = self
-            .accounts
-            .keys()
-            .chain(self.packages.keys())
-            .copied()
-            .collect();
-        if self.android {
-            uids.extend(AIDS.iter().map(|(id, _)| *id));
+    /// A Linux host's accounts under `root` (`/etc/passwd`, `/etc/login.defs`).
+    pub fn linux(root: &Path) -> OwnerResolver {
+        let (accounts, limits) = linux::load(root);
+        OwnerResolver {
+            android: None,
+            accounts,
+            limits,
+            warnings: Vec::new(),
         }
-        uids.sort_unstable();
-        uids.dedup();
+    }
+
+    /// An Android device's packages, read from `sources`.
+    pub fn android(sources: AndroidSources) -> OwnerResolver {
+        let mut warnings = Vec::new();
+        let android = load_android(&sources, &mut warnings);
+        for w in &warnings {
+            log::warn!("{w}");
+        }
+        OwnerResolver {
+            android: Some(android),
+            accounts: HashMap::new(),
+            limits: linux::Limits::default(),
+            warnings,
+        }
+    }
+
+    pub fn is_android(&self) -> bool {
+        self.android.is_some()
+    }
+
+    /// What was wrong with the sources (already logged): skipped lines and
+    /// entries, unreadable or damaged files.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Every uid the sources name (packages, shared users, accounts) and,
+    /// on Android, every fixed AID, for each Android user found.
+    pub fn known_owners(&self) -> Vec<Owner> {
+        let mut uids: BTreeSet<u32> = self.accounts.keys().copied().collect();
+        if let Some(a) = &self.android {
+            for &user in &a.users {
+                let base = user * aids::USER_OFFSET;
+                for &(id, _) in aids::AIDS {
+                    // Secondary users have no root (nor 1-3), and the
+                    // overflow uid is one number, not one per user.
+                    if user == 0 || (id >= 1000 && id != aids::OVERFLOW_UID) {
+                        uids.insert(base + id);
+                    }
+                }
+                if user == 0 {
+                    uids.extend(a.partition_names.keys().copied());
+                }
+                uids.extend(a.apps.keys().map(|id| base + id));
+            }
+        }
         uids.into_iter().map(|uid| self.resolve(uid)).collect()
     }
 
     pub fn resolve(&self, uid: u32) -> Owner {
-        let (user, app_id) = (uid / 100_000, uid % 100_000);
+        let (user, app_id) = aids::split(uid);
         let mut owner = Owner {
             uid,
             user,
             app_id,
             owner: format!("uid {uid}"),
             packages: Vec::new(),
-            origin: "unknown".into(),
+            origin: ORIGIN_UNKNOWN.into(),
             firmware: false,
         };
         if uid == KERNEL_UID {
+            // Traffic with no socket behind it: the kernel's own (TCP
+            // resets, ICMP errors, ...).
             owner.owner = "kernel".into();
-            owner.origin = if self.android { "platform" } else { "system" }.into();
-            owner.firmware = true;
-            return owner;
-        }
-        if self.android {
-            if let Some(pkgs) = self.packages.get(&uid) {
-                owner.owner = pkgs[0].clone();
-                owner.packages = pkgs.clone();
-                owner.origin = "app".into();
-            } else if app_id < 10_000 {
-                if let Some((_, name)) = AIDS.iter().find(|(id, _)| *id == app_id) {
-                    owner.owner = (*name).to_string();
-                }
-                owner.origin = "platform".into();
+            owner.origin = if self.android.is_some() {
+                ORIGIN_PLATFORM
+            } else {
+                ORIGIN_SYSTEM
             }
+            .into();
+        } else if let Some(android) = &self.android {
+            android.describe(uid, &mut owner);
         } else if let Some(account) = self.accounts.get(&uid) {
             owner.owner = account.name.clone();
-            owner.origin = if uid >= self.uid_min && account.login {
-                "user"
+            owner.origin = if self.limits.is_person(uid, account) {
+                ORIGIN_USER
             } else {
-                "system"
+                ORIGIN_SYSTEM
             }
             .into();
         }
-        owner.firmware = matches!(
-            owner.origin.as_str(),
-            "preinstalled" | "platform" | "system"
-        );
+        owner.firmware = is_firmware(&owner.origin);
         owner
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Android {
+    fn describe(&self, uid: u32, o: &mut Owner) {
+        let (user, app_id) = aids::split(uid);
+        let info = self.apps.get(&app_id);
+        let packages = |info: Option<&AppIdInfo>| -> Vec<String> {
+            info.map(|i| i.packages.iter().cloned().collect())
+                .unwrap_or_default()
+        };
+        match aids::classify(app_id) {
+            class @ (AppIdClass::Fixed(_)
+            | AppIdClass::Reserved(_)
+            | AppIdClass::UnnamedPlatform) => {
+                // The platform's own name for the uid says more than a
+                // shared-user name: native daemons run under it too.
+                o.owner = match class {
+                    AppIdClass::Fixed(name) => Some(name.to_string()),
+                    _ => None,
+                }
+                .or_else(|| self.partition_names.get(&app_id).cloned())
+                .or_else(|| info.and_then(|i| i.shared_user.clone()))
+                .unwrap_or_else(|| match class {
+                    AppIdClass::Reserved(r) => aids::reserved_name(r, app_id),
+                    _ => aids::generic_name(uid),
+                });
+                o.packages = packages(info);
+                o.origin = ORIGIN_PLATFORM.into();
+            }
+            AppIdClass::App => match info {
+                Some(i) => {
+                    o.owner = i
+                        .shared_user
+                        .clone()
+                        .or_else(|| i.packages.first().cloned())
+                        .unwrap_or_else(|| aids::generic_name(uid));
+                    o.packages = packages(info);
+                    o.origin = if i.preinstalled {
+                        ORIGIN_PREINSTALLED
+                    } else {
+                        ORIGIN_APP
+                    }
+                    .into();
+                }
+                None => o.owner = aids::generic_name(uid),
+            },
+            AppIdClass::SdkSandbox { app_id: host } => {
+                let host_uid = user * aids::USER_OFFSET + host;
+                match self.apps.get(&host) {
+                    Some(i) if !i.packages.is_empty() => {
+                        let main = i.packages.first().cloned().unwrap_or_default();
+                        o.owner = format!("{main} (sdk sandbox)");
+                        o.packages = packages(Some(i));
+                        o.origin = if i.preinstalled {
+                            ORIGIN_PREINSTALLED
+                        } else {
+                            ORIGIN_APP
+                        }
+                        .into();
+                    }
+                    _ => o.owner = format!("{} (sdk sandbox)", aids::generic_name(host_uid)),
+                }
+            }
+            AppIdClass::Isolated { .. } | AppIdClass::IsolatedLegacy { .. } => {
+                // Isolated uids are handed out at run time to whichever app
+                // starts an isolated service; no file records which.
+                o.owner = format!("{} (isolated)", aids::generic_name(uid));
+            }
+            AppIdClass::Overflow => o.owner = "overflowuid".into(),
+            AppIdClass::ExtGid { .. }
+            | AppIdClass::ExtCacheGid { .. }
+            | AppIdClass::SharedGid { .. }
+            | AppIdClass::Unassigned => o.owner = aids::generic_name(uid),
+        }
+    }
+}
 
-    fn linux(passwd: &str) -> OwnerResolver {
-        OwnerResolver {
-            android: false,
-            accounts: parse_passwd(passwd),
-            packages: HashMap::new(),
-            uid_min: 1000,
+/// Records the app id a source gives a package; the first source wins and
+/// a disagreement is reported.
+fn note_app_id(
+    ev: &mut PackageEvidence,
+    name: &str,
+    app_id: u32,
+    source: &Path,
+    warnings: &mut Vec<String>,
+) {
+    match ev.app_id {
+        None => ev.app_id = Some(app_id),
+        Some(known) if known != app_id => warnings.push(format!(
+            "{}: {name} has app id {app_id} here but {known} in an earlier source; keeping {known}",
+            source.display()
+        )),
+        Some(_) => {}
+    }
+}
+
+/// Numeric entries of `dir` (Android user ids under data/system/users or
+/// data/user).
+fn numeric_entries(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn load_android(sources: &AndroidSources, warnings: &mut Vec<String>) -> Android {
+    let root = &sources.root;
+    let system = root.join("data/system");
+    let mut evidence: BTreeMap<String, PackageEvidence> = BTreeMap::new();
+    let mut shared_users: Vec<packages_xml::SharedUser> = Vec::new();
+    let mut users: BTreeSet<u32> = BTreeSet::from([0]);
+    // packages.list: names and uids of every package (user 0's uid).
+    let list_file = system.join("packages.list");
+    match std::fs::read_to_string(&list_file) {
+        Ok(text) => {
+            let (entries, skipped) = packages_list::parse(&text, &list_file);
+            warnings.extend(skipped);
+            for e in entries {
+                let (user, app_id) = aids::split(e.uid);
+                users.insert(user);
+                let ev = evidence.entry(e.name.clone()).or_default();
+                note_app_id(ev, &e.name, app_id, &list_file, warnings);
+                ev.list = e.installed_with_image();
+            }
+        }
+        Err(e) => warnings.push(format!(
+            "{}: {e}; packages will be named from the other sources only",
+            list_file.display()
+        )),
+    }
+
+    // packages.xml: code paths, flags and shared-user names.
+    match packages_xml::locate(&system) {
+        Some(file) => match packages_xml::load(&file) {
+            Ok((xml, skipped)) => {
+                warnings.extend(skipped);
+                for p in &xml.packages {
+                    let ev = evidence.entry(p.name.clone()).or_default();
+                    note_app_id(ev, &p.name, p.app_id, &file, warnings);
+                    ev.xml = Some(p.preinstalled());
+                }
+                for name in &xml.updated {
+                    if let Some(ev) = evidence.get_mut(name) {
+                        ev.xml = Some(true);
+                    }
+                }
+                shared_users = xml.shared_users;
+            }
+            Err(e) => warnings.push(format!(
+                "{e}; preinstalled packages are told from packages.list's installer field only"
+            )),
+        },
+        None => log::info!(
+            "{}: no packages.xml; preinstalled packages are told from the other sources",
+            system.display()
+        ),
+    }
+
+    // pm: the live list on the device.
+    if let Some(pm) = &sources.pm {
+        match pm::query(pm, PM_TIMEOUT) {
+            Ok(list) => {
+                for p in list {
+                    let Some(&first) = p.uids.first() else {
+                        continue;
+                    };
+                    users.extend(p.uids.iter().map(|u| u / aids::USER_OFFSET));
+                    let ev = evidence.entry(p.name.clone()).or_default();
+                    note_app_id(ev, &p.name, first % aids::USER_OFFSET, pm, warnings);
+                    ev.pm = Some(packages_xml::in_system_image(&p.apk));
+                }
+            }
+            Err(e) => warnings.push(format!("{e}; continuing with the files only")),
         }
     }
 
-    #[test]
-    fn linux_accounts_are_users_or_system() {
-        let r = linux(
-            "root:x:0:0:root:/root:/bin/bash\n\
-             daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n\
-             alice:x:1000:1000::/home/alice:/bin/bash\n",
-        );
-        let root = r.resolve(0);
-        assert_eq!(
-            (root.owner.as_str(), root.origin.as_str(), root.firmware),
-            ("root", "system", true)
-        );
-        let alice = r.resolve(1000);
-        assert_eq!(
-            (alice.owner.as_str(), alice.origin.as_str(), alice.firmware),
-            ("alice", "user", false)
-        );
-        assert_eq!(r.resolve(1).origin, "system");
-        let stranger = r.resolve(1_010_123);
-        assert_eq!(
-            (stranger.user, stranger.app_id, stranger.origin.as_str()),
-            (10, 10123, "unknown")
-        );
-        assert!(!stranger.firmware);
-        assert_eq!(r.resolve(KERNEL_UID).owner, "kernel");
+    users.extend(numeric_entries(&system.join("users")));
+    users.extend(numeric_entries(&root.join("data/user")));
+
+    let mut apps: HashMap<u32, AppIdInfo> = HashMap::new();
+    for (name, ev) in &evidence {
+        if let Some(app_id) = ev.app_id {
+            let info = apps.entry(app_id).or_default();
+            info.packages.insert(name.clone());
+            info.preinstalled |= ev.preinstalled();
+        }
+    }
+    for s in shared_users {
+        apps.entry(s.app_id).or_default().shared_user = Some(s.name);
     }
 
-    #[test]
-    fn android_uids_split_and_name() {
-        let r = OwnerResolver {
-            android: true,
-            accounts: HashMap::new(),
-            packages: parse_packages_list("com.example.app 10123 0 /data/user/0/com.example.app default:targetSdkVersion=34 3003 0 1 1 @null\n"),
-            uid_min: 1000,
-        };
-        let app = r.resolve(10123);
-        assert_eq!(
-            (app.owner.as_str(), app.origin.as_str(), app.firmware),
-            ("com.example.app", "app", false)
-        );
-        let radio = r.resolve(1001);
-        assert_eq!(
-            (radio.owner.as_str(), radio.origin.as_str(), radio.firmware),
-            ("radio", "platform", true)
-        );
-        let secondary = r.resolve(1_010_123);
-        assert_eq!((secondary.user, secondary.app_id), (10, 10123));
+    // Names partitions give their reserved AIDs (vendor daemons and such).
+    let mut partition_names = HashMap::new();
+    for part in ["system", "system_ext", "product", "vendor", "odm"] {
+        if let Ok(text) = std::fs::read_to_string(root.join(part).join("etc/passwd")) {
+            for (uid, account) in linux::parse_passwd(&text) {
+                if uid < aids::APP_START && aids::aid_name(uid).is_none() {
+                    partition_names.entry(uid).or_insert(account.name);
+                }
+            }
+        }
+    }
+
+    log::info!(
+        "owners: {} packages in {} app ids, {} shared users, users {:?} from {}",
+        evidence.len(),
+        apps.len(),
+        apps.values().filter(|a| a.shared_user.is_some()).count(),
+        users,
+        root.display()
+    );
+    Android {
+        apps,
+        users,
+        partition_names,
     }
 }
+
+#[cfg(test)]
+mod tests;
