@@ -166,6 +166,8 @@ fn test() -> Result<()> {
         "monitor",
         "--test",
         "kernel",
+        "--test",
+        "android",
         "--",
         "--test-threads=1",
     ])?;
