@@ -447,6 +447,9 @@ fn load_android(sources: &AndroidSources, warnings: &mut Vec<String>) -> Android
 
     users.extend(numeric_entries(&system.join("users")));
     users.extend(numeric_entries(&root.join("data/user")));
+    // Android user ids are small; a stray directory name must not push
+    // user * 100000 + app id past u32.
+    users.retain(|&u| u < u32::MAX / aids::USER_OFFSET);
 
     let mut apps: HashMap<u32, AppIdInfo> = HashMap::new();
     for (name, ev) in &evidence {

@@ -466,3 +466,15 @@ fn linux_accounts_are_users_or_system() {
     let known: Vec<u32> = r.known_owners().iter().map(|o| o.uid).collect();
     assert_eq!(known, [0, 1, 1000]);
 }
+
+#[test]
+fn users_come_from_the_layout_and_absurd_ones_are_ignored() {
+    let dir = Scratch::device("android9");
+    for user in ["11", "99999", "not-a-user"] {
+        std::fs::create_dir_all(dir.0.join("data/user").join(user)).unwrap();
+    }
+    let r = OwnerResolver::new(Some(&dir.0)).unwrap();
+    let users: BTreeSet<u32> = r.known_owners().iter().map(|o| o.user).collect();
+    assert_eq!(users, BTreeSet::from([0, 11]));
+    assert_eq!(r.resolve(1_110_123).owner, "com.example.shared");
+}
