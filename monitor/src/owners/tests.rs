@@ -401,6 +401,16 @@ fn pm_on_the_device_adds_packages_and_users() {
     )
     .unwrap();
     std::fs::set_permissions(&pm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // A process another test thread forks while the script was open for
+    // writing holds it until its exec: wait out ETXTBSY before the real run.
+    for _ in 0..100 {
+        match std::process::Command::new(&pm).output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => break,
+        }
+    }
     let r = OwnerResolver::android(AndroidSources {
         root: dir.0.clone(),
         pm: Some(pm),
