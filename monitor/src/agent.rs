@@ -163,7 +163,7 @@ impl Agent {
             ),
             None => None,
         };
-        let resolver = OwnerResolver::new(options.android_root.as_deref());
+        let resolver = OwnerResolver::new(options.android_root.as_deref())?;
         let mut kernel = Kernel::load(load)?;
         let ring = kernel.take_events()?;
         let meta: MetaTable = Default::default();
@@ -277,9 +277,16 @@ impl Agent {
             return;
         }
         *last = now;
-        let fresh = OwnerResolver::new(self.options.android_root.as_deref());
-        *self.resolver.write().unwrap() = Arc::new(fresh);
-        log::info!("owner sources changed: reloaded");
+        match OwnerResolver::new(self.options.android_root.as_deref()) {
+            Ok(fresh) => {
+                *self.resolver.write().unwrap() = Arc::new(fresh);
+                log::info!("owner sources changed: reloaded");
+            }
+            // Keep naming owners with the last good state.
+            Err(e) => log::warn!(
+                "owner sources changed but cannot be read ({e:#}); keeping the previous owners"
+            ),
+        }
     }
 
     pub fn resolver(&self) -> Arc<OwnerResolver> {

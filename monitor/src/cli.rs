@@ -49,7 +49,8 @@ pub enum Command {
     Owners {
         #[arg(long)]
         json: bool,
-        /// Read a device layout (DIR/data/system/packages.list) instead of this host.
+        /// Read a device layout (DIR/data/system/packages.list and packages.xml,
+        /// text or binary) instead of this host.
         #[arg(long)]
         android_root: Option<PathBuf>,
     },
@@ -89,7 +90,8 @@ pub struct RunArgs {
     /// skb_egress is held by another program (e.g. Android's netd).
     #[arg(long)]
     pub hooks: Option<String>,
-    /// Device layout to resolve owners from (DIR/data/system/packages.list).
+    /// Device layout to resolve owners from (DIR/data/system/packages.list and
+    /// packages.xml), e.g. files pulled from a phone; default: this machine.
     #[arg(long)]
     pub android_root: Option<PathBuf>,
     /// Write JSON lines (flow_start, flow_update, flow_end, owner_change,
@@ -214,28 +216,40 @@ async fn serve_until_stopped(listen: SocketAddr, agent: Arc<Agent>) -> Result<()
 }
 
 fn owners(json: bool, android_root: Option<PathBuf>) -> Result<()> {
-    let resolver = OwnerResolver::new(android_root.as_deref());
+    use std::io::Write;
+    let resolver = OwnerResolver::new(android_root.as_deref())?;
     let table = resolver.known_owners();
+    let mut out = String::new();
     if json {
-        println!("{}", serde_json::to_string_pretty(&table)?);
+        out = serde_json::to_string_pretty(&table)?;
+        out.push('\n');
     } else {
-        println!(
-            "{:>8} {:>5} {:>6} {:<10} {:<5} OWNER",
+        out.push_str(&format!(
+            "{:>8} {:>5} {:>6} {:<12} {:<3} OWNER\n",
             "UID", "USER", "APP_ID", "ORIGIN", "FW"
-        );
+        ));
         for o in &table {
-            println!(
-                "{:>8} {:>5} {:>6} {:<10} {:<5} {}",
+            let packages = if o.packages.is_empty() || o.packages == [o.owner.clone()] {
+                String::new()
+            } else {
+                format!(" [{}]", o.packages.join(", "))
+            };
+            out.push_str(&format!(
+                "{:>8} {:>5} {:>6} {:<12} {:<3} {}{packages}\n",
                 o.uid,
                 o.user,
                 o.app_id,
                 o.origin,
                 if o.firmware { "yes" } else { "" },
                 o.owner
-            );
+            ));
         }
     }
-    Ok(())
+    // A closed pipe (`egressmon owners | head`) is not an error.
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn detach(target: Target) -> Result<()> {

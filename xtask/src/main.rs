@@ -181,6 +181,11 @@ fn test(soak_secs: u64) -> Result<()> {
     integration_test("kernel")?;
     shell::step(
         "test",
+        "owners on a simulated Android device (--android-root, app and platform uids)",
+    );
+    integration_test("android")?;
+    shell::step(
+        "test",
         "what users see: a real Prometheus, the JSON log, top in tmux",
     );
     integration_test("observability")?;

@@ -1,0 +1,494 @@
+//! UID -> owner: who a uid is (an app the user installed, a package that
+//! came with the firmware, a platform daemon, a login or service account)
+//! and whether its traffic counts as firmware.
+//!
+//! Android (on a device, or a device layout given with `--android-root DIR`):
+//! uid = user * 100000 + app id. What an app id is follows from its number
+//! ([`aids`]); which packages own it and whether they came with the system
+//! image come from, in order of trust:
+//!
+//! 1. /data/system/packages.xml, text or Android Binary XML
+//!    ([`packages_xml`], [`abx`]): code path, flags, shared-user names;
+//! 2. `pm list packages -U -f` when running on the device itself ([`pm`]);
+//! 3. /data/system/packages.list ([`packages_list`]): names and uids, and its
+//!    installer field (`@system`, `@product`) as a last resort for
+//!    preinstalled packages.
+//!
+//! A source that is missing or damaged is reported (log warning, and
+//! [`OwnerResolver::warnings`]) and the others are used.
+//!
+//! Linux ([`linux`]): /etc/passwd names accounts, /etc/login.defs separates
+//! people from services.
+//!
+//! Origins, as the product contract defines them: `app` (user-installed),
+//! `preinstalled` (system image package, app id >= 10000), `platform` (app
+//! id < 10000), `user` and `system` on Linux, and `unknown` when no source
+//! names the uid. `firmware` = preinstalled, platform or system.
+
+pub mod abx;
+#[cfg(test)]
+mod abx_writer;
+pub mod aids;
+pub mod linux;
+pub mod packages_list;
+pub mod packages_xml;
+pub mod pm;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aids::AppIdClass;
+use monitor_common::KERNEL_UID;
+
+pub const ORIGIN_APP: &str = "app";
+pub const ORIGIN_PREINSTALLED: &str = "preinstalled";
+pub const ORIGIN_PLATFORM: &str = "platform";
+pub const ORIGIN_USER: &str = "user";
+pub const ORIGIN_SYSTEM: &str = "system";
+pub const ORIGIN_UNKNOWN: &str = "unknown";
+
+/// Traffic from these origins was sent by the firmware, not by something the
+/// device's owner chose to install.
+pub fn is_firmware(origin: &str) -> bool {
+    matches!(
+        origin,
+        ORIGIN_PREINSTALLED | ORIGIN_PLATFORM | ORIGIN_SYSTEM
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Owner {
+    pub uid: u32,
+    pub user: u32,
+    pub app_id: u32,
+    pub owner: String,
+    pub packages: Vec<String>,
+    pub origin: String,
+    pub firmware: bool,
+}
+
+/// What the Android sources say about one app id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct AppIdInfo {
+    packages: BTreeSet<String>,
+    shared_user: Option<String>,
+    preinstalled: bool,
+}
+
+/// Evidence about one package, merged across sources.
+#[derive(Debug, Default)]
+struct PackageEvidence {
+    app_id: Option<u32>,
+    /// packages.xml: code path / FLAG_SYSTEM / updated system package.
+    xml: Option<bool>,
+    /// pm: APK path.
+    pm: Option<bool>,
+    /// packages.list: installer field.
+    list: Option<bool>,
+}
+
+impl PackageEvidence {
+    fn preinstalled(&self) -> bool {
+        self.xml.or(self.pm).or(self.list).unwrap_or(false)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Android {
+    apps: HashMap<u32, AppIdInfo>,
+    /// Android users (0, work profiles, secondary users) the sources show.
+    users: BTreeSet<u32>,
+    /// Names partitions give their reserved AIDs (vendor/etc/passwd, ...).
+    partition_names: HashMap<u32, String>,
+}
+
+/// The Android sources to read; tests point them at fixture files.
+#[derive(Debug, Default)]
+pub struct AndroidSources {
+    /// The device's root: DIR for `--android-root DIR`, `/` on the device.
+    pub root: PathBuf,
+    /// Run this `pm` for the live package list (only on the device).
+    pub pm: Option<PathBuf>,
+}
+
+pub struct OwnerResolver {
+    android: Option<Android>,
+    accounts: HashMap<u32, linux::Account>,
+    limits: linux::Limits,
+    warnings: Vec<String>,
+}
+
+const PM: &str = "/system/bin/pm";
+const PM_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl OwnerResolver {
+    /// Reads the owner sources: the device layout under `android_root`, or
+    /// this machine's own (Android when it has /system/bin/pm or
+    /// /data/system/packages.list, Linux otherwise).
+    pub fn new(android_root: Option<&Path>) -> Result<OwnerResolver> {
+        match android_root {
+            Some(root) => {
+                if !root.is_dir() {
+                    bail!(
+                        "--android-root {}: not a directory; give the directory that holds the device's data/system/packages.list",
+                        root.display()
+                    );
+                }
+                let system = root.join("data/system");
+                if !system.join("packages.list").is_file()
+                    && packages_xml::locate(&system).is_none()
+                {
+                    let hint = if root.join("packages.list").is_file() {
+                        format!(
+                            " (this looks like data/system itself: use --android-root {})",
+                            root.parent()
+                                .and_then(Path::parent)
+                                .unwrap_or(Path::new("/"))
+                                .display()
+                        )
+                    } else {
+                        String::new()
+                    };
+                    bail!(
+                        "--android-root {}: found neither {} nor packages.xml next to it{hint}",
+                        root.display(),
+                        system.join("packages.list").display()
+                    );
+                }
+                Ok(Self::android(AndroidSources {
+                    root: root.to_path_buf(),
+                    pm: None,
+                }))
+            }
+            None if Path::new(PM).exists() || Path::new("/data/system/packages.list").exists() => {
+                Ok(Self::android(AndroidSources {
+                    root: PathBuf::from("/"),
+                    pm: Path::new(PM).exists().then(|| PathBuf::from(PM)),
+                }))
+            }
+            None => Ok(Self::linux(Path::new("/"))),
+        }
+    }
+
+    /// A Linux host's accounts under `root` (`/etc/passwd`, `/etc/login.defs`).
+    pub fn linux(root: &Path) -> OwnerResolver {
+        let (accounts, limits) = linux::load(root);
+        OwnerResolver {
+            android: None,
+            accounts,
+            limits,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// An Android device's packages, read from `sources`.
+    pub fn android(sources: AndroidSources) -> OwnerResolver {
+        let mut warnings = Vec::new();
+        let android = load_android(&sources, &mut warnings);
+        for w in &warnings {
+            log::warn!("{w}");
+        }
+        OwnerResolver {
+            android: Some(android),
+            accounts: HashMap::new(),
+            limits: linux::Limits::default(),
+            warnings,
+        }
+    }
+
+    pub fn is_android(&self) -> bool {
+        self.android.is_some()
+    }
+
+    /// What was wrong with the sources (already logged): skipped lines and
+    /// entries, unreadable or damaged files.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Every uid the sources name (packages, shared users, accounts) and,
+    /// on Android, every fixed AID, for each Android user found.
+    pub fn known_owners(&self) -> Vec<Owner> {
+        let mut uids: BTreeSet<u32> = self.accounts.keys().copied().collect();
+        if let Some(a) = &self.android {
+            for &user in &a.users {
+                let base = user * aids::USER_OFFSET;
+                for &(id, _) in aids::AIDS {
+                    // Secondary users have no root (nor 1-3), and the
+                    // overflow uid is one number, not one per user.
+                    if user == 0 || (id >= 1000 && id != aids::OVERFLOW_UID) {
+                        uids.insert(base + id);
+                    }
+                }
+                if user == 0 {
+                    uids.extend(a.partition_names.keys().copied());
+                }
+                uids.extend(a.apps.keys().map(|id| base + id));
+            }
+        }
+        uids.into_iter().map(|uid| self.resolve(uid)).collect()
+    }
+
+    pub fn resolve(&self, uid: u32) -> Owner {
+        let (user, app_id) = aids::split(uid);
+        let mut owner = Owner {
+            uid,
+            user,
+            app_id,
+            owner: format!("uid {uid}"),
+            packages: Vec::new(),
+            origin: ORIGIN_UNKNOWN.into(),
+            firmware: false,
+        };
+        if uid == KERNEL_UID {
+            // Traffic with no socket behind it: the kernel's own (TCP
+            // resets, ICMP errors, ...).
+            owner.owner = "kernel".into();
+            owner.origin = if self.android.is_some() {
+                ORIGIN_PLATFORM
+            } else {
+                ORIGIN_SYSTEM
+            }
+            .into();
+        } else if let Some(android) = &self.android {
+            android.describe(uid, &mut owner);
+        } else if let Some(account) = self.accounts.get(&uid) {
+            owner.owner = account.name.clone();
+            owner.origin = if self.limits.is_person(uid, account) {
+                ORIGIN_USER
+            } else {
+                ORIGIN_SYSTEM
+            }
+            .into();
+        }
+        owner.firmware = is_firmware(&owner.origin);
+        owner
+    }
+}
+
+impl Android {
+    fn describe(&self, uid: u32, o: &mut Owner) {
+        let (user, app_id) = aids::split(uid);
+        let info = self.apps.get(&app_id);
+        let packages = |info: Option<&AppIdInfo>| -> Vec<String> {
+            info.map(|i| i.packages.iter().cloned().collect())
+                .unwrap_or_default()
+        };
+        match aids::classify(app_id) {
+            class @ (AppIdClass::Fixed(_)
+            | AppIdClass::Reserved(_)
+            | AppIdClass::UnnamedPlatform) => {
+                // The platform's own name for the uid says more than a
+                // shared-user name: native daemons run under it too.
+                o.owner = match class {
+                    AppIdClass::Fixed(name) => Some(name.to_string()),
+                    _ => None,
+                }
+                .or_else(|| self.partition_names.get(&app_id).cloned())
+                .or_else(|| info.and_then(|i| i.shared_user.clone()))
+                .unwrap_or_else(|| match class {
+                    AppIdClass::Reserved(r) => aids::reserved_name(r, app_id),
+                    _ => aids::generic_name(uid),
+                });
+                o.packages = packages(info);
+                o.origin = ORIGIN_PLATFORM.into();
+            }
+            AppIdClass::App => match info {
+                Some(i) => {
+                    o.owner = i
+                        .shared_user
+                        .clone()
+                        .or_else(|| i.packages.first().cloned())
+                        .unwrap_or_else(|| aids::generic_name(uid));
+                    o.packages = packages(info);
+                    o.origin = if i.preinstalled {
+                        ORIGIN_PREINSTALLED
+                    } else {
+                        ORIGIN_APP
+                    }
+                    .into();
+                }
+                None => o.owner = aids::generic_name(uid),
+            },
+            AppIdClass::SdkSandbox { app_id: host } => {
+                let host_uid = user * aids::USER_OFFSET + host;
+                match self.apps.get(&host) {
+                    Some(i) if !i.packages.is_empty() => {
+                        let main = i.packages.first().cloned().unwrap_or_default();
+                        o.owner = format!("{main} (sdk sandbox)");
+                        o.packages = packages(Some(i));
+                        o.origin = if i.preinstalled {
+                            ORIGIN_PREINSTALLED
+                        } else {
+                            ORIGIN_APP
+                        }
+                        .into();
+                    }
+                    _ => o.owner = format!("{} (sdk sandbox)", aids::generic_name(host_uid)),
+                }
+            }
+            AppIdClass::Isolated { .. } | AppIdClass::IsolatedLegacy { .. } => {
+                // Isolated uids are handed out at run time to whichever app
+                // starts an isolated service; no file records which.
+                o.owner = format!("{} (isolated)", aids::generic_name(uid));
+            }
+            AppIdClass::Overflow => o.owner = "overflowuid".into(),
+            AppIdClass::ExtGid { .. }
+            | AppIdClass::ExtCacheGid { .. }
+            | AppIdClass::SharedGid { .. }
+            | AppIdClass::Unassigned => o.owner = aids::generic_name(uid),
+        }
+    }
+}
+
+/// Records the app id a source gives a package; the first source wins and
+/// a disagreement is reported.
+fn note_app_id(
+    ev: &mut PackageEvidence,
+    name: &str,
+    app_id: u32,
+    source: &Path,
+    warnings: &mut Vec<String>,
+) {
+    match ev.app_id {
+        None => ev.app_id = Some(app_id),
+        Some(known) if known != app_id => warnings.push(format!(
+            "{}: {name} has app id {app_id} here but {known} in an earlier source; keeping {known}",
+            source.display()
+        )),
+        Some(_) => {}
+    }
+}
+
+/// Numeric entries of `dir` (Android user ids under data/system/users or
+/// data/user).
+fn numeric_entries(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn load_android(sources: &AndroidSources, warnings: &mut Vec<String>) -> Android {
+    let root = &sources.root;
+    let system = root.join("data/system");
+    let mut evidence: BTreeMap<String, PackageEvidence> = BTreeMap::new();
+    let mut shared_users: Vec<packages_xml::SharedUser> = Vec::new();
+    let mut users: BTreeSet<u32> = BTreeSet::from([0]);
+    // packages.list: names and uids of every package (user 0's uid).
+    let list_file = system.join("packages.list");
+    match std::fs::read_to_string(&list_file) {
+        Ok(text) => {
+            let (entries, skipped) = packages_list::parse(&text, &list_file);
+            warnings.extend(skipped);
+            for e in entries {
+                let (user, app_id) = aids::split(e.uid);
+                users.insert(user);
+                let ev = evidence.entry(e.name.clone()).or_default();
+                note_app_id(ev, &e.name, app_id, &list_file, warnings);
+                ev.list = e.installed_with_image();
+            }
+        }
+        Err(e) => warnings.push(format!(
+            "{}: {e}; packages will be named from the other sources only",
+            list_file.display()
+        )),
+    }
+
+    // packages.xml: code paths, flags and shared-user names.
+    match packages_xml::locate(&system) {
+        Some(file) => match packages_xml::load(&file) {
+            Ok((xml, skipped)) => {
+                warnings.extend(skipped);
+                for p in &xml.packages {
+                    let ev = evidence.entry(p.name.clone()).or_default();
+                    note_app_id(ev, &p.name, p.app_id, &file, warnings);
+                    ev.xml = Some(p.preinstalled());
+                }
+                for name in &xml.updated {
+                    if let Some(ev) = evidence.get_mut(name) {
+                        ev.xml = Some(true);
+                    }
+                }
+                shared_users = xml.shared_users;
+            }
+            Err(e) => warnings.push(format!(
+                "{e}; preinstalled packages are told from packages.list's installer field only"
+            )),
+        },
+        None => log::info!(
+            "{}: no packages.xml; preinstalled packages are told from the other sources",
+            system.display()
+        ),
+    }
+
+    // pm: the live list on the device.
+    if let Some(pm) = &sources.pm {
+        match pm::query(pm, PM_TIMEOUT) {
+            Ok(list) => {
+                for p in list {
+                    let Some(&first) = p.uids.first() else {
+                        continue;
+                    };
+                    users.extend(p.uids.iter().map(|u| u / aids::USER_OFFSET));
+                    let ev = evidence.entry(p.name.clone()).or_default();
+                    note_app_id(ev, &p.name, first % aids::USER_OFFSET, pm, warnings);
+                    ev.pm = Some(packages_xml::in_system_image(&p.apk));
+                }
+            }
+            Err(e) => warnings.push(format!("{e}; continuing with the files only")),
+        }
+    }
+
+    users.extend(numeric_entries(&system.join("users")));
+    users.extend(numeric_entries(&root.join("data/user")));
+    // Android user ids are small; a stray directory name must not push
+    // user * 100000 + app id past u32.
+    users.retain(|&u| u < u32::MAX / aids::USER_OFFSET);
+
+    let mut apps: HashMap<u32, AppIdInfo> = HashMap::new();
+    for (name, ev) in &evidence {
+        if let Some(app_id) = ev.app_id {
+            let info = apps.entry(app_id).or_default();
+            info.packages.insert(name.clone());
+            info.preinstalled |= ev.preinstalled();
+        }
+    }
+    for s in shared_users {
+        apps.entry(s.app_id).or_default().shared_user = Some(s.name);
+    }
+
+    // Names partitions give their reserved AIDs (vendor daemons and such).
+    let mut partition_names = HashMap::new();
+    for part in ["system", "system_ext", "product", "vendor", "odm"] {
+        if let Ok(text) = std::fs::read_to_string(root.join(part).join("etc/passwd")) {
+            for (uid, account) in linux::parse_passwd(&text) {
+                if uid < aids::APP_START && aids::aid_name(uid).is_none() {
+                    partition_names.entry(uid).or_insert(account.name);
+                }
+            }
+        }
+    }
+
+    log::info!(
+        "owners: {} packages in {} app ids, {} shared users, users {:?} from {}",
+        evidence.len(),
+        apps.len(),
+        apps.values().filter(|a| a.shared_user.is_some()).count(),
+        users,
+        root.display()
+    );
+    Android {
+        apps,
+        users,
+        partition_names,
+    }
+}
+
+#[cfg(test)]
+mod tests;

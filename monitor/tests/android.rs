@@ -1,0 +1,303 @@
+//! Android owners on the real kernel: a directory laid out like an Android
+//! 14 device (binary packages.xml, packages.list, a work profile, a vendor
+//! passwd), an agent started with `--android-root` on it, and traffic sent
+//! under the uids it describes. `flows --json`, `/metrics` and
+//! `owners --json` must say who each uid is and whether it is firmware.
+//!
+//! Run as root (`cargo xtask test`, or `cargo test -p monitor --test android
+//! -- --test-threads=1`); they never skip.
+
+mod support;
+
+use egressmon::flows::FlowRecord;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use support::*;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/android")
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A device root for one test: the Android 14 fixture plus user 10's data
+/// directory, removed on drop.
+struct DeviceRoot {
+    path: PathBuf,
+}
+
+impl DeviceRoot {
+    fn lay_out(tag: &str) -> DeviceRoot {
+        let path = std::env::temp_dir().join(format!("{tag}-device"));
+        let _ = std::fs::remove_dir_all(&path);
+        copy_tree(&fixtures().join("android14"), &path);
+        // A work profile's app data lives under data/user/10 on the device.
+        std::fs::create_dir_all(path.join("data/user/10/com.example.app")).unwrap();
+        DeviceRoot { path }
+    }
+
+    fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for DeviceRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// uid, owner, packages, origin, firmware.
+type Expected = (
+    u32,
+    &'static str,
+    &'static [&'static str],
+    &'static str,
+    bool,
+);
+
+const EXPECTED: &[Expected] = &[
+    (0, "root", &[], "platform", true),
+    (
+        1000,
+        "system",
+        &["android", "com.android.settings"],
+        "platform",
+        true,
+    ),
+    (
+        1001,
+        "radio",
+        &["com.android.phone", "com.android.providers.telephony"],
+        "platform",
+        true,
+    ),
+    (2901, "vendor_modem_diag", &[], "platform", true),
+    // Preinstalled: /system/priv-app, and a shared uid from /product.
+    (
+        10050,
+        "com.vendor.telemetry",
+        &["com.vendor.telemetry"],
+        "preinstalled",
+        true,
+    ),
+    (
+        10057,
+        "com.google.uid.shared",
+        &["com.google.android.gms", "com.google.android.gsf"],
+        "preinstalled",
+        true,
+    ),
+    // User-installed, in user 0 and in the work profile (user 10).
+    (10123, "com.example.app", &["com.example.app"], "app", false),
+    (
+        1_010_123,
+        "com.example.app",
+        &["com.example.app"],
+        "app",
+        false,
+    ),
+    // The SDK sandbox of com.sandboxed (app id 10200).
+    (
+        20200,
+        "com.sandboxed (sdk sandbox)",
+        &["com.sandboxed"],
+        "app",
+        false,
+    ),
+    // Named by no source: numbers only, never dropped.
+    (99_001, "u0_i9001 (isolated)", &[], "unknown", false),
+    (10_999, "u0_a999", &[], "unknown", false),
+];
+
+fn describe(f: &FlowRecord) -> (u32, u32, String, Vec<String>, String, bool) {
+    (
+        f.user,
+        f.app_id,
+        f.owner.clone(),
+        f.packages.clone(),
+        f.origin.clone(),
+        f.firmware,
+    )
+}
+
+fn expected(e: &Expected) -> (u32, u32, String, Vec<String>, String, bool) {
+    let (uid, owner, packages, origin, firmware) = *e;
+    (
+        uid / 100_000,
+        uid % 100_000,
+        owner.into(),
+        packages.iter().map(|p| p.to_string()).collect(),
+        origin.into(),
+        firmware,
+    )
+}
+
+#[test]
+fn flows_name_every_android_uid_class() {
+    require_root();
+    let tag = tag("android");
+    let device = DeviceRoot::lay_out(&tag);
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:8443");
+    let _sink = start_sink(&net, &[dst.parse::<SocketAddr>().unwrap()], &[]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &["--android-root", device.arg()]);
+
+    for e in EXPECTED {
+        gen(
+            &net,
+            &cgroup.path,
+            e.0,
+            &["tcp", "--dst", &dst, "--count", "1", "--bytes", "100"],
+        );
+    }
+
+    let flows = agent.flows();
+    for e in EXPECTED {
+        let flow = find(&flows, e.0, "tcp", SERVER4, 8443);
+        assert_eq!(describe(flow), expected(e), "uid {}", e.0);
+        assert_eq!(flow.connects, 1, "uid {}", e.0);
+    }
+
+    // The metrics carry the same owner, origin and firmware labels.
+    let metrics = egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").unwrap();
+    for e in EXPECTED {
+        let (uid, owner, _, origin, firmware) = *e;
+        let labels = [
+            format!("uid=\"{uid}\""),
+            format!("owner=\"{owner}\""),
+            format!("origin=\"{origin}\""),
+            format!("firmware=\"{firmware}\""),
+            "proto=\"tcp\"".to_string(),
+        ];
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("egressmon_connects_total{")
+                    && l.ends_with("} 1")
+                    && labels.iter().all(|label| l.contains(label.as_str()))),
+            "no egressmon_connects_total with {labels:?} in\n{metrics}"
+        );
+    }
+}
+
+fn owners_json(root: &str) -> Vec<Value> {
+    let out = Command::new(BIN)
+        .args(["owners", "--json", "--android-root", root])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run egressmon owners");
+    assert!(
+        out.status.success(),
+        "owners --json: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("packages.list:13: skipping malformed line"),
+        "the malformed fixture line is reported: {stderr}"
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .expect("owners --json parses")
+        .as_array()
+        .expect("owners --json is an array")
+        .clone()
+}
+
+#[test]
+fn owners_json_from_an_android_root() {
+    require_root();
+    let device = DeviceRoot::lay_out(&tag("owners"));
+    let table = owners_json(device.arg());
+    let row = |uid: u32| -> &Value {
+        table
+            .iter()
+            .find(|o| o["uid"] == uid)
+            .unwrap_or_else(|| panic!("uid {uid} missing from owners --json"))
+    };
+    for e in EXPECTED.iter().filter(|e| {
+        // Sandbox, isolated and unnamed app uids appear only in traffic.
+        ![20200, 99_001, 10_999].contains(&e.0)
+    }) {
+        let o = row(e.0);
+        let got = (
+            o["user"].as_u64().unwrap() as u32,
+            o["app_id"].as_u64().unwrap() as u32,
+            o["owner"].as_str().unwrap().to_string(),
+            o["packages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_string())
+                .collect::<Vec<_>>(),
+            o["origin"].as_str().unwrap().to_string(),
+            o["firmware"].as_bool().unwrap(),
+        );
+        assert_eq!(got, expected(e), "uid {}", e.0);
+        let keys: Vec<&str> = o.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys.len(), 7, "exactly the contract's fields: {keys:?}");
+    }
+    // Every fixed AID for user 0, the platform AIDs for user 10.
+    for (uid, owner) in [
+        (1010, "wifi"),
+        (1051, "dns"),
+        (1073, "network_stack"),
+        (3003, "inet"),
+        (9999, "nobody"),
+        (1_001_000, "system"),
+        (1_001_073, "network_stack"),
+    ] {
+        assert_eq!(row(uid)["owner"], owner, "uid {uid}");
+        assert_eq!(row(uid)["origin"], "platform", "uid {uid}");
+    }
+    // The updated system app (now in /data/app) and the package only
+    // packages.list's installer field marks as preinstalled.
+    assert_eq!(row(10090)["origin"], "preinstalled");
+    assert_eq!(row(10060)["origin"], "preinstalled");
+    assert!(
+        !table.iter().any(|o| o["uid"] == 1_000_000),
+        "no root for user 10"
+    );
+}
+
+#[test]
+fn a_damaged_packages_xml_is_reported_and_packages_list_still_names_apps() {
+    require_root();
+    let device = DeviceRoot::lay_out(&tag("damaged"));
+    let xml = device.path.join("data/system/packages.xml");
+    let full = std::fs::read(&xml).unwrap();
+    std::fs::write(&xml, &full[..full.len() / 3]).unwrap();
+    let out = Command::new(BIN)
+        .args(["owners", "--json", "--android-root", device.arg()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}: byte ", xml.display())) && stderr.contains("expected"),
+        "the damage is located: {stderr}"
+    );
+    let table: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let app = table.iter().find(|o| o["uid"] == 10123).unwrap();
+    assert_eq!(
+        (app["owner"].as_str(), app["origin"].as_str()),
+        (Some("com.example.app"), Some("app"))
+    );
+    let vendor = table.iter().find(|o| o["uid"] == 10050).unwrap();
+    assert_eq!(vendor["origin"], "preinstalled", "from the installer field");
+}
