@@ -61,6 +61,8 @@ pub struct Agent {
     /// Uids given their own metric series, in order of first appearance.
     pub labelled_uids: Mutex<BTreeSet<u32>>,
     last_flow_count: AtomicU64,
+    owner_reloads: AtomicU64,
+    owner_reloads_rejected: AtomicU64,
     events_received: Arc<AtomicU64>,
     log_errors: AtomicU64,
     started: Instant,
@@ -106,6 +108,12 @@ pub struct Status {
     /// New-flow events this agent read from the ring buffer.
     pub events_received: u64,
     pub log_write_errors: u64,
+    /// Owner sources reread after a change, and rereads refused because the
+    /// files were damaged (the last good owners stay in use).
+    pub owner_reloads: u64,
+    pub owner_reloads_rejected: u64,
+    /// Problems found in the owner sources in use (skipped lines, ...).
+    pub owner_warnings: Vec<String>,
 }
 
 /// Files the owner resolver reads; a change to any of them triggers a reload.
@@ -187,6 +195,8 @@ impl Agent {
             options,
             labelled_uids: Mutex::new(BTreeSet::new()),
             last_flow_count: AtomicU64::new(0),
+            owner_reloads: AtomicU64::new(0),
+            owner_reloads_rejected: AtomicU64::new(0),
             events_received,
             log_errors: AtomicU64::new(0),
             started: Instant::now(),
@@ -277,15 +287,28 @@ impl Agent {
             return;
         }
         *last = now;
+        let current_warnings = self.resolver().warnings().len();
         match OwnerResolver::new(self.options.android_root.as_deref()) {
+            // More damage than before (a truncated packages.xml, a broken
+            // line): keep naming owners with the last good state.
+            Ok(fresh) if fresh.warnings().len() > current_warnings => {
+                self.owner_reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "owner sources changed but are damaged ({}); keeping the previous owners until they are fixed",
+                    fresh.warnings().join("; ")
+                );
+            }
             Ok(fresh) => {
                 *self.resolver.write().unwrap() = Arc::new(fresh);
+                self.owner_reloads.fetch_add(1, Ordering::Relaxed);
                 log::info!("owner sources changed: reloaded");
             }
-            // Keep naming owners with the last good state.
-            Err(e) => log::warn!(
-                "owner sources changed but cannot be read ({e:#}); keeping the previous owners"
-            ),
+            Err(e) => {
+                self.owner_reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "owner sources changed but cannot be read ({e:#}); keeping the previous owners"
+                );
+            }
         }
     }
 
@@ -372,6 +395,9 @@ impl Agent {
                 .max(self.tracker.lock().unwrap().flows_evicted),
             events_received: self.events_received.load(Ordering::Relaxed),
             log_write_errors: self.log_errors.load(Ordering::Relaxed),
+            owner_reloads: self.owner_reloads.load(Ordering::Relaxed),
+            owner_reloads_rejected: self.owner_reloads_rejected.load(Ordering::Relaxed),
+            owner_warnings: self.resolver().warnings().to_vec(),
         })
     }
 

@@ -301,3 +301,68 @@ fn a_damaged_packages_xml_is_reported_and_packages_list_still_names_apps() {
     let vendor = table.iter().find(|o| o["uid"] == 10050).unwrap();
     assert_eq!(vendor["origin"], "preinstalled", "from the installer field");
 }
+
+#[test]
+fn a_damaged_packages_xml_on_reload_keeps_the_last_good_owners() {
+    require_root();
+    let tag = tag("reload");
+    let device = DeviceRoot::lay_out(&tag);
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:8443");
+    let _sink = start_sink(&net, &[dst.parse::<SocketAddr>().unwrap()], &[]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &["--android-root", device.arg()]);
+    for uid in [10057, 10090] {
+        gen(
+            &net,
+            &cgroup.path,
+            uid,
+            &["tcp", "--dst", &dst, "--count", "1"],
+        );
+    }
+    let owners = |agent: &AgentProc| {
+        let flows = agent.flows();
+        [10057, 10090].map(|uid| {
+            let f = find(&flows, uid, "tcp", SERVER4, 8443);
+            (f.owner.clone(), f.origin.clone())
+        })
+    };
+    let good = owners(&agent);
+    assert_eq!(
+        good[0],
+        (
+            "com.google.uid.shared".to_string(),
+            "preinstalled".to_string()
+        )
+    );
+    assert_eq!(
+        good[1].1, "preinstalled",
+        "an updated system app (updated-package under /product)"
+    );
+
+    // The file is cut short while the agent runs (a crash mid-write).
+    let xml = device.path.join("data/system/packages.xml");
+    let full = std::fs::read(&xml).unwrap();
+    std::fs::write(&xml, &full[..full.len() / 3]).unwrap();
+    assert!(
+        eventually(std::time::Duration::from_secs(15), || agent.status()
+            ["owner_reloads_rejected"]
+            .as_u64()
+            >= Some(1)),
+        "the agent noticed the change: {}",
+        agent.status()
+    );
+    assert_eq!(owners(&agent), good, "last good owners kept");
+
+    // Fixed again: the next reread is accepted.
+    std::fs::write(&xml, &full).unwrap();
+    assert!(
+        eventually(std::time::Duration::from_secs(15), || agent.status()
+            ["owner_reloads"]
+            .as_u64()
+            >= Some(1)),
+        "{}",
+        agent.status()
+    );
+    assert_eq!(owners(&agent), good);
+}
