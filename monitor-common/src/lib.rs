@@ -52,6 +52,9 @@ pub struct FlowValue {
     pub tx_bytes: u64,
     pub first_seen: u64,
     pub last_seen: u64,
+    /// Non-zero once this CPU has seen payload on the flow (the first
+    /// payload is captured once per flow, see [`PayloadEvent`]).
+    pub captured: u64,
 }
 
 /// Key of the per-uid totals: uid and IP protocol (so metrics can be split
@@ -100,6 +103,32 @@ pub struct FlowEvent {
     pub _pad: [u8; 7],
 }
 
+/// [`PayloadEvent::kind`]: the first payload bytes a flow sent (TLS
+/// ClientHello, HTTP request, QUIC Initial, DNS query...).
+pub const PAYLOAD_FIRST_EGRESS: u8 = 1;
+/// A DNS response received (UDP or TCP source port 53); the key's address
+/// and port are the resolver's, the uid the receiving socket's.
+pub const PAYLOAD_DNS_RESPONSE: u8 = 2;
+/// Bytes of payload copied per event: a QUIC Initial's minimum datagram.
+pub const PAYLOAD_CAPTURE_BYTES: usize = 1280;
+
+/// Payload bytes for the agent's host-name and payload classification,
+/// over the `PAYLOADS` ring buffer: once per flow at egress, once per DNS
+/// response at ingress. Never per packet otherwise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PayloadEvent {
+    pub key: FlowKey,
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// Payload length in the packet.
+    pub len: u32,
+    /// Bytes copied into `data` (at most [`PAYLOAD_CAPTURE_BYTES`]).
+    pub captured: u32,
+    pub _pad2: u32,
+    pub data: [u8; PAYLOAD_CAPTURE_BYTES],
+}
+
 /// Indices into the per-CPU `STATS` array.
 pub const STAT_EVENTS_LOST: u32 = 0;
 pub const STAT_FLOW_UPDATE_FAILED: u32 = 1;
@@ -109,6 +138,10 @@ pub const STAT_KERNEL_PACKETS: u32 = 4;
 /// Distinct flows announced (each either reached the ring buffer or was
 /// counted in `STAT_EVENTS_LOST`).
 pub const STAT_FLOWS_CREATED: u32 = 5;
+/// Payload events dropped because the `PAYLOADS` ring was full.
+pub const STAT_PAYLOADS_LOST: u32 = 6;
+/// Payload events sent.
+pub const STAT_PAYLOADS_SENT: u32 = 7;
 pub const STAT_COUNT: u32 = 8;
 
 /// Bit in the `CONFIG` array: skb egress is attached (sendmsg hooks then
@@ -122,11 +155,13 @@ pub const MAP_FLOW_SEEN: &str = "FLOW_SEEN";
 pub const MAP_UID_TOTALS: &str = "UID_TOTALS";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_STATS: &str = "STATS";
+pub const MAP_PAYLOADS: &str = "PAYLOADS";
 
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 65_536;
 pub const DEFAULT_UID_ENTRIES: u32 = 16_384;
-pub const DEFAULT_RINGBUF_BYTES: u32 = 256 * 1024;
+pub const DEFAULT_RINGBUF_BYTES: u32 = 1024 * 1024;
+pub const DEFAULT_PAYLOAD_RING_BYTES: u32 = 1024 * 1024;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -136,6 +171,7 @@ mod pod {
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for UidTotals {}
     unsafe impl aya::Pod for UidKey {}
+    unsafe impl aya::Pod for PayloadEvent {}
     unsafe impl aya::Pod for FlowEvent {}
 }
 
@@ -147,7 +183,8 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FlowKey>(), 24);
-        assert_eq!(size_of::<FlowValue>(), 48);
+        assert_eq!(size_of::<FlowValue>(), 56);
+        assert_eq!(size_of::<PayloadEvent>(), 24 + 16 + PAYLOAD_CAPTURE_BYTES);
         assert_eq!(size_of::<UidTotals>(), 32);
         assert_eq!(size_of::<UidKey>(), 8);
         assert_eq!(size_of::<FlowEvent>(), 24 + 8 + 8 + 4 + 4 + 16 + 8);

@@ -19,7 +19,8 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, generated::bpf_skb_cgroup_id,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+        generated::{bpf_skb_cgroup_id, bpf_skb_load_bytes},
     },
     macros::{cgroup_skb, cgroup_sock_addr, map},
     maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -45,6 +46,10 @@ static UID_TOTALS: PerCpuHashMap<UidKey, UidTotals> = PerCpuHashMap::pinned(DEFA
 /// New-flow events for the agent (pid, comm, cgroup of the first sender).
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RINGBUF_BYTES, 0);
+
+/// Payload bytes for host names and payload classes (see `PayloadEvent`).
+#[map(name = "PAYLOADS")]
+static PAYLOADS: RingBuf = RingBuf::pinned(DEFAULT_PAYLOAD_RING_BYTES, 0);
 
 /// Written by the agent at load: `CONFIG_SKB_ATTACHED` tells the sendmsg
 /// programs that skb egress already counts every datagram, so they only name
@@ -143,12 +148,18 @@ fn add_to_uid(uid: u32, proto: u8, delta: &Delta) {
 /// lookup and a few local atomic adds; the slow path (first packet of a flow
 /// on this CPU) inserts and, once per flow, emits an event.
 #[inline(always)]
-fn account(key: &FlowKey, delta: Delta, hook: u8, task_context: bool, skb_cgroup: u64) {
+fn account(
+    key: &FlowKey,
+    delta: Delta,
+    hook: u8,
+    task_context: bool,
+    skb_cgroup: u64,
+) -> Option<*mut FlowValue> {
     let now = unsafe { bpf_ktime_get_boot_ns() };
     add_to_uid(key.uid, key.proto, &delta);
     if let Some(value) = FLOWS.get_ptr_mut(key) {
         add_to_flow(unsafe { &mut *value }, &delta, now);
-        return;
+        return Some(value);
     }
     let fresh = FlowValue {
         connects: delta.connects,
@@ -157,6 +168,7 @@ fn account(key: &FlowKey, delta: Delta, hook: u8, task_context: bool, skb_cgroup
         tx_bytes: delta.bytes,
         first_seen: now,
         last_seen: now,
+        captured: 0,
     };
     if FLOWS.insert(key, fresh, BPF_NOEXIST as u64).is_err() {
         match FLOWS.get_ptr_mut(key) {
@@ -168,10 +180,12 @@ fn account(key: &FlowKey, delta: Delta, hook: u8, task_context: bool, skb_cgroup
             }
         }
     }
-    if FLOW_SEEN.insert(key, now, BPF_NOEXIST as u64).is_ok() {
+    // Bit 0 of the value marks "payload captured"; keep it clear here.
+    if FLOW_SEEN.insert(key, now & !1, BPF_NOEXIST as u64).is_ok() {
         bump_stat(STAT_FLOWS_CREATED);
         emit_new_flow(key, now, hook, task_context, skb_cgroup);
     }
+    FLOWS.get_ptr_mut(key)
 }
 
 #[inline(always)]
@@ -288,28 +302,28 @@ fn udp_send_delta() -> Delta {
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr4(&ctx);
-    account(&key, CONNECT, HOOK_CONNECT4, true, 0);
+    let _ = account(&key, CONNECT, HOOK_CONNECT4, true, 0);
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr6(&ctx);
-    account(&key, CONNECT, HOOK_CONNECT6, true, 0);
+    let _ = account(&key, CONNECT, HOOK_CONNECT6, true, 0);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr4(&ctx);
-    account(&key, udp_send_delta(), HOOK_SENDMSG4, true, 0);
+    let _ = account(&key, udp_send_delta(), HOOK_SENDMSG4, true, 0);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr6(&ctx);
-    account(&key, udp_send_delta(), HOOK_SENDMSG6, true, 0);
+    let _ = account(&key, udp_send_delta(), HOOK_SENDMSG6, true, 0);
     ALLOW
 }
 
@@ -324,8 +338,8 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn count_skb(ctx: &SkBuffContext) {
     let skb = unsafe { &*ctx.skb.skb };
-    let len = skb.len as u64;
-    let Some(mut key) = parse_destination(ctx, skb.protocol) else {
+    let len = skb.len;
+    let Some((mut key, l4_offset)) = parse_destination(ctx, skb.protocol) else {
         bump_stat(STAT_PARSE_SKIPPED);
         return;
     };
@@ -335,10 +349,144 @@ fn count_skb(ctx: &SkBuffContext) {
         connects: 0,
         udp_sends: udp,
         packets: 1,
-        bytes: len,
+        bytes: len as u64,
     };
     let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    account(&key, delta, HOOK_SKB_EGRESS, false, cgroup);
+    let Some(value) = account(&key, delta, HOOK_SKB_EGRESS, false, cgroup) else {
+        return;
+    };
+    // Hot path ends here for every flow whose first payload was seen.
+    if unsafe { (*value).captured } == 0 {
+        capture_first_payload(ctx, &key, l4_offset, len, value);
+    }
+}
+
+/// Offset of the transport payload, if the packet carries any.
+#[inline(always)]
+fn payload_offset(ctx: &SkBuffContext, proto: u8, l4_offset: usize, len: u32) -> Option<usize> {
+    let offset = match proto {
+        PROTO_TCP => {
+            let data_offset: u8 = ctx.load(l4_offset + 12).ok()?;
+            l4_offset + ((data_offset >> 4) as usize) * 4
+        }
+        PROTO_UDP => l4_offset + 8,
+        _ => return None,
+    };
+    (offset < len as usize).then_some(offset)
+}
+
+/// Copies a flow's first payload once: per CPU the flow value's flag stops
+/// further tries; across CPUs bit 0 of the `FLOW_SEEN` value does.
+#[inline(always)]
+fn capture_first_payload(
+    ctx: &SkBuffContext,
+    key: &FlowKey,
+    l4_offset: usize,
+    len: u32,
+    value: *mut FlowValue,
+) {
+    let Some(offset) = payload_offset(ctx, key.proto, l4_offset, len) else {
+        return;
+    };
+    unsafe { (*value).captured = 1 };
+    if let Some(seen) = FLOW_SEEN.get_ptr_mut(key) {
+        // SAFETY: map value from a successful lookup.
+        unsafe {
+            if *seen & 1 != 0 {
+                return;
+            }
+            *seen |= 1;
+        }
+    }
+    emit_payload(ctx, key, PAYLOAD_FIRST_EGRESS, offset, len);
+}
+
+#[inline(always)]
+fn emit_payload(ctx: &SkBuffContext, key: &FlowKey, kind: u8, offset: usize, len: u32) {
+    let Some(mut entry) = PAYLOADS.reserve::<PayloadEvent>(0) else {
+        bump_stat(STAT_PAYLOADS_LOST);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: reserved ring-buffer memory of PayloadEvent's size; every
+    // header field is written, `data` up to `captured`.
+    unsafe {
+        (*event).key = *key;
+        (*event).kind = kind;
+        (*event)._pad = [0; 3];
+        (*event).len = len - offset as u32;
+        (*event)._pad2 = 0;
+        (*event).captured = 0;
+        let available = len.saturating_sub(offset as u32);
+        if available > 0 {
+            // The verifier wants a length it can prove to be in 1..=capacity:
+            // clamp len - 1 to capacity - 1, then add one.
+            let mut last = available - 1;
+            if last > PAYLOAD_CAPTURE_BYTES as u32 - 1 {
+                last = PAYLOAD_CAPTURE_BYTES as u32 - 1;
+            }
+            let n = last + 1;
+            let data = (*event).data.as_mut_ptr() as *mut core::ffi::c_void;
+            if bpf_skb_load_bytes(ctx.skb.skb as *const _, offset as u32, data, n) == 0 {
+                (*event).captured = n;
+            }
+        }
+    }
+    bump_stat(STAT_PAYLOADS_SENT);
+    entry.submit(BPF_RB_NO_WAKEUP);
+}
+
+// ---- skb ingress: DNS responses ---------------------------------------------
+
+#[cgroup_skb(ingress)]
+pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
+    dns_response(&ctx);
+    ALLOW
+}
+
+/// Forwards DNS responses (source port 53) to the agent, keyed by the
+/// receiving socket's uid and the resolver's address. Any other packet costs
+/// two byte loads and a compare.
+#[inline(always)]
+fn dns_response(ctx: &SkBuffContext) -> Option<()> {
+    let skb = unsafe { &*ctx.skb.skb };
+    let mut key = FlowKey::default();
+    let l4_offset;
+    match u16::from_be(skb.protocol as u16) as u32 {
+        ETH_P_IP => {
+            key.proto = ctx.load::<u8>(9).ok()?;
+            if key.proto != PROTO_UDP && key.proto != PROTO_TCP {
+                return None;
+            }
+            let vihl: u8 = ctx.load(0).ok()?;
+            l4_offset = ((vihl & 0x0f) as usize) * 4;
+            key.family = FAMILY_IPV4;
+        }
+        ETH_P_IPV6 => {
+            key.proto = ctx.load::<u8>(6).ok()?;
+            if key.proto != PROTO_UDP && key.proto != PROTO_TCP {
+                return None;
+            }
+            l4_offset = 40;
+            key.family = FAMILY_IPV6;
+        }
+        _ => return None,
+    }
+    let sport: u16 = ctx.load(l4_offset).ok()?;
+    if u16::from_be(sport) != 53 {
+        return None;
+    }
+    if key.family == FAMILY_IPV4 {
+        let saddr: [u8; 4] = ctx.load(12).ok()?;
+        key.addr[..4].copy_from_slice(&saddr);
+    } else {
+        key.addr = ctx.load(8).ok()?;
+    }
+    key.port = 53;
+    key.uid = skb_owner(ctx);
+    let offset = payload_offset(ctx, key.proto, l4_offset, skb.len)?;
+    emit_payload(ctx, &key, PAYLOAD_DNS_RESPONSE, offset, skb.len);
+    Some(())
 }
 
 /// The socket's uid, or [`KERNEL_UID`] when the skb carries no full socket.
@@ -355,7 +503,7 @@ fn skb_owner(ctx: &SkBuffContext) -> u32 {
 /// Destination (protocol, family, address, port) from the IP header. The
 /// hook runs before fragmentation, so every skb starts with its L4 header.
 #[inline(always)]
-fn parse_destination(ctx: &SkBuffContext, protocol_be: u32) -> Option<FlowKey> {
+fn parse_destination(ctx: &SkBuffContext, protocol_be: u32) -> Option<(FlowKey, usize)> {
     let mut key = FlowKey::default();
     let l4_offset;
     match u16::from_be(protocol_be as u16) as u32 {
@@ -379,7 +527,7 @@ fn parse_destination(ctx: &SkBuffContext, protocol_be: u32) -> Option<FlowKey> {
         let dport: u16 = ctx.load(l4_offset + 2).ok()?;
         key.port = u16::from_be(dport);
     }
-    Some(key)
+    Some((key, l4_offset))
 }
 
 const _: () = {

@@ -17,15 +17,17 @@ pub enum Hook {
     Sendmsg4,
     Sendmsg6,
     SkbEgress,
+    SkbIngress,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 5] = [
+    pub const ALL: [Hook; 6] = [
         Hook::Connect4,
         Hook::Connect6,
         Hook::Sendmsg4,
         Hook::Sendmsg6,
         Hook::SkbEgress,
+        Hook::SkbIngress,
     ];
 
     /// Name used on the command line, in status, metrics and pin files.
@@ -36,25 +38,24 @@ impl Hook {
             Hook::Sendmsg4 => "sendmsg4",
             Hook::Sendmsg6 => "sendmsg6",
             Hook::SkbEgress => "skb_egress",
+            Hook::SkbIngress => "skb_ingress",
         }
     }
 
-    /// Program (function) name in the eBPF object.
+    /// Program (function) name in the eBPF object (the same as the hook's).
     pub fn program(self) -> &'static str {
-        match self {
-            Hook::SkbEgress => "skb_egress",
-            other => other.name(),
-        }
+        self.name()
     }
 
     /// `enum bpf_attach_type` value.
     pub fn attach_type(self) -> u32 {
         match self {
-            Hook::SkbEgress => 1, // BPF_CGROUP_INET_EGRESS
-            Hook::Connect4 => 10, // BPF_CGROUP_INET4_CONNECT
-            Hook::Connect6 => 11, // BPF_CGROUP_INET6_CONNECT
-            Hook::Sendmsg4 => 14, // BPF_CGROUP_UDP4_SENDMSG
-            Hook::Sendmsg6 => 15, // BPF_CGROUP_UDP6_SENDMSG
+            Hook::SkbIngress => 0, // BPF_CGROUP_INET_INGRESS
+            Hook::SkbEgress => 1,  // BPF_CGROUP_INET_EGRESS
+            Hook::Connect4 => 10,  // BPF_CGROUP_INET4_CONNECT
+            Hook::Connect6 => 11,  // BPF_CGROUP_INET6_CONNECT
+            Hook::Sendmsg4 => 14,  // BPF_CGROUP_UDP4_SENDMSG
+            Hook::Sendmsg6 => 15,  // BPF_CGROUP_UDP6_SENDMSG
         }
     }
 
@@ -66,6 +67,10 @@ impl Hook {
                 let known: Vec<_> = Hook::ALL.iter().map(|h| h.name()).collect();
                 anyhow::anyhow!("unknown hook `{name}`: choose from {}", known.join(", "))
             })
+    }
+
+    pub fn is_skb(self) -> bool {
+        matches!(self, Hook::SkbEgress | Hook::SkbIngress)
     }
 
     pub fn is_sendmsg(self) -> bool {

@@ -169,7 +169,7 @@ impl Kernel {
             .program_mut(hook.program())
             .with_context(|| format!("program {} missing from the object", hook.program()))?;
         let prog_fd = match hook {
-            Hook::SkbEgress => {
+            Hook::SkbEgress | Hook::SkbIngress => {
                 let p: &mut CgroupSkb = program.try_into()?;
                 p.load().map_err(|e| verifier_error(hook, e))?;
                 p.fd()?.try_clone()?
@@ -307,6 +307,15 @@ impl Kernel {
         Ok(out)
     }
 
+    /// The payload ring (taken once by the payload reader).
+    pub fn take_payloads(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(MAP_PAYLOADS)
+            .context("PAYLOADS map already taken")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
     /// The new-flow event ring (taken once by the event reader).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
@@ -330,6 +339,7 @@ pub fn sum_flow<'a>(values: impl Iterator<Item = &'a FlowValue>) -> FlowValue {
             total.first_seen = v.first_seen;
         }
         total.last_seen = total.last_seen.max(v.last_seen);
+        total.captured |= v.captured;
     }
     total
 }

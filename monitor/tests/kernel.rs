@@ -424,7 +424,10 @@ fn netd_held_hooks_are_skipped_never_replaced() {
         .filter(|h| h["attached"] == true)
         .map(|h| h["hook"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(attached, ["connect6", "sendmsg4", "sendmsg6"]);
+    assert_eq!(
+        attached,
+        ["connect6", "sendmsg4", "sendmsg6", "skb_ingress"]
+    );
     agent.detach();
     assert_eq!((egress.query(), connect4.query()), before);
 }
@@ -437,7 +440,10 @@ fn detach_leaves_no_program_link_or_pin() {
     let mut agent = AgentProc::start(
         &cgroup.path,
         &tag,
-        &["--hooks", "connect4,connect6,sendmsg4,sendmsg6,skb_egress"],
+        &[
+            "--hooks",
+            "connect4,connect6,sendmsg4,sendmsg6,skb_egress,skb_ingress",
+        ],
     );
     let mut ids = Vec::new();
     for hook in Hook::ALL {
@@ -448,7 +454,7 @@ fn detach_leaves_no_program_link_or_pin() {
     let pin_dir = agent.pin_dir.clone();
     assert!(pin_dir.join("link_skb_egress").exists() && pin_dir.join("FLOWS").exists());
     let out = agent.detach();
-    assert!(out.contains("detached 5 link(s)"), "{out}");
+    assert!(out.contains("detached 6 link(s)"), "{out}");
     assert!(!pin_dir.exists(), "pin directory removed");
     for hook in Hook::ALL {
         assert!(
