@@ -3,6 +3,9 @@
 //! network namespace and a cgroup and drop to a uid before sending, so the
 //! traffic is attributed exactly as a real app's would be.
 
+mod dns;
+mod hello;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::io::{Read, Write};
@@ -74,12 +77,40 @@ pub enum GenKind {
         #[arg(long, default_value_t = 16)]
         size: usize,
     },
+    /// Resolve HOST through RESOLVER, then POST BYTES of form data over
+    /// cleartext HTTP/1.1 to it (as a device activation call would).
+    HttpPost {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        resolver: SocketAddr,
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        #[arg(long, default_value_t = 256)]
+        bytes: usize,
+    },
+    /// Resolve HOST through RESOLVER, then open TLS to it: a ClientHello with
+    /// HOST as server_name, reading the server's answer.
+    Tls {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        resolver: SocketAddr,
+        #[arg(long, default_value_t = 443)]
+        port: u16,
+    },
     /// Sink: accept TCP and drain UDP on the given addresses until killed.
     Serve {
         #[arg(long)]
         tcp: Vec<SocketAddr>,
         #[arg(long)]
         udp: Vec<SocketAddr>,
+        /// Answer DNS A queries on this address from --zone.
+        #[arg(long)]
+        dns: Option<SocketAddr>,
+        /// name=ipv4 records for --dns.
+        #[arg(long)]
+        zone: Vec<String>,
     },
 }
 
@@ -167,7 +198,52 @@ pub fn run(args: GenArgs) -> Result<()> {
             }
             Ok(())
         }
-        GenKind::Serve { tcp, udp } => serve(tcp, udp),
+        GenKind::HttpPost {
+            host,
+            resolver,
+            port,
+            bytes,
+        } => {
+            let ip = dns::resolve(resolver, &host)?;
+            let body = "k=".to_string() + &"v".repeat(bytes.saturating_sub(2));
+            let request = format!(
+                "POST /activate HTTP/1.1
+Host: {host}
+Content-Type: application/x-www-form-urlencoded
+Content-Length: {}
+Connection: close
+
+{body}",
+                body.len()
+            );
+            one_tcp(SocketAddr::new(ip.into(), port), request.as_bytes())
+        }
+        GenKind::Tls {
+            host,
+            resolver,
+            port,
+        } => {
+            let ip = dns::resolve(resolver, &host)?;
+            let mut stream = TcpStream::connect(SocketAddr::new(ip.into(), port))?;
+            stream.write_all(&hello::client_hello(&host, std::process::id() as u64))?;
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            let mut reply = [0u8; 4096];
+            let n = stream.read(&mut reply).unwrap_or(0);
+            println!("tls: {n} bytes from the server");
+            Ok(())
+        }
+        GenKind::Serve {
+            tcp,
+            udp,
+            dns: dns_listen,
+            zone,
+        } => {
+            let resolver = match dns_listen {
+                Some(listen) => Some(dns::serve(listen, dns::parse_zone(&zone)?)?),
+                None => None,
+            };
+            serve(tcp, udp, resolver)
+        }
     }
 }
 
@@ -215,11 +291,15 @@ fn one_tcp(dst: SocketAddr, payload: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn serve(tcp: Vec<SocketAddr>, udp: Vec<SocketAddr>) -> Result<()> {
-    if tcp.is_empty() && udp.is_empty() {
-        bail!("serve needs at least one --tcp or --udp address");
+fn serve(
+    tcp: Vec<SocketAddr>,
+    udp: Vec<SocketAddr>,
+    resolver: Option<std::thread::JoinHandle<()>>,
+) -> Result<()> {
+    if tcp.is_empty() && udp.is_empty() && resolver.is_none() {
+        bail!("serve needs at least one --tcp, --udp or --dns address");
     }
-    let mut handles = Vec::new();
+    let mut handles: Vec<_> = resolver.into_iter().collect();
     for addr in tcp {
         let listener = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
         handles.push(std::thread::spawn(move || {
