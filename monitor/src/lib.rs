@@ -11,6 +11,7 @@ pub mod client;
 pub mod events;
 pub mod flows;
 pub mod hooks;
+pub mod inspect;
 pub mod jsonl;
 pub mod kernel;
 pub mod metrics;
