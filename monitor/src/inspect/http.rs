@@ -202,7 +202,7 @@ fn target_host(method: &str, target: &str) -> Option<String> {
         return None;
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    authority_host(rest[..end].as_bytes())
+    authority_host(&rest.as_bytes()[..end])
 }
 
 #[cfg(test)]

@@ -54,8 +54,7 @@ pub fn is_client_hello(data: &[u8]) -> bool {
     header[0] == CONTENT_HANDSHAKE
         && header[1] == 3
         && header[2] <= 4
-        && len >= 4
-        && len <= MAX_RECORD
+        && (4..=MAX_RECORD).contains(&len)
         && header[5] == HANDSHAKE_CLIENT_HELLO
 }
 
