@@ -1,0 +1,947 @@
+//! Alert rules: which flows deserve an `alert` event and a count in
+//! `egressmon_alerts_total{rule}`.
+//!
+//! Owns: the rules file format (TOML, `--rules FILE`), checking it (a bad
+//! file is refused with its line, column and what is wrong), the shipped
+//! default rules, and matching flows against the rules, including the one
+//! piece of state a rule can need: the countries each owner has reached.
+//!
+//! ```toml
+//! defaults = true            # keep the shipped rules (the default)
+//!
+//! [[rule]]
+//! name = "platform-to-cn"    # required, unique: the metric label
+//! firmware = true            # every condition given must hold;
+//! country = ["CN", "HK"]     # a list matches any of its values
+//! ```
+//!
+//! Conditions (all optional, at least one per rule): `uid`, `owner` (glob,
+//! matched against the owner and each of its packages), `package` (glob,
+//! packages only), `origin` (app, preinstalled, platform, user, system,
+//! unknown), `firmware` (bool), `host` (glob; a flow without a host name
+//! does not match), `country` (ISO code), `asn`, `port`, `proto` (tcp,
+//! udp, icmp, icmpv6), `payload` (tls, quic, http, dns, cleartext,
+//! unknown), `new_country` (bool: the flow's country is one its owner had
+//! not reached before, since the agent started or since the state it was
+//! given with [`Rules::learn_country`]). Every condition but `firmware`
+//! and `new_country` takes one value or a list. Globs: `*` any run of
+//! characters, `?` one character, `[abc]`, `[a-z]`, `[!a-z]`, `\` escapes;
+//! matching ignores ASCII case.
+//!
+//! Shipped defaults, on unless the file says `defaults = false` (a rule of
+//! the file with the same name replaces a default): `firmware-cleartext`
+//! (firmware sending `http` or `cleartext` payload) and
+//! `firmware-new-country` (firmware reaching a country it had never reached
+//! before).
+//!
+//! When to evaluate: [`Rules::evaluate`] answers for one flow as it is now.
+//! The caller calls it once when a flow appears and again only when a field
+//! a rule can look at changes (host, country, asn, payload, owner, origin),
+//! not on every counter update, so that one flow raises an alert once.
+//! `new_country` is stateful: the first evaluation of a flow records its
+//! country for its owner, so a second evaluation of the same flow no longer
+//! sees it as new.
+
+use crate::flows::FlowRecord;
+use crate::inspect::Payload;
+use anyhow::{anyhow, Context, Result};
+use serde::de::{self, Deserializer, IntoDeserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::Path;
+
+/// The shipped rules, in the rules file format.
+pub const DEFAULT_RULES: &str = r#"
+[[rule]]
+name = "firmware-cleartext"
+firmware = true
+payload = ["http", "cleartext"]
+
+[[rule]]
+name = "firmware-new-country"
+firmware = true
+new_country = true
+"#;
+
+/// Owners whose reached countries are remembered at most (each holds at
+/// most the ~250 country codes).
+const MAX_OWNERS_TRACKED: usize = 65_536;
+
+/// One value or a list of values; matches if any matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnyOf<T>(pub Vec<T>);
+
+impl<T> AnyOf<T> {
+    pub fn any(&self, f: impl FnMut(&T) -> bool) -> bool {
+        self.0.iter().any(f)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for AnyOf<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = AnyOf<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AnyOf<T>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element()? {
+                    out.push(v);
+                }
+                if out.is_empty() {
+                    return Err(de::Error::custom("an empty list matches nothing: give at least one value or leave the condition out"));
+                }
+                Ok(AnyOf(out))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<AnyOf<T>, E> {
+                T::deserialize(v.into_deserializer()).map(|v| AnyOf(vec![v]))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<AnyOf<T>, E> {
+                T::deserialize(v.into_deserializer()).map(|v| AnyOf(vec![v]))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<AnyOf<T>, E> {
+                T::deserialize(v.into_deserializer()).map(|v| AnyOf(vec![v]))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AnyOf<T>, E> {
+                T::deserialize(v.into_deserializer()).map(|v| AnyOf(vec![v]))
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
+}
+
+/// A compiled glob pattern (see the module documentation for the syntax).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob {
+    pattern: String,
+    tokens: Vec<Token>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Char(char),
+    AnyChar,
+    Star,
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
+}
+
+impl Token {
+    fn matches(&self, c: char) -> bool {
+        match self {
+            Token::Char(p) => *p == c,
+            Token::AnyChar => true,
+            Token::Star => false,
+            Token::Class { negated, ranges } => {
+                ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated
+            }
+        }
+    }
+}
+
+impl Glob {
+    pub fn new(pattern: &str) -> Result<Glob, String> {
+        if pattern.is_empty() {
+            return Err("empty glob: use \"*\" to match anything".into());
+        }
+        let mut tokens = Vec::new();
+        let mut chars = pattern.chars().map(|c| c.to_ascii_lowercase());
+        while let Some(c) = chars.next() {
+            let token = match c {
+                '*' => {
+                    if tokens.last() == Some(&Token::Star) {
+                        continue;
+                    }
+                    Token::Star
+                }
+                '?' => Token::AnyChar,
+                '\\' => Token::Char(chars.next().ok_or_else(|| {
+                    format!(
+                        "bad glob {pattern:?}: it ends in a lone \\ (write \\\\ for a backslash)"
+                    )
+                })?),
+                '[' => {
+                    let mut negated = false;
+                    let mut ranges = Vec::new();
+                    let mut first = true;
+                    loop {
+                        let Some(c) = chars.next() else {
+                            return Err(format!(
+                                "bad glob {pattern:?}: [ is never closed (write \\[ for a bracket)"
+                            ));
+                        };
+                        match c {
+                            '!' | '^' if first && !negated => {
+                                negated = true;
+                                continue;
+                            }
+                            ']' if !ranges.is_empty() => break,
+                            ']' => {
+                                return Err(format!("bad glob {pattern:?}: empty []"));
+                            }
+                            _ => {}
+                        }
+                        first = false;
+                        let lo = if c == '\\' {
+                            chars
+                                .next()
+                                .ok_or_else(|| format!("bad glob {pattern:?}: [ is never closed"))?
+                        } else {
+                            c
+                        };
+                        ranges.push((lo, lo));
+                        // A range a-z: look ahead through a clone.
+                        let mut ahead = chars.clone();
+                        if ahead.next() == Some('-') {
+                            match ahead.next() {
+                                Some(']') | None => {}
+                                Some(hi) => {
+                                    if hi < lo {
+                                        return Err(format!(
+                                            "bad glob {pattern:?}: range {lo}-{hi} is backwards"
+                                        ));
+                                    }
+                                    ranges.pop();
+                                    ranges.push((lo, hi));
+                                    chars = ahead;
+                                }
+                            }
+                        }
+                    }
+                    Token::Class { negated, ranges }
+                }
+                c => Token::Char(c),
+            };
+            tokens.push(token);
+        }
+        Ok(Glob {
+            pattern: pattern.to_string(),
+            tokens,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Whether the whole of `text` matches (ASCII case ignored).
+    pub fn matches(&self, text: &str) -> bool {
+        let text: Vec<char> = text.chars().map(|c| c.to_ascii_lowercase()).collect();
+        let p = &self.tokens;
+        let (mut pi, mut ti) = (0usize, 0usize);
+        let mut star: Option<(usize, usize)> = None;
+        loop {
+            if pi < p.len() {
+                if p[pi] == Token::Star {
+                    star = Some((pi, ti));
+                    pi += 1;
+                    continue;
+                }
+                if ti < text.len() && p[pi].matches(text[ti]) {
+                    pi += 1;
+                    ti += 1;
+                    continue;
+                }
+            } else if ti == text.len() {
+                return true;
+            }
+            match star {
+                Some((sp, st)) if st < text.len() => {
+                    star = Some((sp, st + 1));
+                    pi = sp + 1;
+                    ti = st + 1;
+                }
+                _ => return false,
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Glob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Glob::new(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A country code: two ASCII letters, kept uppercase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Country(String);
+
+impl Country {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Country {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() == 2 && s.bytes().all(|b| b.is_ascii_alphabetic()) {
+            Ok(Country(s.to_ascii_uppercase()))
+        } else {
+            Err(de::Error::custom(format!(
+                "bad country {s:?}: use a two-letter ISO 3166-1 code such as \"CN\""
+            )))
+        }
+    }
+}
+
+/// The owner classes of the product contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    App,
+    Preinstalled,
+    Platform,
+    User,
+    System,
+    Unknown,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::App => crate::owners::ORIGIN_APP,
+            Origin::Preinstalled => crate::owners::ORIGIN_PREINSTALLED,
+            Origin::Platform => crate::owners::ORIGIN_PLATFORM,
+            Origin::User => crate::owners::ORIGIN_USER,
+            Origin::System => crate::owners::ORIGIN_SYSTEM,
+            Origin::Unknown => crate::owners::ORIGIN_UNKNOWN,
+        }
+    }
+}
+
+/// IP protocols, named as in the flow table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+            Proto::Icmpv6 => "icmpv6",
+        }
+    }
+}
+
+/// One `[[rule]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub uid: Option<AnyOf<u32>>,
+    pub owner: Option<AnyOf<Glob>>,
+    pub package: Option<AnyOf<Glob>>,
+    pub origin: Option<AnyOf<Origin>>,
+    pub firmware: Option<bool>,
+    pub host: Option<AnyOf<Glob>>,
+    pub country: Option<AnyOf<Country>>,
+    pub asn: Option<AnyOf<u32>>,
+    pub port: Option<AnyOf<u16>>,
+    pub proto: Option<AnyOf<Proto>>,
+    pub payload: Option<AnyOf<Payload>>,
+    pub new_country: Option<bool>,
+}
+
+impl Rule {
+    fn has_conditions(&self) -> bool {
+        self.uid.is_some()
+            || self.owner.is_some()
+            || self.package.is_some()
+            || self.origin.is_some()
+            || self.firmware.is_some()
+            || self.host.is_some()
+            || self.country.is_some()
+            || self.asn.is_some()
+            || self.port.is_some()
+            || self.proto.is_some()
+            || self.payload.is_some()
+            || self.new_country.is_some()
+    }
+
+    /// Whether `flow` meets every condition; `new_country` says whether the
+    /// flow's country is new for its owner.
+    pub fn matches(&self, flow: &FlowRecord, new_country: bool) -> bool {
+        fn check<T>(cond: &Option<T>, f: impl FnOnce(&T) -> bool) -> bool {
+            cond.as_ref().is_none_or(f)
+        }
+        check(&self.uid, |c| c.any(|u| *u == flow.uid))
+            && check(&self.owner, |c| {
+                c.any(|g| g.matches(&flow.owner) || flow.packages.iter().any(|p| g.matches(p)))
+            })
+            && check(&self.package, |c| {
+                c.any(|g| flow.packages.iter().any(|p| g.matches(p)))
+            })
+            && check(&self.origin, |c| c.any(|o| o.as_str() == flow.origin))
+            && check(&self.firmware, |f| *f == flow.firmware)
+            && check(&self.host, |c| {
+                flow.host
+                    .as_deref()
+                    .is_some_and(|h| c.any(|g| g.matches(h)))
+            })
+            && check(&self.country, |c| {
+                flow.country
+                    .as_deref()
+                    .is_some_and(|fc| c.any(|x| x.as_str().eq_ignore_ascii_case(fc)))
+            })
+            && check(&self.asn, |c| flow.asn.is_some_and(|a| c.any(|x| *x == a)))
+            && check(&self.port, |c| c.any(|p| *p == flow.port))
+            && check(&self.proto, |c| c.any(|p| p.as_str() == flow.proto))
+            && check(&self.payload, |c| c.any(|p| p.as_str() == flow.payload))
+            && check(&self.new_country, |n| *n == new_country)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    defaults: Option<bool>,
+    #[serde(default)]
+    rule: Vec<Rule>,
+}
+
+/// The rule names with their places, read once the file is known to be
+/// well formed.
+#[derive(Deserialize)]
+struct NamesOnly {
+    #[serde(default)]
+    rule: Vec<NameOnly>,
+}
+
+#[derive(Deserialize)]
+struct NameOnly {
+    name: toml::Spanned<String>,
+}
+
+/// The rules in force and the state they keep.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    rules: Vec<Rule>,
+    /// owner -> countries it has reached.
+    reached: HashMap<String, BTreeSet<String>>,
+}
+
+impl Rules {
+    /// The shipped rules alone.
+    pub fn defaults() -> Rules {
+        Rules::parse(DEFAULT_RULES, "(shipped defaults)").expect("the shipped rules parse")
+    }
+
+    /// No rules at all.
+    pub fn none() -> Rules {
+        Rules::default()
+    }
+
+    /// Reads a rules file (see the module documentation for its format).
+    pub fn load(path: &Path) -> Result<Rules> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read rules file {}: check the path and its permissions",
+                path.display()
+            )
+        })?;
+        Rules::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses rules from `text`; `origin` names it in errors. Unless the
+    /// text says `defaults = false`, the shipped rules are added (after the
+    /// file's, and only those whose names the file does not use).
+    pub fn parse(text: &str, origin: &str) -> Result<Rules> {
+        let file: RulesFile = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
+        let names: Vec<toml::Spanned<String>> = toml::from_str::<NamesOnly>(text)
+            .map(|n| n.rule.into_iter().map(|r| r.name).collect())
+            .unwrap_or_default();
+        let mut rules: Vec<Rule> = Vec::with_capacity(file.rule.len());
+        for (i, rule) in file.rule.into_iter().enumerate() {
+            let at = names
+                .get(i)
+                .map(|n| line_col(text, n.span().start))
+                .unwrap_or((0, 0));
+            let problem = if rule.name.trim().is_empty() {
+                Some("the rule name is empty: give every rule a name".to_string())
+            } else if rules.iter().any(|r| r.name == rule.name) {
+                Some(format!(
+                    "a second rule named {:?}: rule names must be unique",
+                    rule.name
+                ))
+            } else if !rule.has_conditions() {
+                Some(format!(
+                    "rule {:?} has no conditions and would match every flow: add at least one",
+                    rule.name
+                ))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(anyhow!(
+                    "rules file {origin}, line {}, column {}: {problem}; {FIX}",
+                    at.0,
+                    at.1
+                ));
+            }
+            rules.push(rule);
+        }
+        if file.defaults.unwrap_or(true) && text != DEFAULT_RULES {
+            for default in Rules::defaults().rules {
+                if !rules.iter().any(|r| r.name == default.name) {
+                    rules.push(default);
+                }
+            }
+        }
+        Ok(Rules {
+            rules,
+            reached: HashMap::new(),
+        })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.rules.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    /// The names of the rules `flow` matches, in the order of the rules.
+    /// Records the flow's country as reached by its owner (see the module
+    /// documentation on when to call this).
+    pub fn evaluate(&mut self, flow: &FlowRecord) -> Vec<String> {
+        let new_country = flow
+            .country
+            .as_deref()
+            .is_some_and(|c| !self.has_reached(&flow.owner, c));
+        let matched = self
+            .rules
+            .iter()
+            .filter(|r| r.matches(flow, new_country))
+            .map(|r| r.name.clone())
+            .collect();
+        if let Some(country) = flow.country.as_deref() {
+            self.learn_country(&flow.owner, country);
+        }
+        matched
+    }
+
+    /// Whether `owner` is known to have reached `country`.
+    pub fn has_reached(&self, owner: &str, country: &str) -> bool {
+        self.reached
+            .get(owner)
+            .is_some_and(|set| set.contains(&country.to_ascii_uppercase()))
+    }
+
+    /// Records that `owner` has reached `country` (for example from a
+    /// previous run), so it will not count as new.
+    pub fn learn_country(&mut self, owner: &str, country: &str) {
+        let country = country.to_ascii_uppercase();
+        if let Some(set) = self.reached.get_mut(owner) {
+            set.insert(country);
+        } else if self.reached.len() < MAX_OWNERS_TRACKED {
+            self.reached
+                .insert(owner.to_string(), BTreeSet::from([country]));
+        }
+    }
+
+    /// Every owner and the countries it has reached.
+    pub fn countries_reached(&self) -> impl Iterator<Item = (&str, &BTreeSet<String>)> {
+        self.reached.iter().map(|(o, c)| (o.as_str(), c))
+    }
+}
+
+/// What to do about any error in a rules file.
+const FIX: &str = "fix the rules file, or start without --rules to use the shipped defaults";
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let message = e.message().trim().trim_end_matches('.');
+    match e.span() {
+        Some(span) => {
+            let (line, column) = line_col(text, span.start);
+            anyhow!("rules file {origin}, line {line}, column {column}: {message}; {FIX}")
+        }
+        None => anyhow!("rules file {origin}: {message}; {FIX}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow() -> FlowRecord {
+        FlowRecord {
+            uid: 1000,
+            user: 0,
+            app_id: 1000,
+            owner: "system".into(),
+            packages: vec!["android".into(), "com.android.settings".into()],
+            origin: "platform".into(),
+            firmware: true,
+            comm: None,
+            pid: None,
+            cgroup_id: None,
+            proto: "tcp".into(),
+            family: "ipv4".into(),
+            dst: "203.0.113.7".into(),
+            port: 80,
+            connects: 1,
+            udp_sends: 0,
+            tx_packets: 3,
+            tx_bytes: 400,
+            first_seen: None,
+            last_seen: None,
+            host: Some("zzhc.example.cn".into()),
+            host_source: Some("dns".into()),
+            country: Some("CN".into()),
+            asn: Some(4134),
+            payload: "http".into(),
+        }
+    }
+
+    fn app_flow() -> FlowRecord {
+        FlowRecord {
+            uid: 10123,
+            app_id: 10123,
+            owner: "org.example.app".into(),
+            packages: vec!["org.example.app".into()],
+            origin: "app".into(),
+            firmware: false,
+            payload: "tls".into(),
+            host: Some("api.example.org".into()),
+            host_source: Some("sni".into()),
+            port: 443,
+            ..flow()
+        }
+    }
+
+    #[test]
+    fn defaults_flag_firmware_cleartext_and_new_countries() {
+        let mut rules = Rules::defaults();
+        assert_eq!(
+            rules.names(),
+            ["firmware-cleartext", "firmware-new-country"]
+        );
+        let f = flow();
+        assert_eq!(
+            rules.evaluate(&f),
+            ["firmware-cleartext", "firmware-new-country"]
+        );
+        // Same flow again: CN is no longer new for "system".
+        assert_eq!(rules.evaluate(&f), ["firmware-cleartext"]);
+        // Another owner reaching CN for the first time is new.
+        let other = FlowRecord {
+            owner: "com.vendor.activation".into(),
+            payload: "tls".into(),
+            origin: "preinstalled".into(),
+            ..flow()
+        };
+        assert_eq!(rules.evaluate(&other), ["firmware-new-country"]);
+        // A user app: nothing, even in cleartext to a new country.
+        let app = FlowRecord {
+            payload: "cleartext".into(),
+            country: Some("RU".into()),
+            ..app_flow()
+        };
+        assert!(rules.evaluate(&app).is_empty());
+        assert!(rules.has_reached("org.example.app", "ru"));
+        // No country: never new.
+        let nowhere = FlowRecord {
+            country: None,
+            payload: "tls".into(),
+            ..flow()
+        };
+        assert!(rules.evaluate(&nowhere).is_empty());
+    }
+
+    #[test]
+    fn learned_countries_are_not_new() {
+        let mut rules = Rules::defaults();
+        rules.learn_country("system", "cn");
+        let f = FlowRecord {
+            payload: "tls".into(),
+            ..flow()
+        };
+        assert!(rules.evaluate(&f).is_empty());
+        let reached: Vec<_> = rules.countries_reached().collect();
+        assert_eq!(reached.len(), 1);
+        assert!(reached[0].1.contains("CN"));
+    }
+
+    #[test]
+    fn every_condition() {
+        let text = r#"
+defaults = false
+
+[[rule]]
+name = "all"
+uid = [1000, 1001]
+owner = "sys*"
+package = "com.android.*"
+origin = ["platform", "preinstalled"]
+firmware = true
+host = "*.cn"
+country = "cn"
+asn = 4134
+port = [80, 8080]
+proto = "tcp"
+payload = ["http", "cleartext"]
+new_country = true
+"#;
+        let mut rules = Rules::parse(text, "t.toml").unwrap();
+        assert_eq!(rules.names(), ["all"]);
+        assert_eq!(rules.evaluate(&flow()), ["all"]);
+        // Each condition alone can fail the rule.
+        let base = Rules::parse(text, "t.toml").unwrap();
+        let rule = &base.rules()[0];
+        let f = flow();
+        assert!(rule.matches(&f, true));
+        assert!(!rule.matches(&f, false), "new_country");
+        let fails = [
+            FlowRecord {
+                uid: 1002,
+                ..flow()
+            },
+            FlowRecord {
+                owner: "root".into(),
+                packages: vec!["com.android.x".into()],
+                ..flow()
+            },
+            FlowRecord {
+                packages: vec!["org.other".into()],
+                ..flow()
+            },
+            FlowRecord {
+                origin: "app".into(),
+                ..flow()
+            },
+            FlowRecord {
+                firmware: false,
+                ..flow()
+            },
+            FlowRecord {
+                host: Some("example.com".into()),
+                ..flow()
+            },
+            FlowRecord {
+                host: None,
+                ..flow()
+            },
+            FlowRecord {
+                country: Some("DE".into()),
+                ..flow()
+            },
+            FlowRecord {
+                country: None,
+                ..flow()
+            },
+            FlowRecord {
+                asn: Some(1),
+                ..flow()
+            },
+            FlowRecord {
+                asn: None,
+                ..flow()
+            },
+            FlowRecord {
+                port: 443,
+                ..flow()
+            },
+            FlowRecord {
+                proto: "udp".into(),
+                ..flow()
+            },
+            FlowRecord {
+                payload: "tls".into(),
+                ..flow()
+            },
+        ];
+        for (i, f) in fails.iter().enumerate() {
+            assert!(!rule.matches(f, true), "case {i}");
+        }
+        // owner also matches through a package.
+        let via_package = FlowRecord {
+            owner: "shared:android.uid.system".into(),
+            packages: vec!["system_server".into(), "com.android.phone".into()],
+            ..flow()
+        };
+        let owner_rule = Rules::parse(
+            "defaults = false\n[[rule]]\nname = \"o\"\nowner = \"system_*\"\n",
+            "t",
+        )
+        .unwrap();
+        assert!(owner_rule.rules()[0].matches(&via_package, false));
+        assert!(!owner_rule.rules()[0].matches(&app_flow(), false));
+    }
+
+    #[test]
+    fn file_rules_come_first_and_can_replace_a_default() {
+        let text = r#"
+[[rule]]
+name = "firmware-cleartext"
+firmware = true
+payload = "http"
+port = 8080
+
+[[rule]]
+name = "anything-to-ru"
+country = "RU"
+"#;
+        let rules = Rules::parse(text, "t").unwrap();
+        assert_eq!(
+            rules.names(),
+            [
+                "firmware-cleartext",
+                "anything-to-ru",
+                "firmware-new-country"
+            ]
+        );
+        assert_eq!(rules.rules()[0].port, Some(AnyOf(vec![8080])));
+        let off = Rules::parse("defaults = false\n", "t").unwrap();
+        assert!(off.rules().is_empty());
+        assert_eq!(Rules::parse("", "t").unwrap().names().len(), 2);
+        assert!(Rules::none().rules().is_empty());
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", Rules::parse(text, "rules.toml").unwrap_err())
+    }
+
+    #[test]
+    fn bad_files_name_line_column_and_problem() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[[rule]]\nname = \"x\"\nhots = \"a\"\n",
+                "line 3, column 1: unknown field `hots`, expected one of",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfirmware = \"yes\"\n",
+                "line 3, column 12: invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nport = 70000\n",
+                "line 3, column 8:",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nhost = \"[a-\"\n",
+                "line 3, column 8: bad glob \"[a-\": [ is never closed",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nproto = \"sctp\"\n",
+                "line 3, column 9: unknown variant `sctp`, expected one of `tcp`, `udp`, `icmp`, `icmpv6`",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\npayload = [\"http\", \"plain\"]\n",
+                "line 3, column 20: unknown variant `plain`, expected one of `tls`, `quic`, `http`, `dns`, `cleartext`, `unknown`",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\norigin = \"vendor\"\n",
+                "line 3, column 10: unknown variant `vendor`",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\ncountry = \"China\"\n",
+                "line 3, column 11: bad country \"China\": use a two-letter ISO 3166-1 code",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nasn = []\n",
+                "line 3, column 7: an empty list matches nothing",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nuid = -1\n",
+                "line 3, column 7:",
+            ),
+            ("[[rule]]\nfirmware = true\n", "missing field `name`"),
+            (
+                "[[rules]]\nname = \"x\"\n",
+                "line 1, column 3: unknown field `rules`, expected `defaults` or `rule`",
+            ),
+            ("defaults = 1\n", "line 1, column 12: invalid type: integer `1`, expected a boolean"),
+            ("[[rule]\nname = 1", "line 1, column"),
+            (
+                "[[rule]]\nname = \"a\"\nport = 1\n\n[[rule]]\nname = \"a\"\nport = 2\n",
+                "line 6, column 8: a second rule named \"a\"",
+            ),
+            (
+                "[[rule]]\nname = \"quiet\"\n",
+                "line 2, column 8: rule \"quiet\" has no conditions",
+            ),
+            (
+                "[[rule]]\nname = \" \"\nport = 1\n",
+                "line 2, column 8: the rule name is empty",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(text);
+            assert!(e.contains(want), "{text:?}\n got: {e}\nwant: {want}");
+            assert!(e.starts_with("rules file rules.toml"), "{e}");
+            assert!(e.ends_with(FIX), "{e}");
+        }
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_a_missing_one() {
+        let dir = std::env::temp_dir().join(format!("egressmon-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rules.toml");
+        std::fs::write(
+            &path,
+            "defaults = false\n[[rule]]\nname = \"p\"\nport = 23\n",
+        )
+        .unwrap();
+        assert_eq!(Rules::load(&path).unwrap().names(), ["p"]);
+        let e = format!("{:#}", Rules::load(&dir.join("nope.toml")).unwrap_err());
+        assert!(
+            e.contains("cannot read rules file") && e.contains("nope.toml"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn globs() {
+        let g = |p: &str| Glob::new(p).unwrap();
+        assert!(g("*.cn").matches("zzhc.example.cn"));
+        assert!(g("*.CN").matches("a.cn"));
+        assert!(!g("*.cn").matches("cn"));
+        assert!(g("*").matches(""));
+        assert!(g("a*b*c").matches("aXXbYYc"));
+        assert!(!g("a*b*c").matches("aXXbYY"));
+        assert!(g("com.android.*").matches("com.android.phone"));
+        assert!(g("?.test").matches("a.test"));
+        assert!(!g("?.test").matches("ab.test"));
+        assert!(g("[a-c]x").matches("bx"));
+        assert!(!g("[a-c]x").matches("dx"));
+        assert!(g("[!a-c]x").matches("dx"));
+        assert!(g("[^a-c]x").matches("dx"));
+        assert!(g("[-a]").matches("-"));
+        assert!(g("[a-]").matches("-"));
+        assert!(g("\\*").matches("*"));
+        assert!(!g("\\*").matches("x"));
+        assert!(g("**.x").matches("a.x"));
+        assert!(!g("*a*a*a*a*b").matches(&"a".repeat(40)));
+        assert!(g("*a*a*a*a*b").matches(&format!("{}b", "a".repeat(40))));
+        for bad in ["", "[abc", "a\\", "[]", "[z-a]", "[!]"] {
+            assert!(Glob::new(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(g("x*").as_str(), "x*");
+    }
+}
