@@ -3,12 +3,15 @@
 //! change) and the flow tracker; produces what the API serves (flows,
 //! status, metrics) and writes the `--log` JSON lines.
 
+use crate::destinations::{Destinations, SharedDestinations};
 use crate::events::{self, MetaTable};
 use crate::flows::{self, FlowRecord};
+use crate::geoip::GeoIp;
 use crate::hooks::{Conflict, Hook};
 use crate::jsonl::JsonlLog;
 use crate::kernel::{Kernel, LoadOptions};
 use crate::owners::OwnerResolver;
+use crate::rules::Rules;
 use crate::tracker::{Tracker, TrackerOptions};
 use anyhow::{Context, Result};
 use monitor_common::*;
@@ -33,6 +36,10 @@ pub struct AgentOptions {
     pub poll_interval: Duration,
     /// Uids that get their own metric series; later ones fold into `other`.
     pub metrics_max_uids: usize,
+    /// `--geoip` files (MaxMind DB or start,end,country CSV).
+    pub geoip: Vec<PathBuf>,
+    /// `--rules` file; the shipped rules when absent.
+    pub rules: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -46,6 +53,8 @@ impl Default for AgentOptions {
             flow_idle: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
             metrics_max_uids: 1000,
+            geoip: Vec::new(),
+            rules: None,
         }
     }
 }
@@ -61,6 +70,9 @@ pub struct Agent {
     /// Uids given their own metric series, in order of first appearance.
     pub labelled_uids: Mutex<BTreeSet<u32>>,
     last_flow_count: AtomicU64,
+    destinations: SharedDestinations,
+    payloads_received: Arc<AtomicU64>,
+    ticks: AtomicU64,
     owner_reloads: AtomicU64,
     owner_reloads_rejected: AtomicU64,
     events_received: Arc<AtomicU64>,
@@ -114,6 +126,15 @@ pub struct Status {
     pub owner_reloads_rejected: u64,
     /// Problems found in the owner sources in use (skipped lines, ...).
     pub owner_warnings: Vec<String>,
+    /// Payload events read (first payloads and DNS responses), and those the
+    /// kernel dropped because the payload ring was full.
+    pub payloads_received: u64,
+    pub payloads_lost: u64,
+    pub dns_responses: u64,
+    /// `--geoip` sources in use.
+    pub geoip: Vec<String>,
+    /// Alert rules in force.
+    pub rules: Vec<String>,
 }
 
 /// Files the owner resolver reads; a change to any of them triggers a reload.
@@ -140,12 +161,18 @@ struct Describer<'a> {
     meta: &'a HashMap<FlowKey, events::FlowMeta>,
     resolver: &'a OwnerResolver,
     owners: std::cell::RefCell<HashMap<u32, crate::owners::Owner>>,
+    destinations: std::cell::RefCell<std::sync::MutexGuard<'a, Destinations>>,
+    now: Instant,
 }
 
 impl crate::tracker::Describe for Describer<'_> {
     fn record(&self, key: &FlowKey, value: &FlowValue) -> FlowRecord {
         let owner = self.owner(key.uid);
-        flows::record(key, value, &owner, self.meta.get(key))
+        let mut record = flows::record(key, value, &owner, self.meta.get(key));
+        self.destinations
+            .borrow_mut()
+            .describe(key, &mut record, self.now);
+        record
     }
 
     fn owner(&self, uid: u32) -> crate::owners::Owner {
@@ -154,6 +181,10 @@ impl crate::tracker::Describe for Describer<'_> {
             .entry(uid)
             .or_insert_with(|| self.resolver.resolve(uid))
             .clone()
+    }
+
+    fn stamp(&self, key: &FlowKey) -> u64 {
+        self.destinations.borrow().stamp(key)
     }
 }
 
@@ -172,17 +203,39 @@ impl Agent {
             None => None,
         };
         let resolver = OwnerResolver::new(options.android_root.as_deref())?;
+        let geoip = if options.geoip.is_empty() {
+            GeoIp::empty()
+        } else {
+            GeoIp::open(&options.geoip)?
+        };
+        let rules = match &options.rules {
+            Some(path) => Rules::load(path)?,
+            None => Rules::defaults(),
+        };
+        let capacity = load.flow_entries as usize;
         let mut kernel = Kernel::load(load)?;
         let ring = kernel.take_events()?;
+        let payload_ring = kernel.take_payloads()?;
         let meta: MetaTable = Default::default();
         let stop = Arc::new(AtomicBool::new(false));
         let events_received = Arc::new(AtomicU64::new(0));
         let reader =
             events::spawn_reader(ring, meta.clone(), stop.clone(), events_received.clone());
+        let destinations: SharedDestinations =
+            Arc::new(Mutex::new(Destinations::new(geoip, capacity)));
+        let payloads_received = Arc::new(AtomicU64::new(0));
+        let payload_reader = crate::destinations::spawn_reader(
+            payload_ring,
+            destinations.clone(),
+            stop.clone(),
+            payloads_received.clone(),
+            events::POLL_INTERVAL,
+        );
         let tracker = Tracker::new(TrackerOptions {
             update_every: options.log_interval,
             idle_after: options.flow_idle,
             emit: options.log.is_some(),
+            rules,
         });
         let sources_stamp = stamps(&owner_sources(options.android_root.as_deref()));
         let agent = Arc::new(Agent {
@@ -195,13 +248,16 @@ impl Agent {
             options,
             labelled_uids: Mutex::new(BTreeSet::new()),
             last_flow_count: AtomicU64::new(0),
+            destinations,
+            payloads_received,
+            ticks: AtomicU64::new(0),
             owner_reloads: AtomicU64::new(0),
             owner_reloads_rejected: AtomicU64::new(0),
             events_received,
             log_errors: AtomicU64::new(0),
             started: Instant::now(),
             stop,
-            threads: Mutex::new(vec![reader]),
+            threads: Mutex::new(vec![reader, payload_reader]),
         });
         let poller = Agent::spawn_poller(agent.clone());
         agent.threads.lock().unwrap().push(poller);
@@ -250,10 +306,18 @@ impl Agent {
             meta.retain(|k, _| live.contains(k));
             meta.shrink_to(capacity);
         }
+        let mut destinations = self.destinations.lock().unwrap();
+        if self.ticks.fetch_add(1, Ordering::Relaxed).is_multiple_of(10) {
+            let live: std::collections::HashSet<FlowKey> =
+                snapshot.iter().map(|(k, _)| *k).collect();
+            destinations.retain_live(&|k| live.contains(k), Instant::now());
+        }
         let describe = Describer {
             meta: &meta,
             resolver: &resolver,
             owners: Default::default(),
+            destinations: std::cell::RefCell::new(destinations),
+            now: Instant::now(),
         };
         let mut log = self.log.lock().unwrap();
         let mut write = |event: serde_json::Value| {
@@ -268,6 +332,7 @@ impl Agent {
             .lock()
             .unwrap()
             .tick(Instant::now(), &snapshot, &describe, &mut write);
+        drop(describe);
         drop(log);
         drop(meta);
         // Big snapshots leave freed memory in malloc's arenas; hand it back.
@@ -335,16 +400,21 @@ impl Agent {
     }
 
     fn keyed_flows(&self) -> Result<Vec<(FlowKey, FlowRecord)>> {
-        let (flows, capacity) = {
-            let kernel = self.kernel.lock().unwrap();
-            (kernel.flows()?, kernel.options.flow_entries as usize)
+        let flows = self.kernel.lock().unwrap().flows()?;
+        let meta = self.meta.lock().unwrap();
+        let resolver = self.resolver();
+        let describe = Describer {
+            meta: &meta,
+            resolver: &resolver,
+            owners: Default::default(),
+            destinations: std::cell::RefCell::new(self.destinations.lock().unwrap()),
+            now: Instant::now(),
         };
-        let mut meta = self.meta.lock().unwrap();
-        if meta.len() > capacity * 2 {
-            let live: std::collections::HashSet<FlowKey> = flows.iter().map(|(k, _)| *k).collect();
-            meta.retain(|k, _| live.contains(k));
-        }
-        Ok(flows::keyed_table(&flows, &meta, &self.resolver()))
+        use crate::tracker::Describe;
+        Ok(flows
+            .iter()
+            .map(|(k, v)| (*k, describe.record(k, v)))
+            .collect())
     }
 
     /// The flow table, busiest first.
@@ -359,6 +429,17 @@ impl Agent {
     }
 
     pub fn status(&self) -> Result<Status> {
+        // Each lock in its own statement: a guard made inside the struct
+        // literal below would live until its end.
+        let (dns_responses, geoip) = {
+            let d = self.destinations.lock().unwrap();
+            (d.dns_responses, d.geoip_sources())
+        };
+        let (tracker_evicted, rules) = {
+            let t = self.tracker.lock().unwrap();
+            (t.flows_evicted, t.rule_names())
+        };
+        let resolver = self.resolver();
         let hooks = self.hook_report();
         let kernel = self.kernel.lock().unwrap();
         let stats = kernel.stats()?;
@@ -392,12 +473,17 @@ impl Agent {
             flows_created: stats[STAT_FLOWS_CREATED as usize],
             flows_evicted: stats[STAT_FLOWS_CREATED as usize]
                 .saturating_sub(self.last_flow_count.load(Ordering::Relaxed))
-                .max(self.tracker.lock().unwrap().flows_evicted),
+                .max(tracker_evicted),
             events_received: self.events_received.load(Ordering::Relaxed),
             log_write_errors: self.log_errors.load(Ordering::Relaxed),
             owner_reloads: self.owner_reloads.load(Ordering::Relaxed),
             owner_reloads_rejected: self.owner_reloads_rejected.load(Ordering::Relaxed),
-            owner_warnings: self.resolver().warnings().to_vec(),
+            owner_warnings: resolver.warnings().to_vec(),
+            payloads_received: self.payloads_received.load(Ordering::Relaxed),
+            payloads_lost: stats[STAT_PAYLOADS_LOST as usize],
+            dns_responses,
+            geoip,
+            rules,
         })
     }
 

@@ -110,6 +110,15 @@ pub struct RunArgs {
     /// Seconds without traffic after which a flow_end line is written.
     #[arg(long, default_value_t = 300)]
     pub flow_idle: u64,
+    /// GeoIP data for destination countries and networks: MaxMind DB files
+    /// (country, ASN) or CSV files of start_ip,end_ip,country ranges.
+    /// Repeatable.
+    #[arg(long)]
+    pub geoip: Vec<PathBuf>,
+    /// Alert rules (TOML); without it the shipped rules apply (firmware
+    /// sending cleartext, firmware reaching a new country).
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
     /// Uids that get their own metric series; later uids fold into uid="other".
     #[arg(long, default_value_t = 1000)]
     pub metrics_max_uids: usize,
@@ -174,6 +183,8 @@ fn run(args: RunArgs) -> Result<()> {
         log_interval: std::time::Duration::from_secs(args.log_interval.max(1)),
         flow_idle: std::time::Duration::from_secs(args.flow_idle.max(1)),
         metrics_max_uids: args.metrics_max_uids,
+        geoip: args.geoip.clone(),
+        rules: args.rules.clone(),
         ..AgentOptions::default()
     };
     let agent = Agent::start(options, agent_options)?;

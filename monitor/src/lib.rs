@@ -8,6 +8,7 @@ pub mod api;
 pub mod bpf_sys;
 pub mod cli;
 pub mod client;
+pub mod destinations;
 pub mod events;
 pub mod flows;
 pub mod geoip;

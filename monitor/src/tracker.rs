@@ -10,6 +10,7 @@
 
 use crate::flows::FlowRecord;
 use crate::owners::Owner;
+use crate::rules::Rules;
 use monitor_common::{FlowKey, FlowValue};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -26,6 +27,12 @@ struct Tracked {
     class: u32,
     /// Snapshot number that last contained this flow.
     seen: u64,
+    /// `Describe::stamp` when the flow was last described.
+    stamp: u64,
+    /// Rules (by index) that already alerted on this flow.
+    fired: u64,
+    /// Counted in `cleartext_flows` already.
+    cleartext: bool,
 }
 
 pub struct TrackerOptions {
@@ -33,6 +40,9 @@ pub struct TrackerOptions {
     pub idle_after: Duration,
     /// Build log events at all (false without `--log`: totals only).
     pub emit: bool,
+    /// Alert rules judged on each flow when it starts and when its
+    /// destination or payload becomes known.
+    pub rules: Rules,
 }
 
 /// (origin, firmware, country)
@@ -46,6 +56,11 @@ pub trait Describe {
     fn record(&self, key: &FlowKey, value: &FlowValue) -> FlowRecord;
     /// The owner of a uid as the resolver sees it now.
     fn owner(&self, uid: u32) -> Owner;
+    /// Changes when what `record` shows of the flow's destination or payload
+    /// may have changed (the flow is then described and judged again).
+    fn stamp(&self, _key: &FlowKey) -> u64 {
+        0
+    }
 }
 
 pub struct Tracker {
@@ -195,19 +210,32 @@ impl Tracker {
                 let record = describe.record(key, value);
                 let class = self.class_of(&record);
                 self.add_bytes(class, value.tx_bytes);
-                self.count_cleartext(&record);
                 events.push_with(|| event("flow_start", &record));
-                let tracked = Tracked {
+                let mut tracked = Tracked {
                     current: *value,
                     logged: *value,
                     last_change: now,
                     ended: false,
                     class,
                     seen: generation,
+                    stamp: describe.stamp(key),
+                    fired: 0,
+                    cleartext: false,
                 };
+                self.judge(&record, &mut tracked, &mut events);
                 self.flows.insert(*key, tracked);
                 continue;
             };
+            let stamp = describe.stamp(key);
+            if stamp != tracked.stamp {
+                // Its payload or name arrived: describe and judge it again.
+                let record = describe.record(key, value);
+                let mut tracked = self.flows.remove(key).expect("present");
+                tracked.stamp = stamp;
+                self.judge(&record, &mut tracked, &mut events);
+                self.flows.insert(*key, tracked);
+            }
+            let tracked = self.flows.get(key).expect("present");
             let (before, class, ended, logged) = (
                 tracked.current,
                 tracked.class,
@@ -272,12 +300,46 @@ impl Tracker {
         }
     }
 
-    fn count_cleartext(&mut self, r: &FlowRecord) {
-        if matches!(r.payload.as_str(), "cleartext" | "http") {
+    /// Counts a cleartext flow once and raises each matching rule's alert
+    /// once per flow.
+    fn judge(&mut self, r: &FlowRecord, tracked: &mut Tracked, events: &mut Sink<'_>) {
+        if !tracked.cleartext && matches!(r.payload.as_str(), "cleartext" | "http") {
+            tracked.cleartext = true;
             *self
                 .cleartext_flows
                 .entry((r.uid, r.owner.clone(), r.origin.clone(), r.firmware))
                 .or_default() += 1;
+        }
+        let names: Vec<String> = self
+            .options
+            .rules
+            .names()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        for rule in self.options.rules.evaluate(r) {
+            let index = names.iter().position(|n| *n == rule).unwrap_or(63).min(63);
+            if tracked.fired & (1 << index) != 0 {
+                continue;
+            }
+            tracked.fired |= 1 << index;
+            *self.alerts.entry(rule.clone()).or_default() += 1;
+            log::warn!(
+                "alert {rule}: uid {} ({}, {}) -> {}:{} host {} country {} payload {}",
+                r.uid,
+                r.owner,
+                r.origin,
+                r.dst,
+                r.port,
+                r.host.as_deref().unwrap_or("?"),
+                r.country.as_deref().unwrap_or("?"),
+                r.payload
+            );
+            events.push_with(|| {
+                let mut alert = event("alert", r);
+                alert["rule"] = json!(rule);
+                alert
+            });
         }
     }
 
@@ -308,6 +370,15 @@ impl Tracker {
             }
             self.owners.insert(uid, owner);
         }
+    }
+
+    pub fn rule_names(&self) -> Vec<String> {
+        self.options
+            .rules
+            .names()
+            .iter()
+            .map(|n| n.to_string())
+            .collect()
     }
 
     pub fn tracked(&self) -> usize {
@@ -369,6 +440,7 @@ mod tests {
             update_every: Duration::from_secs(10),
             idle_after: Duration::from_secs(30),
             emit: true,
+            rules: Rules::none(),
         });
         let tick = |t: &mut Tracker, at: Instant, snap: &[(FlowKey, FlowValue)], d: &Fixed| {
             let mut out = Vec::new();

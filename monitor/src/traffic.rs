@@ -89,6 +89,17 @@ pub enum GenKind {
         #[arg(long, default_value_t = 256)]
         bytes: usize,
     },
+    /// Resolve HOST through RESOLVER, then send BYTES of binary data over TCP.
+    Connect {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        resolver: SocketAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 100)]
+        bytes: usize,
+    },
     /// Resolve HOST through RESOLVER, then open TLS to it: a ClientHello with
     /// HOST as server_name, reading the server's answer.
     Tls {
@@ -217,6 +228,15 @@ Connection: close
                 body.len()
             );
             one_tcp(SocketAddr::new(ip.into(), port), request.as_bytes())
+        }
+        GenKind::Connect {
+            host,
+            resolver,
+            port,
+            bytes,
+        } => {
+            let ip = dns::resolve(resolver, &host)?;
+            one_tcp(SocketAddr::new(ip.into(), port), &vec![0xa5u8; bytes])
         }
         GenKind::Tls {
             host,

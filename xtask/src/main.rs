@@ -191,6 +191,11 @@ fn test(soak_secs: u64) -> Result<()> {
     integration_test("observability")?;
     shell::step(
         "test",
+        "where it went: DNS, SNI, HTTP Host, GeoIP and alert rules end to end",
+    );
+    integration_test("destinations")?;
+    shell::step(
+        "test",
         &format!("faults: kill -9, a million destinations, bad input, soak for {soak_secs}s, security defaults"),
     );
     std::env::set_var("EGRESSMON_SOAK_SECS", soak_secs.to_string());

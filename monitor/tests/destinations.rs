@@ -1,0 +1,356 @@
+//! Where it went, end to end: a DNS server, a cleartext HTTP server and a real
+//! TLS server (openssl s_server) on a test host in a network namespace; a
+//! platform uid (radio) that resolves a name and POSTs activation data in
+//! cleartext, and a user app that resolves a name and opens TLS. GeoIP data
+//! written by the test places the host in China.
+//!
+//! Run as root (`cargo xtask test`).
+
+mod support;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::*;
+
+const FIRMWARE_HOST: &str = "zzhc.activation.example.cn";
+const APP_HOST: &str = "api.example.org";
+const BINARY_HOST: &str = "push.example.cn";
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/android/android14")
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// openssl s_server in the server namespace, with a throwaway certificate.
+fn tls_server(net: &NetPair, dir: &Path, port: u16) -> Proc {
+    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (Debian's openssl package)");
+    assert!(made.success());
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", NetPair::path(&net.server)))
+        .args([
+            "openssl",
+            "s_server",
+            "-quiet",
+            "-accept",
+            &format!("{SERVER4}:{port}"),
+        ])
+        .arg("-key")
+        .arg(&key)
+        .arg("-cert")
+        .arg(&cert)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nsenter + openssl s_server");
+    let proc = Proc(child);
+    // Ready once it accepts connections.
+    assert!(eventually(Duration::from_secs(10), || {
+        Command::new(BIN)
+            .args([
+                "gen",
+                "--netns",
+                &NetPair::path(&net.client),
+                "tcp",
+                "--dst",
+                &format!("{SERVER4}:{port}"),
+                "--count",
+                "1",
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }));
+    proc
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn firmware_cleartext_to_china_is_named_located_and_alerted() {
+    require_root();
+    let tag = tag("dest");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dir = std::env::temp_dir().join(&tag);
+    let _scratch = Scratch(dir.clone());
+    copy_tree(&fixtures(), &dir.join("device"));
+    // The test's own GeoIP data: the test host is in China, AS 4134.
+    std::fs::write(
+        dir.join("countries.csv"),
+        "10.200.0.0,10.200.0.255,CN\n0.0.0.0,9.255.255.255,US\n",
+    )
+    .unwrap();
+    let resolver = format!("{SERVER4}:53");
+    let zone: Vec<String> = [FIRMWARE_HOST, APP_HOST, BINARY_HOST]
+        .iter()
+        .map(|h| format!("--zone={h}={SERVER4}"))
+        .collect();
+    let mut sink = Command::new(BIN);
+    sink.args([
+        "gen",
+        "--netns",
+        &NetPair::path(&net.server),
+        "serve",
+        "--dns",
+        &resolver,
+        "--tcp",
+        &format!("{SERVER4}:80"),
+        "--tcp",
+        &format!("{SERVER4}:5228"),
+    ]);
+    sink.args(&zone).stdout(Stdio::piped());
+    let mut sink = sink.spawn().unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sink.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    let _sink = Proc(sink);
+    let _tls = tls_server(&net, &dir, 443);
+    let log = dir.join("flows.jsonl");
+    let agent = AgentProc::start(
+        &cgroup.path,
+        &tag,
+        &[
+            "--android-root",
+            dir.join("device").to_str().unwrap(),
+            "--geoip",
+            dir.join("countries.csv").to_str().unwrap(),
+            "--log",
+            log.to_str().unwrap(),
+        ],
+    );
+
+    // radio (1001), a platform daemon: cleartext activation POST.
+    gen(
+        &net,
+        &cgroup.path,
+        1001,
+        &[
+            "http-post",
+            "--host",
+            FIRMWARE_HOST,
+            "--resolver",
+            &resolver,
+            "--bytes",
+            "300",
+        ],
+    );
+    // radio again, binary data to a name only DNS can tell.
+    gen(
+        &net,
+        &cgroup.path,
+        1001,
+        &[
+            "connect",
+            "--host",
+            BINARY_HOST,
+            "--resolver",
+            &resolver,
+            "--port",
+            "5228",
+        ],
+    );
+    // com.example.app (10123), user-installed: TLS.
+    gen(
+        &net,
+        &cgroup.path,
+        10123,
+        &["tls", "--host", APP_HOST, "--resolver", &resolver],
+    );
+
+    let flow = |flows: &[egressmon::flows::FlowRecord], uid: u32, proto: &str, port: u16| {
+        flows
+            .iter()
+            .find(|f| f.uid == uid && f.proto == proto && f.port == port)
+            .cloned()
+    };
+    let mut flows = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            flows = agent.flows();
+            flow(&flows, 10123, "tcp", 443).is_some_and(|f| f.host.is_some())
+                && flow(&flows, 1001, "tcp", 80).is_some_and(|f| f.payload == "http")
+        }),
+        "{flows:#?}"
+    );
+    let post = flow(&flows, 1001, "tcp", 80).unwrap();
+    assert_eq!(
+        (
+            post.host.as_deref(),
+            post.host_source.as_deref(),
+            post.payload.as_str(),
+            post.country.as_deref(),
+            post.firmware,
+            post.owner.as_str()
+        ),
+        (
+            Some(FIRMWARE_HOST),
+            Some("http"),
+            "http",
+            Some("CN"),
+            true,
+            "radio"
+        )
+    );
+    let binary = flow(&flows, 1001, "tcp", 5228).unwrap();
+    assert_eq!(
+        (
+            binary.host.as_deref(),
+            binary.host_source.as_deref(),
+            binary.payload.as_str()
+        ),
+        (Some(BINARY_HOST), Some("dns"), "unknown")
+    );
+    let query = flow(&flows, 1001, "udp", 53).unwrap();
+    assert_eq!(query.payload, "dns");
+    let tls = flow(&flows, 10123, "tcp", 443).unwrap();
+    assert_eq!(
+        (
+            tls.host.as_deref(),
+            tls.host_source.as_deref(),
+            tls.payload.as_str(),
+            tls.country.as_deref(),
+            tls.firmware
+        ),
+        (Some(APP_HOST), Some("sni"), "tls", Some("CN"), false)
+    );
+
+    // Metrics and log say the same; the firmware alert fires for radio only.
+    let metrics = egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let m = egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").unwrap();
+            m.contains("egressmon_alerts_total{rule=\"firmware-cleartext\"} 1")
+        }),
+        "{metrics}"
+    );
+    let metrics = egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").unwrap();
+    assert!(metrics.contains("egressmon_cleartext_flows_total{firmware=\"true\",origin=\"platform\",owner=\"radio\",uid=\"1001\"} 1"), "{metrics}");
+    assert!(metrics.contains("country=\"CN\""), "{metrics}");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            lines(&log)
+                .iter()
+                .any(|l| l["event"] == "alert" && l["rule"] == "firmware-cleartext")
+        }),
+        "{:#?}",
+        lines(&log)
+    );
+    let events = lines(&log);
+    let alerts: Vec<&Value> = events.iter().filter(|l| l["event"] == "alert").collect();
+    let cleartext = alerts
+        .iter()
+        .find(|a| a["rule"] == "firmware-cleartext")
+        .unwrap();
+    assert_eq!(
+        (
+            cleartext["uid"].as_u64(),
+            cleartext["host"].as_str(),
+            cleartext["country"].as_str()
+        ),
+        (Some(1001), Some(FIRMWARE_HOST), Some("CN"))
+    );
+    assert!(
+        alerts.iter().all(|a| a["uid"] != 10123),
+        "no alert for the user's app: {alerts:#?}"
+    );
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a["rule"] == "firmware-new-country" && a["uid"] == 1001),
+        "{alerts:#?}"
+    );
+}
+
+#[test]
+fn bad_geoip_and_rules_files_are_refused_with_the_line() {
+    require_root();
+    let tag = tag("badfiles");
+    let dir = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _scratch = Scratch(dir.clone());
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let run = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["run", "--cgroup"])
+            .arg(&cgroup.path)
+            .args([
+                "--pin-dir",
+                &format!("/sys/fs/bpf/{tag}"),
+                "--listen",
+                "127.0.0.1:1",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    std::fs::write(dir.join("bad.mmdb"), b"this is not a MaxMind database").unwrap();
+    let err = run(&["--geoip", dir.join("bad.mmdb").to_str().unwrap()]);
+    assert!(err.contains("bad.mmdb"), "{err}");
+    std::fs::write(
+        dir.join("bad.csv"),
+        "1.0.0.0,1.0.0.255,AU\nnot,an,address\n",
+    )
+    .unwrap();
+    let err = run(&["--geoip", dir.join("bad.csv").to_str().unwrap()]);
+    assert!(err.contains("bad.csv") && err.contains("line 2"), "{err}");
+    std::fs::write(
+        dir.join("rules.toml"),
+        "[[rule]]\nname = \"x\"\nproto = \"sctp\"\n",
+    )
+    .unwrap();
+    let err = run(&["--rules", dir.join("rules.toml").to_str().unwrap()]);
+    assert!(
+        err.contains("rules.toml") && err.contains("line 3"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&format!("/sys/fs/bpf/{tag}")).exists(),
+        "nothing attached on a bad file"
+    );
+}
