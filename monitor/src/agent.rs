@@ -307,7 +307,11 @@ impl Agent {
             meta.shrink_to(capacity);
         }
         let mut destinations = self.destinations.lock().unwrap();
-        if self.ticks.fetch_add(1, Ordering::Relaxed).is_multiple_of(10) {
+        if self
+            .ticks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(10)
+        {
             let live: std::collections::HashSet<FlowKey> =
                 snapshot.iter().map(|(k, _)| *k).collect();
             destinations.retain_live(&|k| live.contains(k), Instant::now());
