@@ -97,6 +97,14 @@ pub struct MapStatus {
     pub capacity: u64,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AgentTables {
+    pub identities: u64,
+    pub payload_infos: u64,
+    pub dns_names: u64,
+    pub tracked_flows: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
@@ -133,6 +141,8 @@ pub struct Status {
     pub dns_responses: u64,
     /// `--geoip` sources in use.
     pub geoip: Vec<String>,
+    /// Entries in the agent's own tables (each bounded by the flow map).
+    pub agent_tables: AgentTables,
     /// Alert rules in force.
     pub rules: Vec<String>,
 }
@@ -435,12 +445,18 @@ impl Agent {
     pub fn status(&self) -> Result<Status> {
         // Each lock in its own statement: a guard made inside the struct
         // literal below would live until its end.
+        let mut agent_tables = AgentTables {
+            identities: self.meta.lock().unwrap().len() as u64,
+            ..Default::default()
+        };
         let (dns_responses, geoip) = {
             let d = self.destinations.lock().unwrap();
+            (agent_tables.payload_infos, agent_tables.dns_names) = d.sizes();
             (d.dns_responses, d.geoip_sources())
         };
         let (tracker_evicted, rules) = {
             let t = self.tracker.lock().unwrap();
+            agent_tables.tracked_flows = t.tracked() as u64;
             (t.flows_evicted, t.rule_names())
         };
         let resolver = self.resolver();
@@ -487,6 +503,7 @@ impl Agent {
             payloads_lost: stats[STAT_PAYLOADS_LOST as usize],
             dns_responses,
             geoip,
+            agent_tables,
             rules,
         })
     }

@@ -97,6 +97,11 @@ impl Destinations {
             .unwrap_or(0)
     }
 
+    /// (payload infos, DNS names) held.
+    pub fn sizes(&self) -> (u64, u64) {
+        (self.flows.len() as u64, self.dns.len() as u64)
+    }
+
     /// The GeoIP sources in use, described for `status`.
     pub fn geoip_sources(&self) -> Vec<String> {
         self.geoip.describe()
