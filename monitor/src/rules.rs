@@ -439,7 +439,12 @@ pub struct Rules {
 impl Rules {
     /// The shipped rules alone.
     pub fn defaults() -> Rules {
-        Rules::parse(DEFAULT_RULES, "(shipped defaults)").expect("the shipped rules parse")
+        let (_, rules) =
+            parse_rules(DEFAULT_RULES, "(shipped defaults)").expect("the shipped rules parse");
+        Rules {
+            rules,
+            reached: HashMap::new(),
+        }
     }
 
     /// No rules at all.
@@ -462,41 +467,8 @@ impl Rules {
     /// text says `defaults = false`, the shipped rules are added (after the
     /// file's, and only those whose names the file does not use).
     pub fn parse(text: &str, origin: &str) -> Result<Rules> {
-        let file: RulesFile = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
-        let names: Vec<toml::Spanned<String>> = toml::from_str::<NamesOnly>(text)
-            .map(|n| n.rule.into_iter().map(|r| r.name).collect())
-            .unwrap_or_default();
-        let mut rules: Vec<Rule> = Vec::with_capacity(file.rule.len());
-        for (i, rule) in file.rule.into_iter().enumerate() {
-            let at = names
-                .get(i)
-                .map(|n| line_col(text, n.span().start))
-                .unwrap_or((0, 0));
-            let problem = if rule.name.trim().is_empty() {
-                Some("the rule name is empty: give every rule a name".to_string())
-            } else if rules.iter().any(|r| r.name == rule.name) {
-                Some(format!(
-                    "a second rule named {:?}: rule names must be unique",
-                    rule.name
-                ))
-            } else if !rule.has_conditions() {
-                Some(format!(
-                    "rule {:?} has no conditions and would match every flow: add at least one",
-                    rule.name
-                ))
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Err(anyhow!(
-                    "rules file {origin}, line {}, column {}: {problem}; {FIX}",
-                    at.0,
-                    at.1
-                ));
-            }
-            rules.push(rule);
-        }
-        if file.defaults.unwrap_or(true) && text != DEFAULT_RULES {
+        let (defaults, mut rules) = parse_rules(text, origin)?;
+        if defaults {
             for default in Rules::defaults().rules {
                 if !rules.iter().any(|r| r.name == default.name) {
                     rules.push(default);
@@ -560,6 +532,44 @@ impl Rules {
     pub fn countries_reached(&self) -> impl Iterator<Item = (&str, &BTreeSet<String>)> {
         self.reached.iter().map(|(o, c)| (o.as_str(), c))
     }
+}
+
+/// Reads and checks the rules of `text`: whether to add the defaults, and
+/// the file's rules in order.
+fn parse_rules(text: &str, origin: &str) -> Result<(bool, Vec<Rule>)> {
+    let file: RulesFile = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
+    let names: Vec<toml::Spanned<String>> = toml::from_str::<NamesOnly>(text)
+        .map(|n| n.rule.into_iter().map(|r| r.name).collect())
+        .unwrap_or_default();
+    let mut rules: Vec<Rule> = Vec::with_capacity(file.rule.len());
+    for (i, rule) in file.rule.into_iter().enumerate() {
+        let (line, column) = names
+            .get(i)
+            .map(|n| line_col(text, n.span().start))
+            .unwrap_or((0, 0));
+        let problem = if rule.name.trim().is_empty() {
+            Some("the rule name is empty: give every rule a name".to_string())
+        } else if rules.iter().any(|r| r.name == rule.name) {
+            Some(format!(
+                "a second rule named {:?}: rule names must be unique",
+                rule.name
+            ))
+        } else if !rule.has_conditions() {
+            Some(format!(
+                "rule {:?} has no conditions and would match every flow: add at least one",
+                rule.name
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(anyhow!(
+                "rules file {origin}, line {line}, column {column}: {problem}; {FIX}"
+            ));
+        }
+        rules.push(rule);
+    }
+    Ok((file.defaults.unwrap_or(true), rules))
 }
 
 /// What to do about any error in a rules file.
@@ -914,6 +924,14 @@ country = "RU"
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn state_can_move_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Rules>();
+        send_sync::<crate::geoip::GeoIp>();
+        send_sync::<crate::inspect::dns::DnsCache>();
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! `http`, `dns`, `cleartext`, `unknown`), [`host_from_payload`] (the
 //! contract's `host` with `host_source` `sni` or `http`; `dns` names come
 //! from [`dns::DnsCache`]), and the host-name rules shared by the parsers.
-//! One file per protocol: [`dns`], [`tls`], [`http`], [`quic`].
+//! One file per protocol: [`dns`], [`tls`], [`http`], [`quic`]; [`fuzz`]
+//! holds the entry points of their fuzz targets.
 //!
 //! Every function here is pure: bytes in, answer out. The bytes are the
 //! first payload of a flow as the kernel copied it (at most 512 bytes of
@@ -13,6 +14,7 @@
 //! `monitor/fuzz`.
 
 pub mod dns;
+pub mod fuzz;
 pub mod http;
 pub mod quic;
 pub mod tls;
@@ -148,8 +150,8 @@ pub const CLEARTEXT_MIN_LEN: usize = 8;
 ///
 /// - TCP: a TLS record header -> `tls`; an HTTP/1.x request line -> `http`;
 ///   on a DNS port, a length-prefixed DNS message -> `dns`.
-/// - UDP: a QUIC long header of a known version -> `quic`; on a DNS port, a
-///   DNS message -> `dns`; an HTTP/1.x request line (SSDP) -> `http`.
+/// - UDP: on a DNS port, a DNS message -> `dns`; a QUIC long header of a
+///   known version -> `quic`; an HTTP/1.x request line (SSDP) -> `http`.
 /// - Any protocol: [`is_cleartext`] -> `cleartext`; else `unknown` (also
 ///   for an empty payload).
 pub fn classify(proto: u8, port: u16, payload: &[u8]) -> Payload {
@@ -170,11 +172,11 @@ pub fn classify(proto: u8, port: u16, payload: &[u8]) -> Payload {
             }
         }
         PROTO_UDP => {
-            if quic::is_long_header(payload) {
-                return Payload::Quic;
-            }
             if dns_port && dns::parse(payload).is_some_and(|m| plausible_dns(&m)) {
                 return Payload::Dns;
+            }
+            if quic::is_long_header(payload) {
+                return Payload::Quic;
             }
             if http::is_request(payload) {
                 return Payload::Http;

@@ -1,0 +1,8 @@
+//! Fuzz target: the HTTP parsers (see egressmon::inspect::fuzz::http_target).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    egressmon::inspect::fuzz::http_target(data);
+});
