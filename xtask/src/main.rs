@@ -4,7 +4,6 @@
 //! does), so a fresh machine needs nothing but this repository and root.
 
 // `fuzz::run(seconds_per_target)` is wired into a command by the integrator.
-#[allow(dead_code)]
 mod fuzz;
 mod setup;
 mod shell;
@@ -203,6 +202,8 @@ fn test(soak_secs: u64) -> Result<()> {
     );
     std::env::set_var("EGRESSMON_SOAK_SECS", soak_secs.to_string());
     integration_test("reliability")?;
+    shell::step("test", "fuzzing the DNS, TLS, HTTP and QUIC parsers (corpora replayed, 10 s per target)");
+    fuzz::run(10)?;
     shell::step("test", "all passed");
     Ok(())
 }
