@@ -421,12 +421,17 @@ fn newest_package(spec: &KernelSpec) -> Option<String> {
 fn fetch_kernel(spec: &KernelSpec) -> Result<KernelTree> {
     let deb = spec.arch.deb();
     let trees = cache_dir().join("kernels");
-    let resolved = ensure_dpkg_arch(deb).ok().and_then(|_| {
-        newest_package(spec).or_else(|| {
+    let mut apt_problem = String::new();
+    let resolved = match ensure_dpkg_arch(deb) {
+        Ok(()) => newest_package(spec).or_else(|| {
             apt_update().ok()?;
             newest_package(spec)
-        })
-    });
+        }),
+        Err(e) => {
+            apt_problem = format!(" ({e:#})");
+            None
+        }
+    };
     let package = match resolved {
         Some(p) => p,
         None => {
@@ -443,9 +448,9 @@ fn fetch_kernel(spec: &KernelSpec) -> Result<KernelTree> {
             cached.sort_by_key(|n| std::cmp::Reverse(version_key(n)));
             let Some(p) = cached.into_iter().next() else {
                 bail!(
-                    "apt knows no package linux-image-{}.*-{deb}-unsigned: check that \
-                     /etc/apt/sources.list(.d) has Debian bookworm and bookworm-security \
-                     (they carry 6.1 and 6.12), then run `apt-get update`",
+                    "apt knows no package linux-image-{}.*-{deb}-unsigned{apt_problem}: check \
+                     that /etc/apt/sources.list(.d) has Debian bookworm and bookworm-security \
+                     (they carry 6.1 and 6.12), then run `apt-get update` as root",
                     spec.series
                 );
             };
