@@ -198,6 +198,9 @@ pub fn run(options: Options) -> Result<()> {
         started.elapsed().as_secs_f64(),
         cache_dir().join("logs").display()
     );
+    let tests: Vec<&(String, String, f64)> = outcomes.iter().flat_map(|o| &o.tests).collect();
+    let ok = tests.iter().filter(|t| t.1 == "ok").count();
+    println!("vm-test: {ok} passed, {} failed", tests.len() - ok);
     if failed > 0 {
         bail!(
             "{failed} of {} kernel(s) failed: see the output above and the console logs",
