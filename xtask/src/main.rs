@@ -3,10 +3,13 @@
 //! Every command installs what it needs first (idempotently, saying what it
 //! does), so a fresh machine needs nothing but this repository and root.
 
-// `fuzz::run(seconds_per_target)` is wired into a command by the integrator.
+mod dist;
 mod fuzz;
+mod initramfs;
+mod musl;
 mod setup;
 mod shell;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -36,11 +39,36 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run every test: formatting, lints, unit tests, kernel tests (root).
+    /// Run every test: formatting, lints, unit tests, kernel tests (root),
+    /// then the kernel tests inside QEMU guests (vm-test).
     Test {
         /// Length of the soak test in seconds.
         #[arg(long, default_value_t = 240)]
         soak_secs: u64,
+    },
+    /// Boot Debian kernels under QEMU and run the kernel tests inside them.
+    VmTest {
+        /// Guest architecture (default: both).
+        #[arg(long, value_enum)]
+        arch: Option<vm::Arch>,
+        /// Kernel series (6.1, 6.12) or `all`.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Run only the tests whose names contain one of these (comma separated).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Minutes one guest may run before QEMU is killed.
+        #[arg(long, default_value_t = 30)]
+        timeout_mins: u64,
+    },
+    /// Build the static, stripped egressmon for a phone or any Linux box.
+    Dist {
+        /// aarch64-unknown-linux-musl (default, phones) or x86_64-unknown-linux-musl.
+        #[arg(long)]
+        target: Option<String>,
+        /// Also build a Magisk module zip around it.
+        #[arg(long)]
+        magisk: bool,
     },
 }
 
@@ -51,6 +79,20 @@ fn main() {
         Command::Build { release } => setup::all().and_then(|_| build(release)),
         Command::Run { args } => run(args),
         Command::Test { soak_secs } => test(soak_secs),
+        Command::VmTest {
+            arch,
+            kernel,
+            filter,
+            timeout_mins,
+        } => setup::all().and_then(|_| {
+            vm::run(vm::Options {
+                arch,
+                kernel,
+                filter,
+                timeout: std::time::Duration::from_secs(timeout_mins * 60),
+            })
+        }),
+        Command::Dist { target, magisk } => dist::run(target, magisk),
     };
     if let Err(err) = result {
         eprintln!("xtask: {err:#}");
@@ -151,6 +193,8 @@ fn test(soak_secs: u64) -> Result<()> {
         "monitor-common",
         "--package",
         "xtask",
+        "--package",
+        "vm-init",
         "--all-targets",
         "--",
         "-D",
@@ -174,7 +218,15 @@ fn test(soak_secs: u64) -> Result<()> {
         ],
     )?;
     shell::step("test", "unit tests");
-    shell::cargo(&["test", "--package", "monitor-common", "--package", "xtask"])?;
+    shell::cargo(&[
+        "test",
+        "--package",
+        "monitor-common",
+        "--package",
+        "xtask",
+        "--package",
+        "vm-init",
+    ])?;
     shell::cargo(&["test", "--package", "monitor", "--lib", "--bins"])?;
     shell::step(
         "test",
@@ -202,8 +254,21 @@ fn test(soak_secs: u64) -> Result<()> {
     );
     std::env::set_var("EGRESSMON_SOAK_SECS", soak_secs.to_string());
     integration_test("reliability")?;
-    shell::step("test", "fuzzing the DNS, TLS, HTTP and QUIC parsers (corpora replayed, 10 s per target)");
+    shell::step(
+        "test",
+        "fuzzing the DNS, TLS, HTTP and QUIC parsers (corpora replayed, 10 s per target)",
+    );
     fuzz::run(10)?;
+    shell::step(
+        "test",
+        "kernel tests inside QEMU guests: Debian arm64 6.1 and 6.12, x86_64 6.12",
+    );
+    vm::run(vm::Options {
+        arch: None,
+        kernel: "all".into(),
+        filter: None,
+        timeout: std::time::Duration::from_secs(30 * 60),
+    })?;
     shell::step("test", "all passed");
     Ok(())
 }

@@ -1,24 +1,69 @@
 //! Test fixtures that need root and the real kernel: a cgroup, a client and a
 //! server network namespace joined by a veth pair, a traffic sink, an agent,
-//! and nftables counters for independent byte counts. Everything made here is
-//! removed in `Drop`, also when the test fails.
+//! and a packet capture for independent packet and byte counts (see net.rs).
+//! No external tool is needed, so the same tests run inside a minimal VM
+//! guest (`cargo xtask vm-test`). Everything made here is removed in `Drop`,
+//! also when the test fails.
 #![allow(dead_code)]
 
+pub mod net;
 pub mod netd;
 
+#[allow(unused_imports)]
+pub use net::{Capture, NetPair, CLIENT4, CLIENT6, SERVER4, SERVER6};
+
 use egressmon::flows::FlowRecord;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_egressmon");
-pub const SERVER4: &str = "10.200.0.2";
-pub const CLIENT4: &str = "10.200.0.1";
-pub const SERVER6: &str = "fd00:200::2";
-pub const CLIENT6: &str = "fd00:200::1";
+/// The `egressmon` binary under test: `$EGRESSMON_BIN` when set (the VM
+/// guest sets it), otherwise the one cargo built with these tests. Use it as
+/// a path or a string: `Command::new(BIN)`, `format!("{BIN}")`, `&*BIN`.
+pub const BIN: Bin = Bin;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Bin;
+
+impl Bin {
+    pub fn path(&self) -> &'static str {
+        static PATH: OnceLock<String> = OnceLock::new();
+        PATH.get_or_init(|| {
+            std::env::var("EGRESSMON_BIN")
+                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_egressmon").to_string())
+        })
+    }
+}
+
+impl std::ops::Deref for Bin {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.path()
+    }
+}
+
+impl AsRef<OsStr> for Bin {
+    fn as_ref(&self) -> &OsStr {
+        OsStr::new(self.path())
+    }
+}
+
+impl AsRef<Path> for Bin {
+    fn as_ref(&self) -> &Path {
+        Path::new(self.path())
+    }
+}
+
+impl std::fmt::Display for Bin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.path())
+    }
+}
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -41,14 +86,6 @@ pub fn sh(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sh_quiet(program: &str, args: &[&str]) {
-    let _ = Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
 }
 
 pub fn cgroup2_root() -> PathBuf {
@@ -77,70 +114,6 @@ impl Drop for TestCgroup {
             std::thread::sleep(Duration::from_millis(50));
         }
         eprintln!("warning: could not remove cgroup {}", self.path.display());
-    }
-}
-
-/// Two namespaces, client and server, joined by veth with IPv4 and IPv6.
-pub struct NetPair {
-    pub client: String,
-    pub server: String,
-}
-
-impl NetPair {
-    pub fn new(tag: &str) -> NetPair {
-        let client = format!("{tag}-c");
-        let server = format!("{tag}-s");
-        sh_quiet("ip", &["netns", "del", &client]);
-        sh_quiet("ip", &["netns", "del", &server]);
-        let pair = NetPair {
-            client: client.clone(),
-            server: server.clone(),
-        };
-        sh("ip", &["netns", "add", &client]);
-        sh("ip", &["netns", "add", &server]);
-        sh(
-            "ip",
-            &[
-                "-n", &client, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-                "netns", &server,
-            ],
-        );
-        for (ns, v4, v6, dev) in [
-            (&client, CLIENT4, CLIENT6, "veth0"),
-            (&server, SERVER4, SERVER6, "veth1"),
-        ] {
-            sh("ip", &["-n", ns, "link", "set", "lo", "up"]);
-            sh(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev],
-            );
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "addr",
-                    "add",
-                    &format!("{v6}/64"),
-                    "dev",
-                    dev,
-                    "nodad",
-                ],
-            );
-            sh("ip", &["-n", ns, "link", "set", dev, "up"]);
-        }
-        pair
-    }
-
-    pub fn path(ns: &str) -> String {
-        format!("/run/netns/{ns}")
-    }
-}
-
-impl Drop for NetPair {
-    fn drop(&mut self) {
-        sh_quiet("ip", &["netns", "del", &self.client]);
-        sh_quiet("ip", &["netns", "del", &self.server]);
     }
 }
 
@@ -334,86 +307,6 @@ pub fn find<'a>(
         .iter()
         .find(|f| f.uid == uid && f.proto == proto && f.dst == dst && f.port == port)
         .unwrap_or_else(|| panic!("no flow uid={uid} {proto} {dst}:{port} in {flows:#?}"))
-}
-
-/// nftables counters in the client namespace, as an independent byte count.
-pub struct NftCounters {
-    pub netns: String,
-}
-
-impl NftCounters {
-    pub fn new(net: &NetPair) -> NftCounters {
-        let ns = net.client.clone();
-        sh(
-            "ip",
-            &["netns", "exec", &ns, "nft", "add", "table", "inet", "egm"],
-        );
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &ns,
-                "nft",
-                "add chain inet egm out { type filter hook output priority 0 ; policy accept ; }",
-            ],
-        );
-        NftCounters { netns: ns }
-    }
-
-    /// Counts packets leaving for `match_expr` (nft syntax) in counter `name`.
-    pub fn add(&self, name: &str, match_expr: &str) {
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.netns,
-                "nft",
-                &format!("add counter inet egm {name}"),
-            ],
-        );
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.netns,
-                "nft",
-                &format!("add rule inet egm out {match_expr} counter name {name}"),
-            ],
-        );
-    }
-
-    /// (packets, bytes) of counter `name`.
-    pub fn read(&self, name: &str) -> (u64, u64) {
-        let out = sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.netns,
-                "nft",
-                "-j",
-                "list",
-                "counter",
-                "inet",
-                "egm",
-                name,
-            ],
-        );
-        let v: serde_json::Value = serde_json::from_str(&out).expect("nft json");
-        let counter = v["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find_map(|e| e.get("counter"))
-            .expect("counter in nft output");
-        (
-            counter["packets"].as_u64().unwrap(),
-            counter["bytes"].as_u64().unwrap(),
-        )
-    }
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
