@@ -61,6 +61,12 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout_mins: u64,
     },
+    /// Fuzz the DNS, TLS, HTTP and QUIC parsers (seed corpora first).
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Build the static, stripped egressmon for a phone or any Linux box.
     Dist {
         /// aarch64-unknown-linux-musl (default, phones) or x86_64-unknown-linux-musl.
@@ -93,6 +99,7 @@ fn main() {
             })
         }),
         Command::Dist { target, magisk } => dist::run(target, magisk),
+        Command::Fuzz { seconds } => fuzz::run(seconds),
     };
     if let Err(err) = result {
         eprintln!("xtask: {err:#}");

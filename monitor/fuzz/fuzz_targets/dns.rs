@@ -1,8 +1,8 @@
-//! Fuzz target: the DNS parsers (see egressmon::inspect::fuzz::dns_target).
+//! Fuzz target: the DNS parsers (see egressmon_fuzz::inspect::fuzz::dns_target).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    egressmon::inspect::fuzz::dns_target(data);
+    egressmon_fuzz::inspect::fuzz::dns_target(data);
 });

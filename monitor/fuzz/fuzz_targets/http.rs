@@ -1,8 +1,8 @@
-//! Fuzz target: the HTTP parsers (see egressmon::inspect::fuzz::http_target).
+//! Fuzz target: the HTTP parsers (see egressmon_fuzz::inspect::fuzz::http_target).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    egressmon::inspect::fuzz::http_target(data);
+    egressmon_fuzz::inspect::fuzz::http_target(data);
 });

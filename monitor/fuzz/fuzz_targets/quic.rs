@@ -1,8 +1,8 @@
-//! Fuzz target: the QUIC parsers (see egressmon::inspect::fuzz::quic_target).
+//! Fuzz target: the QUIC parsers (see egressmon_fuzz::inspect::fuzz::quic_target).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    egressmon::inspect::fuzz::quic_target(data);
+    egressmon_fuzz::inspect::fuzz::quic_target(data);
 });
