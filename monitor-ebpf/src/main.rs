@@ -152,8 +152,7 @@ fn account(
     key: &FlowKey,
     delta: Delta,
     hook: u8,
-    task_context: bool,
-    skb_cgroup: u64,
+    skb: Option<&SkBuffContext>,
 ) -> Option<*mut FlowValue> {
     let now = unsafe { bpf_ktime_get_boot_ns() };
     add_to_uid(key.uid, key.proto, &delta);
@@ -183,13 +182,13 @@ fn account(
     // Bit 0 of the value marks "payload captured"; keep it clear here.
     if FLOW_SEEN.insert(key, now & !1, BPF_NOEXIST as u64).is_ok() {
         bump_stat(STAT_FLOWS_CREATED);
-        emit_new_flow(key, now, hook, task_context, skb_cgroup);
+        emit_new_flow(key, now, hook, skb);
     }
     FLOWS.get_ptr_mut(key)
 }
 
 #[inline(always)]
-fn emit_new_flow(key: &FlowKey, now: u64, hook: u8, task_context: bool, skb_cgroup: u64) {
+fn emit_new_flow(key: &FlowKey, now: u64, hook: u8, skb: Option<&SkBuffContext>) {
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         bump_stat(STAT_EVENTS_LOST);
         return;
@@ -202,17 +201,18 @@ fn emit_new_flow(key: &FlowKey, now: u64, hook: u8, task_context: bool, skb_cgro
         (*event).ts = now;
         (*event).hook = hook;
         (*event)._pad = [0; 7];
-        if task_context {
+        if let Some(ctx) = skb {
+            // At skb egress the current task may be unrelated (softirq).
+            (*event).pid = 0;
+            (*event).tgid = 0;
+            (*event).comm = [0; 16];
+            (*event).cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb);
+        } else {
             let pid_tgid = bpf_get_current_pid_tgid();
             (*event).pid = pid_tgid as u32;
             (*event).tgid = (pid_tgid >> 32) as u32;
             (*event).comm = bpf_get_current_comm().unwrap_or([0; 16]);
             (*event).cgroup_id = bpf_get_current_cgroup_id();
-        } else {
-            (*event).pid = 0;
-            (*event).tgid = 0;
-            (*event).comm = [0; 16];
-            (*event).cgroup_id = skb_cgroup;
         }
     }
     entry.submit(BPF_RB_NO_WAKEUP);
@@ -302,28 +302,28 @@ fn udp_send_delta() -> Delta {
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr4(&ctx);
-    let _ = account(&key, CONNECT, HOOK_CONNECT4, true, 0);
+    let _ = account(&key, CONNECT, HOOK_CONNECT4, None);
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr6(&ctx);
-    let _ = account(&key, CONNECT, HOOK_CONNECT6, true, 0);
+    let _ = account(&key, CONNECT, HOOK_CONNECT6, None);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr4(&ctx);
-    let _ = account(&key, udp_send_delta(), HOOK_SENDMSG4, true, 0);
+    let _ = account(&key, udp_send_delta(), HOOK_SENDMSG4, None);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr6(&ctx);
-    let _ = account(&key, udp_send_delta(), HOOK_SENDMSG6, true, 0);
+    let _ = account(&key, udp_send_delta(), HOOK_SENDMSG6, None);
     ALLOW
 }
 
@@ -351,8 +351,7 @@ fn count_skb(ctx: &SkBuffContext) {
         packets: 1,
         bytes: len as u64,
     };
-    let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let Some(value) = account(&key, delta, HOOK_SKB_EGRESS, false, cgroup) else {
+    let Some(value) = account(&key, delta, HOOK_SKB_EGRESS, Some(ctx)) else {
         return;
     };
     // Hot path ends here for every flow whose first payload was seen.
@@ -507,17 +506,18 @@ fn parse_destination(ctx: &SkBuffContext, protocol_be: u32) -> Option<(FlowKey, 
     let mut key = FlowKey::default();
     let l4_offset;
     match u16::from_be(protocol_be as u16) as u32 {
+        // One helper call per header: each call costs more than the copy.
         ETH_P_IP => {
-            let vihl: u8 = ctx.load(0).ok()?;
-            key.proto = ctx.load::<u8>(9).ok()?;
-            let daddr: [u8; 4] = ctx.load(16).ok()?;
-            key.addr[..4].copy_from_slice(&daddr);
+            let header: [u8; 20] = ctx.load(0).ok()?;
+            key.proto = header[9];
+            key.addr[..4].copy_from_slice(&header[16..20]);
             key.family = FAMILY_IPV4;
-            l4_offset = ((vihl & 0x0f) as usize) * 4;
+            l4_offset = ((header[0] & 0x0f) as usize) * 4;
         }
         ETH_P_IPV6 => {
-            key.proto = ctx.load::<u8>(6).ok()?;
-            key.addr = ctx.load(24).ok()?;
+            let header: [u8; 40] = ctx.load(0).ok()?;
+            key.proto = header[6];
+            key.addr.copy_from_slice(&header[24..40]);
             key.family = FAMILY_IPV6;
             l4_offset = 40;
         }

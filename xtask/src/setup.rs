@@ -10,7 +10,14 @@ use crate::shell::{self, step};
 use anyhow::{bail, Context, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const TEST_PACKAGES: &[&str] = &["bpftool", "iproute2", "nftables", "prometheus", "tmux"];
+const TEST_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "nftables",
+    "openssl",
+    "prometheus",
+    "tmux",
+];
 
 /// Runs every set-up step; returns nightly's LLVM major version.
 pub fn all() -> Result<u32> {
