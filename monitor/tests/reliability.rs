@@ -602,7 +602,7 @@ fn soak_keeps_exact_counts_and_flat_memory() {
         *truth_udp.entry(1000).or_default() += 2000;
         round += 1;
         samples.push((started.elapsed().as_secs_f64(), rss_kib(pid).0 as f64));
-        if round % 10 == 0 {
+        if round.is_multiple_of(10) {
             println!(
                 "soak round {round}: RSS {} KiB, tables {}",
                 rss_kib(pid).0,
