@@ -17,6 +17,11 @@ pub struct FlowMeta {
     pub cgroup_id: u64,
     /// Reported by a sock_addr hook (the calling task is the sender).
     pub from_task: bool,
+    /// Best effort, read from /proc when the event arrived.
+    pub exe: Option<Box<str>>,
+    pub cmdline: Option<Box<str>>,
+    /// Cgroup path under the cgroup2 mount.
+    pub cgroup: Option<Box<str>>,
 }
 
 pub type MetaTable = Arc<Mutex<HashMap<FlowKey, FlowMeta>>>;
@@ -50,16 +55,47 @@ pub fn record(table: &mut HashMap<FlowKey, FlowMeta>, event: &FlowEvent) {
         comm: event.comm,
         cgroup_id: event.cgroup_id,
         from_task: event.hook != HOOK_SKB_EGRESS,
+        ..Default::default()
     };
-    match table.get(&event.key) {
+    record_meta(table, event.key, meta);
+}
+
+/// Records an identity already enriched with process details.
+pub fn record_meta(table: &mut HashMap<FlowKey, FlowMeta>, key: FlowKey, meta: FlowMeta) {
+    let event_key = key;
+    match table.get(&event_key) {
         Some(existing) if existing.from_task && !meta.from_task => {}
         _ => {
-            table.insert(event.key, meta);
+            table.insert(event_key, meta);
         }
     }
 }
 
 /// Spawns the polling thread; it ends when `stop` is set.
+/// An event's identity plus what /proc and the cgroup tree say about it.
+fn enrich(event: &FlowEvent, cgroups: &mut crate::process::CgroupNames) -> FlowMeta {
+    let from_task = event.hook != HOOK_SKB_EGRESS;
+    let live = from_task && event.tgid != 0;
+    FlowMeta {
+        pid: event.tgid,
+        tgid: event.tgid,
+        comm: event.comm,
+        cgroup_id: event.cgroup_id,
+        from_task,
+        exe: if live {
+            crate::process::exe(event.tgid)
+        } else {
+            None
+        },
+        cmdline: if live {
+            crate::process::cmdline(event.tgid)
+        } else {
+            None
+        },
+        cgroup: cgroups.path(event.cgroup_id),
+    }
+}
+
 /// Most events held while the identity table is busy (the flow poller holds
 /// it during a pass); beyond this the oldest pending identities are dropped.
 const MAX_PENDING: usize = 1 << 17;
@@ -77,6 +113,7 @@ pub fn spawn_reader(
         .name("egressmon-events".into())
         .spawn(move || {
             let mut pending: Vec<FlowEvent> = Vec::new();
+            let mut cgroups = crate::process::CgroupNames::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let before = pending.len();
                 while let Some(item) = ring.next() {
@@ -92,10 +129,17 @@ pub fn spawn_reader(
                     pending.drain(..pending.len() - MAX_PENDING);
                 }
                 if !pending.is_empty() {
+                    // /proc is read outside the table lock, while the
+                    // processes most likely still live.
+                    let enriched: Vec<(FlowKey, FlowMeta)> = pending
+                        .iter()
+                        .map(|e| (e.key, enrich(e, &mut cgroups)))
+                        .collect();
                     if let Ok(mut table) = table.try_lock() {
-                        for event in pending.drain(..) {
-                            record(&mut table, &event);
+                        for (key, meta) in enriched {
+                            record_meta(&mut table, key, meta);
                         }
+                        pending.clear();
                     }
                 }
                 if pending.capacity() > 4096 && pending.is_empty() {

@@ -22,6 +22,12 @@ pub struct FlowRecord {
     pub comm: Option<String>,
     pub pid: Option<u32>,
     pub cgroup_id: Option<u64>,
+    /// Cgroup path of the first sender, and its systemd unit if any.
+    pub cgroup: Option<String>,
+    pub unit: Option<String>,
+    /// Executable and command line of the first sender (best effort).
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
     pub proto: String,
     pub family: String,
     pub dst: String,
@@ -80,6 +86,13 @@ pub fn record(
         comm: known.map(|m| m.comm()),
         pid: known.map(|m| m.pid),
         cgroup_id: meta.map(|m| m.cgroup_id).filter(|&id| id != 0),
+        cgroup: meta.and_then(|m| m.cgroup.as_deref()).map(str::to_string),
+        unit: meta
+            .and_then(|m| m.cgroup.as_deref())
+            .and_then(crate::process::unit_of)
+            .map(str::to_string),
+        exe: known.and_then(|m| m.exe.as_deref()).map(str::to_string),
+        cmdline: known.and_then(|m| m.cmdline.as_deref()).map(str::to_string),
         proto: proto_name(key.proto),
         family: if key.family == FAMILY_IPV4 {
             "ipv4"

@@ -18,6 +18,7 @@ pub mod jsonl;
 pub mod kernel;
 pub mod metrics;
 pub mod owners;
+pub mod process;
 pub mod rules;
 pub mod system;
 pub mod top;

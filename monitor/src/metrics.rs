@@ -237,3 +237,44 @@ pub fn render(agent: &Agent) -> Result<String> {
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
     Ok(String::from_utf8(out)?)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The shipped Grafana dashboard only queries metrics this module exports.
+    #[test]
+    fn dashboard_uses_exported_metrics() {
+        let text = include_str!("../dashboards/egressmon.json");
+        let dashboard: serde_json::Value = serde_json::from_str(text).expect("dashboard is JSON");
+        let exported = [
+            "egressmon_tx_bytes_total",
+            "egressmon_tx_packets_total",
+            "egressmon_connects_total",
+            "egressmon_udp_sends_total",
+            "egressmon_tx_bytes_by_country_total",
+            "egressmon_cleartext_flows_total",
+            "egressmon_alerts_total",
+            "egressmon_hook_attached",
+            "egressmon_map_entries",
+            "egressmon_map_capacity",
+            "egressmon_events_lost_total",
+            "egressmon_flows_evicted_total",
+            "egressmon_build_info",
+        ];
+        let mut queried = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("egressmon_") {
+                        assert!(
+                            exported.contains(&word),
+                            "dashboard queries unknown metric {word}"
+                        );
+                        queried += 1;
+                    }
+                }
+            }
+        }
+        assert!(queried >= 9);
+    }
+}

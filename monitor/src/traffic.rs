@@ -24,6 +24,9 @@ pub struct GenArgs {
     /// Switch to this uid (and gid) before sending.
     #[arg(long)]
     pub uid: Option<u32>,
+    /// Stay alive this long after sending (so /proc still shows the sender).
+    #[arg(long, default_value_t = 0)]
+    pub hold_ms: u64,
     #[command(subcommand)]
     pub what: GenKind,
 }
@@ -155,7 +158,14 @@ pub fn run(args: GenArgs) -> Result<()> {
     // Enter namespace/cgroup/uid before any thread exists: setns and setuid
     // act on the calling thread only.
     enter(&args)?;
-    match args.what {
+    let hold = std::time::Duration::from_millis(args.hold_ms);
+    let result = send(args.what);
+    std::thread::sleep(hold);
+    result
+}
+
+fn send(what: GenKind) -> Result<()> {
+    match what {
         GenKind::Tcp {
             dst,
             count,

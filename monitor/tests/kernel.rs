@@ -64,7 +64,17 @@ fn counts_every_uid_protocol_and_family_exactly() {
             &net,
             &cgroup.path,
             uid,
-            &["tcp", "--dst", &s4, "--count", "3", "--bytes", "1000"],
+            &[
+                "--hold-ms",
+                "400",
+                "tcp",
+                "--dst",
+                &s4,
+                "--count",
+                "3",
+                "--bytes",
+                "1000",
+            ],
         );
         gen(
             &net,
@@ -264,6 +274,26 @@ fn counts_every_uid_protocol_and_family_exactly() {
             f.pid == Some(tcp4_pid) && f.comm.as_deref() == Some("egressmon")
         }),
         "pid and comm of the connecting process"
+    );
+    // ... with its executable, command line and cgroup, read while it lived.
+    let flows = agent.flows();
+    let f = find(&flows, last_uid, "tcp", SERVER4, 8080);
+    assert!(
+        f.exe.as_deref().is_some_and(|e| e.ends_with("egressmon")),
+        "{f:?}"
+    );
+    assert!(
+        f.cmdline
+            .as_deref()
+            .is_some_and(|c| c.contains(" gen ") && c.contains("--dst")),
+        "{f:?}"
+    );
+    let cgroup_name = cgroup.path.file_name().unwrap().to_str().unwrap();
+    assert!(
+        f.cgroup
+            .as_deref()
+            .is_some_and(|c| c.ends_with(cgroup_name)),
+        "{f:?}"
     );
     let status = agent.status();
     assert_eq!(status["events_lost"], 0);

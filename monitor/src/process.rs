@@ -1,0 +1,138 @@
+//! Who inside a uid sent it: the sending process's executable and command
+//! line (read from /proc while it lives; an Android app process's cmdline is
+//! its package or `package:service`, which names the component inside a
+//! shared uid like 1000), and the cgroup it runs in, with the systemd unit
+//! that cgroup belongs to (`system` traffic then names its service).
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Best effort: None once the process has exited or /proc hides it.
+pub fn exe(tgid: u32) -> Option<Box<str>> {
+    let path = std::fs::read_link(format!("/proc/{tgid}/exe")).ok()?;
+    Some(path.to_string_lossy().into())
+}
+
+/// NUL-separated arguments joined by spaces, capped at 256 bytes.
+pub fn cmdline(tgid: u32) -> Option<Box<str>> {
+    let raw = std::fs::read(format!("/proc/{tgid}/cmdline")).ok()?;
+    let text: String = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if text.is_empty() {
+        return None;
+    }
+    let mut end = text.len().min(256);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(text[..end].into())
+}
+
+/// The systemd unit (`*.service`, `*.scope`, `*.socket`) a cgroup path
+/// belongs to: its last such component.
+pub fn unit_of(path: &str) -> Option<&str> {
+    path.split('/')
+        .rev()
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope") || c.ends_with(".socket"))
+}
+
+/// Maps cgroup ids (the inode numbers of cgroup2 directories, as BPF
+/// reports them) to paths under the cgroup2 mount. Rescans the tree on a
+/// miss, at most once every few seconds, and never holds more than
+/// `MAX_CGROUPS` entries.
+pub struct CgroupNames {
+    root: Option<PathBuf>,
+    ids: HashMap<u64, Box<str>>,
+    last_scan: Option<Instant>,
+}
+
+const MAX_CGROUPS: usize = 65_536;
+const RESCAN_EVERY: Duration = Duration::from_secs(5);
+
+impl CgroupNames {
+    pub fn new() -> CgroupNames {
+        CgroupNames {
+            root: crate::system::cgroup2_root().ok(),
+            ids: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    pub fn path(&mut self, id: u64) -> Option<Box<str>> {
+        if id == 0 {
+            return None;
+        }
+        if let Some(path) = self.ids.get(&id) {
+            return Some(path.clone());
+        }
+        if self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
+            self.scan();
+        }
+        self.ids.get(&id).cloned()
+    }
+
+    fn scan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        let Some(root) = self.root.clone() else {
+            return;
+        };
+        self.ids.clear();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            if self.ids.len() >= MAX_CGROUPS {
+                break;
+            }
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            let relative = Path::new("/").join(dir.strip_prefix(&root).unwrap_or(Path::new("")));
+            self.ids
+                .insert(meta.ino(), relative.to_string_lossy().into());
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(entry.path());
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Default for CgroupNames {
+    fn default() -> Self {
+        CgroupNames::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_come_from_the_cgroup_path() {
+        assert_eq!(
+            unit_of("/system.slice/systemd-resolved.service"),
+            Some("systemd-resolved.service")
+        );
+        assert_eq!(
+            unit_of("/user.slice/user-1000.slice/session-2.scope"),
+            Some("session-2.scope")
+        );
+        assert_eq!(unit_of("/uid_10123/pid_4567"), None);
+    }
+
+    #[test]
+    fn this_process_is_readable() {
+        let me = std::process::id();
+        assert!(exe(me).is_some());
+        assert!(cmdline(me).is_some());
+        assert!(exe(u32::MAX).is_none());
+    }
+}
