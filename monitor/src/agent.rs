@@ -280,7 +280,7 @@ impl Agent {
             .spawn(move || {
                 let mut last_reload_check = Instant::now();
                 while !agent.stop.load(Ordering::Relaxed) {
-                    if last_reload_check.elapsed() >= Duration::from_secs(5) {
+                    if last_reload_check.elapsed() >= Duration::from_secs(2) {
                         agent.reload_owners_if_changed();
                         last_reload_check = Instant::now();
                     }

@@ -366,3 +366,43 @@ fn a_damaged_packages_xml_on_reload_keeps_the_last_good_owners() {
     );
     assert_eq!(owners(&agent), good);
 }
+
+#[test]
+fn a_package_installed_while_running_is_named_within_5_s() {
+    require_root();
+    let tag = tag("install");
+    let device = DeviceRoot::lay_out(&tag);
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:8443");
+    let _sink = start_sink(&net, &[dst.parse::<SocketAddr>().unwrap()], &[]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &["--android-root", device.arg()]);
+    gen(
+        &net,
+        &cgroup.path,
+        10300,
+        &["tcp", "--dst", &dst, "--count", "1"],
+    );
+    let owner = |agent: &AgentProc| {
+        find(&agent.flows(), 10300, "tcp", SERVER4, 8443)
+            .owner
+            .clone()
+    };
+    assert_eq!(owner(&agent), "u0_a300", "not installed yet: numbers only");
+    // The package manager writes the new line (as an install does).
+    let list = device.path.join("data/system/packages.list");
+    let mut text = std::fs::read_to_string(&list).unwrap();
+    text.push_str("com.new.install 10300 0 /data/user/0/com.new.install default:targetSdkVersion=34 3003 0 1 1 com.android.vending\n");
+    std::fs::write(&list, text).unwrap();
+    let installed = std::time::Instant::now();
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || owner(&agent)
+            == "com.new.install"),
+        "still {} after 5 s",
+        owner(&agent)
+    );
+    println!(
+        "FIGURE install: named after {} ms",
+        installed.elapsed().as_millis()
+    );
+}
