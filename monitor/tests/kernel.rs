@@ -66,7 +66,7 @@ fn counts_every_uid_protocol_and_family_exactly() {
             uid,
             &[
                 "--hold-ms",
-                "400",
+                "1500",
                 "tcp",
                 "--dst",
                 &s4,
