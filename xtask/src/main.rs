@@ -3,6 +3,7 @@
 //! Every command installs what it needs first (idempotently, saying what it
 //! does), so a fresh machine needs nothing but this repository and root.
 
+mod bench;
 mod setup;
 mod shell;
 
@@ -34,6 +35,8 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Measure egressmon's overhead against the bare kernel, empty programs, nftables, tcpdump.
+    Bench(bench::BenchArgs),
     /// Run every test: formatting, lints, unit tests, kernel tests (root).
     Test {
         /// Length of the soak test in seconds.
@@ -48,6 +51,7 @@ fn main() {
         Command::Setup => setup::all().map(drop),
         Command::Build { release } => setup::all().and_then(|_| build(release)),
         Command::Run { args } => run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Test { soak_secs } => test(soak_secs),
     };
     if let Err(err) = result {
@@ -195,6 +199,7 @@ fn test(soak_secs: u64) -> Result<()> {
     );
     std::env::set_var("EGRESSMON_SOAK_SECS", soak_secs.to_string());
     integration_test("reliability")?;
+    bench::smoke()?;
     shell::step("test", "all passed");
     Ok(())
 }
