@@ -320,6 +320,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut bench = Bench::new(cpu, sizes)?;
     let results = bench.run_all(&workloads, rounds, args.quick, command)?;
     drop(bench);
+    let raw = root.join("target/bench/samples.tsv");
+    std::fs::write(&raw, report::samples_tsv(&results))
+        .with_context(|| format!("writing {}", raw.display()))?;
     let text = report::markdown(
         &results,
         &std::fs::read_to_string(&output).unwrap_or_default(),
@@ -329,7 +332,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     std::fs::write(&output, &text).with_context(|| format!("writing {}", output.display()))?;
     println!("{}", report::console_summary(&results));
-    step("bench", &format!("report written to {}", output.display()));
+    step(
+        "bench",
+        &format!(
+            "report written to {} (every sample in {})",
+            output.display(),
+            raw.display()
+        ),
+    );
     Ok(())
 }
 
