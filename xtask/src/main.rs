@@ -3,6 +3,7 @@
 //! Every command installs what it needs first (idempotently, saying what it
 //! does), so a fresh machine needs nothing but this repository and root.
 
+mod bench;
 mod dist;
 mod fuzz;
 mod initramfs;
@@ -39,6 +40,8 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Measure egressmon's overhead against the bare kernel, empty programs, nftables, tcpdump.
+    Bench(bench::BenchArgs),
     /// Run every test: formatting, lints, unit tests, kernel tests (root),
     /// then the kernel tests inside QEMU guests (vm-test).
     Test {
@@ -84,6 +87,7 @@ fn main() {
         Command::Setup => setup::all().map(drop),
         Command::Build { release } => setup::all().and_then(|_| build(release)),
         Command::Run { args } => run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Test { soak_secs } => test(soak_secs),
         Command::VmTest {
             arch,
@@ -261,6 +265,7 @@ fn test(soak_secs: u64) -> Result<()> {
     );
     std::env::set_var("EGRESSMON_SOAK_SECS", soak_secs.to_string());
     integration_test("reliability")?;
+    bench::smoke()?;
     shell::step(
         "test",
         "fuzzing the DNS, TLS, HTTP and QUIC parsers (corpora replayed, 10 s per target)",
