@@ -527,8 +527,8 @@ fn targets(v: &View) -> Vec<Target> {
                         .into()
                 } else {
                     format!(
-                        "Missed by {} of a core (median). The agent reads the flow map and the \
-                         event ring every second while the workload runs.",
+                        "Missed by {} of a core (median). New flows drive it: the agent drains \
+                         the new-flow ring every 100 ms and reads the whole flow map every second.",
                         pct(m - 0.05)
                     )
                 },
