@@ -168,7 +168,8 @@ fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
 
 /// Builds records for the tracker, resolving each uid once per pass.
 struct Describer<'a> {
-    meta: &'a HashMap<FlowKey, events::FlowMeta>,
+    /// Identities the event reader recorded, not yet taken by the tracker.
+    pending: std::cell::RefCell<&'a mut HashMap<FlowKey, events::FlowMeta>>,
     resolver: &'a OwnerResolver,
     owners: std::cell::RefCell<HashMap<u32, crate::owners::Owner>>,
     destinations: std::cell::RefCell<std::sync::MutexGuard<'a, Destinations>>,
@@ -176,9 +177,14 @@ struct Describer<'a> {
 }
 
 impl crate::tracker::Describe for Describer<'_> {
-    fn record(&self, key: &FlowKey, value: &FlowValue) -> FlowRecord {
+    fn record(
+        &self,
+        key: &FlowKey,
+        value: &FlowValue,
+        meta: Option<&events::FlowMeta>,
+    ) -> FlowRecord {
         let owner = self.owner(key.uid);
-        let mut record = flows::record(key, value, &owner, self.meta.get(key));
+        let mut record = flows::record(key, value, &owner, meta);
         self.destinations
             .borrow_mut()
             .describe(key, &mut record, self.now);
@@ -195,6 +201,10 @@ impl crate::tracker::Describe for Describer<'_> {
 
     fn stamp(&self, key: &FlowKey) -> u64 {
         self.destinations.borrow().stamp(key)
+    }
+
+    fn take_identity(&self, key: &FlowKey) -> Option<events::FlowMeta> {
+        self.pending.borrow_mut().remove(key)
     }
 }
 
@@ -226,11 +236,17 @@ impl Agent {
         let mut kernel = Kernel::load(load)?;
         let ring = kernel.take_events()?;
         let payload_ring = kernel.take_payloads()?;
-        let meta: MetaTable = Default::default();
+        let meta_limit = events::meta_limit(capacity as u32);
+        let meta: MetaTable = events::meta_table();
         let stop = Arc::new(AtomicBool::new(false));
         let events_received = Arc::new(AtomicU64::new(0));
-        let reader =
-            events::spawn_reader(ring, meta.clone(), stop.clone(), events_received.clone());
+        let reader = events::spawn_reader(
+            ring,
+            meta.clone(),
+            meta_limit,
+            stop.clone(),
+            events_received.clone(),
+        );
         let destinations: SharedDestinations =
             Arc::new(Mutex::new(Destinations::new(geoip, capacity)));
         let payloads_received = Arc::new(AtomicU64::new(0));
@@ -301,21 +317,11 @@ impl Agent {
 
     /// One tracker step: snapshot, events, log lines.
     pub fn tick(&self) -> Result<()> {
-        let (snapshot, capacity) = {
-            let kernel = self.kernel.lock().unwrap();
-            (kernel.flows()?, kernel.options.flow_entries as usize)
-        };
+        let snapshot = self.kernel.lock().unwrap().flows()?;
         self.last_flow_count
             .store(snapshot.len() as u64, Ordering::Relaxed);
         let resolver = self.resolver();
         let mut meta = self.meta.lock().unwrap();
-        // Identities of flows the kernel evicted are of no further use.
-        if meta.len() > capacity {
-            let live: std::collections::HashSet<FlowKey> =
-                snapshot.iter().map(|(k, _)| *k).collect();
-            meta.retain(|k, _| live.contains(k));
-            meta.shrink_to(capacity);
-        }
         let mut destinations = self.destinations.lock().unwrap();
         if self
             .ticks
@@ -327,7 +333,7 @@ impl Agent {
             destinations.retain_live(&|k| live.contains(k), Instant::now());
         }
         let describe = Describer {
-            meta: &meta,
+            pending: std::cell::RefCell::new(&mut meta),
             resolver: &resolver,
             owners: Default::default(),
             destinations: std::cell::RefCell::new(destinations),
@@ -348,6 +354,7 @@ impl Agent {
             .tick(Instant::now(), &snapshot, &describe, &mut write);
         drop(describe);
         drop(log);
+        events::drop_stale(&mut meta);
         drop(meta);
         // Big snapshots leave freed memory in malloc's arenas; hand it back.
         #[cfg(target_env = "gnu")]
@@ -415,19 +422,32 @@ impl Agent {
 
     fn keyed_flows(&self) -> Result<Vec<(FlowKey, FlowRecord)>> {
         let flows = self.kernel.lock().unwrap().flows()?;
-        let meta = self.meta.lock().unwrap();
+        // Locks in the flow poller's order: identities, destinations, tracker.
+        let mut pending = self.meta.lock().unwrap();
         let resolver = self.resolver();
+        let destinations = self.destinations.lock().unwrap();
+        let tracker = self.tracker.lock().unwrap();
         let describe = Describer {
-            meta: &meta,
+            pending: std::cell::RefCell::new(&mut pending),
             resolver: &resolver,
             owners: Default::default(),
-            destinations: std::cell::RefCell::new(self.destinations.lock().unwrap()),
+            destinations: std::cell::RefCell::new(destinations),
             now: Instant::now(),
         };
         use crate::tracker::Describe;
         Ok(flows
             .iter()
-            .map(|(k, v)| (*k, describe.record(k, v)))
+            .map(|(key, value)| {
+                let mut value = *value;
+                if let Some(seen) = tracker.last_seen(key) {
+                    value.last_seen = value.last_seen.max(seen);
+                }
+                let meta = match tracker.identity(key) {
+                    Some(meta) => Some(meta.clone()),
+                    None => describe.pending.borrow().get(key).cloned(),
+                };
+                (*key, describe.record(key, &value, meta.as_ref()))
+            })
             .collect())
     }
 
@@ -457,6 +477,7 @@ impl Agent {
         let (tracker_evicted, rules) = {
             let t = self.tracker.lock().unwrap();
             agent_tables.tracked_flows = t.tracked() as u64;
+            agent_tables.identities += t.identities() as u64;
             (t.flows_evicted, t.rule_names())
         };
         let resolver = self.resolver();

@@ -5,26 +5,59 @@
 use monitor_common::{FlowEvent, FlowKey, HOOK_SKB_EGRESS};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Identity of the first sender of a flow.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FlowMeta {
-    pub pid: u32,
+/// Who sent a flow's first packet. Shared (one allocation per sending
+/// process and cgroup) by all the flows it opened.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sender {
     pub tgid: u32,
-    /// Task name as the kernel reports it (NUL padded, no allocation).
+    /// Task name as the kernel reports it (NUL padded).
     pub comm: [u8; 16],
     pub cgroup_id: u64,
-    /// Reported by a sock_addr hook (the calling task is the sender).
-    pub from_task: bool,
-    /// Best effort, read from /proc when the event arrived.
+    /// Cgroup path under the cgroup2 mount.
+    pub cgroup: Option<Arc<str>>,
+    /// Best effort, read from /proc when the sender's first event arrived.
     pub exe: Option<Box<str>>,
     pub cmdline: Option<Box<str>>,
-    /// Cgroup path under the cgroup2 mount.
-    pub cgroup: Option<Box<str>>,
 }
 
+/// Identity of a flow: 16 bytes, since the tracker keeps one per flow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowMeta {
+    pub sender: Arc<Sender>,
+    /// Reader batch that recorded it: the oldest make room first.
+    pub batch: u32,
+    /// Reported by a sock_addr hook (the calling task is the sender).
+    pub from_task: bool,
+}
+
+/// Identities read from the ring and not yet taken over by the tracker
+/// (which does so on the first pass that finds their flow).
 pub type MetaTable = Arc<Mutex<HashMap<FlowKey, FlowMeta>>>;
+
+/// Most identities pending: a burst can announce as many flows as the kernel
+/// holds before a pass takes them; beyond that the oldest make room.
+pub fn meta_limit(flow_entries: u32) -> usize {
+    flow_entries as usize
+}
+
+pub fn meta_table() -> MetaTable {
+    Arc::new(Mutex::new(HashMap::new()))
+}
+
+/// Reader batches (of `POLL_INTERVAL`) an identity waits for its flow to
+/// show up in a pass: beyond that, the kernel evicted the flow before any
+/// pass saw it.
+const PENDING_BATCHES: u32 = 50;
+
+/// Drops identities whose flows no pass is going to find.
+pub fn drop_stale(pending: &mut HashMap<FlowKey, FlowMeta>) {
+    let Some(newest) = pending.values().map(|m| m.batch).max() else {
+        return;
+    };
+    pending.retain(|_, m| newest.wrapping_sub(m.batch) <= PENDING_BATCHES);
+}
 
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -36,63 +69,117 @@ fn decode(bytes: &[u8]) -> Option<FlowEvent> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const FlowEvent) })
 }
 
-impl FlowMeta {
+impl Sender {
     pub fn comm(&self) -> String {
-        comm_string(&self.comm)
+        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.comm[..end]).into_owned()
     }
 }
 
-fn comm_string(comm: &[u8; 16]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
-}
-
-/// Records an event; a task-context identity replaces an skb-only one.
+/// Records an event without /proc details (tests, replays).
 pub fn record(table: &mut HashMap<FlowKey, FlowMeta>, event: &FlowEvent) {
     let meta = FlowMeta {
-        pid: event.tgid,
-        tgid: event.tgid,
-        comm: event.comm,
-        cgroup_id: event.cgroup_id,
+        sender: Arc::new(Sender {
+            tgid: event.tgid,
+            comm: event.comm,
+            cgroup_id: event.cgroup_id,
+            ..Default::default()
+        }),
+        batch: 0,
         from_task: event.hook != HOOK_SKB_EGRESS,
-        ..Default::default()
     };
-    record_meta(table, event.key, meta);
+    record_meta(table, event.key, meta, usize::MAX);
 }
 
-/// Records an identity already enriched with process details.
-pub fn record_meta(table: &mut HashMap<FlowKey, FlowMeta>, key: FlowKey, meta: FlowMeta) {
-    let event_key = key;
-    match table.get(&event_key) {
+/// Records an identity; a task-context identity is never replaced by an
+/// skb-only one. At `limit` entries the oldest identities make room first
+/// (the kernel's LRU flow map drops the least recently used flows, under
+/// churn mostly the oldest).
+pub fn record_meta(
+    table: &mut HashMap<FlowKey, FlowMeta>,
+    key: FlowKey,
+    meta: FlowMeta,
+    limit: usize,
+) {
+    match table.get(&key) {
         Some(existing) if existing.from_task && !meta.from_task => {}
-        _ => {
-            table.insert(event_key, meta);
+        Some(_) => {
+            table.insert(key, meta);
+        }
+        None => {
+            if table.len() >= limit {
+                make_room(table, limit / 8);
+            }
+            table.insert(key, meta);
         }
     }
 }
 
-/// Spawns the polling thread; it ends when `stop` is set.
-/// An event's identity plus what /proc and the cgroup tree say about it.
-fn enrich(event: &FlowEvent, cgroups: &mut crate::process::CgroupNames) -> FlowMeta {
-    let from_task = event.hook != HOOK_SKB_EGRESS;
-    let live = from_task && event.tgid != 0;
-    FlowMeta {
-        pid: event.tgid,
-        tgid: event.tgid,
-        comm: event.comm,
-        cgroup_id: event.cgroup_id,
-        from_task,
-        exe: if live {
-            crate::process::exe(event.tgid)
-        } else {
-            None
-        },
-        cmdline: if live {
-            crate::process::cmdline(event.tgid)
-        } else {
-            None
-        },
-        cgroup: cgroups.path(event.cgroup_id),
+/// Drops at least `want` (and at least one) of the oldest identities.
+fn make_room(table: &mut HashMap<FlowKey, FlowMeta>, want: usize) {
+    let want = want.max(1);
+    let (oldest, newest) = table.values().fold((u32::MAX, 0), |(lo, hi), m| {
+        (lo.min(m.batch), hi.max(m.batch))
+    });
+    let step = (newest.saturating_sub(oldest)) / 8 + 1;
+    let mut cutoff = oldest;
+    // Widen the cut a few batches at a time until enough would go.
+    while cutoff < newest && table.values().filter(|m| m.batch <= cutoff).count() < want {
+        cutoff = cutoff.saturating_add(step).min(newest);
+    }
+    table.retain(|_, m| m.batch > cutoff);
+}
+
+/// Senders by (tgid, comm, cgroup), so a process opening thousands of flows
+/// is read from /proc once, not once per flow. Entries live a few seconds:
+/// long enough for a burst, short enough that a reused pid is not named
+/// after the process that had it before.
+struct Senders {
+    entries: HashMap<SenderKey, (Instant, Arc<Sender>)>,
+    cgroups: crate::process::CgroupNames,
+}
+
+/// (tgid, comm, cgroup id)
+type SenderKey = (u32, [u8; 16], u64);
+
+const SENDER_TTL: Duration = Duration::from_secs(5);
+const MAX_SENDERS: usize = 4096;
+
+impl Senders {
+    fn new() -> Senders {
+        Senders {
+            entries: HashMap::new(),
+            cgroups: crate::process::CgroupNames::new(),
+        }
+    }
+
+    /// The sender of an event; /proc is read only for task-context events
+    /// (at skb egress the current task may be unrelated).
+    fn get(&mut self, event: &FlowEvent, now: Instant) -> Arc<Sender> {
+        let key = (event.tgid, event.comm, event.cgroup_id);
+        if let Some((at, sender)) = self.entries.get(&key) {
+            if now.duration_since(*at) < SENDER_TTL {
+                return sender.clone();
+            }
+        }
+        if self.entries.len() >= MAX_SENDERS {
+            self.entries
+                .retain(|_, (at, _)| now.duration_since(*at) < SENDER_TTL);
+            if self.entries.len() >= MAX_SENDERS {
+                self.entries.clear();
+            }
+        }
+        let live = event.hook != HOOK_SKB_EGRESS && event.tgid != 0;
+        let sender = Arc::new(Sender {
+            tgid: event.tgid,
+            comm: event.comm,
+            cgroup_id: event.cgroup_id,
+            cgroup: self.cgroups.path(event.cgroup_id),
+            exe: live.then(|| crate::process::exe(event.tgid)).flatten(),
+            cmdline: live.then(|| crate::process::cmdline(event.tgid)).flatten(),
+        });
+        self.entries.insert(key, (now, sender.clone()));
+        sender
     }
 }
 
@@ -106,6 +193,7 @@ const MAX_PENDING: usize = 1 << 17;
 pub fn spawn_reader(
     mut ring: aya::maps::RingBuf<aya::maps::MapData>,
     table: MetaTable,
+    limit: usize,
     stop: Arc<std::sync::atomic::AtomicBool>,
     received: Arc<std::sync::atomic::AtomicU64>,
 ) -> std::thread::JoinHandle<()> {
@@ -113,7 +201,8 @@ pub fn spawn_reader(
         .name("egressmon-events".into())
         .spawn(move || {
             let mut pending: Vec<FlowEvent> = Vec::new();
-            let mut cgroups = crate::process::CgroupNames::new();
+            let mut senders = Senders::new();
+            let mut batch = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let before = pending.len();
                 while let Some(item) = ring.next() {
@@ -131,13 +220,22 @@ pub fn spawn_reader(
                 if !pending.is_empty() {
                     // /proc is read outside the table lock, while the
                     // processes most likely still live.
+                    let now = Instant::now();
+                    batch = batch.wrapping_add(1);
                     let enriched: Vec<(FlowKey, FlowMeta)> = pending
                         .iter()
-                        .map(|e| (e.key, enrich(e, &mut cgroups)))
+                        .map(|e| {
+                            let meta = FlowMeta {
+                                sender: senders.get(e, now),
+                                batch,
+                                from_task: e.hook != HOOK_SKB_EGRESS,
+                            };
+                            (e.key, meta)
+                        })
                         .collect();
                     if let Ok(mut table) = table.try_lock() {
                         for (key, meta) in enriched {
-                            record_meta(&mut table, key, meta);
+                            record_meta(&mut table, key, meta, limit);
                         }
                         pending.clear();
                     }
@@ -171,7 +269,51 @@ mod tests {
             ..Default::default()
         };
         record(&mut table, &skb);
-        assert_eq!(table[&ev.key].comm(), "curl");
-        assert_eq!(table[&ev.key].pid, 42);
+        assert_eq!(table[&ev.key].sender.comm(), "curl");
+        assert_eq!(table[&ev.key].sender.tgid, 42);
+    }
+
+    #[test]
+    fn stale_identities_go() {
+        let mut table = HashMap::new();
+        for batch in [1u32, 2, 100] {
+            let key = FlowKey {
+                port: batch as u16,
+                ..Default::default()
+            };
+            let meta = FlowMeta {
+                batch,
+                ..Default::default()
+            };
+            record_meta(&mut table, key, meta, 64);
+        }
+        drop_stale(&mut table);
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn full_table_drops_the_oldest() {
+        let mut table = HashMap::new();
+        for port in 0..1000u16 {
+            let key = FlowKey {
+                port,
+                ..Default::default()
+            };
+            let meta = FlowMeta {
+                batch: port as u32,
+                ..Default::default()
+            };
+            record_meta(&mut table, key, meta, 64);
+            assert!(table.len() <= 64);
+        }
+        assert!(
+            table.values().all(|m| m.batch >= 1000 - 64),
+            "only the oldest identities were dropped"
+        );
+        let last = FlowKey {
+            port: 999,
+            ..Default::default()
+        };
+        assert!(table.contains_key(&last), "the newest identity is kept");
     }
 }

@@ -2,11 +2,10 @@
 //! identity and owner, in the field names of the product contract.
 
 use crate::events::FlowMeta;
-use crate::owners::{Owner, OwnerResolver};
+use crate::owners::Owner;
 use crate::system::rfc3339;
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// One row of `egressmon flows --json`.
@@ -74,7 +73,8 @@ pub fn record(
     owner: &Owner,
     meta: Option<&FlowMeta>,
 ) -> FlowRecord {
-    let known = meta.filter(|m| m.tgid != 0);
+    let sender = meta.map(|m| &*m.sender);
+    let known = sender.filter(|s| s.tgid != 0);
     FlowRecord {
         uid: key.uid,
         user: owner.user,
@@ -83,16 +83,16 @@ pub fn record(
         packages: owner.packages.clone(),
         origin: owner.origin.clone(),
         firmware: owner.firmware,
-        comm: known.map(|m| m.comm()),
-        pid: known.map(|m| m.pid),
-        cgroup_id: meta.map(|m| m.cgroup_id).filter(|&id| id != 0),
-        cgroup: meta.and_then(|m| m.cgroup.as_deref()).map(str::to_string),
-        unit: meta
-            .and_then(|m| m.cgroup.as_deref())
+        comm: known.map(|s| s.comm()),
+        pid: known.map(|s| s.tgid),
+        cgroup_id: sender.map(|s| s.cgroup_id).filter(|&id| id != 0),
+        cgroup: sender.and_then(|s| s.cgroup.as_deref()).map(str::to_string),
+        unit: sender
+            .and_then(|s| s.cgroup.as_deref())
             .and_then(crate::process::unit_of)
             .map(str::to_string),
-        exe: known.and_then(|m| m.exe.as_deref()).map(str::to_string),
-        cmdline: known.and_then(|m| m.cmdline.as_deref()).map(str::to_string),
+        exe: known.and_then(|s| s.exe.as_deref()).map(str::to_string),
+        cmdline: known.and_then(|s| s.cmdline.as_deref()).map(str::to_string),
         proto: proto_name(key.proto),
         family: if key.family == FAMILY_IPV4 {
             "ipv4"
@@ -114,24 +114,6 @@ pub fn record(
         asn: None,
         payload: "unknown".into(),
     }
-}
-
-/// Joins kernel flows with identities and owners (one owner lookup per uid).
-pub fn keyed_table(
-    flows: &[(FlowKey, FlowValue)],
-    meta: &HashMap<FlowKey, FlowMeta>,
-    resolver: &OwnerResolver,
-) -> Vec<(FlowKey, FlowRecord)> {
-    let mut owners: HashMap<u32, Owner> = HashMap::new();
-    flows
-        .iter()
-        .map(|(key, value)| {
-            let owner = owners
-                .entry(key.uid)
-                .or_insert_with(|| resolver.resolve(key.uid));
-            (*key, record(key, value, owner, meta.get(key)))
-        })
-        .collect()
 }
 
 pub fn sort_busiest_first(rows: &mut [FlowRecord]) {

@@ -249,7 +249,7 @@ impl Kernel {
             let read = bpf_sys::percpu_lookup_batch::<FlowKey, FlowValue>(
                 data.fd().as_fd(),
                 cpus,
-                |k, v| out.push((k, sum_flow(v.iter()))),
+                |k, v| out.push((k, sum_flow(&k, v.iter()))),
             );
             match read {
                 Ok(()) => return Ok(out),
@@ -261,15 +261,9 @@ impl Kernel {
         let mut out = Vec::new();
         for item in map.iter() {
             let Ok((key, per_cpu)) = item else { continue };
-            out.push((key, sum_flow(per_cpu.iter())));
+            out.push((key, sum_flow(&key, per_cpu.iter())));
         }
         Ok(out)
-    }
-
-    pub fn flow_count(&self) -> usize {
-        self.flows_map()
-            .map(|m| m.keys().filter(Result::is_ok).count())
-            .unwrap_or(0)
     }
 
     /// Per-uid totals (not subject to flow eviction).
@@ -288,6 +282,9 @@ impl Kernel {
                 t.udp_sends += v.udp_sends;
                 t.tx_packets += v.tx_packets;
                 t.tx_bytes += v.tx_bytes;
+            }
+            if uid.proto == PROTO_UDP {
+                t.udp_sends += t.tx_packets;
             }
             out.insert(uid, t);
         }
@@ -327,8 +324,11 @@ impl Kernel {
 }
 
 /// Sums per-CPU flow values: counters add, first_seen is the earliest
-/// non-zero stamp, last_seen the latest.
-pub fn sum_flow<'a>(values: impl Iterator<Item = &'a FlowValue>) -> FlowValue {
+/// non-zero stamp, last_seen the latest. skb egress sees one skb per UDP
+/// datagram and does not spend an add on `udp_sends` (the sendmsg hooks
+/// count them only where skb egress is not attached, when `tx_packets` stays
+/// 0): a UDP flow's datagrams are `udp_sends + tx_packets`.
+pub fn sum_flow<'a>(key: &FlowKey, values: impl Iterator<Item = &'a FlowValue>) -> FlowValue {
     let mut total = FlowValue::default();
     for v in values {
         total.connects += v.connects;
@@ -340,6 +340,9 @@ pub fn sum_flow<'a>(values: impl Iterator<Item = &'a FlowValue>) -> FlowValue {
         }
         total.last_seen = total.last_seen.max(v.last_seen);
         total.captured |= v.captured;
+    }
+    if key.proto == PROTO_UDP {
+        total.udp_sends += total.tx_packets;
     }
     total
 }

@@ -48,7 +48,7 @@ pub fn unit_of(path: &str) -> Option<&str> {
 /// `MAX_CGROUPS` entries.
 pub struct CgroupNames {
     root: Option<PathBuf>,
-    ids: HashMap<u64, Box<str>>,
+    ids: HashMap<u64, std::sync::Arc<str>>,
     last_scan: Option<Instant>,
 }
 
@@ -64,7 +64,7 @@ impl CgroupNames {
         }
     }
 
-    pub fn path(&mut self, id: u64) -> Option<Box<str>> {
+    pub fn path(&mut self, id: u64) -> Option<std::sync::Arc<str>> {
         if id == 0 {
             return None;
         }

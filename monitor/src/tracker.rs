@@ -4,10 +4,13 @@
 //! must stay monotonic even when the kernel evicts flows (bytes by country,
 //! cleartext flows).
 //!
-//! Memory is bounded by the flow map: per tracked flow it keeps two counter
-//! sets and an index into a small table of (origin, firmware, country)
-//! classes; full records are built only for the flows it logs.
+//! Memory is bounded by the flow map: per tracked flow it keeps the kernel's
+//! values, the counters last logged, the sender's identity (shared with the
+//! sender's other flows) and an index into a small table of (origin,
+//! firmware, country) classes, about 140 bytes; full records are built only
+//! for the flows it logs.
 
+use crate::events::FlowMeta;
 use crate::flows::FlowRecord;
 use crate::owners::Owner;
 use crate::rules::Rules;
@@ -19,20 +22,43 @@ use std::time::{Duration, Instant};
 struct Tracked {
     current: FlowValue,
     /// Totals at the last flow_start/flow_update line.
-    logged: FlowValue,
-    last_change: Instant,
+    logged: Counters,
+    /// Who opened the flow, taken over from the event reader.
+    meta: Option<FlowMeta>,
+    /// Seconds after `Tracker::epoch` the counters last moved.
+    last_change: u32,
     /// Ended idle: the next change is logged as a new flow_start.
     ended: bool,
     /// Index into `Tracker::classes`.
     class: u32,
     /// Snapshot number that last contained this flow.
-    seen: u64,
+    seen: u32,
     /// `Describe::stamp` when the flow was last described.
     stamp: u64,
     /// Rules (by index) that already alerted on this flow.
     fired: u64,
     /// Counted in `cleartext_flows` already.
     cleartext: bool,
+}
+
+/// The counters of a flow value (what deltas are taken of).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Counters {
+    connects: u64,
+    udp_sends: u64,
+    tx_packets: u64,
+    tx_bytes: u64,
+}
+
+impl From<&FlowValue> for Counters {
+    fn from(v: &FlowValue) -> Counters {
+        Counters {
+            connects: v.connects,
+            udp_sends: v.udp_sends,
+            tx_packets: v.tx_packets,
+            tx_bytes: v.tx_bytes,
+        }
+    }
 }
 
 pub struct TrackerOptions {
@@ -53,7 +79,12 @@ pub type OwnerKey = (u32, String, String, bool);
 /// How the tracker learns about flows it has to describe.
 pub trait Describe {
     /// The full record of a flow (owner, identity, destination details).
-    fn record(&self, key: &FlowKey, value: &FlowValue) -> FlowRecord;
+    fn record(&self, key: &FlowKey, value: &FlowValue, meta: Option<&FlowMeta>) -> FlowRecord;
+    /// The identity the event reader recorded for a flow, handed over once
+    /// (the tracker keeps it from then on).
+    fn take_identity(&self, _key: &FlowKey) -> Option<FlowMeta> {
+        None
+    }
     /// The owner of a uid as the resolver sees it now.
     fn owner(&self, uid: u32) -> Owner;
     /// Changes when what `record` shows of the flow's destination or payload
@@ -70,7 +101,8 @@ pub struct Tracker {
     classes: Vec<CountryKey>,
     class_index: HashMap<CountryKey, u32>,
     last_update: Option<Instant>,
-    generation: u64,
+    generation: u32,
+    epoch: Instant,
     pub bytes_by_country: BTreeMap<CountryKey, u64>,
     pub cleartext_flows: BTreeMap<OwnerKey, u64>,
     /// Matches per alert rule.
@@ -96,7 +128,7 @@ fn event(name: &str, record: &FlowRecord) -> Value {
     )
 }
 
-fn with_deltas(mut value: Value, now: &FlowValue, before: &FlowValue) -> Value {
+fn with_deltas(mut value: Value, now: &FlowValue, before: &Counters) -> Value {
     let map = value.as_object_mut().expect("object");
     map.insert(
         "delta_connects".into(),
@@ -132,7 +164,7 @@ impl Sink<'_> {
 }
 
 fn end_event(describe: &dyn Describe, key: &FlowKey, tracked: &Tracked, reason: &str) -> Value {
-    let record = describe.record(key, &tracked.current);
+    let record = describe.record(key, &tracked.current, tracked.meta.as_ref());
     let mut end = with_deltas(
         event("flow_end", &record),
         &tracked.current,
@@ -142,12 +174,26 @@ fn end_event(describe: &dyn Describe, key: &FlowKey, tracked: &Tracked, reason: 
     end
 }
 
-fn changed(a: &FlowValue, b: &FlowValue) -> bool {
-    (a.connects, a.udp_sends, a.tx_packets, a.tx_bytes)
-        != (b.connects, b.udp_sends, b.tx_packets, b.tx_bytes)
+fn changed(a: &FlowValue, b: &Counters) -> bool {
+    Counters::from(a) != *b
 }
 
 impl Tracker {
+    /// When a pass last saw the flow's counters move (CLOCK_BOOTTIME ns).
+    pub fn last_seen(&self, key: &FlowKey) -> Option<u64> {
+        self.flows.get(key).map(|t| t.current.last_seen)
+    }
+
+    /// The identity of a tracked flow's sender.
+    pub fn identity(&self, key: &FlowKey) -> Option<&FlowMeta> {
+        self.flows.get(key)?.meta.as_ref()
+    }
+
+    /// Tracked flows that know their sender.
+    pub fn identities(&self) -> usize {
+        self.flows.values().filter(|t| t.meta.is_some()).count()
+    }
+
     pub fn new(options: TrackerOptions) -> Tracker {
         Tracker {
             options,
@@ -157,6 +203,7 @@ impl Tracker {
             class_index: HashMap::new(),
             last_update: None,
             generation: 0,
+            epoch: Instant::now(),
             bytes_by_country: BTreeMap::new(),
             cleartext_flows: BTreeMap::new(),
             alerts: BTreeMap::new(),
@@ -203,18 +250,21 @@ impl Tracker {
             .last_update
             .is_none_or(|t| now.duration_since(t) >= self.options.update_every);
         self.note_owners(snapshot, describe, &mut events);
-        self.generation += 1;
+        self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
+        let secs = now.saturating_duration_since(self.epoch).as_secs() as u32;
         for (key, value) in snapshot {
-            let Some(tracked) = self.flows.get(key) else {
-                let record = describe.record(key, value);
+            let Some(tracked) = self.flows.get_mut(key) else {
+                let meta = describe.take_identity(key);
+                let record = describe.record(key, value, meta.as_ref());
                 let class = self.class_of(&record);
                 self.add_bytes(class, value.tx_bytes);
                 events.push_with(|| event("flow_start", &record));
                 let mut tracked = Tracked {
                     current: *value,
-                    logged: *value,
-                    last_change: now,
+                    logged: value.into(),
+                    meta,
+                    last_change: secs,
                     ended: false,
                     class,
                     seen: generation,
@@ -226,10 +276,14 @@ impl Tracker {
                 self.flows.insert(*key, tracked);
                 continue;
             };
+            if tracked.meta.is_none() {
+                // Its event was read after the snapshot that found it.
+                tracked.meta = describe.take_identity(key);
+            }
             let stamp = describe.stamp(key);
             if stamp != tracked.stamp {
                 // Its payload or name arrived: describe and judge it again.
-                let record = describe.record(key, value);
+                let record = describe.record(key, value, tracked.meta.as_ref());
                 let mut tracked = self.flows.remove(key).expect("present");
                 tracked.stamp = stamp;
                 self.judge(&record, &mut tracked, &mut events);
@@ -242,25 +296,36 @@ impl Tracker {
                 tracked.ended,
                 tracked.logged,
             );
+            let meta = if ended { tracked.meta.clone() } else { None };
             self.add_bytes(class, value.tx_bytes.saturating_sub(before.tx_bytes));
-            let moved = changed(value, &before);
+            let moved = changed(value, &(&before).into());
             if moved && ended {
                 events.push_with(|| {
                     with_deltas(
-                        event("flow_start", &describe.record(key, value)),
+                        event("flow_start", &describe.record(key, value, meta.as_ref())),
                         value,
                         &logged,
                     )
                 });
             }
             let tracked = self.flows.get_mut(key).expect("present");
-            tracked.current = *value;
+            // The kernel stamps a flow when it creates it; after that, "last
+            // seen" is when a pass found its counters moved.
+            let last_seen = if moved {
+                crate::system::clocks_now().0
+            } else {
+                before.last_seen
+            };
+            tracked.current = FlowValue {
+                last_seen,
+                ..*value
+            };
             tracked.seen = generation;
             if moved {
-                tracked.last_change = now;
+                tracked.last_change = secs;
                 if ended {
                     tracked.ended = false;
-                    tracked.logged = *value;
+                    tracked.logged = value.into();
                 }
             }
         }
@@ -274,11 +339,11 @@ impl Tracker {
         });
         self.flows_evicted += (before - self.flows.len()) as u64;
         // Idle flows end; the kernel entry stays and new traffic restarts it.
+        let idle_secs = self.options.idle_after.as_secs_f64().ceil() as u32;
         for (key, tracked) in self.flows.iter_mut() {
-            if !tracked.ended && now.duration_since(tracked.last_change) >= self.options.idle_after
-            {
+            if !tracked.ended && secs.saturating_sub(tracked.last_change) >= idle_secs {
                 events.push_with(|| end_event(describe, key, tracked, "idle"));
-                tracked.logged = tracked.current;
+                tracked.logged = (&tracked.current).into();
                 tracked.ended = true;
             }
         }
@@ -287,14 +352,14 @@ impl Tracker {
             for (key, tracked) in self.flows.iter_mut().filter(|(_, t)| !t.ended) {
                 if changed(&tracked.current, &tracked.logged) {
                     events.push_with(|| {
-                        let record = describe.record(key, &tracked.current);
+                        let record = describe.record(key, &tracked.current, tracked.meta.as_ref());
                         with_deltas(
                             event("flow_update", &record),
                             &tracked.current,
                             &tracked.logged,
                         )
                     });
-                    tracked.logged = tracked.current;
+                    tracked.logged = (&tracked.current).into();
                 }
             }
         }
@@ -395,8 +460,8 @@ mod tests {
 
     struct Fixed(RefCell<Owner>);
     impl Describe for Fixed {
-        fn record(&self, key: &FlowKey, value: &FlowValue) -> FlowRecord {
-            record(key, value, &self.0.borrow(), None)
+        fn record(&self, key: &FlowKey, value: &FlowValue, meta: Option<&FlowMeta>) -> FlowRecord {
+            record(key, value, &self.0.borrow(), meta)
         }
         fn owner(&self, _uid: u32) -> Owner {
             self.0.borrow().clone()
