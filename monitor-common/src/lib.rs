@@ -84,6 +84,15 @@ pub const HOOK_CONNECT6: u8 = 2;
 pub const HOOK_SENDMSG4: u8 = 3;
 pub const HOOK_SENDMSG6: u8 = 4;
 pub const HOOK_SKB_EGRESS: u8 = 5;
+/// tc (schedcls) egress on an interface: the fallback where netd holds the
+/// cgroup skb hooks.
+pub const HOOK_TC_EGRESS: u8 = 6;
+
+/// Whether a hook runs in the sending task's context (so pid, comm and the
+/// task's cgroup in its event name the sender).
+pub const fn hook_in_task(hook: u8) -> bool {
+    hook != HOOK_SKB_EGRESS && hook != HOOK_TC_EGRESS
+}
 
 /// Emitted once per new flow over the ring buffer.
 ///
@@ -157,6 +166,41 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_PAYLOADS: &str = "PAYLOADS";
 
+/// Per interface index: bytes before the IP header on that interface (14 on
+/// Ethernet, 0 on raw-IP links such as Android's rmnet_data), written by the
+/// agent for every interface its tc programs are attached to.
+pub const MAP_TC_L3_OFFSET: &str = "TC_L3_OFFSET";
+/// DNS queries seen at tc egress: the querying socket's uid by its local
+/// port, so tc ingress (where answers carry no socket yet) can name the uid
+/// that asked.
+pub const MAP_DNS_PORTS: &str = "DNS_PORTS";
+
+/// Key of `DNS_PORTS`: the local port of a DNS query's socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsPortKey {
+    pub port: u16,
+    pub family: u8,
+    pub proto: u8,
+}
+
+/// Netlink tc filters the agent added (kernels before TCX): they outlive the
+/// agent, so the next agent and `detach` find them here. A pinned array, so
+/// the list lives in the pin directory (bpffs holds no regular files).
+pub const MAP_TC_FILTERS: &str = "TC_FILTERS";
+pub const TC_FILTER_SLOTS: u32 = 64;
+
+/// One netlink tc filter; `ifindex` 0 marks a free slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcFilter {
+    pub ifindex: u32,
+    /// 1 for ingress, 0 for egress.
+    pub ingress: u32,
+    pub priority: u32,
+    pub handle: u32,
+}
+
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 65_536;
 pub const DEFAULT_UID_ENTRIES: u32 = 16_384;
@@ -168,6 +212,8 @@ mod pod {
     use super::*;
     // SAFETY: plain-old-data, repr(C), no implicit padding.
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for DnsPortKey {}
+    unsafe impl aya::Pod for TcFilter {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for UidTotals {}
     unsafe impl aya::Pod for UidKey {}

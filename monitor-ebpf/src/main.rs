@@ -8,6 +8,12 @@
 //! * `skb_egress` (cgroup_skb egress): packets and bytes per flow, uid of the
 //!   socket (on Android the DNS resolver `fchown`s its sockets to the app that
 //!   asked, so the socket owner is the right owner of bytes).
+//! * `skb_ingress` (cgroup_skb ingress): DNS answers for the agent.
+//! * `tc_egress`, `tc_ingress` (schedcls on interfaces): the same work as the
+//!   two skb programs, for where netd holds the cgroup skb hooks; they read
+//!   the IP header after the link header (`TC_L3_OFFSET`) and never act on a
+//!   packet (TC_ACT_UNSPEC: the next filter, netd's included, runs as if we
+//!   were not there).
 //!
 //! Every program returns 1 ("allow"): egressmon observes, it never filters.
 #![no_std]
@@ -22,9 +28,9 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
         generated::{bpf_skb_cgroup_id, bpf_skb_load_bytes},
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map},
-    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{SkBuffContext, SockAddrContext},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{sk_buff::SkBuff, SkBuffContext, SockAddrContext, TcContext},
 };
 use monitor_common::*;
 
@@ -57,11 +63,28 @@ static PAYLOADS: RingBuf = RingBuf::pinned(DEFAULT_PAYLOAD_RING_BYTES, 0);
 #[map(name = "CONFIG")]
 static CONFIG: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Bytes before the IP header per interface index, for the tc programs.
+#[map(name = "TC_L3_OFFSET")]
+static TC_L3_OFFSET: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
+
+/// Uid of the socket that sent a DNS query, by its local port (tc only).
+#[map(name = "DNS_PORTS")]
+static DNS_PORTS: LruHashMap<DnsPortKey, u32> = LruHashMap::with_max_entries(4096, 0);
+
+/// Netlink tc filters the agent added, for the next agent and `detach`
+/// (written by the agent only).
+#[map(name = "TC_FILTERS")]
+static TC_FILTERS: Array<TcFilter> = Array::pinned(TC_FILTER_SLOTS, 0);
+
 /// Health counters (`STAT_*`): lost events, failed updates.
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 
 const ALLOW: i32 = 1;
+/// tc: no verdict, run the next filter (netd's, if any) as usual.
+const TC_ACT_UNSPEC: i32 = -1;
+/// Longest link header the tc programs skip (Ethernet with two VLAN tags).
+const MAX_L3_OFFSET: u32 = 22;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// The agent polls the ring buffer in batches: no wakeup per event.
@@ -150,12 +173,7 @@ fn add_to_uid(uid: u32, proto: u8, delta: &Delta) {
 /// path (first packet of a flow on this CPU) inserts and, once per flow,
 /// emits an event.
 #[inline(always)]
-fn account(
-    key: &FlowKey,
-    delta: Delta,
-    hook: u8,
-    skb: Option<&SkBuffContext>,
-) -> Option<*mut FlowValue> {
+fn account(key: &FlowKey, delta: Delta, hook: u8, skb: Option<&SkBuff>) -> Option<*mut FlowValue> {
     add_to_uid(key.uid, key.proto, &delta);
     if let Some(value) = FLOWS.get_ptr_mut(key) {
         add_to_flow(unsafe { &mut *value }, &delta);
@@ -190,7 +208,7 @@ fn account(
 }
 
 #[inline(always)]
-fn emit_new_flow(key: &FlowKey, now: u64, hook: u8, skb: Option<&SkBuffContext>) {
+fn emit_new_flow(key: &FlowKey, now: u64, hook: u8, skb: Option<&SkBuff>) {
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         bump_stat(STAT_EVENTS_LOST);
         return;
@@ -203,12 +221,12 @@ fn emit_new_flow(key: &FlowKey, now: u64, hook: u8, skb: Option<&SkBuffContext>)
         (*event).ts = now;
         (*event).hook = hook;
         (*event)._pad = [0; 7];
-        if let Some(ctx) = skb {
+        if let Some(skb) = skb {
             // At skb egress the current task may be unrelated (softirq).
             (*event).pid = 0;
             (*event).tgid = 0;
             (*event).comm = [0; 16];
-            (*event).cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb);
+            (*event).cgroup_id = bpf_skb_cgroup_id(skb.skb);
         } else {
             let pid_tgid = bpf_get_current_pid_tgid();
             (*event).pid = pid_tgid as u32;
@@ -333,19 +351,42 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn skb_egress(ctx: SkBuffContext) -> i32 {
-    count_skb(&ctx);
+    count_skb(&ctx.skb, 0, HOOK_SKB_EGRESS);
     ALLOW
 }
 
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    if let Some(l3) = l3_offset(&ctx.skb) {
+        if let Some((key, l4_offset)) = count_skb(&ctx.skb, l3, HOOK_TC_EGRESS) {
+            note_dns_query(&ctx.skb, &key, l4_offset);
+        }
+    }
+    TC_ACT_UNSPEC
+}
+
+/// Where the IP header starts on the packet's interface, if the agent
+/// attached us there.
 #[inline(always)]
-fn count_skb(ctx: &SkBuffContext) {
-    let skb = unsafe { &*ctx.skb.skb };
-    let len = skb.len;
-    let Some((mut key, l4_offset)) = parse_destination(ctx, skb.protocol) else {
+fn l3_offset(skb: &SkBuff) -> Option<usize> {
+    let ifindex = unsafe { (*skb.skb).ifindex };
+    let offset = unsafe { TC_L3_OFFSET.get(&ifindex) }.copied()?;
+    (offset <= MAX_L3_OFFSET).then_some(offset as usize)
+}
+
+/// Counts one packet at `l3` (0 at cgroup skb, the link header's length at
+/// tc) and captures its flow's first payload; returns the key and the
+/// transport header's offset.
+#[inline(always)]
+fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize)> {
+    let sk_buff = unsafe { &*skb.skb };
+    // Bytes from the IP header on, as at cgroup skb.
+    let len = sk_buff.len.saturating_sub(l3 as u32);
+    let Some((mut key, l4_offset)) = parse_destination(skb, sk_buff.protocol, l3) else {
         bump_stat(STAT_PARSE_SKIPPED);
-        return;
+        return None;
     };
-    key.uid = skb_owner(ctx);
+    key.uid = skb_owner(skb);
     // A UDP skb is one datagram: the agent reads `udp_sends` of UDP flows as
     // `udp_sends + tx_packets`, which saves two atomic adds per datagram.
     let delta = Delta {
@@ -354,21 +395,38 @@ fn count_skb(ctx: &SkBuffContext) {
         packets: 1,
         bytes: len as u64,
     };
-    let Some(value) = account(&key, delta, HOOK_SKB_EGRESS, Some(ctx)) else {
-        return;
-    };
+    let value = account(&key, delta, hook, Some(skb))?;
     // Hot path ends here for every flow whose first payload was seen.
     if unsafe { (*value).captured } == 0 {
-        capture_first_payload(ctx, &key, l4_offset, len, value);
+        capture_first_payload(skb, &key, l4_offset, sk_buff.len, value);
     }
+    Some((key, l4_offset))
+}
+
+/// Remembers which uid's socket sent a DNS query from which local port, for
+/// `tc_ingress` (answers have no socket at tc ingress).
+#[inline(always)]
+fn note_dns_query(skb: &SkBuff, key: &FlowKey, l4_offset: usize) {
+    if key.port != 53 || key.uid == KERNEL_UID {
+        return;
+    }
+    let Ok(sport) = skb.load::<u16>(l4_offset) else {
+        return;
+    };
+    let port_key = DnsPortKey {
+        port: u16::from_be(sport),
+        family: key.family,
+        proto: key.proto,
+    };
+    let _ = DNS_PORTS.insert(&port_key, &key.uid, BPF_ANY as u64);
 }
 
 /// Offset of the transport payload, if the packet carries any.
 #[inline(always)]
-fn payload_offset(ctx: &SkBuffContext, proto: u8, l4_offset: usize, len: u32) -> Option<usize> {
+fn payload_offset(skb: &SkBuff, proto: u8, l4_offset: usize, len: u32) -> Option<usize> {
     let offset = match proto {
         PROTO_TCP => {
-            let data_offset: u8 = ctx.load(l4_offset + 12).ok()?;
+            let data_offset: u8 = skb.load(l4_offset + 12).ok()?;
             l4_offset + ((data_offset >> 4) as usize) * 4
         }
         PROTO_UDP => l4_offset + 8,
@@ -381,13 +439,13 @@ fn payload_offset(ctx: &SkBuffContext, proto: u8, l4_offset: usize, len: u32) ->
 /// further tries; across CPUs bit 0 of the `FLOW_SEEN` value does.
 #[inline(always)]
 fn capture_first_payload(
-    ctx: &SkBuffContext,
+    skb: &SkBuff,
     key: &FlowKey,
     l4_offset: usize,
     len: u32,
     value: *mut FlowValue,
 ) {
-    let Some(offset) = payload_offset(ctx, key.proto, l4_offset, len) else {
+    let Some(offset) = payload_offset(skb, key.proto, l4_offset, len) else {
         return;
     };
     unsafe { (*value).captured = 1 };
@@ -400,11 +458,11 @@ fn capture_first_payload(
             *seen |= 1;
         }
     }
-    emit_payload(ctx, key, PAYLOAD_FIRST_EGRESS, offset, len);
+    emit_payload(skb, key, PAYLOAD_FIRST_EGRESS, offset, len);
 }
 
 #[inline(always)]
-fn emit_payload(ctx: &SkBuffContext, key: &FlowKey, kind: u8, offset: usize, len: u32) {
+fn emit_payload(skb: &SkBuff, key: &FlowKey, kind: u8, offset: usize, len: u32) {
     let Some(mut entry) = PAYLOADS.reserve::<PayloadEvent>(0) else {
         bump_stat(STAT_PAYLOADS_LOST);
         return;
@@ -429,7 +487,7 @@ fn emit_payload(ctx: &SkBuffContext, key: &FlowKey, kind: u8, offset: usize, len
             }
             let n = last + 1;
             let data = (*event).data.as_mut_ptr() as *mut core::ffi::c_void;
-            if bpf_skb_load_bytes(ctx.skb.skb as *const _, offset as u32, data, n) == 0 {
+            if bpf_skb_load_bytes(skb.skb as *const _, offset as u32, data, n) == 0 {
                 (*event).captured = n;
             }
         }
@@ -442,82 +500,112 @@ fn emit_payload(ctx: &SkBuffContext, key: &FlowKey, kind: u8, offset: usize, len
 
 #[cgroup_skb(ingress)]
 pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
-    dns_response(&ctx);
+    dns_response(&ctx.skb, 0, false);
     ALLOW
 }
 
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    if let Some(l3) = l3_offset(&ctx.skb) {
+        dns_response(&ctx.skb, l3, true);
+    }
+    TC_ACT_UNSPEC
+}
+
 /// Forwards DNS responses (source port 53) to the agent, keyed by the
-/// receiving socket's uid and the resolver's address. Any other packet costs
-/// two byte loads and a compare.
+/// receiving socket's uid (at tc, the uid that sent the query from that
+/// port) and the resolver's address. Any other packet costs two byte loads
+/// and a compare.
 #[inline(always)]
-fn dns_response(ctx: &SkBuffContext) -> Option<()> {
-    let skb = unsafe { &*ctx.skb.skb };
+fn dns_response(skb: &SkBuff, l3: usize, tc: bool) -> Option<()> {
+    let sk_buff = unsafe { &*skb.skb };
     let mut key = FlowKey::default();
     let l4_offset;
-    match u16::from_be(skb.protocol as u16) as u32 {
+    match u16::from_be(sk_buff.protocol as u16) as u32 {
         ETH_P_IP => {
-            key.proto = ctx.load::<u8>(9).ok()?;
+            key.proto = skb.load::<u8>(l3 + 9).ok()?;
             if key.proto != PROTO_UDP && key.proto != PROTO_TCP {
                 return None;
             }
-            let vihl: u8 = ctx.load(0).ok()?;
-            l4_offset = ((vihl & 0x0f) as usize) * 4;
+            let vihl: u8 = skb.load(l3).ok()?;
+            l4_offset = l3 + ((vihl & 0x0f) as usize) * 4;
             key.family = FAMILY_IPV4;
         }
         ETH_P_IPV6 => {
-            key.proto = ctx.load::<u8>(6).ok()?;
+            key.proto = skb.load::<u8>(l3 + 6).ok()?;
             if key.proto != PROTO_UDP && key.proto != PROTO_TCP {
                 return None;
             }
-            l4_offset = 40;
+            l4_offset = l3 + 40;
             key.family = FAMILY_IPV6;
         }
         _ => return None,
     }
-    let sport: u16 = ctx.load(l4_offset).ok()?;
-    if u16::from_be(sport) != 53 {
+    let ports: [u8; 4] = skb.load(l4_offset).ok()?;
+    if u16::from_be_bytes([ports[0], ports[1]]) != 53 {
         return None;
     }
     if key.family == FAMILY_IPV4 {
-        let saddr: [u8; 4] = ctx.load(12).ok()?;
+        let saddr: [u8; 4] = skb.load(l3 + 12).ok()?;
         key.addr[..4].copy_from_slice(&saddr);
     } else {
-        key.addr = ctx.load(8).ok()?;
+        key.addr = skb.load(l3 + 8).ok()?;
     }
     key.port = 53;
-    key.uid = skb_owner(ctx);
-    let offset = payload_offset(ctx, key.proto, l4_offset, skb.len)?;
-    emit_payload(ctx, &key, PAYLOAD_DNS_RESPONSE, offset, skb.len);
+    // At tc ingress the packet has no socket of ours yet (on a veth it may
+    // still carry the sender's, from the other namespace): the uid is the
+    // one whose socket sent the query from this port.
+    key.uid = if tc {
+        let port_key = DnsPortKey {
+            port: u16::from_be_bytes([ports[2], ports[3]]),
+            family: key.family,
+            proto: key.proto,
+        };
+        unsafe { DNS_PORTS.get(&port_key) }
+            .copied()
+            .unwrap_or(KERNEL_UID)
+    } else if sk_buff_has_sock(sk_buff) {
+        skb_owner(skb)
+    } else {
+        KERNEL_UID
+    };
+    let len = sk_buff.len;
+    let offset = payload_offset(skb, key.proto, l4_offset, len)?;
+    emit_payload(skb, &key, PAYLOAD_DNS_RESPONSE, offset, len);
     Some(())
+}
+
+#[inline(always)]
+fn sk_buff_has_sock(sk_buff: &aya_ebpf::bindings::__sk_buff) -> bool {
+    !unsafe { sk_buff.__bindgen_anon_2.sk }.is_null()
 }
 
 /// The socket's uid, or [`KERNEL_UID`] when the skb carries no full socket.
 #[inline(always)]
-fn skb_owner(ctx: &SkBuffContext) -> u32 {
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
+fn skb_owner(skb: &SkBuff) -> u32 {
+    if !sk_buff_has_sock(unsafe { &*skb.skb }) {
         bump_stat(STAT_KERNEL_PACKETS);
         return KERNEL_UID;
     }
-    ctx.get_socket_uid()
+    skb.get_socket_uid()
 }
 
-/// Destination (protocol, family, address, port) from the IP header. The
-/// hook runs before fragmentation, so every skb starts with its L4 header.
-/// Headers a local socket builds are in the skb's linear area, which
-/// cgroup_skb programs read in place (no helper call); anything else goes
-/// through `bpf_skb_load_bytes`.
+/// Destination (protocol, family, address, port) from the IP header at
+/// `l3`. The hooks run before fragmentation, so every skb starts with its L4
+/// header. At cgroup skb (`l3` 0) the headers a local socket builds are in
+/// the skb's linear area, which the program reads in place (no helper call);
+/// anything else goes through `bpf_skb_load_bytes`. Returns the key (uid
+/// unset) and the transport header's offset.
 #[inline(always)]
-fn parse_destination(ctx: &SkBuffContext, protocol_be: u32) -> Option<(FlowKey, usize)> {
-    let skb = ctx.skb.skb;
+fn parse_destination(skb: &SkBuff, protocol_be: u32, l3: usize) -> Option<(FlowKey, usize)> {
     // SAFETY: the context fields the verifier rewrites into packet pointers.
-    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    let (data, end) = unsafe { ((*skb.skb).data as usize, (*skb.skb).data_end as usize) };
     let mut key = FlowKey::default();
     let l4_offset;
     let mut port = None;
     match u16::from_be(protocol_be as u16) as u32 {
         ETH_P_IP => {
-            if data + 24 <= end {
+            if l3 == 0 && data + 24 <= end {
                 // SAFETY: bounds checked against data_end just above.
                 let header = unsafe { &*(data as *const [u8; 24]) };
                 key.proto = header[9];
@@ -527,34 +615,34 @@ fn parse_destination(ctx: &SkBuffContext, protocol_be: u32) -> Option<(FlowKey, 
                     port = Some(u16::from_be_bytes([header[22], header[23]]));
                 }
             } else {
-                let header: [u8; 20] = ctx.load(0).ok()?;
+                let header: [u8; 20] = skb.load(l3).ok()?;
                 key.proto = header[9];
                 key.addr[..4].copy_from_slice(&header[16..20]);
-                l4_offset = ((header[0] & 0x0f) as usize) * 4;
+                l4_offset = l3 + ((header[0] & 0x0f) as usize) * 4;
             }
             key.family = FAMILY_IPV4;
         }
         ETH_P_IPV6 => {
-            if data + 44 <= end {
+            if l3 == 0 && data + 44 <= end {
                 // SAFETY: bounds checked against data_end just above.
                 let header = unsafe { &*(data as *const [u8; 44]) };
                 key.proto = header[6];
                 key.addr.copy_from_slice(&header[24..40]);
                 port = Some(u16::from_be_bytes([header[42], header[43]]));
             } else {
-                let header: [u8; 40] = ctx.load(0).ok()?;
+                let header: [u8; 40] = skb.load(l3).ok()?;
                 key.proto = header[6];
                 key.addr.copy_from_slice(&header[24..40]);
             }
             key.family = FAMILY_IPV6;
-            l4_offset = 40;
+            l4_offset = l3 + 40;
         }
         _ => return None,
     }
     if key.proto == PROTO_TCP || key.proto == PROTO_UDP {
         key.port = match port {
             Some(port) => port,
-            None => u16::from_be(ctx.load::<u16>(l4_offset + 2).ok()?),
+            None => u16::from_be(skb.load::<u16>(l4_offset + 2).ok()?),
         };
     }
     Some((key, l4_offset))

@@ -88,6 +88,9 @@ pub struct HookStatus {
     pub attached: bool,
     pub reason: Option<String>,
     pub held_by: Option<Conflict>,
+    /// Interfaces a tc hook watches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +117,8 @@ pub struct Status {
     pub pid: u32,
     pub uptime_seconds: u64,
     pub hooks: Vec<HookStatus>,
+    /// Per counter, the hooks that feed it.
+    pub backends: std::collections::BTreeMap<String, Vec<String>>,
     pub maps: Vec<MapStatus>,
     pub events_lost: u64,
     pub flow_update_failures: u64,
@@ -317,7 +322,13 @@ impl Agent {
 
     /// One tracker step: snapshot, events, log lines.
     pub fn tick(&self) -> Result<()> {
-        let snapshot = self.kernel.lock().unwrap().flows()?;
+        let snapshot = {
+            let mut kernel = self.kernel.lock().unwrap();
+            if self.ticks.load(Ordering::Relaxed).is_multiple_of(5) {
+                kernel.refresh_tc();
+            }
+            kernel.flows()?
+        };
         self.last_flow_count
             .store(snapshot.len() as u64, Ordering::Relaxed);
         let resolver = self.resolver();
@@ -416,6 +427,7 @@ impl Agent {
                 attached: p.attach,
                 reason: p.reason.clone(),
                 held_by: p.conflict.clone(),
+                interfaces: p.interfaces.clone(),
             })
             .collect()
     }
@@ -483,6 +495,7 @@ impl Agent {
         let resolver = self.resolver();
         let hooks = self.hook_report();
         let kernel = self.kernel.lock().unwrap();
+        let backends = crate::hooks::backends(&kernel.attached());
         let stats = kernel.stats()?;
         let uid_entries = kernel.uid_totals().map(|t| t.len() as u64).unwrap_or(0);
         let o = &kernel.options;
@@ -494,6 +507,7 @@ impl Agent {
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
             hooks,
+            backends,
             maps: vec![
                 MapStatus {
                     map: MAP_FLOWS.to_lowercase(),

@@ -120,6 +120,24 @@ pub fn link_create(
     unsafe { sys_bpf(BPF_LINK_CREATE, &mut attr) }.map(owned_fd)
 }
 
+/// BPF_LINK_CREATE of a TCX link (kernel 6.6+) on interface `ifindex` of
+/// the calling thread's network namespace, after the programs already there.
+pub fn link_create_tcx(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: ifindex,
+        attach_type,
+        flags: 0,
+    };
+    // SAFETY: attr matches BPF_LINK_CREATE (tcx: relative_fd and
+    // expected_revision left 0, i.e. append).
+    unsafe { sys_bpf(BPF_LINK_CREATE, &mut attr) }.map(owned_fd)
+}
+
 #[repr(C)]
 #[derive(Default)]
 struct LinkUpdateAttr {
@@ -211,6 +229,14 @@ pub struct CgroupLinkInfo {
     pub cgroup_id: u64,
     pub attach_type: u32,
     _rest: [u32; 9],
+}
+
+impl CgroupLinkInfo {
+    /// For a TCX link: the interface index (the union's first word), 0 once
+    /// the interface is gone.
+    pub fn tcx_ifindex(&self) -> u32 {
+        self.cgroup_id as u32
+    }
 }
 
 /// BPF_OBJ_GET_INFO_BY_FD on a link.

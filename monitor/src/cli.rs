@@ -85,11 +85,17 @@ pub struct RunArgs {
     pub cgroup: Option<PathBuf>,
     #[command(flatten)]
     pub target: Target,
-    /// Hooks to attach, comma separated (connect4, connect6, sendmsg4, sendmsg6,
-    /// skb_egress). Default: connect4,connect6,skb_egress, plus sendmsg4/6 when
-    /// skb_egress is held by another program (e.g. Android's netd).
+    /// Hooks to attach, comma separated (connect4, connect6, sendmsg4,
+    /// sendmsg6, skb_egress, skb_ingress, tc_egress, tc_ingress). Default:
+    /// connect4, connect6, skb_egress, skb_ingress; where another program
+    /// holds the skb hooks (Android's netd), sendmsg4/6 and the tc programs
+    /// on the network interfaces instead.
     #[arg(long)]
     pub hooks: Option<String>,
+    /// Interfaces for the tc hooks, comma separated (default: every
+    /// interface but loopback, including ones that appear later).
+    #[arg(long, value_delimiter = ',')]
+    pub tc_ifaces: Option<Vec<String>>,
     /// Device layout to resolve owners from (DIR/data/system/packages.list and
     /// packages.xml), e.g. files pulled from a phone; default: this machine.
     #[arg(long)]
@@ -174,6 +180,7 @@ fn run(args: RunArgs) -> Result<()> {
         flow_entries: args.flow_entries,
         uid_entries: args.uid_entries,
         ringbuf_bytes: args.ringbuf_bytes,
+        tc_ifaces: args.tc_ifaces.clone(),
     };
     let agent_options = AgentOptions {
         android_root: args.android_root.clone(),
@@ -304,7 +311,12 @@ pub fn render_status(s: &Status) -> String {
         } else {
             h.reason.clone().unwrap_or_else(|| "not attached".into())
         };
-        out.push_str(&format!("  {:<11} {state}\n", h.hook));
+        let on = if h.interfaces.is_empty() {
+            String::new()
+        } else {
+            format!(" on {}", h.interfaces.join(", "))
+        };
+        out.push_str(&format!("  {:<11} {state}{on}\n", h.hook));
     }
     out.push_str("\nmaps:\n");
     for m in &s.maps {

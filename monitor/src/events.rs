@@ -2,7 +2,7 @@
 //! us (BPF_RB_NO_WAKEUP), so the reader polls in batches on a short timer:
 //! one wakeup per interval, not per flow.
 
-use monitor_common::{FlowEvent, FlowKey, HOOK_SKB_EGRESS};
+use monitor_common::{hook_in_task, FlowEvent, FlowKey};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -86,7 +86,7 @@ pub fn record(table: &mut HashMap<FlowKey, FlowMeta>, event: &FlowEvent) {
             ..Default::default()
         }),
         batch: 0,
-        from_task: event.hook != HOOK_SKB_EGRESS,
+        from_task: hook_in_task(event.hook),
     };
     record_meta(table, event.key, meta, usize::MAX);
 }
@@ -169,7 +169,7 @@ impl Senders {
                 self.entries.clear();
             }
         }
-        let live = event.hook != HOOK_SKB_EGRESS && event.tgid != 0;
+        let live = hook_in_task(event.hook) && event.tgid != 0;
         let sender = Arc::new(Sender {
             tgid: event.tgid,
             comm: event.comm,
@@ -228,7 +228,7 @@ pub fn spawn_reader(
                             let meta = FlowMeta {
                                 sender: senders.get(e, now),
                                 batch,
-                                from_task: e.hook != HOOK_SKB_EGRESS,
+                                from_task: hook_in_task(e.hook),
                             };
                             (e.key, meta)
                         })
@@ -265,7 +265,7 @@ mod tests {
         ev.comm[..4].copy_from_slice(b"curl");
         record(&mut table, &ev);
         let skb = FlowEvent {
-            hook: HOOK_SKB_EGRESS,
+            hook: monitor_common::HOOK_SKB_EGRESS,
             ..Default::default()
         };
         record(&mut table, &skb);

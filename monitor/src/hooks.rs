@@ -1,6 +1,8 @@
 //! The hooks egressmon can attach, which ones to attach by default, and the
 //! check that keeps us from ever displacing another owner's program (Android's
-//! netd attaches its cgroup programs exclusively at the root cgroup).
+//! netd attaches its cgroup programs exclusively at the root cgroup). Where
+//! the cgroup skb hooks are held, the tc programs on the interfaces take
+//! their place (see `tc`).
 
 use crate::bpf_sys::{self, Attached};
 use anyhow::{bail, Result};
@@ -18,16 +20,20 @@ pub enum Hook {
     Sendmsg6,
     SkbEgress,
     SkbIngress,
+    TcEgress,
+    TcIngress,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 6] = [
+    pub const ALL: [Hook; 8] = [
         Hook::Connect4,
         Hook::Connect6,
         Hook::Sendmsg4,
         Hook::Sendmsg6,
         Hook::SkbEgress,
         Hook::SkbIngress,
+        Hook::TcEgress,
+        Hook::TcIngress,
     ];
 
     /// Name used on the command line, in status, metrics and pin files.
@@ -39,6 +45,8 @@ impl Hook {
             Hook::Sendmsg6 => "sendmsg6",
             Hook::SkbEgress => "skb_egress",
             Hook::SkbIngress => "skb_ingress",
+            Hook::TcEgress => "tc_egress",
+            Hook::TcIngress => "tc_ingress",
         }
     }
 
@@ -47,9 +55,12 @@ impl Hook {
         self.name()
     }
 
-    /// `enum bpf_attach_type` value.
+    /// `enum bpf_attach_type` value of a cgroup hook (tc hooks attach to
+    /// interfaces: see `tc`).
     pub fn attach_type(self) -> u32 {
         match self {
+            Hook::TcEgress => 47,  // BPF_TCX_EGRESS
+            Hook::TcIngress => 46, // BPF_TCX_INGRESS
             Hook::SkbIngress => 0, // BPF_CGROUP_INET_INGRESS
             Hook::SkbEgress => 1,  // BPF_CGROUP_INET_EGRESS
             Hook::Connect4 => 10,  // BPF_CGROUP_INET4_CONNECT
@@ -76,6 +87,20 @@ impl Hook {
     pub fn is_sendmsg(self) -> bool {
         matches!(self, Hook::Sendmsg4 | Hook::Sendmsg6)
     }
+
+    /// Attached to network interfaces, not to the cgroup.
+    pub fn is_tc(self) -> bool {
+        matches!(self, Hook::TcEgress | Hook::TcIngress)
+    }
+
+    /// The cgroup hook a tc hook stands in for.
+    pub fn replaces(self) -> Option<Hook> {
+        match self {
+            Hook::TcEgress => Some(Hook::SkbEgress),
+            Hook::TcIngress => Some(Hook::SkbIngress),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Hook {
@@ -94,7 +119,11 @@ pub fn parse_list(list: &str) -> Result<Vec<Hook>> {
         }
     }
     if hooks.is_empty() {
-        bail!("--hooks is empty: name at least one of connect4, connect6, sendmsg4, sendmsg6, skb_egress");
+        let known: Vec<_> = Hook::ALL.iter().map(|h| h.name()).collect();
+        bail!(
+            "--hooks is empty: name at least one of {}",
+            known.join(", ")
+        );
     }
     Ok(hooks)
 }
@@ -147,6 +176,9 @@ fn program_name(id: u32) -> String {
 /// without BPF_F_ALLOW_MULTI. Attaching below such a program would either be
 /// refused by the kernel or (for override mode) hide it from this subtree.
 pub fn netd_conflicts(hook: Hook, lineage: &[PathBuf]) -> Result<Option<Conflict>> {
+    if hook.is_tc() {
+        return Ok(None);
+    }
     for cgroup in lineage {
         let dir = std::fs::File::open(cgroup)?;
         let attached: Attached = match bpf_sys::prog_query(dir.as_fd(), hook.attach_type()) {
@@ -180,11 +212,15 @@ pub struct HookPlan {
     /// Why a hook is not attached (skipped, or not selected).
     pub reason: Option<String>,
     pub conflict: Option<Conflict>,
+    /// Interfaces a tc hook is attached to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
 }
 
-/// Chooses hooks: explicit `--hooks`, or the default set (connect4/6 and skb
-/// egress; sendmsg4/6 only when skb egress is held by someone else, since the
-/// kernel locks the socket around sendmsg programs).
+/// Chooses hooks: explicit `--hooks`, or the default set (connect4/6, skb
+/// egress and ingress; sendmsg4/6 only when skb egress is held by someone
+/// else, since the kernel locks the socket around sendmsg programs; the tc
+/// programs only where the skb hook they stand in for is held).
 pub fn plan(explicit: Option<&[Hook]>, cgroup: &Path) -> Result<Vec<HookPlan>> {
     let lineage = crate::system::cgroup_lineage(cgroup)?;
     let mut conflicts = Vec::new();
@@ -202,13 +238,23 @@ pub fn plan(explicit: Option<&[Hook]>, cgroup: &Path) -> Result<Vec<HookPlan>> {
     for hook in Hook::ALL {
         let wanted = match explicit {
             Some(list) => list.contains(&hook),
-            None => !hook.is_sendmsg() || !skb_free,
+            None => match hook.replaces() {
+                Some(skb) => conflict_of(skb).is_some(),
+                None => !hook.is_sendmsg() || !skb_free,
+            },
         };
         let conflict = conflict_of(hook);
         let (attach, reason) = match (&conflict, wanted) {
             (_, false) if explicit.is_some() => {
                 (false, Some("not selected by --hooks".to_string()))
             }
+            (_, false) if hook.is_tc() => (
+                false,
+                Some(format!(
+                    "not needed: {} is free",
+                    hook.replaces().expect("tc hooks replace one")
+                )),
+            ),
             (_, false) => (
                 false,
                 Some("not needed: skb_egress counts every UDP datagram".to_string()),
@@ -226,7 +272,60 @@ pub fn plan(explicit: Option<&[Hook]>, cgroup: &Path) -> Result<Vec<HookPlan>> {
             attach,
             reason,
             conflict,
+            interfaces: Vec::new(),
         });
     }
     Ok(plans)
+}
+
+/// Which attached hooks feed each counter (status `backends`, metric
+/// `egressmon_counter_backend`). A counter no attached hook feeds maps to
+/// an empty list: it stays 0.
+pub fn backends(attached: &[Hook]) -> std::collections::BTreeMap<String, Vec<String>> {
+    let pick = |candidates: &[Hook]| -> Vec<String> {
+        candidates
+            .iter()
+            .filter(|h| attached.contains(h))
+            .map(|h| h.name().to_string())
+            .collect()
+    };
+    let bytes = pick(&[Hook::SkbEgress, Hook::TcEgress]);
+    let mut udp = bytes.clone();
+    if udp.is_empty() {
+        udp = pick(&[Hook::Sendmsg4, Hook::Sendmsg6]);
+    }
+    [
+        ("connects", pick(&[Hook::Connect4, Hook::Connect6])),
+        ("udp_sends", udp),
+        ("tx_packets", bytes.clone()),
+        ("tx_bytes", bytes.clone()),
+        ("host_sni_http", bytes),
+        ("host_dns", pick(&[Hook::SkbIngress, Hook::TcIngress])),
+    ]
+    .into_iter()
+    .map(|(counter, hooks)| (counter.to_string(), hooks))
+    .collect()
+}
+
+#[cfg(test)]
+mod backend_tests {
+    use super::*;
+
+    #[test]
+    fn tc_stands_in_for_skb() {
+        let android = backends(&[
+            Hook::Connect4,
+            Hook::Connect6,
+            Hook::Sendmsg4,
+            Hook::Sendmsg6,
+            Hook::TcEgress,
+            Hook::TcIngress,
+        ]);
+        assert_eq!(android["tx_bytes"], ["tc_egress"]);
+        assert_eq!(android["udp_sends"], ["tc_egress"]);
+        assert_eq!(android["host_dns"], ["tc_ingress"]);
+        let bare = backends(&[Hook::Sendmsg4]);
+        assert!(bare["tx_bytes"].is_empty());
+        assert_eq!(bare["udp_sends"], ["sendmsg4"]);
+    }
 }

@@ -3,7 +3,9 @@
 //! agent left pinned, reads the maps, and removes everything on `detach`.
 //!
 //! Pin directory layout: one file per map (`FLOWS`, `FLOW_SEEN`, `UID_TOTALS`,
-//! `EVENTS`, `STATS`) and one per attached hook (`link_<hook>`).
+//! `EVENTS`, `STATS`), one per attached cgroup hook (`link_<hook>`), one per
+//! tc hook and interface on TCX kernels (`link_<hook>_<interface>`), and the
+//! list of netlink tc filters elsewhere (`tc_filters`).
 
 use crate::bpf_sys;
 use crate::hooks::{self, Hook, HookPlan};
@@ -26,6 +28,8 @@ pub struct LoadOptions {
     pub flow_entries: u32,
     pub uid_entries: u32,
     pub ringbuf_bytes: u32,
+    /// Interfaces for the tc hooks (default: all but loopback).
+    pub tc_ifaces: Option<Vec<String>>,
 }
 
 /// Fault injection for the reliability tests: hooks named in
@@ -52,12 +56,26 @@ fn link_pin(pin_dir: &Path, hook: Hook) -> PathBuf {
     pin_dir.join(format!("link_{}", hook.name()))
 }
 
-/// Whether `pin_dir` holds egressmon pins (maps or links).
-pub fn has_pins(pin_dir: &Path) -> bool {
-    pin_dir.join(MAP_FLOWS).exists() || Hook::ALL.iter().any(|h| link_pin(pin_dir, *h).exists())
+/// Every link pinned under `pin_dir` (cgroup and tc).
+fn link_pins(pin_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    let mut pins: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("link_"))
+        .map(|e| e.path())
+        .collect();
+    pins.sort();
+    pins
 }
 
-fn verifier_error(hook: Hook, err: ProgramError) -> anyhow::Error {
+/// Whether `pin_dir` holds egressmon pins (maps or links).
+pub fn has_pins(pin_dir: &Path) -> bool {
+    pin_dir.join(MAP_FLOWS).exists() || !link_pins(pin_dir).is_empty()
+}
+
+pub(crate) fn verifier_error(hook: Hook, err: ProgramError) -> anyhow::Error {
     match err {
         ProgramError::LoadError {
             io_error,
@@ -103,6 +121,8 @@ impl Kernel {
         kernel.drop_unplanned_links();
         kernel.write_config()?;
         kernel.attach_planned();
+        // Again, in case a planned skb or tc egress hook failed to attach.
+        kernel.write_config()?;
         if !kernel.plans.iter().any(|p| p.attach) {
             let reasons: Vec<String> = kernel
                 .plans
@@ -119,10 +139,11 @@ impl Kernel {
     }
 
     fn write_config(&mut self) -> Result<()> {
+        // tc egress counts every datagram that leaves too.
         let skb = self
             .plans
             .iter()
-            .any(|p| p.hook == Hook::SkbEgress && p.attach);
+            .any(|p| matches!(p.hook, Hook::SkbEgress | Hook::TcEgress) && p.attach);
         let mut config: Array<&mut MapData, u32> = Array::try_from(
             self.ebpf
                 .map_mut(MAP_CONFIG)
@@ -135,13 +156,24 @@ impl Kernel {
     /// Links pinned by an earlier run for hooks not planned now are removed.
     fn drop_unplanned_links(&self) {
         for plan in self.plans.iter().filter(|p| !p.attach) {
-            let pin = link_pin(&self.options.pin_dir, plan.hook);
-            if pin.exists() {
+            let prefix = format!("link_{}", plan.hook.name());
+            for pin in link_pins(&self.options.pin_dir) {
+                let name = pin.file_name().unwrap_or_default().to_string_lossy();
+                let ours = name == prefix.as_str()
+                    || (plan.hook.is_tc() && name.starts_with(&format!("{prefix}_")));
+                if !ours {
+                    continue;
+                }
                 if let Ok(fd) = bpf_sys::obj_get(&pin) {
                     let _ = bpf_sys::link_detach(fd.as_fd());
                 }
                 let _ = std::fs::remove_file(&pin);
             }
+        }
+        // Netlink filters cannot be adopted: the planned ones are attached
+        // again right after.
+        for removed in crate::tc::remove_filters(&self.options.pin_dir) {
+            log::info!("removed the tc filter {removed} of an earlier run");
         }
     }
 
@@ -152,6 +184,10 @@ impl Kernel {
                 continue;
             }
             let hook = self.plans[i].hook;
+            if hook.is_tc() {
+                self.attach_tc(i);
+                continue;
+            }
             if let Err(err) = self.attach_one(hook, cgroup_id) {
                 log::warn!("hook {hook} not attached: {err:#}");
                 self.plans[i].attach = false;
@@ -224,6 +260,76 @@ impl Kernel {
             .with_context(|| format!("pinning {}", pin.display()))?;
         log::info!("{hook}: attached at {}", self.options.cgroup.display());
         Ok(())
+    }
+
+    /// Attaches plan `i` (a tc hook) to every interface it should watch; it
+    /// counts as attached if at least one took it.
+    fn attach_tc(&mut self, i: usize) {
+        let hook = self.plans[i].hook;
+        let result = crate::tc::interfaces(self.options.tc_ifaces.as_deref())
+            .and_then(|ifaces| crate::tc::load(&mut self.ebpf, hook).map(|()| ifaces));
+        let ifaces = match result {
+            Ok(ifaces) => ifaces,
+            Err(err) => {
+                log::warn!("hook {hook} not attached: {err:#}");
+                self.plans[i].attach = false;
+                self.plans[i].reason = Some(format!("failed: {err:#}"));
+                return;
+            }
+        };
+        let mut errors = Vec::new();
+        for iface in &ifaces {
+            match self.attach_tc_to(hook, iface) {
+                Ok(()) => self.plans[i].interfaces.push(iface.name.clone()),
+                Err(err) => errors.push(format!("{err:#}")),
+            }
+        }
+        if self.plans[i].interfaces.is_empty() {
+            let why = if ifaces.is_empty() {
+                "no interface to watch (only loopback here; name some with --tc-ifaces)".to_string()
+            } else {
+                errors.join("; ")
+            };
+            log::warn!("hook {hook} not attached: {why}");
+            self.plans[i].attach = false;
+            self.plans[i].reason = Some(format!("failed: {why}"));
+        } else if !errors.is_empty() {
+            log::warn!("hook {hook}: {}", errors.join("; "));
+        }
+    }
+
+    fn attach_tc_to(&mut self, hook: Hook, iface: &crate::tc::Interface) -> Result<()> {
+        crate::tc::set_l3_offset(&mut self.ebpf, iface)?;
+        crate::tc::attach(&mut self.ebpf, hook, iface, &self.options.pin_dir)
+    }
+
+    /// Attaches the tc hooks to interfaces that appeared since (on a phone,
+    /// rmnet_data and wlan0 come and go); forgets those that went away.
+    pub fn refresh_tc(&mut self) {
+        if self.options.tc_ifaces.is_some() {
+            return;
+        }
+        for i in 0..self.plans.len() {
+            let hook = self.plans[i].hook;
+            if !hook.is_tc() || !self.plans[i].attach {
+                continue;
+            }
+            let Ok(now) = crate::tc::interfaces(None) else {
+                continue;
+            };
+            self.plans[i]
+                .interfaces
+                .retain(|name| now.iter().any(|n| &n.name == name));
+            for iface in now {
+                if self.plans[i].interfaces.contains(&iface.name) {
+                    continue;
+                }
+                match self.attach_tc_to(hook, &iface) {
+                    Ok(()) => self.plans[i].interfaces.push(iface.name.clone()),
+                    Err(err) => log::warn!("hook {hook} on new interface {}: {err:#}", iface.name),
+                }
+            }
+        }
     }
 
     pub fn attached(&self) -> Vec<Hook> {
@@ -362,22 +468,22 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport> {
     if !pin_dir.exists() {
         return Ok(report);
     }
-    for hook in Hook::ALL {
-        let pin = link_pin(pin_dir, hook);
-        if !pin.exists() {
-            continue;
-        }
+    for pin in link_pins(pin_dir) {
         match bpf_sys::obj_get(&pin) {
             Ok(fd) => {
                 if let Err(e) = bpf_sys::link_detach(fd.as_fd()) {
                     // Pre-5.9 kernels: removing the last reference detaches.
                     log::debug!("BPF_LINK_DETACH {}: {e}", pin.display());
                 }
-                report.links.push(hook.name().to_string());
+                let name = pin.file_name().unwrap_or_default().to_string_lossy();
+                report
+                    .links
+                    .push(name.trim_start_matches("link_").to_string());
             }
             Err(e) => log::warn!("opening {}: {e}", pin.display()),
         }
     }
+    report.links.extend(crate::tc::remove_filters(pin_dir));
     for entry in std::fs::read_dir(pin_dir)? {
         let entry = entry?;
         std::fs::remove_file(entry.path())

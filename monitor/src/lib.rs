@@ -21,6 +21,7 @@ pub mod owners;
 pub mod process;
 pub mod rules;
 pub mod system;
+pub mod tc;
 pub mod top;
 pub mod tracker;
 pub mod traffic;

@@ -104,6 +104,12 @@ pub fn render(agent: &Agent) -> Result<String> {
         "1 if the hook is attached, 0 if skipped",
         &["hook"],
     )?;
+    let counter_backend = gauge(
+        &registry,
+        "egressmon_counter_backend",
+        "1 for each hook that feeds a counter (tc_egress where netd holds skb_egress, ...)",
+        &["counter", "hook"],
+    )?;
     let map_entries = gauge(
         &registry,
         "egressmon_map_entries",
@@ -212,6 +218,13 @@ pub fn render(agent: &Agent) -> Result<String> {
         hook_attached
             .with_label_values(&[hook.hook.as_str()])
             .set(hook.attached as i64);
+    }
+    for (counter, hooks) in &status.backends {
+        for hook in hooks {
+            counter_backend
+                .with_label_values(&[counter.as_str(), hook.as_str()])
+                .set(1);
+        }
     }
     for map in &status.maps {
         map_entries

@@ -30,6 +30,11 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The running kernel's (major, minor).
+pub fn kernel_version() -> Option<(u32, u32)> {
+    parse_kernel_version(&kernel_release())
+}
+
 /// Parses "6.1.0-56-arm64" into (6, 1).
 pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(|c: char| !c.is_ascii_digit());

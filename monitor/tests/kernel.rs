@@ -319,6 +319,13 @@ fn two_threads_lose_no_increment() {
     assert_eq!(find(&flows, 1000, "tcp", SERVER4, 8090).connects, 20_000);
 }
 
+/// Whether a program of this name is loaded anywhere on the machine.
+fn program_named(name: &str) -> bool {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .any(|p| p.name_as_str() == Some(name))
+}
+
 #[test]
 fn netd_held_hooks_are_skipped_never_replaced() {
     require_root();
@@ -349,8 +356,11 @@ fn netd_held_hooks_are_skipped_never_replaced() {
     );
     let before = (egress.query(), connect4.query());
     assert!(before.0.is_exclusive() && before.1.is_exclusive());
+    let capture = Capture::new(&net);
 
-    let mut agent = AgentProc::start(&child.path, &tag, &[]);
+    // In the client's namespace, the tc fallback watches its veth0.
+    let client_ns = NetPair::path(&net.client);
+    let mut agent = AgentProc::start_in(Some(&client_ns), &[], &child.path, &tag, &[]);
     let status = agent.status();
     let hook = |name: &str| {
         status["hooks"]
@@ -374,7 +384,13 @@ fn netd_held_hooks_are_skipped_never_replaced() {
         .as_array()
         .unwrap()
         .contains(&"netd_sim_egress".into()));
-    for free in ["connect6", "sendmsg4", "sendmsg6"] {
+    for free in [
+        "connect6",
+        "sendmsg4",
+        "sendmsg6",
+        "skb_ingress",
+        "tc_egress",
+    ] {
         assert_eq!(
             hook(free)["attached"],
             true,
@@ -382,16 +398,29 @@ fn netd_held_hooks_are_skipped_never_replaced() {
             hook(free)
         );
     }
-    // The agent reports the skipped hooks in metrics too.
-    let metrics = egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").unwrap();
-    assert!(
-        metrics.contains("egressmon_hook_attached{hook=\"skb_egress\"} 0"),
-        "{metrics}"
+    assert_eq!(
+        hook("tc_egress")["interfaces"],
+        serde_json::json!(["veth0"])
     );
-    assert!(
-        metrics.contains("egressmon_hook_attached{hook=\"sendmsg4\"} 1"),
-        "{metrics}"
+    assert_eq!(hook("tc_ingress")["attached"], false, "skb_ingress is free");
+    assert_eq!(
+        status["backends"]["tx_bytes"],
+        serde_json::json!(["tc_egress"])
     );
+    assert_eq!(
+        status["backends"]["connects"],
+        serde_json::json!(["connect6"])
+    );
+    // The agent reports the skipped hooks and the fallback in metrics too.
+    let metrics = agent.get("/metrics");
+    for line in [
+        "egressmon_hook_attached{hook=\"skb_egress\"} 0",
+        "egressmon_hook_attached{hook=\"sendmsg4\"} 1",
+        "egressmon_hook_attached{hook=\"tc_egress\"} 1",
+        "egressmon_counter_backend{counter=\"tx_bytes\",hook=\"tc_egress\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 
     gen(
         &net,
@@ -419,18 +448,33 @@ fn netd_held_hooks_are_skipped_never_replaced() {
         10123,
         &["tcp", "--dst", &format!("{SERVER4}:8080"), "--count", "1"],
     );
+    std::thread::sleep(Duration::from_millis(300));
     let flows = agent.flows();
     let udp = find(&flows, 10123, "udp", SERVER4, 9001);
     assert_eq!(
         (udp.udp_sends, udp.tx_packets, udp.tx_bytes),
-        (5, 0, 0),
-        "sendmsg4 counts datagrams; no skb hook"
+        (5, 5, 5 * (IPV4_UDP_HEADERS + 64)),
+        "tc egress counts every datagram (sendmsg4 only names the sender)"
     );
     assert_eq!(find(&flows, 10123, "tcp", SERVER6, 8080).connects, 2);
-    assert!(
-        !flows.iter().any(|f| f.dst == SERVER4 && f.proto == "tcp"),
-        "connect4 is netd's: nothing counted"
+    assert_eq!(
+        find(&flows, 10123, "tcp", SERVER4, 8080).connects,
+        0,
+        "connect4 is netd's: no connect counted"
     );
+    // Bytes per destination, from tc egress, equal what reached the server.
+    for (proto, dst, port) in [
+        ("udp", SERVER4, 9001),
+        ("tcp", SERVER6, 8080),
+        ("tcp", SERVER4, 8080),
+    ] {
+        let f = find(&flows, 10123, proto, dst, port);
+        assert_eq!(
+            (f.tx_packets, f.tx_bytes),
+            capture.read(proto, dst, port),
+            "{proto} {dst}:{port}: agent vs capture"
+        );
+    }
 
     // Still netd's after the agent died, and after detach.
     agent.kill();
@@ -438,9 +482,10 @@ fn netd_held_hooks_are_skipped_never_replaced() {
     agent.spawn(&child.path, &[]);
     agent.detach();
     assert_eq!((egress.query(), connect4.query()), before);
+    assert!(!program_named("tc_egress"), "detach removed the tc program");
 
     // Aimed at the very cgroup netd holds, the agent skips the same hooks.
-    let mut agent = AgentProc::start(&parent.path, &tag, &[]);
+    let mut agent = AgentProc::start_in(Some(&client_ns), &[], &parent.path, &tag, &[]);
     let status = agent.status();
     let attached: Vec<String> = status["hooks"]
         .as_array()
@@ -451,10 +496,176 @@ fn netd_held_hooks_are_skipped_never_replaced() {
         .collect();
     assert_eq!(
         attached,
-        ["connect6", "sendmsg4", "sendmsg6", "skb_ingress"]
+        [
+            "connect6",
+            "sendmsg4",
+            "sendmsg6",
+            "skb_ingress",
+            "tc_egress"
+        ]
     );
     agent.detach();
     assert_eq!((egress.query(), connect4.query()), before);
+}
+
+const FIRMWARE_HOST: &str = "activation.example.cn";
+const APP_HOST: &str = "api.example.org";
+const DNS_ONLY_HOST: &str = "push.example.cn";
+
+/// Where netd holds both cgroup skb hooks, the tc programs on the
+/// interface count bytes exactly and still name hosts: from a TLS
+/// ClientHello's SNI, an HTTP Host header, and DNS answers matched at tc
+/// ingress to the uid whose socket asked.
+fn tc_fallback_names_hosts(netlink: bool) {
+    require_root();
+    let tag = tag(if netlink { "tcnl" } else { "tcx" });
+    let net = NetPair::new(&tag);
+    let parent = TestCgroup::new(&cgroup2_root(), &tag);
+    let child = TestCgroup::new(&parent.path, "app");
+    let _held: Vec<ExclusiveProgram> = [
+        (Hook::SkbEgress, "netd_sim_egress"),
+        (Hook::SkbIngress, "netd_sim_ingr"),
+    ]
+    .into_iter()
+    .map(|(hook, name)| {
+        ExclusiveProgram::attach(&parent.path, PROG_TYPE_CGROUP_SKB, hook.attach_type(), name)
+    })
+    .collect();
+    let resolver = format!("{SERVER4}:53");
+    let mut sink = std::process::Command::new(BIN);
+    sink.args([
+        "gen",
+        "--netns",
+        &NetPair::path(&net.server),
+        "serve",
+        "--dns",
+    ])
+    .arg(&resolver);
+    for port in [80, 443, 5228] {
+        sink.args(["--tcp", &format!("{SERVER4}:{port}")]);
+    }
+    for host in [FIRMWARE_HOST, APP_HOST, DNS_ONLY_HOST] {
+        sink.arg(format!("--zone={host}={SERVER4}"));
+    }
+    let mut sink = sink.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sink.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    let _sink = Proc(sink);
+    let capture = Capture::new(&net);
+    let env: &[(&str, &str)] = if netlink {
+        &[("EGRESSMON_TC_NETLINK", "1")]
+    } else {
+        &[]
+    };
+    let client_ns = NetPair::path(&net.client);
+    let mut agent = AgentProc::start_in(Some(&client_ns), env, &child.path, &tag, &[]);
+    let status = agent.status();
+    assert_eq!(
+        status["backends"]["host_dns"],
+        serde_json::json!(["tc_ingress"]),
+        "{status:#}"
+    );
+
+    gen(
+        &net,
+        &child.path,
+        1001,
+        &[
+            "http-post",
+            "--host",
+            FIRMWARE_HOST,
+            "--resolver",
+            &resolver,
+        ],
+    );
+    gen(
+        &net,
+        &child.path,
+        1001,
+        &[
+            "connect",
+            "--host",
+            DNS_ONLY_HOST,
+            "--resolver",
+            &resolver,
+            "--port",
+            "5228",
+        ],
+    );
+    gen(
+        &net,
+        &child.path,
+        10123,
+        &["tls", "--host", APP_HOST, "--resolver", &resolver],
+    );
+    let named = |uid: u32, port: u16, host: &str, source: &str| {
+        let flows = agent.flows();
+        let f = find(&flows, uid, "tcp", SERVER4, port);
+        f.host.as_deref() == Some(host) && f.host_source.as_deref() == Some(source)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || named(
+            1001,
+            80,
+            FIRMWARE_HOST,
+            "http"
+        )),
+        "{:#?}",
+        agent.flows()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || named(
+            10123, 443, APP_HOST, "sni"
+        )),
+        "{:#?}",
+        agent.flows()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || named(
+            1001,
+            5228,
+            DNS_ONLY_HOST,
+            "dns"
+        )),
+        "{:#?}",
+        agent.flows()
+    );
+    let flows = agent.flows();
+    assert_eq!(find(&flows, 1001, "tcp", SERVER4, 80).payload, "http");
+    assert_eq!(find(&flows, 10123, "tcp", SERVER4, 443).payload, "tls");
+    for (uid, proto, port) in [(1001, "tcp", 80), (1001, "tcp", 5228), (10123, "tcp", 443)] {
+        let f = find(&flows, uid, proto, SERVER4, port);
+        assert_eq!(
+            (f.tx_packets, f.tx_bytes),
+            capture.read(proto, SERVER4, port),
+            "uid {uid} {proto} {port}: agent vs capture"
+        );
+    }
+    // Each uid's DNS queries counted as its own, together all that was sent.
+    let dns: (u64, u64) = [1001, 10123].iter().fold((0, 0), |(p, b), &uid| {
+        let f = find(&flows, uid, "udp", SERVER4, 53);
+        (p + f.tx_packets, b + f.tx_bytes)
+    });
+    assert_eq!(dns, capture.read("udp", SERVER4, 53));
+
+    agent.detach();
+    for name in ["tc_egress", "tc_ingress"] {
+        assert!(!program_named(name), "detach removed {name}");
+    }
+}
+
+#[test]
+fn tc_fallback_names_hosts_where_netd_holds_skb() {
+    tc_fallback_names_hosts(false);
+}
+
+#[test]
+fn tc_fallback_over_netlink_filters() {
+    tc_fallback_names_hosts(true);
 }
 
 #[test]
@@ -470,8 +681,9 @@ fn detach_leaves_no_program_link_or_pin() {
             "connect4,connect6,sendmsg4,sendmsg6,skb_egress,skb_ingress",
         ],
     );
+    let cgroup_hooks = || Hook::ALL.into_iter().filter(|h| !h.is_tc());
     let mut ids = Vec::new();
-    for hook in Hook::ALL {
+    for hook in cgroup_hooks() {
         let attached = attached_ids(&cgroup.path, hook);
         assert_eq!(attached.len(), 1, "{hook} attached once");
         ids.extend(attached);
@@ -481,7 +693,7 @@ fn detach_leaves_no_program_link_or_pin() {
     let out = agent.detach();
     assert!(out.contains("detached 6 link(s)"), "{out}");
     assert!(!pin_dir.exists(), "pin directory removed");
-    for hook in Hook::ALL {
+    for hook in cgroup_hooks() {
         assert!(
             attached_ids(&cgroup.path, hook).is_empty(),
             "{hook} detached"
@@ -582,8 +794,16 @@ fn every_hook_loads_and_attaches() {
     require_root();
     let tag = tag("hooks");
     let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    // In a namespace of its own, so the tc hooks watch the test's veth.
+    let net = NetPair::new(&tag);
     let all: Vec<&str> = Hook::ALL.iter().map(|h| h.name()).collect();
-    let agent = AgentProc::start(&cgroup.path, &tag, &["--hooks", &all.join(",")]);
+    let agent = AgentProc::start_in(
+        Some(&NetPair::path(&net.client)),
+        &[],
+        &cgroup.path,
+        &tag,
+        &["--hooks", &all.join(",")],
+    );
     let status = agent.status();
     let kernel = egressmon::system::kernel_release();
     let mut refused = Vec::new();

@@ -116,7 +116,12 @@ const REQUIRED_CONFIG: &[&str] = &[
     "CONFIG_DEVTMPFS",
     "CONFIG_BLK_DEV_INITRD",
 ];
-const MODULES: &[(&str, &str)] = &[("CONFIG_VETH", "kernel/drivers/net/veth")];
+const MODULES: &[(&str, &str)] = &[
+    ("CONFIG_VETH", "kernel/drivers/net/veth"),
+    // The tc fallback over netlink: the clsact qdisc and BPF filters.
+    ("CONFIG_NET_SCH_INGRESS", "kernel/net/sched/sch_ingress"),
+    ("CONFIG_NET_CLS_BPF", "kernel/net/sched/cls_bpf"),
+];
 
 pub struct Options {
     pub arch: Option<Arch>,

@@ -154,28 +154,87 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A running `egressmon run` on a test cgroup with its own pins and port.
+/// A running `egressmon run` on a test cgroup with its own pins and port,
+/// in the test's own network namespace or in one the test made (then every
+/// `egressmon` command aimed at it runs in that namespace too).
 pub struct AgentProc {
     pub pin_dir: PathBuf,
     pub listen: String,
     pub proc: Option<Proc>,
+    pub netns: Option<String>,
+    /// Environment for the agent process.
+    pub env: Vec<(String, String)>,
+}
+
+/// Makes `cmd` enter the network namespace at `ns` before it runs.
+pub fn command_in_netns(cmd: &mut Command, ns: Option<&str>) {
+    let Some(ns) = ns else { return };
+    let file = std::fs::File::open(ns).unwrap_or_else(|e| panic!("opening {ns}: {e}"));
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = file.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (setns) between fork and exec;
+    // `file` stays open in the parent until the command is spawned.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &file;
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 impl AgentProc {
     pub fn start(cgroup: &Path, tag: &str, extra: &[&str]) -> AgentProc {
+        AgentProc::start_in(None, &[], cgroup, tag, extra)
+    }
+
+    /// Starts the agent in network namespace `netns` (a path), with `env`.
+    pub fn start_in(
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+        cgroup: &Path,
+        tag: &str,
+        extra: &[&str],
+    ) -> AgentProc {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{tag}"));
         let listen = format!("127.0.0.1:{}", free_port());
         let mut agent = AgentProc {
             pin_dir,
             listen,
             proc: None,
+            netns: netns.map(str::to_string),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         agent.spawn(cgroup, extra);
         agent
     }
 
+    /// An `egressmon` command aimed at this agent's namespace.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        command_in_netns(&mut cmd, self.netns.as_deref());
+        cmd
+    }
+
+    /// GET `path` from the agent's API.
+    pub fn get(&self, path: &str) -> String {
+        let fetch = || egressmon::client::get(self.listen.parse().unwrap(), path).unwrap();
+        match &self.netns {
+            Some(ns) => net::in_netns(Path::new(ns), fetch),
+            None => fetch(),
+        }
+    }
+
     pub fn spawn(&mut self, cgroup: &Path, extra: &[&str]) {
-        let child = Command::new(BIN)
+        let child = self
+            .command()
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args(["run", "--cgroup"])
             .arg(cgroup)
             .arg("--pin-dir")
@@ -188,7 +247,8 @@ impl AgentProc {
         self.proc = Some(Proc(child));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(out) = Command::new(BIN)
+            if let Ok(out) = self
+                .command()
                 .args(["status", "--json", "--listen", &self.listen])
                 .output()
             {
@@ -209,7 +269,8 @@ impl AgentProc {
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN)
+        let out = self
+            .command()
             .args(args)
             .args(["--listen", &self.listen])
             .output()
@@ -231,7 +292,8 @@ impl AgentProc {
     }
 
     pub fn detach(&mut self) -> String {
-        let out = Command::new(BIN)
+        let out = self
+            .command()
             .args(["detach", "--pin-dir"])
             .arg(&self.pin_dir)
             .args(["--listen", &self.listen])
@@ -259,7 +321,8 @@ impl AgentProc {
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
-        let _ = Command::new(BIN)
+        let _ = self
+            .command()
             .args(["detach", "--pin-dir"])
             .arg(&self.pin_dir)
             .args(["--listen", &self.listen])
