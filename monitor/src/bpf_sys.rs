@@ -1,15 +1,20 @@
 //! Raw bpf(2) commands that aya 0.14 does not expose: querying what is
 //! attached to a cgroup, creating cgroup links we can pin, adopting and
-//! updating pinned links, and reading a link's target.
+//! updating pinned links, reading a link's target, and reading maps that
+//! other programs pinned (`RawMap`: Android netd's counters, without BTF).
 //!
 //! Each command has its own `#[repr(C)]` attribute struct laid out as in
 //! `union bpf_attr` (include/uapi/linux/bpf.h); unused trailing bytes stay zero.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
+const BPF_MAP_LOOKUP_ELEM: u32 = 1;
+const BPF_MAP_UPDATE_ELEM: u32 = 2;
+const BPF_MAP_DELETE_ELEM: u32 = 3;
+const BPF_MAP_GET_NEXT_KEY: u32 = 4;
 const BPF_OBJ_PIN: u32 = 6;
 const BPF_OBJ_GET: u32 = 7;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
@@ -21,6 +26,9 @@ const BPF_LINK_DETACH: u32 = 34;
 /// `BPF_F_ALLOW_OVERRIDE` / `BPF_F_ALLOW_MULTI` attach flags.
 pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
 pub const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// `BPF_F_RDONLY`: BPF_OBJ_GET file flag for a read-only map descriptor.
+pub const BPF_F_RDONLY: u32 = 1 << 3;
 
 /// Calls bpf(2) with `attr`, returning the non-negative result.
 ///
@@ -200,9 +208,16 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 
 /// BPF_OBJ_GET: open a pinned object.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    obj_get_flags(path, 0)
+}
+
+/// BPF_OBJ_GET with `file_flags` (0 or `BPF_F_RDONLY`; kernels before 4.15
+/// reject any flag with EINVAL).
+pub fn obj_get_flags(path: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     let cpath = c_path(path)?;
     let mut attr = ObjAttr {
         pathname: cpath.as_ptr() as u64,
+        file_flags,
         ..Default::default()
     };
     // SAFETY: attr matches BPF_OBJ_GET; `cpath` outlives the call.
@@ -250,6 +265,192 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
     // SAFETY: attr matches BPF_OBJ_GET_INFO_BY_FD; `info` outlives the call.
     unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
     Ok(info)
+}
+
+/// `BPF_MAP_TYPE_*` values `MapInfo::map_type` is compared with.
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
+pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+/// The leading part of `struct bpf_map_info` (all `u32`, so no padding; the
+/// kernel fills what it knows and leaves the rest zero).
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapInfo {
+    pub map_type: u32,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+    /// NUL-padded; empty before 4.15.
+    pub name: [u8; 16],
+    pub ifindex: u32,
+    pub btf_vmlinux_value_type_id: u32,
+}
+
+impl MapInfo {
+    /// The map's name as the kernel knows it (at most 15 bytes).
+    pub fn name(&self) -> String {
+        let end = self.name.iter().position(|&b| b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+
+    /// True for the per-CPU types, whose lookups return one value per CPU.
+    pub fn is_per_cpu(&self) -> bool {
+        // PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
+        matches!(self.map_type, 5 | 6 | 10 | 21)
+    }
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a map.
+pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    let mut info = MapInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: map.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<MapInfo>() as u32,
+        info: &mut info as *mut MapInfo as u64,
+    };
+    // SAFETY: attr matches BPF_OBJ_GET_INFO_BY_FD; `info` outlives the call.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+    Ok(info)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    /// `value` or `next_key`.
+    value: u64,
+    flags: u64,
+}
+
+/// A map opened by descriptor with its key and value sizes, so that element
+/// commands can check every buffer against them before the kernel reads or
+/// writes it. Not for per-CPU maps (their values are per CPU).
+#[derive(Debug)]
+pub struct RawMap {
+    fd: OwnedFd,
+    info: MapInfo,
+}
+
+impl RawMap {
+    /// Wraps a map descriptor, reading its info.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<RawMap> {
+        let info = map_info(fd.as_fd())?;
+        if info.is_per_cpu() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "per-CPU maps are not supported by RawMap",
+            ));
+        }
+        Ok(RawMap { fd, info })
+    }
+
+    /// Opens a pinned map read-only (falling back to read-write on kernels
+    /// without `BPF_F_RDONLY`).
+    pub fn open_pinned_read_only(path: &Path) -> io::Result<RawMap> {
+        let fd = match obj_get_flags(path, BPF_F_RDONLY) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => obj_get(path)?,
+            other => other?,
+        };
+        RawMap::from_fd(fd)
+    }
+
+    pub fn info(&self) -> &MapInfo {
+        &self.info
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn check(&self, key: &[u8], value: Option<usize>) -> io::Result<()> {
+        let bad = |what: &str, got: usize, want: u32| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{what} buffer of {got} bytes for a map with {want}-byte {what}s"),
+            )
+        };
+        if key.len() != self.info.key_size as usize {
+            return Err(bad("key", key.len(), self.info.key_size));
+        }
+        match value {
+            Some(len) if len != self.info.value_size as usize => {
+                Err(bad("value", len, self.info.value_size))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn elem(&self, cmd: u32, key: u64, value: u64, flags: u64) -> io::Result<i64> {
+        let mut attr = MapElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key,
+            value,
+            flags,
+            ..Default::default()
+        };
+        // SAFETY: callers checked both buffers against the map's key and
+        // value sizes; they outlive the call.
+        unsafe { sys_bpf(cmd, &mut attr) }
+    }
+
+    /// BPF_MAP_LOOKUP_ELEM: `Ok(false)` when the key is absent.
+    pub fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+        self.check(key, Some(value.len()))?;
+        match self.elem(
+            BPF_MAP_LOOKUP_ELEM,
+            key.as_ptr() as u64,
+            value.as_mut_ptr() as u64,
+            0,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// BPF_MAP_UPDATE_ELEM with `BPF_ANY` (0), `BPF_NOEXIST` (1) or
+    /// `BPF_EXIST` (2).
+    pub fn update(&self, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+        self.check(key, Some(value.len()))?;
+        self.elem(
+            BPF_MAP_UPDATE_ELEM,
+            key.as_ptr() as u64,
+            value.as_ptr() as u64,
+            flags,
+        )
+        .map(drop)
+    }
+
+    /// BPF_MAP_DELETE_ELEM: `Ok(false)` when the key was absent.
+    pub fn delete(&self, key: &[u8]) -> io::Result<bool> {
+        self.check(key, None)?;
+        match self.elem(BPF_MAP_DELETE_ELEM, key.as_ptr() as u64, 0, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// BPF_MAP_GET_NEXT_KEY: the key after `key` (after a key that is not in
+    /// the map, the first key; `None` asks for the first key, which kernels
+    /// before 4.12 refuse with EFAULT). `Ok(false)` after the last key.
+    pub fn next_key(&self, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+        if let Some(key) = key {
+            self.check(key, None)?;
+        }
+        self.check(next, None)?;
+        let key = key.map_or(0, |k| k.as_ptr() as u64);
+        match self.elem(BPF_MAP_GET_NEXT_KEY, key, next.as_mut_ptr() as u64, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 const BPF_MAP_LOOKUP_BATCH: u32 = 24;

@@ -17,6 +17,7 @@ pub mod inspect;
 pub mod jsonl;
 pub mod kernel;
 pub mod metrics;
+pub mod netd_stats;
 pub mod owners;
 pub mod process;
 pub mod rules;

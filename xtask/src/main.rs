@@ -251,6 +251,11 @@ fn test(soak_secs: u64) -> Result<()> {
     integration_test("android")?;
     shell::step(
         "test",
+        "Android netd's own per-uid counters: maps of netd's layout, swapped and drained",
+    );
+    integration_test("netd_stats")?;
+    shell::step(
+        "test",
         "what users see: a real Prometheus, the JSON log, top in tmux",
     );
     integration_test("observability")?;

@@ -8,6 +8,7 @@
 
 pub mod net;
 pub mod netd;
+pub mod netd_maps;
 
 #[allow(unused_imports)]
 pub use net::{Capture, NetPair, CLIENT4, CLIENT6, SERVER4, SERVER6};
