@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -40,6 +40,9 @@ pub struct AgentOptions {
     pub geoip: Vec<PathBuf>,
     /// `--rules` file; the shipped rules when absent.
     pub rules: Option<PathBuf>,
+    /// `--netd-bpf-root`: where netd's pinned stats maps are (they must be
+    /// there); without it they are looked for where Android keeps them.
+    pub netd_bpf_root: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -55,6 +58,7 @@ impl Default for AgentOptions {
             metrics_max_uids: 1000,
             geoip: Vec::new(),
             rules: None,
+            netd_bpf_root: None,
         }
     }
 }
@@ -80,6 +84,50 @@ pub struct Agent {
     started: Instant,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Android netd's own per-uid counters, where they exist.
+    pub netd: Option<Mutex<crate::netd_stats::NetdStats>>,
+    netd_uids: AtomicU64,
+}
+
+/// netd's counters: those under an explicit root must be there and
+/// readable; the default places are optional (a damaged or unreadable set
+/// there is reported and skipped: our own counters do not depend on it).
+fn open_netd_stats(root: Option<&Path>) -> Result<Option<crate::netd_stats::NetdStats>> {
+    use crate::netd_stats::NetdStats;
+    let opened = match root {
+        Some(root) => {
+            let stats = NetdStats::open(root)?;
+            if stats.is_none() {
+                anyhow::bail!(
+                    "--netd-bpf-root {}: no netd stats maps there (map_netd_stats_map_A/B, \
+                     map_netd_configuration_map); on a phone they are under {}",
+                    root.display(),
+                    crate::netd_stats::NETD_BPF_ROOT
+                );
+            }
+            stats
+        }
+        None => NetdStats::open_default().unwrap_or_else(|e| {
+            log::warn!("netd's stats maps: {e:#}; going on without them");
+            None
+        }),
+    };
+    if let Some(stats) = &opened {
+        log::info!(
+            "reading netd's per-uid counters from {} ({})",
+            stats.root().display(),
+            stats.source()
+        );
+    }
+    Ok(opened)
+}
+
+/// What `status` says about netd's counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetdStatus {
+    pub root: PathBuf,
+    pub source: String,
+    pub uids: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +167,9 @@ pub struct Status {
     pub hooks: Vec<HookStatus>,
     /// Per counter, the hooks that feed it.
     pub backends: std::collections::BTreeMap<String, Vec<String>>,
+    /// netd's per-uid counters, read alongside ours (Android).
+    #[serde(default)]
+    pub netd_stats: Option<NetdStatus>,
     pub maps: Vec<MapStatus>,
     pub events_lost: u64,
     pub flow_update_failures: u64,
@@ -228,6 +279,7 @@ impl Agent {
             None => None,
         };
         let resolver = OwnerResolver::new(options.android_root.as_deref())?;
+        let netd = open_netd_stats(options.netd_bpf_root.as_deref())?;
         let geoip = if options.geoip.is_empty() {
             GeoIp::empty()
         } else {
@@ -289,6 +341,8 @@ impl Agent {
             started: Instant::now(),
             stop,
             threads: Mutex::new(vec![reader, payload_reader]),
+            netd: netd.map(Mutex::new),
+            netd_uids: AtomicU64::new(0),
         });
         let poller = Agent::spawn_poller(agent.clone());
         agent.threads.lock().unwrap().push(poller);
@@ -470,6 +524,18 @@ impl Agent {
         Ok(rows)
     }
 
+    /// netd's per-uid totals (monotonic), if this is Android.
+    pub fn netd_totals(
+        &self,
+    ) -> Option<Result<std::collections::BTreeMap<u32, crate::netd_stats::UidTraffic>>> {
+        let netd = self.netd.as_ref()?;
+        let totals = netd.lock().unwrap().totals_by_uid();
+        if let Ok(t) = &totals {
+            self.netd_uids.store(t.len() as u64, Ordering::Relaxed);
+        }
+        Some(totals)
+    }
+
     pub fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
         self.kernel.lock().unwrap().uid_totals()
     }
@@ -495,7 +561,18 @@ impl Agent {
         let resolver = self.resolver();
         let hooks = self.hook_report();
         let kernel = self.kernel.lock().unwrap();
-        let backends = crate::hooks::backends(&kernel.attached());
+        let mut backends = crate::hooks::backends(&kernel.attached());
+        let netd_stats = self.netd.as_ref().map(|n| {
+            let n = n.lock().unwrap();
+            NetdStatus {
+                root: n.root().to_path_buf(),
+                source: n.source().to_string(),
+                uids: self.netd_uids.load(Ordering::Relaxed),
+            }
+        });
+        if netd_stats.is_some() {
+            backends.insert("netd_uid_tx_bytes".into(), vec!["netd_stats".into()]);
+        }
         let stats = kernel.stats()?;
         let uid_entries = kernel.uid_totals().map(|t| t.len() as u64).unwrap_or(0);
         let o = &kernel.options;
@@ -508,6 +585,7 @@ impl Agent {
             uptime_seconds: self.started.elapsed().as_secs(),
             hooks,
             backends,
+            netd_stats,
             maps: vec![
                 MapStatus {
                     map: MAP_FLOWS.to_lowercase(),

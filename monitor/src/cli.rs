@@ -96,6 +96,11 @@ pub struct RunArgs {
     /// interface but loopback, including ones that appear later).
     #[arg(long, value_delimiter = ',')]
     pub tc_ifaces: Option<Vec<String>>,
+    /// Directory of Android netd's pinned stats maps, read for exact per-uid
+    /// byte totals (default: /sys/fs/bpf/netd_shared, else /sys/fs/bpf, when
+    /// they are there).
+    #[arg(long)]
+    pub netd_bpf_root: Option<PathBuf>,
     /// Device layout to resolve owners from (DIR/data/system/packages.list and
     /// packages.xml), e.g. files pulled from a phone; default: this machine.
     #[arg(long)]
@@ -192,6 +197,7 @@ fn run(args: RunArgs) -> Result<()> {
         metrics_max_uids: args.metrics_max_uids,
         geoip: args.geoip.clone(),
         rules: args.rules.clone(),
+        netd_bpf_root: args.netd_bpf_root.clone(),
         ..AgentOptions::default()
     };
     let agent = Agent::start(options, agent_options)?;

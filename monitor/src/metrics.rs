@@ -146,6 +146,18 @@ pub fn render(agent: &Agent) -> Result<String> {
         "Uids folded into uid=\"other\" series (over --metrics-max-uids)",
         &[],
     )?;
+    let netd_bytes = counter(
+        &registry,
+        "egressmon_netd_tx_bytes_total",
+        "Bytes sent per uid as Android's netd counts them (its pinned stats maps; all interfaces)",
+        &["uid", "owner", "origin", "firmware"],
+    )?;
+    let netd_packets = counter(
+        &registry,
+        "egressmon_netd_tx_packets_total",
+        "Packets sent per uid as Android's netd counts them",
+        &["uid", "owner", "origin", "firmware"],
+    )?;
     let build = gauge(
         &registry,
         "egressmon_build_info",
@@ -183,6 +195,28 @@ pub fn render(agent: &Agent) -> Result<String> {
         packets.with_label_values(&labels).inc_by(s.packets);
         connects.with_label_values(&labels).inc_by(s.connects);
         udp.with_label_values(&labels).inc_by(s.udp_sends);
+    }
+    if let Some(totals) = agent.netd_totals() {
+        let mut netd_sums: BTreeMap<[String; 4], (u64, u64)> = BTreeMap::new();
+        for (uid, traffic) in totals? {
+            let owner = resolver.resolve(uid);
+            let (label, name) = if labelled(agent, uid) {
+                (uid.to_string(), owner.owner)
+            } else {
+                folded_uids.insert(uid);
+                (OTHER.to_string(), OTHER.to_string())
+            };
+            let s = netd_sums
+                .entry([label, name, owner.origin, owner.firmware.to_string()])
+                .or_default();
+            s.0 += traffic.tx_bytes;
+            s.1 += traffic.tx_packets;
+        }
+        for (labels, (b, p)) in &netd_sums {
+            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+            netd_bytes.with_label_values(&labels).inc_by(*b);
+            netd_packets.with_label_values(&labels).inc_by(*p);
+        }
     }
     folded
         .with_label_values::<&str>(&[])

@@ -442,3 +442,64 @@ fn unreadable_maps_say_to_run_as_root() {
         "{text}"
     );
 }
+
+/// The agent reads netd's counters beside its own: per-uid totals in
+/// `egressmon_netd_tx_bytes_total`, the source in status, across a swap.
+#[test]
+fn agent_exports_netd_totals() {
+    require_root();
+    let tag = tag("netdagent");
+    let maps = NetdMaps::new(&tag, Release::Android13, false);
+    let cgroup = support::TestCgroup::new(&support::cgroup2_root(), &tag);
+    let mut sent = Sent::default();
+    count(
+        &maps,
+        &mut sent,
+        key(10123, 0, 0, 3),
+        traffic(10, 15_000, 0, 0),
+    );
+    count(&maps, &mut sent, key(1001, 0, 1, 4), traffic(3, 900, 0, 0));
+    let root = maps.root().to_str().unwrap().to_string();
+    let agent = support::AgentProc::start(&cgroup.path, &tag, &["--netd-bpf-root", &root]);
+    let status = agent.status();
+    assert_eq!(status["netd_stats"]["root"], root.as_str(), "{status:#}");
+    assert_eq!(
+        status["backends"]["netd_uid_tx_bytes"],
+        serde_json::json!(["netd_stats"])
+    );
+    let bytes = |uid: u32| {
+        support::metric_sum(
+            &agent.get("/metrics"),
+            "egressmon_netd_tx_bytes_total",
+            &[&format!("uid=\"{uid}\"")],
+        )
+    };
+    assert_eq!(bytes(10123), sent.0[&10123].tx_bytes);
+    assert_eq!(bytes(1001), sent.0[&1001].tx_bytes);
+    // netd swaps maps and system server drains the old one: still exact.
+    let mut maps = maps;
+    maps.select(Which::B);
+    count(
+        &maps,
+        &mut sent,
+        key(10123, 0, 0, 3),
+        traffic(2, 3_000, 0, 0),
+    );
+    maps.drain(Which::A);
+    assert_eq!(bytes(10123), sent.0[&10123].tx_bytes);
+
+    // An explicit root without netd's maps is refused with what to do.
+    let empty = PinDir::new(&format!("{tag}-empty"));
+    let out = std::process::Command::new(support::BIN)
+        .args(["run", "--cgroup"])
+        .arg(&cgroup.path)
+        .args(["--pin-dir", &format!("/sys/fs/bpf/{tag}-refused")])
+        .arg("--netd-bpf-root")
+        .arg(&empty.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no netd stats maps there"), "{err}");
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{tag}-refused"));
+}

@@ -28,14 +28,6 @@ fn metrics(agent: &AgentProc) -> String {
 }
 
 /// Sum of a metric's samples whose label text contains every `filter`.
-fn metric_sum(text: &str, name: &str, filters: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| filters.iter().all(|f| l.contains(f)))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
-        .sum()
-}
-
 fn agent_pid(agent: &AgentProc) -> u32 {
     agent.status()["pid"].as_u64().unwrap() as u32
 }
