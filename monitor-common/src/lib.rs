@@ -156,6 +156,9 @@ pub const STAT_COUNT: u32 = 8;
 /// Bit in the `CONFIG` array: skb egress is attached (sendmsg hooks then
 /// only name senders instead of counting datagrams a second time).
 pub const CONFIG_SKB_ATTACHED: u32 = 1;
+/// Bit in `CONFIG`: a connect4/connect6 program counts connects, so tc
+/// egress does not count first SYNs as connects.
+pub const CONFIG_CONNECTS_COUNTED: u32 = 2;
 pub const MAP_CONFIG: &str = "CONFIG";
 
 /// Map names as they appear in the object file and under the pin directory.

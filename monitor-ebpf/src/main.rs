@@ -26,7 +26,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-        generated::{bpf_skb_cgroup_id, bpf_skb_load_bytes},
+        generated::{bpf_sk_fullsock, bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_tcp_sock},
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -313,9 +313,10 @@ const NOTHING: Delta = Delta {
 
 #[inline(always)]
 fn udp_send_delta() -> Delta {
-    match CONFIG.get(0) {
-        Some(flags) if flags & CONFIG_SKB_ATTACHED != 0 => NOTHING,
-        _ => UDP_SEND,
+    if config_has(CONFIG_SKB_ATTACHED) {
+        NOTHING
+    } else {
+        UDP_SEND
     }
 }
 
@@ -387,10 +388,14 @@ fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize)> {
         return None;
     };
     key.uid = skb_owner(skb);
+    let connects = (hook == HOOK_TC_EGRESS
+        && key.proto == PROTO_TCP
+        && !config_has(CONFIG_CONNECTS_COUNTED)
+        && first_syn(skb, l4_offset)) as u64;
     // A UDP skb is one datagram: the agent reads `udp_sends` of UDP flows as
     // `udp_sends + tx_packets`, which saves two atomic adds per datagram.
     let delta = Delta {
-        connects: 0,
+        connects,
         udp_sends: 0,
         packets: 1,
         bytes: len as u64,
@@ -401,6 +406,38 @@ fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize)> {
         capture_first_payload(skb, &key, l4_offset, sk_buff.len, value);
     }
     Some((key, l4_offset))
+}
+
+/// A connection's first SYN (not a retransmission): where netd holds
+/// connect4/6, tc egress counts connects from it. The socket's `segs_out`
+/// already includes the segment being sent, so it is 1 only for the first.
+#[inline(always)]
+fn first_syn(skb: &SkBuff, l4_offset: usize) -> bool {
+    let Ok(flags) = skb.load::<u8>(l4_offset + 13) else {
+        return false;
+    };
+    // SYN without ACK.
+    if flags & 0x12 != 0x02 {
+        return false;
+    }
+    // SAFETY: helpers on the skb's socket pointer, each result null-checked.
+    unsafe {
+        let sk = (*skb.skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return false;
+        }
+        let full = bpf_sk_fullsock(sk);
+        if full.is_null() {
+            return false;
+        }
+        let tcp = bpf_tcp_sock(full);
+        !tcp.is_null() && (*tcp).segs_out == 1
+    }
+}
+
+#[inline(always)]
+fn config_has(bit: u32) -> bool {
+    CONFIG.get(0).is_some_and(|flags| flags & bit != 0)
 }
 
 /// Remembers which uid's socket sent a DNS query from which local port, for

@@ -294,8 +294,13 @@ pub fn backends(attached: &[Hook]) -> std::collections::BTreeMap<String, Vec<Str
     if udp.is_empty() {
         udp = pick(&[Hook::Sendmsg4, Hook::Sendmsg6]);
     }
+    let mut connects = pick(&[Hook::Connect4, Hook::Connect6]);
+    if connects.is_empty() {
+        // First SYNs, where netd holds both connect hooks.
+        connects = pick(&[Hook::TcEgress]);
+    }
     [
-        ("connects", pick(&[Hook::Connect4, Hook::Connect6])),
+        ("connects", connects),
         ("udp_sends", udp),
         ("tx_packets", bytes.clone()),
         ("tx_bytes", bytes.clone()),

@@ -149,7 +149,18 @@ impl Kernel {
                 .map_mut(MAP_CONFIG)
                 .context("CONFIG map missing")?,
         )?;
-        config.set(0, if skb { CONFIG_SKB_ATTACHED } else { 0 }, 0)?;
+        let connects = self
+            .plans
+            .iter()
+            .any(|p| matches!(p.hook, Hook::Connect4 | Hook::Connect6) && p.attach);
+        let mut flags = 0;
+        if skb {
+            flags |= CONFIG_SKB_ATTACHED;
+        }
+        if connects {
+            flags |= CONFIG_CONNECTS_COUNTED;
+        }
+        config.set(0, flags, 0)?;
         Ok(())
     }
 

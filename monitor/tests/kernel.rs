@@ -512,10 +512,10 @@ const FIRMWARE_HOST: &str = "activation.example.cn";
 const APP_HOST: &str = "api.example.org";
 const DNS_ONLY_HOST: &str = "push.example.cn";
 
-/// Where netd holds both cgroup skb hooks, the tc programs on the
-/// interface count bytes exactly and still name hosts: from a TLS
-/// ClientHello's SNI, an HTTP Host header, and DNS answers matched at tc
-/// ingress to the uid whose socket asked.
+/// Where netd holds the cgroup skb and connect hooks (Android 15), the tc
+/// programs on the interface count connects (first SYNs) and bytes exactly
+/// and still name hosts: from a TLS ClientHello's SNI, an HTTP Host header,
+/// and DNS answers matched at tc ingress to the uid whose socket asked.
 fn tc_fallback_names_hosts(netlink: bool) {
     require_root();
     let tag = tag(if netlink { "tcnl" } else { "tcx" });
@@ -523,12 +523,14 @@ fn tc_fallback_names_hosts(netlink: bool) {
     let parent = TestCgroup::new(&cgroup2_root(), &tag);
     let child = TestCgroup::new(&parent.path, "app");
     let _held: Vec<ExclusiveProgram> = [
-        (Hook::SkbEgress, "netd_sim_egress"),
-        (Hook::SkbIngress, "netd_sim_ingr"),
+        (PROG_TYPE_CGROUP_SKB, Hook::SkbEgress, "netd_sim_egress"),
+        (PROG_TYPE_CGROUP_SKB, Hook::SkbIngress, "netd_sim_ingr"),
+        (PROG_TYPE_CGROUP_SOCK_ADDR, Hook::Connect4, "netd_sim_conn4"),
+        (PROG_TYPE_CGROUP_SOCK_ADDR, Hook::Connect6, "netd_sim_conn6"),
     ]
     .into_iter()
-    .map(|(hook, name)| {
-        ExclusiveProgram::attach(&parent.path, PROG_TYPE_CGROUP_SKB, hook.attach_type(), name)
+    .map(|(kind, hook, name)| {
+        ExclusiveProgram::attach(&parent.path, kind, hook.attach_type(), name)
     })
     .collect();
     let resolver = format!("{SERVER4}:53");
@@ -567,6 +569,11 @@ fn tc_fallback_names_hosts(netlink: bool) {
     assert_eq!(
         status["backends"]["host_dns"],
         serde_json::json!(["tc_ingress"]),
+        "{status:#}"
+    );
+    assert_eq!(
+        status["backends"]["connects"],
+        serde_json::json!(["tc_egress"]),
         "{status:#}"
     );
 
@@ -644,6 +651,7 @@ fn tc_fallback_names_hosts(netlink: bool) {
             capture.read(proto, SERVER4, port),
             "uid {uid} {proto} {port}: agent vs capture"
         );
+        assert_eq!(f.connects, 1, "uid {uid} {port}: one first SYN");
     }
     // Each uid's DNS queries counted as its own, together all that was sent.
     let dns: (u64, u64) = [1001, 10123].iter().fold((0, 0), |(p, b), &uid| {
