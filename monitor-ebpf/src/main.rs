@@ -371,7 +371,7 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn l3_offset(skb: &SkBuff) -> Option<usize> {
     let ifindex = unsafe { (*skb.skb).ifindex };
-    let offset = unsafe { TC_L3_OFFSET.get(&ifindex) }.copied()?;
+    let offset = unsafe { TC_L3_OFFSET.get(ifindex) }.copied()?;
     (offset <= MAX_L3_OFFSET).then_some(offset as usize)
 }
 
@@ -455,7 +455,7 @@ fn note_dns_query(skb: &SkBuff, key: &FlowKey, l4_offset: usize) {
         family: key.family,
         proto: key.proto,
     };
-    let _ = DNS_PORTS.insert(&port_key, &key.uid, BPF_ANY as u64);
+    let _ = DNS_PORTS.insert(port_key, key.uid, BPF_ANY as u64);
 }
 
 /// Offset of the transport payload, if the packet carries any.
@@ -598,7 +598,7 @@ fn dns_response(skb: &SkBuff, l3: usize, tc: bool) -> Option<()> {
             family: key.family,
             proto: key.proto,
         };
-        unsafe { DNS_PORTS.get(&port_key) }
+        unsafe { DNS_PORTS.get(port_key) }
             .copied()
             .unwrap_or(KERNEL_UID)
     } else if sk_buff_has_sock(sk_buff) {
