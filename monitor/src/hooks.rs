@@ -279,7 +279,7 @@ pub fn plan(explicit: Option<&[Hook]>, cgroup: &Path) -> Result<Vec<HookPlan>> {
 }
 
 /// Which attached hooks feed each counter (status `backends`, metric
-/// `egressmon_counter_backend`). A counter no attached hook feeds maps to
+/// `egressmon_backend`). A counter no attached hook feeds maps to
 /// an empty list: it stays 0.
 pub fn backends(attached: &[Hook]) -> std::collections::BTreeMap<String, Vec<String>> {
     let pick = |candidates: &[Hook]| -> Vec<String> {

@@ -106,7 +106,7 @@ pub fn render(agent: &Agent) -> Result<String> {
     )?;
     let counter_backend = gauge(
         &registry,
-        "egressmon_counter_backend",
+        "egressmon_backend",
         "1 for each hook that feeds a counter (tc_egress where netd holds skb_egress, ...)",
         &["counter", "hook"],
     )?;

@@ -417,7 +417,7 @@ fn netd_held_hooks_are_skipped_never_replaced() {
         "egressmon_hook_attached{hook=\"skb_egress\"} 0",
         "egressmon_hook_attached{hook=\"sendmsg4\"} 1",
         "egressmon_hook_attached{hook=\"tc_egress\"} 1",
-        "egressmon_counter_backend{counter=\"tx_bytes\",hook=\"tc_egress\"} 1",
+        "egressmon_backend{counter=\"tx_bytes\",hook=\"tc_egress\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
