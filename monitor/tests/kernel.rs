@@ -12,7 +12,8 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
-use support::netd::{ExclusiveProgram, PROG_TYPE_CGROUP_SKB, PROG_TYPE_CGROUP_SOCK_ADDR};
+use support::netd::{Device, ExclusiveProgram, PROG_TYPE_CGROUP_SKB, PROG_TYPE_CGROUP_SOCK_ADDR};
+use support::netd_maps::{NetdMaps, Release, Which};
 use support::*;
 
 const UIDS: [u32; 4] = [0, 1000, 10123, 1_010_123];
@@ -664,6 +665,158 @@ fn tc_fallback_names_hosts(netlink: bool) {
     for name in ["tc_egress", "tc_ingress"] {
         assert!(!program_named(name), "detach removed {name}");
     }
+}
+
+/// One simulated device: netd's programs (on Android, its skb egress one
+/// counting per uid into a stats map of netd's layout) at a parent cgroup
+/// standing for the root; the agent on a child cgroup in the client's
+/// namespace; a fixed workload from three uids. The agent must pick the
+/// backends the device leaves free, leave netd's programs as they were, and
+/// count every connection, datagram and byte per uid and destination, with
+/// per-uid totals equal to netd's own counters.
+fn device_case(device: Device) {
+    require_root();
+    let tag = tag(match device {
+        Device::Android12To14 => "a14",
+        Device::Android15 => "a15",
+        Device::Linux => "linux",
+    });
+    let net = NetPair::new(&tag);
+    let parent = TestCgroup::new(&cgroup2_root(), &tag);
+    let child = TestCgroup::new(&parent.path, "apps");
+    let netd_maps =
+        (device != Device::Linux).then(|| NetdMaps::new(&tag, Release::Android13, false));
+    let held = device.hold(
+        &parent.path,
+        netd_maps.as_ref().map(|m| m.map(Which::A).fd()),
+    );
+    let before: Vec<_> = held.iter().map(|h| h.query()).collect();
+    let uids = [1000u32, 10123, 10124];
+    let tcp: Vec<SocketAddr> = (0..3u16)
+        .flat_map(|i| {
+            [
+                addr(&format!("{SERVER4}:{}", 8201 + i)),
+                addr(&format!("[{SERVER6}]:{}", 8201 + i)),
+            ]
+        })
+        .collect();
+    let udp = format!("{SERVER4}:9201");
+    let _sink = start_sink(&net, &tcp, &[addr(&udp)]);
+    let capture = Capture::new(&net);
+    let root = netd_maps
+        .as_ref()
+        .map(|m| m.root().to_str().unwrap().to_string());
+    let extra: Vec<&str> = match &root {
+        Some(root) => vec!["--netd-bpf-root", root],
+        None => vec![],
+    };
+    let client_ns = NetPair::path(&net.client);
+    let mut agent = AgentProc::start_in(Some(&client_ns), &[], &child.path, &tag, &extra);
+
+    let status = agent.status();
+    let attached: Vec<&str> = status["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["attached"] == true)
+        .map(|h| h["hook"].as_str().unwrap())
+        .collect();
+    let (want, bytes_from, connects_from): (&[&str], &str, &[&str]) = match device {
+        Device::Linux => (
+            &["connect4", "connect6", "skb_egress", "skb_ingress"],
+            "skb_egress",
+            &["connect4", "connect6"],
+        ),
+        Device::Android12To14 => (
+            &[
+                "connect4",
+                "connect6",
+                "sendmsg4",
+                "sendmsg6",
+                "tc_egress",
+                "tc_ingress",
+            ],
+            "tc_egress",
+            &["connect4", "connect6"],
+        ),
+        Device::Android15 => (&["tc_egress", "tc_ingress"], "tc_egress", &["tc_egress"]),
+    };
+    assert_eq!(attached, want, "{device:?}: {status:#}");
+    assert_eq!(
+        status["backends"]["tx_bytes"],
+        serde_json::json!([bytes_from])
+    );
+    assert_eq!(
+        status["backends"]["connects"],
+        serde_json::json!(connects_from)
+    );
+
+    for (i, &uid) in uids.iter().enumerate() {
+        let port = 8201 + i as u16;
+        let (v4, v6) = (format!("{SERVER4}:{port}"), format!("[{SERVER6}]:{port}"));
+        let runs: [&[&str]; 3] = [
+            &["tcp", "--dst", &v4, "--count", "3", "--bytes", "2000"],
+            &["tcp", "--dst", &v6, "--count", "2", "--bytes", "700"],
+            &["udp-sendto", "--dst", &udp, "--count", "4", "--size", "100"],
+        ];
+        for args in runs {
+            gen(&net, &child.path, uid, args);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    let flows = agent.flows();
+    let metrics = agent.get("/metrics");
+    let mut udp_total = (0, 0);
+    for (i, &uid) in uids.iter().enumerate() {
+        let port = 8201 + i as u16;
+        let mut uid_bytes = 0;
+        for (dst, connects) in [(SERVER4, 3), (SERVER6, 2)] {
+            let f = find(&flows, uid, "tcp", dst, port);
+            assert_eq!(f.connects, connects, "{device:?} uid {uid} {dst}:{port}");
+            assert_eq!(
+                (f.tx_packets, f.tx_bytes),
+                capture.read("tcp", dst, port),
+                "{device:?} uid {uid} {dst}:{port}: agent vs capture"
+            );
+            uid_bytes += f.tx_bytes;
+        }
+        let u = find(&flows, uid, "udp", SERVER4, 9201);
+        assert_eq!(
+            (u.udp_sends, u.tx_packets, u.tx_bytes),
+            (4, 4, 4 * (IPV4_UDP_HEADERS + 100)),
+            "{device:?} uid {uid} UDP"
+        );
+        udp_total = (udp_total.0 + u.tx_packets, udp_total.1 + u.tx_bytes);
+        uid_bytes += u.tx_bytes;
+        let label = format!("uid=\"{uid}\"");
+        let ours = metric_sum(&metrics, "egressmon_tx_bytes_total", &[&label]);
+        assert_eq!(ours, uid_bytes, "{device:?} uid {uid}: per-uid total");
+        if device != Device::Linux {
+            let netd = metric_sum(&metrics, "egressmon_netd_tx_bytes_total", &[&label]);
+            assert_eq!(netd, ours, "{device:?} uid {uid}: netd's counter vs ours");
+        }
+    }
+    assert_eq!(udp_total, capture.read("udp", SERVER4, 9201));
+
+    agent.detach();
+    let after: Vec<_> = held.iter().map(|h| h.query()).collect();
+    assert_eq!(after, before, "{device:?}: netd's programs untouched");
+}
+
+#[test]
+fn device_android_12_to_14() {
+    device_case(Device::Android12To14);
+}
+
+#[test]
+fn device_android_15() {
+    device_case(Device::Android15);
+}
+
+#[test]
+fn device_linux() {
+    device_case(Device::Linux);
 }
 
 #[test]
