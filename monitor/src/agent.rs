@@ -225,7 +225,7 @@ fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
 /// Builds records for the tracker, resolving each uid once per pass.
 struct Describer<'a> {
     /// Identities the event reader recorded, not yet taken by the tracker.
-    pending: std::cell::RefCell<&'a mut HashMap<FlowKey, events::FlowMeta>>,
+    pending: std::cell::RefCell<&'a mut events::Identities>,
     resolver: &'a OwnerResolver,
     owners: std::cell::RefCell<HashMap<u32, crate::owners::Owner>>,
     destinations: std::cell::RefCell<std::sync::MutexGuard<'a, Destinations>>,
@@ -315,6 +315,7 @@ impl Agent {
             events::POLL_INTERVAL,
         );
         let tracker = Tracker::new(TrackerOptions {
+            capacity,
             update_every: options.log_interval,
             idle_after: options.flow_idle,
             emit: options.log.is_some(),
@@ -387,16 +388,11 @@ impl Agent {
             .store(snapshot.len() as u64, Ordering::Relaxed);
         let resolver = self.resolver();
         let mut meta = self.meta.lock().unwrap();
-        let mut destinations = self.destinations.lock().unwrap();
-        if self
+        let destinations = self.destinations.lock().unwrap();
+        let prune = self
             .ticks
             .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(10)
-        {
-            let live: std::collections::HashSet<FlowKey> =
-                snapshot.iter().map(|(k, _)| *k).collect();
-            destinations.retain_live(&|k| live.contains(k), Instant::now());
-        }
+            .is_multiple_of(10);
         let describe = Describer {
             pending: std::cell::RefCell::new(&mut meta),
             resolver: &resolver,
@@ -413,13 +409,19 @@ impl Agent {
                 }
             }
         };
-        self.tracker
-            .lock()
-            .unwrap()
-            .tick(Instant::now(), &snapshot, &describe, &mut write);
+        let mut tracker = self.tracker.lock().unwrap();
+        tracker.tick(Instant::now(), &snapshot, &describe, &mut write);
+        events::drop_stale(&mut describe.pending.borrow_mut());
+        if prune {
+            // What the kernel no longer holds, the tracker just dropped too.
+            describe
+                .destinations
+                .borrow_mut()
+                .retain_live(&|k| tracker.contains(k), Instant::now());
+        }
+        drop(tracker);
         drop(describe);
         drop(log);
-        events::drop_stale(&mut meta);
         drop(meta);
         // Big snapshots leave freed memory in malloc's arenas; hand it back.
         #[cfg(target_env = "gnu")]

@@ -176,6 +176,14 @@ pub fn main_with(cli: Cli) -> Result<()> {
 
 fn run(args: RunArgs) -> Result<()> {
     system::require_root("egressmon run")?;
+    // Big tables and snapshots in their own mappings: returned to the system
+    // when freed and grown by remapping, not copying (glibc otherwise raises
+    // this threshold as big blocks come and go, and keeps them in its heap).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
     let cgroup = system::resolve_cgroup(args.cgroup.as_deref())?;
     let hooks = args.hooks.as_deref().map(hooks::parse_list).transpose()?;
     let options = LoadOptions {

@@ -25,7 +25,7 @@ pub struct FlowInfo {
 }
 
 pub struct Destinations {
-    flows: HashMap<FlowKey, FlowInfo>,
+    flows: HashMap<FlowKey, FlowInfo, foldhash::fast::RandomState>,
     capacity: usize,
     dns: DnsCache,
     geoip: GeoIp,
@@ -38,7 +38,7 @@ pub struct Destinations {
 impl Destinations {
     pub fn new(geoip: GeoIp, capacity: usize) -> Destinations {
         Destinations {
-            flows: HashMap::new(),
+            flows: HashMap::default(),
             capacity,
             dns: DnsCache::default(),
             geoip,

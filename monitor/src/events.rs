@@ -34,7 +34,10 @@ pub struct FlowMeta {
 
 /// Identities read from the ring and not yet taken over by the tracker
 /// (which does so on the first pass that finds their flow).
-pub type MetaTable = Arc<Mutex<HashMap<FlowKey, FlowMeta>>>;
+pub type MetaTable = Arc<Mutex<Identities>>;
+
+/// Identities by flow (foldhash: fast, and seeded per process).
+pub type Identities = HashMap<FlowKey, FlowMeta, foldhash::fast::RandomState>;
 
 /// Most identities pending: a burst can announce as many flows as the kernel
 /// holds before a pass takes them; beyond that the oldest make room.
@@ -43,7 +46,7 @@ pub fn meta_limit(flow_entries: u32) -> usize {
 }
 
 pub fn meta_table() -> MetaTable {
-    Arc::new(Mutex::new(HashMap::new()))
+    Arc::new(Mutex::new(Identities::default()))
 }
 
 /// Reader batches (of `POLL_INTERVAL`) an identity waits for its flow to
@@ -52,7 +55,7 @@ pub fn meta_table() -> MetaTable {
 const PENDING_BATCHES: u32 = 50;
 
 /// Drops identities whose flows no pass is going to find.
-pub fn drop_stale(pending: &mut HashMap<FlowKey, FlowMeta>) {
+pub fn drop_stale(pending: &mut Identities) {
     let Some(newest) = pending.values().map(|m| m.batch).max() else {
         return;
     };
@@ -77,7 +80,7 @@ impl Sender {
 }
 
 /// Records an event without /proc details (tests, replays).
-pub fn record(table: &mut HashMap<FlowKey, FlowMeta>, event: &FlowEvent) {
+pub fn record(table: &mut Identities, event: &FlowEvent) {
     let meta = FlowMeta {
         sender: Arc::new(Sender {
             tgid: event.tgid,
@@ -95,12 +98,7 @@ pub fn record(table: &mut HashMap<FlowKey, FlowMeta>, event: &FlowEvent) {
 /// skb-only one. At `limit` entries the oldest identities make room first
 /// (the kernel's LRU flow map drops the least recently used flows, under
 /// churn mostly the oldest).
-pub fn record_meta(
-    table: &mut HashMap<FlowKey, FlowMeta>,
-    key: FlowKey,
-    meta: FlowMeta,
-    limit: usize,
-) {
+pub fn record_meta(table: &mut Identities, key: FlowKey, meta: FlowMeta, limit: usize) {
     match table.get(&key) {
         Some(existing) if existing.from_task && !meta.from_task => {}
         Some(_) => {
@@ -116,7 +114,7 @@ pub fn record_meta(
 }
 
 /// Drops at least `want` (and at least one) of the oldest identities.
-fn make_room(table: &mut HashMap<FlowKey, FlowMeta>, want: usize) {
+fn make_room(table: &mut Identities, want: usize) {
     let want = want.max(1);
     let (oldest, newest) = table.values().fold((u32::MAX, 0), |(lo, hi), m| {
         (lo.min(m.batch), hi.max(m.batch))
@@ -256,7 +254,7 @@ mod tests {
 
     #[test]
     fn task_identity_wins_over_skb() {
-        let mut table = HashMap::new();
+        let mut table = Identities::default();
         let mut ev = FlowEvent {
             hook: HOOK_CONNECT4,
             tgid: 42,
@@ -275,7 +273,7 @@ mod tests {
 
     #[test]
     fn stale_identities_go() {
-        let mut table = HashMap::new();
+        let mut table = Identities::default();
         for batch in [1u32, 2, 100] {
             let key = FlowKey {
                 port: batch as u16,
@@ -293,7 +291,7 @@ mod tests {
 
     #[test]
     fn full_table_drops_the_oldest() {
-        let mut table = HashMap::new();
+        let mut table = Identities::default();
         for port in 0..1000u16 {
             let key = FlowKey {
                 port,

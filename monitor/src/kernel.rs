@@ -97,7 +97,10 @@ impl Kernel {
                 options.ringbuf_bytes
             );
         }
+        // No kernel BTF: the programs need no CO-RE relocation, and parsing
+        // vmlinux BTF (several MiB) would double the agent's peak memory.
         let ebpf = EbpfLoader::new()
+            .btf(None)
             .default_map_pin_directory(&options.pin_dir)
             .map_max_entries(MAP_FLOWS, options.flow_entries)
             .map_max_entries(MAP_FLOW_SEEN, options.flow_entries)

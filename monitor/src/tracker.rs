@@ -64,6 +64,9 @@ impl From<&FlowValue> for Counters {
 }
 
 pub struct TrackerOptions {
+    /// Flows the kernel map holds at most: reserved up front, so the table
+    /// never doubles (and copies) while the agent runs.
+    pub capacity: usize,
     pub update_every: Duration,
     pub idle_after: Duration,
     /// Build log events at all (false without `--log`: totals only).
@@ -98,7 +101,7 @@ pub trait Describe {
 
 pub struct Tracker {
     options: TrackerOptions,
-    flows: indexmap::IndexMap<FlowKey, Tracked>,
+    flows: indexmap::IndexMap<FlowKey, Tracked, foldhash::fast::RandomState>,
     owners: HashMap<u32, Owner>,
     classes: Vec<CountryKey>,
     class_index: HashMap<CountryKey, u32>,
@@ -111,6 +114,8 @@ pub struct Tracker {
     pub alerts: BTreeMap<String, u64>,
     /// Flows that vanished from the kernel map between two snapshots.
     pub flows_evicted: u64,
+    /// The rules' names, in order (bit i of `Tracked::fired` is rule i).
+    rule_names: Vec<String>,
 }
 
 fn stamp(mut value: Value, name: &str) -> Value {
@@ -186,6 +191,10 @@ impl Tracker {
         self.flows.get(key).map(|t| t.current.last_seen)
     }
 
+    pub fn contains(&self, key: &FlowKey) -> bool {
+        self.flows.contains_key(key)
+    }
+
     /// The identity of a tracked flow's sender.
     pub fn identity(&self, key: &FlowKey) -> Option<&FlowMeta> {
         self.flows.get(key)?.meta.as_ref()
@@ -197,9 +206,17 @@ impl Tracker {
     }
 
     pub fn new(options: TrackerOptions) -> Tracker {
+        let rule_names = options
+            .rules
+            .names()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        let capacity = options.capacity;
         Tracker {
+            rule_names,
             options,
-            flows: indexmap::IndexMap::new(),
+            flows: indexmap::IndexMap::with_capacity_and_hasher(capacity, Default::default()),
             owners: HashMap::new(),
             classes: Vec::new(),
             class_index: HashMap::new(),
@@ -255,13 +272,17 @@ impl Tracker {
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
         let secs = now.saturating_duration_since(self.epoch).as_secs() as u32;
+        let boot_now = crate::system::clocks_now().0;
         for (key, value) in snapshot {
             let Some(tracked) = self.flows.get_mut(key) else {
                 let meta = describe.take_identity(key);
-                let record = describe.record(key, value, meta.as_ref());
+                // Classes and rules need no process details: those are
+                // described only for the lines that show them.
+                let record = describe.record(key, value, None);
                 let class = self.class_of(&record);
                 self.add_bytes(class, value.tx_bytes);
-                events.push_with(|| event("flow_start", &record));
+                events
+                    .push_with(|| event("flow_start", &describe.record(key, value, meta.as_ref())));
                 let mut tracked = Tracked {
                     current: *value,
                     logged: value.into(),
@@ -274,7 +295,10 @@ impl Tracker {
                     fired: 0,
                     cleartext: false,
                 };
-                self.judge(&record, &mut tracked, &mut events);
+                let meta = tracked.meta.clone();
+                self.judge(&record, &mut tracked, &mut events, &|| {
+                    describe.record(key, value, meta.as_ref())
+                });
                 self.flows.insert(*key, tracked);
                 continue;
             };
@@ -285,10 +309,13 @@ impl Tracker {
             let stamp = describe.stamp(key);
             if stamp != tracked.stamp {
                 // Its payload or name arrived: describe and judge it again.
-                let record = describe.record(key, value, tracked.meta.as_ref());
+                let record = describe.record(key, value, None);
                 let mut tracked = self.flows.swap_remove(key).expect("present");
                 tracked.stamp = stamp;
-                self.judge(&record, &mut tracked, &mut events);
+                let meta = tracked.meta.clone();
+                self.judge(&record, &mut tracked, &mut events, &|| {
+                    describe.record(key, value, meta.as_ref())
+                });
                 self.flows.insert(*key, tracked);
             }
             let tracked = self.flows.get(key).expect("present");
@@ -313,11 +340,7 @@ impl Tracker {
             let tracked = self.flows.get_mut(key).expect("present");
             // The kernel stamps a flow when it creates it; after that, "last
             // seen" is when a pass found its counters moved.
-            let last_seen = if moved {
-                crate::system::clocks_now().0
-            } else {
-                before.last_seen
-            };
+            let last_seen = if moved { boot_now } else { before.last_seen };
             tracked.current = FlowValue {
                 last_seen,
                 ..*value
@@ -369,7 +392,15 @@ impl Tracker {
 
     /// Counts a cleartext flow once and raises each matching rule's alert
     /// once per flow.
-    fn judge(&mut self, r: &FlowRecord, tracked: &mut Tracked, events: &mut Sink<'_>) {
+    /// `r` is the flow without process details; `full` describes it with
+    /// them, for the alert lines.
+    fn judge(
+        &mut self,
+        r: &FlowRecord,
+        tracked: &mut Tracked,
+        events: &mut Sink<'_>,
+        full: &dyn Fn() -> FlowRecord,
+    ) {
         if !tracked.cleartext && matches!(r.payload.as_str(), "cleartext" | "http") {
             tracked.cleartext = true;
             *self
@@ -377,15 +408,13 @@ impl Tracker {
                 .entry((r.uid, r.owner.clone(), r.origin.clone(), r.firmware))
                 .or_default() += 1;
         }
-        let names: Vec<String> = self
-            .options
-            .rules
-            .names()
-            .iter()
-            .map(|n| n.to_string())
-            .collect();
         for rule in self.options.rules.evaluate(r) {
-            let index = names.iter().position(|n| *n == rule).unwrap_or(63).min(63);
+            let index = self
+                .rule_names
+                .iter()
+                .position(|n| *n == rule)
+                .unwrap_or(63)
+                .min(63);
             if tracked.fired & (1 << index) != 0 {
                 continue;
             }
@@ -403,7 +432,7 @@ impl Tracker {
                 r.payload
             );
             events.push_with(|| {
-                let mut alert = event("alert", r);
+                let mut alert = event("alert", &full());
                 alert["rule"] = json!(rule);
                 alert
             });
@@ -418,7 +447,18 @@ impl Tracker {
         describe: &dyn Describe,
         events: &mut Sink<'_>,
     ) {
-        let uids: std::collections::BTreeSet<u32> = snapshot.iter().map(|(k, _)| k.uid).collect();
+        // Few uids, many flows: skip runs of the same uid before hashing.
+        let mut uids: Vec<u32> = Vec::new();
+        let mut seen: std::collections::HashSet<u32, foldhash::fast::RandomState> =
+            Default::default();
+        let mut last = None;
+        for (key, _) in snapshot {
+            if last != Some(key.uid) && seen.insert(key.uid) {
+                uids.push(key.uid);
+            }
+            last = Some(key.uid);
+        }
+        uids.sort_unstable();
         for uid in uids {
             let owner = describe.owner(uid);
             if let Some(before) = self.owners.get(&uid).filter(|b| **b != owner) {
@@ -440,12 +480,7 @@ impl Tracker {
     }
 
     pub fn rule_names(&self) -> Vec<String> {
-        self.options
-            .rules
-            .names()
-            .iter()
-            .map(|n| n.to_string())
-            .collect()
+        self.rule_names.clone()
     }
 
     pub fn tracked(&self) -> usize {
@@ -504,6 +539,7 @@ mod tests {
     #[test]
     fn start_update_idle_end_restart_evict_and_owner_change() {
         let mut t = Tracker::new(TrackerOptions {
+            capacity: 16,
             update_every: Duration::from_secs(10),
             idle_after: Duration::from_secs(30),
             emit: true,
