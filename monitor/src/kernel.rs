@@ -97,8 +97,8 @@ impl Kernel {
                 options.ringbuf_bytes
             );
         }
-        // No kernel BTF: the programs need no CO-RE relocation, and parsing
-        // vmlinux BTF (several MiB) would double the agent's peak memory.
+        // No relocation against the kernel's BTF: the programs need none,
+        // and kernels without BTF (some Android ones) load them the same.
         let ebpf = EbpfLoader::new()
             .btf(None)
             .default_map_pin_directory(&options.pin_dir)
