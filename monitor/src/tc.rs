@@ -79,7 +79,7 @@ fn arphrd(name: &str) -> std::io::Result<u16> {
     let rc = unsafe {
         libc::ioctl(
             std::os::fd::AsRawFd::as_raw_fd(&fd),
-            libc::SIOCGIFHWADDR,
+            libc::SIOCGIFHWADDR as _,
             &mut req,
         )
     };
