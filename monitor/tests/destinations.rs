@@ -22,26 +22,6 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/android/android14")
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// openssl s_server in the server namespace, with a throwaway certificate.
 fn tls_server(net: &NetPair, dir: &Path, port: u16) -> Proc {
     let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
@@ -122,32 +102,17 @@ fn firmware_cleartext_to_china_is_named_located_and_alerted() {
     )
     .unwrap();
     let resolver = format!("{SERVER4}:53");
-    let zone: Vec<String> = [FIRMWARE_HOST, APP_HOST, BINARY_HOST]
+    let tcp: Vec<std::net::SocketAddr> = [80, 5228]
         .iter()
-        .map(|h| format!("--zone={h}={SERVER4}"))
+        .map(|port| format!("{SERVER4}:{port}").parse().unwrap())
         .collect();
-    let mut sink = Command::new(BIN);
-    sink.args([
-        "gen",
-        "--netns",
-        &NetPair::path(&net.server),
-        "serve",
-        "--dns",
-        &resolver,
-        "--tcp",
-        &format!("{SERVER4}:80"),
-        "--tcp",
-        &format!("{SERVER4}:5228"),
-    ]);
-    sink.args(&zone).stdout(Stdio::piped());
-    let mut sink = sink.spawn().unwrap();
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(sink.stdout.take().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
-    let _sink = Proc(sink);
+    let _sink = start_dns_sink(
+        &net,
+        Some(&resolver),
+        &[FIRMWARE_HOST, APP_HOST, BINARY_HOST],
+        &tcp,
+        &[],
+    );
     let _tls = tls_server(&net, &dir, 443);
     let log = dir.join("flows.jsonl");
     let agent = AgentProc::start(

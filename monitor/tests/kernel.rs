@@ -535,29 +535,17 @@ fn tc_fallback_names_hosts(netlink: bool) {
     })
     .collect();
     let resolver = format!("{SERVER4}:53");
-    let mut sink = std::process::Command::new(BIN);
-    sink.args([
-        "gen",
-        "--netns",
-        &NetPair::path(&net.server),
-        "serve",
-        "--dns",
-    ])
-    .arg(&resolver);
-    for port in [80, 443, 5228] {
-        sink.args(["--tcp", &format!("{SERVER4}:{port}")]);
-    }
-    for host in [FIRMWARE_HOST, APP_HOST, DNS_ONLY_HOST] {
-        sink.arg(format!("--zone={host}={SERVER4}"));
-    }
-    let mut sink = sink.stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(sink.stdout.take().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
-    let _sink = Proc(sink);
+    let tcp: Vec<SocketAddr> = [80, 443, 5228]
+        .iter()
+        .map(|port| addr(&format!("{SERVER4}:{port}")))
+        .collect();
+    let _sink = start_dns_sink(
+        &net,
+        Some(&resolver),
+        &[FIRMWARE_HOST, APP_HOST, DNS_ONLY_HOST],
+        &tcp,
+        &[],
+    );
     let capture = Capture::new(&net);
     let env: &[(&str, &str)] = if netlink {
         &[("EGRESSMON_TC_NETLINK", "1")]

@@ -24,14 +24,6 @@ fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
-/// Removes a scratch directory on drop.
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn http_get(url_addr: &str, path: &str) -> String {
     egressmon::client::get(url_addr.parse().unwrap(), path).unwrap_or_default()
 }

@@ -130,8 +130,26 @@ impl Drop for Proc {
 
 /// `egressmon gen serve` in the server namespace.
 pub fn start_sink(net: &NetPair, tcp: &[SocketAddr], udp: &[SocketAddr]) -> Proc {
+    start_dns_sink(net, None, &[], tcp, udp)
+}
+
+/// `egressmon gen serve` in the server namespace, also answering DNS on
+/// `dns` with every name in `zone` pointing at the server.
+pub fn start_dns_sink(
+    net: &NetPair,
+    dns: Option<&str>,
+    zone: &[&str],
+    tcp: &[SocketAddr],
+    udp: &[SocketAddr],
+) -> Proc {
     let mut cmd = Command::new(BIN);
     cmd.args(["gen", "--netns", &NetPair::path(&net.server), "serve"]);
+    if let Some(dns) = dns {
+        cmd.args(["--dns", dns]);
+    }
+    for name in zone {
+        cmd.arg(format!("--zone={name}={}", net::SERVER4));
+    }
     for a in tcp {
         cmd.args(["--tcp", &a.to_string()]);
     }
@@ -393,4 +411,27 @@ pub fn metric_sum(text: &str, name: &str, filters: &[&str]) -> u64 {
         .filter(|l| filters.iter().all(|f| l.contains(f)))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
         .sum()
+}
+
+/// Copies a directory tree (test fixtures into a scratch directory).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Removes a scratch directory on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
