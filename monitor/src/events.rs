@@ -79,8 +79,9 @@ impl Sender {
     }
 }
 
-/// Records an event without /proc details (tests, replays).
-pub fn record(table: &mut Identities, event: &FlowEvent) {
+/// Records an event without /proc details.
+#[cfg(test)]
+fn record(table: &mut Identities, event: &FlowEvent) {
     let meta = FlowMeta {
         sender: Arc::new(Sender {
             tgid: event.tgid,

@@ -323,22 +323,25 @@ impl Kernel {
         if self.options.tc_ifaces.is_some() {
             return;
         }
+        if !self.plans.iter().any(|p| p.hook.is_tc() && p.attach) {
+            return;
+        }
+        let Ok(now) = crate::tc::interfaces(None) else {
+            return;
+        };
         for i in 0..self.plans.len() {
             let hook = self.plans[i].hook;
             if !hook.is_tc() || !self.plans[i].attach {
                 continue;
             }
-            let Ok(now) = crate::tc::interfaces(None) else {
-                continue;
-            };
             self.plans[i]
                 .interfaces
                 .retain(|name| now.iter().any(|n| &n.name == name));
-            for iface in now {
+            for iface in &now {
                 if self.plans[i].interfaces.contains(&iface.name) {
                     continue;
                 }
-                match self.attach_tc_to(hook, &iface) {
+                match self.attach_tc_to(hook, iface) {
                     Ok(()) => self.plans[i].interfaces.push(iface.name.clone()),
                     Err(err) => log::warn!("hook {hook} on new interface {}: {err:#}", iface.name),
                 }

@@ -31,8 +31,6 @@ use serde::Serialize;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-const BPF_TCX_INGRESS: u32 = 46;
-const BPF_TCX_EGRESS: u32 = 47;
 const ARPHRD_ETHER: u16 = 1;
 const ARPHRD_PPP: u16 = 512;
 const ARPHRD_RAWIP: u16 = 519;
@@ -160,13 +158,6 @@ pub fn use_tcx() -> bool {
     crate::system::kernel_version().is_some_and(|v| v >= (6, 6))
 }
 
-fn tcx_type(hook: Hook) -> u32 {
-    match hook {
-        Hook::TcIngress => BPF_TCX_INGRESS,
-        _ => BPF_TCX_EGRESS,
-    }
-}
-
 fn tc_type(hook: Hook) -> TcAttachType {
     match hook {
         Hook::TcIngress => TcAttachType::Ingress,
@@ -265,7 +256,7 @@ pub fn attach(ebpf: &mut Ebpf, hook: Hook, iface: &Interface, pin_dir: &Path) ->
             let _ = bpf_sys::link_detach(link.as_fd());
             std::fs::remove_file(&pin)?;
         }
-        let link = bpf_sys::link_create_tcx(prog_fd.as_fd(), iface.index, tcx_type(hook))
+        let link = bpf_sys::link_create_tcx(prog_fd.as_fd(), iface.index, hook.attach_type())
             .map_err(|e| anyhow!("attaching {hook} to {} (TCX): {e}", iface.name))?;
         bpf_sys::obj_pin(link.as_fd(), &pin)
             .with_context(|| format!("pinning {}", pin.display()))?;
