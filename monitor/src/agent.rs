@@ -144,6 +144,9 @@ pub struct HookStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MapStatus {
     pub map: String,
+    /// Entries seen by the agent's last walk of the map. A walk is not
+    /// atomic: under heavy churn it can also meet keys that replaced ones it
+    /// had already read, so it may briefly exceed `capacity` by a few.
     pub entries: u64,
     pub capacity: u64,
 }
