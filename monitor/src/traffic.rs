@@ -113,12 +113,28 @@ pub enum GenKind {
         #[arg(long, default_value_t = 443)]
         port: u16,
     },
+    /// TCP connect() attempts to DST, one after the other, each given up
+    /// after TIMEOUT_MS; every socket stays open until the end. Against a
+    /// `serve --tcp-stalled` listener the first connects and the next one's
+    /// SYN goes unanswered, so the kernel retransmits it.
+    StalledConnects {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long, default_value_t = 2)]
+        count: u64,
+        #[arg(long, default_value_t = 3_500)]
+        timeout_ms: u64,
+    },
     /// Sink: accept TCP and drain UDP on the given addresses until killed.
     Serve {
         #[arg(long)]
         tcp: Vec<SocketAddr>,
         #[arg(long)]
         udp: Vec<SocketAddr>,
+        /// A listener with a backlog of 0 that never accepts: once one
+        /// connection waits in its queue, the kernel drops further SYNs.
+        #[arg(long)]
+        tcp_stalled: Vec<SocketAddr>,
         /// Answer DNS A queries on this address from --zone.
         #[arg(long)]
         dns: Option<SocketAddr>,
@@ -262,9 +278,15 @@ Connection: close
             println!("tls: {n} bytes from the server");
             Ok(())
         }
+        GenKind::StalledConnects {
+            dst,
+            count,
+            timeout_ms,
+        } => stalled_connects(dst, count, std::time::Duration::from_millis(timeout_ms)),
         GenKind::Serve {
             tcp,
             udp,
+            tcp_stalled,
             dns: dns_listen,
             zone,
         } => {
@@ -272,7 +294,11 @@ Connection: close
                 Some(listen) => Some(dns::serve(listen, dns::parse_zone(&zone)?)?),
                 None => None,
             };
-            serve(tcp, udp, resolver)
+            let stalled = tcp_stalled
+                .into_iter()
+                .map(stalled_listener)
+                .collect::<Result<Vec<_>>>()?;
+            serve(tcp, udp, resolver, stalled)
         }
     }
 }
@@ -321,13 +347,45 @@ fn one_tcp(dst: SocketAddr, payload: &[u8]) -> Result<()> {
     Ok(())
 }
 
+fn stalled_connects(dst: SocketAddr, count: u64, timeout: std::time::Duration) -> Result<()> {
+    let mut open = Vec::new();
+    let mut timed_out = 0;
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&dst, timeout) {
+            Ok(stream) => open.push(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => timed_out += 1,
+            Err(e) => return Err(e).with_context(|| format!("connect {dst}")),
+        }
+    }
+    println!(
+        "stalled-connects: {} connected, {timed_out} unanswered",
+        open.len()
+    );
+    Ok(())
+}
+
+/// A bound TCP socket listening with a backlog of 0, never accepted from.
+fn stalled_listener(addr: SocketAddr) -> Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&addr.into())
+        .and_then(|()| socket.listen(0))
+        .with_context(|| format!("listening (backlog 0) on {addr}"))?;
+    Ok(socket)
+}
+
+/// Serves until killed; the `stalled` listeners stay open, never accepted
+/// from, all that time.
 fn serve(
     tcp: Vec<SocketAddr>,
     udp: Vec<SocketAddr>,
     resolver: Option<std::thread::JoinHandle<()>>,
+    stalled: Vec<socket2::Socket>,
 ) -> Result<()> {
-    if tcp.is_empty() && udp.is_empty() && resolver.is_none() {
-        bail!("serve needs at least one --tcp, --udp or --dns address");
+    if tcp.is_empty() && udp.is_empty() && resolver.is_none() && stalled.is_empty() {
+        bail!("serve needs at least one --tcp, --udp, --tcp-stalled or --dns address");
     }
     let mut handles: Vec<_> = resolver.into_iter().collect();
     for addr in tcp {
@@ -350,8 +408,15 @@ fn serve(
     }
     println!("ready");
     std::io::stdout().flush()?;
+    if handles.is_empty() {
+        // Only stalled listeners: nothing to join, so wait to be killed.
+        loop {
+            std::thread::park();
+        }
+    }
     for h in handles {
         let _ = h.join();
     }
+    drop(stalled);
     Ok(())
 }

@@ -566,6 +566,15 @@ fn tc_fallback_names_hosts(netlink: bool) {
         "{status:#}"
     );
 
+    // A SYN that goes unanswered is retransmitted: still one connection.
+    let stalled = format!("{SERVER4}:7070");
+    let _stalled = start_stalled_listener(&net, addr(&stalled));
+    gen(
+        &net,
+        &child.path,
+        10123,
+        &["stalled-connects", "--dst", &stalled, "--count", "2"],
+    );
     gen(
         &net,
         &child.path,
@@ -642,6 +651,17 @@ fn tc_fallback_names_hosts(netlink: bool) {
         );
         assert_eq!(f.connects, 1, "uid {uid} {port}: one first SYN");
     }
+    // Two connect() calls; on the wire the second one's SYN went out three
+    // times (at 0, 1 and 3 s), and the handshake and FIN of the first.
+    let f = find(&flows, 10123, "tcp", SERVER4, 7070);
+    let wire = capture.read("tcp", SERVER4, 7070);
+    assert_eq!(f.connects, 2, "retransmitted SYNs are not connections");
+    assert!(wire.0 >= 5, "SYN retransmitted: {wire:?} on the wire");
+    assert_eq!(
+        (f.tx_packets, f.tx_bytes),
+        wire,
+        "stalled: agent vs capture"
+    );
     // Each uid's DNS queries counted as its own, together all that was sent.
     let dns: (u64, u64) = [1001, 10123].iter().fold((0, 0), |(p, b), &uid| {
         let f = find(&flows, uid, "udp", SERVER4, 53);

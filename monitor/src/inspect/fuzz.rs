@@ -196,18 +196,28 @@ mod tests {
         );
     }
 
-    /// Writes the seed corpora. Run it after changing a builder:
-    /// `cargo test -p monitor --lib regenerate_seed_corpora -- --ignored`.
+    /// The seed corpora are what the builders below make, byte for byte.
+    /// After changing a builder, rewrite them with
+    /// `EGRESSMON_WRITE_FIXTURES=1 cargo test -p monitor --lib seed_corpora`.
     #[test]
-    #[ignore]
-    fn regenerate_seed_corpora() {
+    fn seed_corpora_match_their_builders() {
         use crate::inspect::dns::build as d;
         use crate::inspect::quic::build as q;
         use crate::inspect::tls::build as t;
+        let rewrite = std::env::var_os("EGRESSMON_WRITE_FIXTURES").is_some();
         let write = |target: &str, name: &str, bytes: &[u8]| {
             let dir = corpus_root().join(target);
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join(name), bytes).unwrap();
+            if rewrite {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join(name), bytes).unwrap();
+            } else {
+                let stored = std::fs::read(dir.join(name))
+                    .unwrap_or_else(|e| panic!("seed {target}/{name}: {e}"));
+                assert!(
+                    stored == bytes,
+                    "seed {target}/{name} differs from its builder: rewrite the corpora"
+                );
+            }
         };
         let v4 = |s: &str| s.parse::<Ipv4Addr>().unwrap();
 

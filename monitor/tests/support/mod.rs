@@ -165,6 +165,23 @@ pub fn start_dns_sink(
     Proc(child)
 }
 
+/// A listener in the server namespace that never accepts, with a backlog of
+/// 0: one connection fills its queue, later SYNs go unanswered.
+pub fn start_stalled_listener(net: &NetPair, at: SocketAddr) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(["gen", "--netns", &NetPair::path(&net.server), "serve"])
+        .args(["--tcp-stalled", &at.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn stalled listener");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "stalled listener did not start");
+    Proc(child)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
