@@ -206,6 +206,18 @@ pub struct Status {
     pub rules: Vec<String>,
 }
 
+/// Flows one pass walks per poll interval. A pass costs about 0.5 µs per
+/// flow (the kernel's batched read, then the tracker), so above this many
+/// flows the passes space out to keep the agent's share of a core roughly
+/// constant: every 2 s at the default 65,536-entry map. The per-uid totals,
+/// `top` and `flows` are read from the kernel when asked, whatever this is.
+const WALK_FLOWS_PER_INTERVAL: u64 = 32_768;
+
+fn walk_interval(base: Duration, flows: u64) -> Duration {
+    // At most 4 s: identities wait 5 s for the pass that finds their flow.
+    base * flows.div_ceil(WALK_FLOWS_PER_INTERVAL).clamp(1, 4) as u32
+}
+
 /// Files the owner resolver reads; a change to any of them triggers a reload.
 fn owner_sources(android_root: Option<&std::path::Path>) -> Vec<PathBuf> {
     let root = android_root
@@ -366,9 +378,12 @@ impl Agent {
                     if let Err(e) = agent.tick() {
                         log::warn!("reading flows: {e:#}");
                     }
+                    let pause = walk_interval(
+                        agent.options.poll_interval,
+                        agent.last_flow_count.load(Ordering::Relaxed),
+                    );
                     let mut slept = Duration::ZERO;
-                    while slept < agent.options.poll_interval && !agent.stop.load(Ordering::Relaxed)
-                    {
+                    while slept < pause && !agent.stop.load(Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(50));
                         slept += Duration::from_millis(50);
                     }
@@ -378,17 +393,14 @@ impl Agent {
             .expect("spawning the flow poller")
     }
 
-    /// One tracker step: snapshot, events, log lines.
+    /// One tracker pass: the kernel's flows, a chunk at a time, then events
+    /// and log lines. Locks in this order: kernel, identities,
+    /// destinations, log, tracker (others take the kernel alone).
     pub fn tick(&self) -> Result<()> {
-        let snapshot = {
-            let mut kernel = self.kernel.lock().unwrap();
-            if self.ticks.load(Ordering::Relaxed).is_multiple_of(5) {
-                kernel.refresh_tc();
-            }
-            kernel.flows()?
-        };
-        self.last_flow_count
-            .store(snapshot.len() as u64, Ordering::Relaxed);
+        let mut kernel = self.kernel.lock().unwrap();
+        if self.ticks.load(Ordering::Relaxed).is_multiple_of(5) {
+            kernel.refresh_tc();
+        }
         let resolver = self.resolver();
         let mut meta = self.meta.lock().unwrap();
         let destinations = self.destinations.lock().unwrap();
@@ -413,7 +425,14 @@ impl Agent {
             }
         };
         let mut tracker = self.tracker.lock().unwrap();
-        tracker.tick(Instant::now(), &snapshot, &describe, &mut write);
+        let pass = tracker.begin_pass(Instant::now());
+        let read = kernel.flows_in_chunks(|chunk| {
+            tracker.take(&pass, chunk, &describe, &mut write);
+        });
+        drop(kernel);
+        let read = read?;
+        self.last_flow_count.store(read, Ordering::Relaxed);
+        tracker.end_pass(pass, &describe, &mut write);
         events::drop_stale(&mut describe.pending.borrow_mut());
         if prune {
             // What the kernel no longer holds, the tracker just dropped too.
@@ -426,9 +445,9 @@ impl Agent {
         drop(describe);
         drop(log);
         drop(meta);
-        // Big snapshots leave freed memory in malloc's arenas; hand it back.
+        // Big passes leave freed memory in malloc's arenas; hand it back.
         #[cfg(target_env = "gnu")]
-        if snapshot.len() > 4096 {
+        if read > 4096 {
             // SAFETY: malloc_trim has no preconditions.
             unsafe { libc::malloc_trim(0) };
         }
@@ -634,5 +653,19 @@ impl Agent {
         for handle in self.threads.lock().unwrap().drain(..) {
             let _ = handle.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_space_out_only_for_big_maps() {
+        let second = Duration::from_secs(1);
+        assert_eq!(walk_interval(second, 0), second);
+        assert_eq!(walk_interval(second, 32_768), second);
+        assert_eq!(walk_interval(second, 65_536), 2 * second);
+        assert_eq!(walk_interval(second, 10_000_000), 4 * second);
     }
 }

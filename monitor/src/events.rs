@@ -134,7 +134,7 @@ fn make_room(table: &mut Identities, want: usize) {
 /// long enough for a burst, short enough that a reused pid is not named
 /// after the process that had it before.
 struct Senders {
-    entries: HashMap<SenderKey, (Instant, Arc<Sender>)>,
+    entries: HashMap<SenderKey, (Instant, Arc<Sender>), foldhash::fast::RandomState>,
     cgroups: crate::process::CgroupNames,
 }
 
@@ -147,7 +147,7 @@ const MAX_SENDERS: usize = 4096;
 impl Senders {
     fn new() -> Senders {
         Senders {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             cgroups: crate::process::CgroupNames::new(),
         }
     }

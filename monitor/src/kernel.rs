@@ -363,30 +363,46 @@ impl Kernel {
         )?)
     }
 
-    /// Every flow in the kernel map, counters summed over CPUs. Uses batched
-    /// lookups; falls back to per-key lookups where the kernel lacks them.
-    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowTotals)>> {
+    /// Every flow in the kernel map, counters summed over CPUs.
+    pub fn flows(&self) -> Result<Vec<FlowEntry>> {
+        let mut out = Vec::new();
+        self.flows_in_chunks(|chunk| out.extend_from_slice(chunk))?;
+        Ok(out)
+    }
+
+    /// Walks the flow map, handing its flows (counters summed over CPUs) to
+    /// `each` a few thousand at a time, so a pass over a full map never holds
+    /// all of it at once; returns how many were read. Uses batched lookups;
+    /// falls back to per-key lookups where the kernel lacks them.
+    pub fn flows_in_chunks(&self, mut each: impl FnMut(&[FlowEntry])) -> Result<u64> {
+        let mut chunks = Chunks {
+            buf: Vec::with_capacity(Chunks::SIZE),
+            read: 0,
+            each: &mut each,
+        };
+        let mut batched = false;
         if let Some(aya::maps::Map::PerCpuLruHashMap(data)) = self.ebpf.map(MAP_FLOWS) {
             let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-            let mut out = Vec::new();
-            let read = bpf_sys::percpu_lookup_batch::<FlowKey, FlowValue>(
+            let walk = bpf_sys::percpu_lookup_batch::<FlowKey, FlowValue>(
                 data.fd().as_fd(),
                 cpus,
-                |k, v| out.push((k, sum_flow(&k, v.iter()))),
+                |k, v| chunks.push(k, sum_flow(&k, v.iter())),
             );
-            match read {
-                Ok(()) => return Ok(out),
+            match walk {
+                Ok(()) => batched = true,
+                // Nothing was read: the kernel has no batched lookups.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => return Err(anyhow!("reading the flow map: {e}")),
             }
         }
-        let map = self.flows_map()?;
-        let mut out = Vec::new();
-        for item in map.iter() {
-            let Ok((key, per_cpu)) = item else { continue };
-            out.push((key, sum_flow(&key, per_cpu.iter())));
+        if !batched {
+            let map = self.flows_map()?;
+            for item in map.iter() {
+                let Ok((key, per_cpu)) = item else { continue };
+                chunks.push(key, sum_flow(&key, per_cpu.iter()));
+            }
         }
-        Ok(out)
+        Ok(chunks.finish())
     }
 
     /// Per-uid totals (not subject to flow eviction).
@@ -451,6 +467,37 @@ impl Kernel {
 /// datagram and does not spend an add on `udp_sends` (the sendmsg hooks
 /// count them only where skb egress is not attached, when `tx_packets` stays
 /// 0): a UDP flow's datagrams are `udp_sends + tx_packets`.
+/// A flow as read from the kernel, counters summed over CPUs.
+pub type FlowEntry = (FlowKey, FlowValue);
+
+/// Hands flows on to a consumer a few thousand at a time.
+struct Chunks<'a> {
+    buf: Vec<FlowEntry>,
+    read: u64,
+    each: &'a mut dyn FnMut(&[FlowEntry]),
+}
+
+impl Chunks<'_> {
+    const SIZE: usize = 4096;
+
+    fn push(&mut self, key: FlowKey, value: FlowValue) {
+        self.buf.push((key, value));
+        self.read += 1;
+        if self.buf.len() == Self::SIZE {
+            (self.each)(&self.buf);
+            self.buf.clear();
+        }
+    }
+
+    /// Hands on the rest; returns how many flows went through.
+    fn finish(self) -> u64 {
+        if !self.buf.is_empty() {
+            (self.each)(&self.buf);
+        }
+        self.read
+    }
+}
+
 pub fn sum_flow<'a>(key: &FlowKey, values: impl Iterator<Item = &'a FlowValue>) -> FlowValue {
     let mut total = FlowValue::default();
     for v in values {

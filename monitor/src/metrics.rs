@@ -223,10 +223,10 @@ pub fn render(agent: &Agent) -> Result<String> {
         .set(folded_uids.len() as i64);
     {
         let tracker = agent.tracker.lock().unwrap();
-        for ((origin, firmware, country), value) in &tracker.bytes_by_country {
+        for ((origin, firmware, country), value) in tracker.bytes_by_country() {
             by_country
                 .with_label_values(&[origin.as_str(), &firmware.to_string(), country.as_str()])
-                .inc_by(*value);
+                .inc_by(value);
         }
         for ((uid, owner, origin, firmware), value) in &tracker.cleartext_flows {
             let (uid, owner) = if labelled(agent, *uid) {

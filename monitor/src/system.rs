@@ -210,11 +210,28 @@ pub fn clocks_now() -> (u64, u64) {
     (read(libc::CLOCK_BOOTTIME), read(libc::CLOCK_REALTIME))
 }
 
-/// Converts a kernel CLOCK_BOOTTIME stamp into wall-clock time.
+/// Converts a kernel CLOCK_BOOTTIME stamp into wall-clock time. The offset
+/// between the two clocks moves only when the wall clock is set or slewed,
+/// so each thread reads it again at most every 100 ms instead of twice per
+/// stamp (the agent converts two stamps per new flow).
 pub fn boot_ns_to_system_time(boot_ns: u64) -> std::time::SystemTime {
-    let (boot_now, real_now) = clocks_now();
-    let wall_ns = real_now.saturating_sub(boot_now.saturating_sub(boot_ns));
-    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(wall_ns)
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    thread_local! {
+        static OFFSET: Cell<Option<(Instant, u64)>> = const { Cell::new(None) };
+    }
+    // Wall clock minus boot clock (wrapping: both are plain u64 nanoseconds).
+    let offset = OFFSET.with(|cached| match cached.get() {
+        Some((at, offset)) if at.elapsed() < Duration::from_millis(100) => offset,
+        _ => {
+            let (boot, real) = clocks_now();
+            let offset = real.wrapping_sub(boot);
+            cached.set(Some((Instant::now(), offset)));
+            offset
+        }
+    });
+    let wall_ns = boot_ns.wrapping_add(offset);
+    std::time::UNIX_EPOCH + Duration::from_nanos(wall_ns)
 }
 
 pub fn rfc3339(boot_ns: u64) -> Option<String> {

@@ -99,16 +99,25 @@ pub trait Describe {
     }
 }
 
+/// One pass over the kernel's flow map (see [`Tracker::begin_pass`]).
+pub struct Pass {
+    now: Instant,
+    generation: u32,
+    secs: u32,
+    boot_now: u64,
+}
+
 pub struct Tracker {
     options: TrackerOptions,
     flows: indexmap::IndexMap<FlowKey, Tracked, foldhash::fast::RandomState>,
     owners: HashMap<u32, Owner>,
     classes: Vec<CountryKey>,
-    class_index: HashMap<CountryKey, u32>,
+    class_index: HashMap<CountryKey, u32, foldhash::fast::RandomState>,
+    /// Bytes sent per class, indexed like `classes`.
+    class_bytes: Vec<u64>,
     last_update: Option<Instant>,
     generation: u32,
     epoch: Instant,
-    pub bytes_by_country: BTreeMap<CountryKey, u64>,
     pub cleartext_flows: BTreeMap<OwnerKey, u64>,
     /// Matches per alert rule.
     pub alerts: BTreeMap<String, u64>,
@@ -219,11 +228,11 @@ impl Tracker {
             flows: indexmap::IndexMap::with_capacity_and_hasher(capacity, Default::default()),
             owners: HashMap::new(),
             classes: Vec::new(),
-            class_index: HashMap::new(),
+            class_index: HashMap::default(),
+            class_bytes: Vec::new(),
             last_update: None,
             generation: 0,
             epoch: Instant::now(),
-            bytes_by_country: BTreeMap::new(),
             cleartext_flows: BTreeMap::new(),
             alerts: BTreeMap::new(),
             flows_evicted: 0,
@@ -241,15 +250,24 @@ impl Tracker {
         }
         let i = self.classes.len() as u32;
         self.classes.push(key.clone());
+        self.class_bytes.push(0);
         self.class_index.insert(key, i);
         i
     }
 
     fn add_bytes(&mut self, class: u32, bytes: u64) {
-        if bytes > 0 {
-            let key = self.classes[class as usize].clone();
-            *self.bytes_by_country.entry(key).or_default() += bytes;
-        }
+        self.class_bytes[class as usize] += bytes;
+    }
+
+    /// Bytes sent per (origin, firmware, country), for the classes that sent
+    /// any; they only ever grow.
+    pub fn bytes_by_country(&self) -> BTreeMap<&CountryKey, u64> {
+        self.classes
+            .iter()
+            .zip(&self.class_bytes)
+            .filter(|(_, &bytes)| bytes > 0)
+            .map(|(key, &bytes)| (key, bytes))
+            .collect()
     }
 
     /// Consumes one snapshot and hands the log events it implies, in order,
@@ -261,20 +279,41 @@ impl Tracker {
         describe: &dyn Describe,
         sink: &mut dyn FnMut(Value),
     ) {
+        let pass = self.begin_pass(now);
+        self.take(&pass, snapshot, describe, sink);
+        self.end_pass(pass, describe, sink);
+    }
+
+    /// Starts a pass over the kernel map; its flows come in through
+    /// [`Tracker::take`], one chunk at a time, and [`Tracker::end_pass`]
+    /// settles what the pass did not find.
+    pub fn begin_pass(&mut self, now: Instant) -> Pass {
+        self.generation = self.generation.wrapping_add(1);
+        Pass {
+            now,
+            generation: self.generation,
+            secs: now.saturating_duration_since(self.epoch).as_secs() as u32,
+            boot_now: crate::system::clocks_now().0,
+        }
+    }
+
+    /// Consumes one chunk of a pass.
+    pub fn take(
+        &mut self,
+        pass: &Pass,
+        snapshot: &[(FlowKey, FlowValue)],
+        describe: &dyn Describe,
+        sink: &mut dyn FnMut(Value),
+    ) {
         let mut events = Sink {
             emit: self.options.emit,
             sink,
         };
-        let update_due = self
-            .last_update
-            .is_none_or(|t| now.duration_since(t) >= self.options.update_every);
         self.note_owners(snapshot, describe, &mut events);
-        self.generation = self.generation.wrapping_add(1);
-        let generation = self.generation;
-        let secs = now.saturating_duration_since(self.epoch).as_secs() as u32;
-        let boot_now = crate::system::clocks_now().0;
+        let (generation, secs, boot_now) = (pass.generation, pass.secs, pass.boot_now);
         for (key, value) in snapshot {
-            let Some(tracked) = self.flows.get_mut(key) else {
+            // One hash lookup per flow and pass; indices from here on.
+            let Some(mut index) = self.flows.get_index_of(key) else {
                 let meta = describe.take_identity(key);
                 // Classes and rules need no process details: those are
                 // described only for the lines that show them.
@@ -302,6 +341,7 @@ impl Tracker {
                 self.flows.insert(*key, tracked);
                 continue;
             };
+            let tracked = &mut self.flows[index];
             if tracked.meta.is_none() {
                 // Its event was read after the snapshot that found it.
                 tracked.meta = describe.take_identity(key);
@@ -310,15 +350,15 @@ impl Tracker {
             if stamp != tracked.stamp {
                 // Its payload or name arrived: describe and judge it again.
                 let record = describe.record(key, value, None);
-                let mut tracked = self.flows.swap_remove(key).expect("present");
+                let mut tracked = self.flows.swap_remove_index(index).expect("present").1;
                 tracked.stamp = stamp;
                 let meta = tracked.meta.clone();
                 self.judge(&record, &mut tracked, &mut events, &|| {
                     describe.record(key, value, meta.as_ref())
                 });
-                self.flows.insert(*key, tracked);
+                index = self.flows.insert_full(*key, tracked).0;
             }
-            let tracked = self.flows.get(key).expect("present");
+            let tracked = &self.flows[index];
             let (before, class, ended, logged) = (
                 tracked.current,
                 tracked.class,
@@ -337,7 +377,7 @@ impl Tracker {
                     )
                 });
             }
-            let tracked = self.flows.get_mut(key).expect("present");
+            let tracked = &mut self.flows[index];
             // The kernel stamps a flow when it creates it; after that, "last
             // seen" is when a pass found its counters moved.
             let last_seen = if moved { boot_now } else { before.last_seen };
@@ -354,6 +394,19 @@ impl Tracker {
                 }
             }
         }
+    }
+
+    /// Ends a pass: flows it did not find were evicted, quiet ones go idle,
+    /// and flow_update lines are due every `update_every`.
+    pub fn end_pass(&mut self, pass: Pass, describe: &dyn Describe, sink: &mut dyn FnMut(Value)) {
+        let mut events = Sink {
+            emit: self.options.emit,
+            sink,
+        };
+        let (now, generation, secs) = (pass.now, pass.generation, pass.secs);
+        let update_due = self
+            .last_update
+            .is_none_or(|t| now.duration_since(t) >= self.options.update_every);
         // Evicted by the kernel (LRU) or gone with the maps.
         let before = self.flows.len();
         self.flows.retain(|key, tracked| {
@@ -589,6 +642,6 @@ mod tests {
         assert_eq!(evs[0]["reason"], "evicted");
         assert_eq!(t.flows_evicted, 1);
         // Country totals only ever grow: 500 bytes seen in all.
-        assert_eq!(t.bytes_by_country.values().sum::<u64>(), 500);
+        assert_eq!(t.bytes_by_country().values().sum::<u64>(), 500);
     }
 }
