@@ -462,11 +462,6 @@ impl Kernel {
     }
 }
 
-/// Sums per-CPU flow values: counters add, first_seen is the earliest
-/// non-zero stamp, last_seen the latest. skb egress sees one skb per UDP
-/// datagram and does not spend an add on `udp_sends` (the sendmsg hooks
-/// count them only where skb egress is not attached, when `tx_packets` stays
-/// 0): a UDP flow's datagrams are `udp_sends + tx_packets`.
 /// A flow as read from the kernel, counters summed over CPUs.
 pub type FlowEntry = (FlowKey, FlowValue);
 
@@ -498,6 +493,11 @@ impl Chunks<'_> {
     }
 }
 
+/// Sums per-CPU flow values: counters add, first_seen is the earliest
+/// non-zero stamp, last_seen the latest. skb egress sees one skb per UDP
+/// datagram and does not spend an add on `udp_sends` (the sendmsg hooks
+/// count them only where skb egress is not attached, when `tx_packets` stays
+/// 0): a UDP flow's datagrams are `udp_sends + tx_packets`.
 pub fn sum_flow<'a>(key: &FlowKey, values: impl Iterator<Item = &'a FlowValue>) -> FlowValue {
     let mut total = FlowValue::default();
     for v in values {

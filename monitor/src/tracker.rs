@@ -590,6 +590,36 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_in_chunks_keeps_what_any_chunk_found() {
+        let mut t = Tracker::new(TrackerOptions {
+            capacity: 16,
+            update_every: Duration::from_secs(10),
+            idle_after: Duration::from_secs(30),
+            emit: true,
+            rules: Rules::none(),
+        });
+        let d = Fixed(RefCell::new(owner("com.example.app", "app")));
+        let first = snap(100);
+        let mut second = snap(200);
+        second[0].0.port = 443;
+        let mut events = Vec::new();
+        let t0 = Instant::now();
+        for at in [t0, t0 + Duration::from_secs(1)] {
+            let pass = t.begin_pass(at);
+            t.take(&pass, &first, &d, &mut |v| events.push(v));
+            t.take(&pass, &second, &d, &mut |v| events.push(v));
+            t.end_pass(pass, &d, &mut |v| events.push(v));
+        }
+        let names: Vec<&str> = events
+            .iter()
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["flow_start", "flow_start"]);
+        assert_eq!((t.tracked(), t.flows_evicted), (2, 0));
+        assert_eq!(t.bytes_by_country().values().sum::<u64>(), 300);
+    }
+
+    #[test]
     fn start_update_idle_end_restart_evict_and_owner_change() {
         let mut t = Tracker::new(TrackerOptions {
             capacity: 16,

@@ -376,8 +376,7 @@ fn stalled_listener(addr: SocketAddr) -> Result<socket2::Socket> {
     Ok(socket)
 }
 
-/// Serves until killed; the `stalled` listeners stay open, never accepted
-/// from, all that time.
+/// Serves until killed.
 fn serve(
     tcp: Vec<SocketAddr>,
     udp: Vec<SocketAddr>,
@@ -406,17 +405,19 @@ fn serve(
             while socket.recv(&mut buf).is_ok() {}
         }));
     }
+    if !stalled.is_empty() {
+        // Held open, never accepted from, until the sink is killed.
+        handles.push(std::thread::spawn(move || {
+            let _held = stalled;
+            loop {
+                std::thread::park();
+            }
+        }));
+    }
     println!("ready");
     std::io::stdout().flush()?;
-    if handles.is_empty() {
-        // Only stalled listeners: nothing to join, so wait to be killed.
-        loop {
-            std::thread::park();
-        }
-    }
     for h in handles {
         let _ = h.join();
     }
-    drop(stalled);
     Ok(())
 }

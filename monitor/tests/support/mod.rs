@@ -156,29 +156,29 @@ pub fn start_dns_sink(
     for a in udp {
         cmd.args(["--udp", &a.to_string()]);
     }
-    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn sink");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready", "sink did not start");
-    Proc(child)
+    serving(cmd, "sink")
 }
 
 /// A listener in the server namespace that never accepts, with a backlog of
 /// 0: one connection fills its queue, later SYNs go unanswered.
 pub fn start_stalled_listener(net: &NetPair, at: SocketAddr) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(["gen", "--netns", &NetPair::path(&net.server), "serve"])
-        .args(["--tcp-stalled", &at.to_string()])
+    let mut cmd = Command::new(BIN);
+    cmd.args(["gen", "--netns", &NetPair::path(&net.server), "serve"])
+        .args(["--tcp-stalled", &at.to_string()]);
+    serving(cmd, "stalled listener")
+}
+
+/// Starts `egressmon gen serve` and waits for its "ready" line.
+fn serving(mut cmd: Command, what: &str) -> Proc {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
-        .expect("spawn stalled listener");
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "ready", "stalled listener did not start");
+    assert_eq!(line.trim(), "ready", "{what} did not start");
     Proc(child)
 }
 
