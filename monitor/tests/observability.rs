@@ -317,21 +317,44 @@ fn json_log_starts_updates_ends_rotates_and_reports_owner_changes() {
     drop(agent);
 }
 
-fn tmux(args: &[&str]) -> String {
-    let out = Command::new("tmux")
-        .args(args)
-        .output()
-        .expect("tmux (installed by cargo xtask setup)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A tmux server of the test's own, on a socket of its own (`tmux -S`), so
+/// a tmux the machine's users run is never touched; the server and its
+/// socket go on drop.
+struct Tmux(String);
+
+impl Tmux {
+    fn socket(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}.tmux", self.0))
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("tmux");
+        cmd.arg("-S")
+            .arg(self.socket())
+            .args(args)
+            .stderr(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self
+            .command(args)
+            .output()
+            .expect("tmux (installed by cargo xtask setup)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn has_session(&self) -> bool {
+        self.command(&["has-session", "-t", &self.0])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
 }
 
-/// A tmux session killed on drop.
-struct Tmux(String);
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
-            .status();
+        let _ = self.command(&["kill-server"]).status();
+        let _ = std::fs::remove_file(self.socket());
     }
 }
 
@@ -366,7 +389,7 @@ fn top_runs_in_a_real_80x24_terminal() {
 
     let session = Tmux(tag.clone());
     let command = format!("{BIN} top --listen {}", agent.listen);
-    tmux(&[
+    session.run(&[
         "new-session",
         "-d",
         "-s",
@@ -377,7 +400,7 @@ fn top_runs_in_a_real_80x24_terminal() {
         "24",
         &command,
     ]);
-    let screen = || tmux(&["capture-pane", "-p", "-t", &session.0]);
+    let screen = || session.run(&["capture-pane", "-p", "-t", &session.0]);
     assert!(
         eventually(Duration::from_secs(10), || screen().contains("uid 10123")),
         "{}",
@@ -389,7 +412,7 @@ fn top_runs_in_a_real_80x24_terminal() {
         "{first}"
     );
     // f: firmware only — the unknown uid disappears, root stays.
-    tmux(&["send-keys", "-t", &session.0, "f"]);
+    session.run(&["send-keys", "-t", &session.0, "f"]);
     assert!(
         eventually(Duration::from_secs(5), || {
             let s = screen();
@@ -399,7 +422,7 @@ fn top_runs_in_a_real_80x24_terminal() {
         screen()
     );
     // Enter: expand the selected owner into its flows (comm of the sender).
-    tmux(&["send-keys", "-t", &session.0, "Enter"]);
+    session.run(&["send-keys", "-t", &session.0, "Enter"]);
     assert!(
         eventually(Duration::from_secs(5), || screen()
             .contains("tcp egressmon")),
@@ -407,20 +430,16 @@ fn top_runs_in_a_real_80x24_terminal() {
         screen()
     );
     // s: next sort key.
-    tmux(&["send-keys", "-t", &session.0, "s"]);
+    session.run(&["send-keys", "-t", &session.0, "s"]);
     assert!(
         eventually(Duration::from_secs(5), || screen().contains("sort: rate")),
         "{}",
         screen()
     );
     // q: quit — the session ends with the program.
-    tmux(&["send-keys", "-t", &session.0, "q"]);
+    session.run(&["send-keys", "-t", &session.0, "q"]);
     assert!(
-        eventually(Duration::from_secs(5), || !Command::new("tmux")
-            .args(["has-session", "-t", &session.0])
-            .status()
-            .unwrap()
-            .success()),
+        eventually(Duration::from_secs(5), || !session.has_session()),
         "top did not quit on q"
     );
 }
