@@ -14,6 +14,11 @@ pub const PROTO_ICMPV6: u8 = 58;
 /// Address families used in [`FlowKey::family`] (Linux `AF_*` values).
 pub const FAMILY_IPV4: u8 = 2;
 pub const FAMILY_IPV6: u8 = 10;
+/// Set in [`FlowKey::family`] for the replies of a local service (a socket
+/// sending from a fixed local port to a client's ephemeral port): `port` is
+/// then the *local* port and `addr` the client, so a server's replies make
+/// one flow per client address, not one per client connection.
+pub const FAMILY_INBOUND: u8 = 0x80;
 
 /// Pseudo-uid under which bytes are counted when the skb egress hook sees a
 /// packet whose socket is not a full socket (kernel-made packets such as
@@ -203,6 +208,15 @@ pub struct TcFilter {
     pub priority: u32,
     pub handle: u32,
 }
+
+/// Pin (and kernel) name of the one-entry array in which egressmon records
+/// [`PIN_LAYOUT_VERSION`] beside its pins. Written by the agent, not by the
+/// eBPF programs.
+pub const MAP_LAYOUT_VERSION: &str = "LAYOUT_VERSION";
+/// The layout of the pinned maps' keys and values above. Bump it whenever
+/// one changes, even at the same size, so that no agent adopts maps an
+/// egressmon of another layout left pinned.
+pub const PIN_LAYOUT_VERSION: u32 = 1;
 
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 65_536;

@@ -80,6 +80,14 @@ static TC_FILTERS: Array<TcFilter> = Array::pinned(TC_FILTER_SLOTS, 0);
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range` of the
+/// agent's namespace), set by the agent at load; read-only data, so the
+/// check costs no map lookup.
+#[unsafe(no_mangle)]
+static EPHEMERAL_FIRST: u32 = 32768;
+#[unsafe(no_mangle)]
+static EPHEMERAL_LAST: u32 = 60999;
+
 const ALLOW: i32 = 1;
 /// tc: no verdict, run the next filter (netd's, if any) as usual.
 const TC_ACT_UNSPEC: i32 = -1;
@@ -352,7 +360,9 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn skb_egress(ctx: SkBuffContext) -> i32 {
-    count_skb(&ctx.skb, 0, HOOK_SKB_EGRESS);
+    if let Some((key, l4_offset)) = count_skb(&ctx.skb, 0, HOOK_SKB_EGRESS) {
+        note_dns_query(&ctx.skb, &key, l4_offset);
+    }
     ALLOW
 }
 
@@ -383,11 +393,16 @@ fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize)> {
     let sk_buff = unsafe { &*skb.skb };
     // Bytes from the IP header on, as at cgroup skb.
     let len = sk_buff.len.saturating_sub(l3 as u32);
-    let Some((mut key, l4_offset)) = parse_destination(skb, sk_buff.protocol, l3) else {
+    let Some((mut key, l4_offset, local_port)) = parse_destination(skb, sk_buff.protocol, l3)
+    else {
         bump_stat(STAT_PARSE_SKIPPED);
         return None;
     };
     key.uid = skb_owner(skb);
+    if is_service_reply(local_port, key.port) {
+        key.port = local_port;
+        key.family |= FAMILY_INBOUND;
+    }
     let connects = (hook == HOOK_TC_EGRESS
         && key.proto == PROTO_TCP
         && !config_has(CONFIG_CONNECTS_COUNTED)
@@ -406,6 +421,27 @@ fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize)> {
         capture_first_payload(skb, &key, l4_offset, sk_buff.len, value);
     }
     Some((key, l4_offset))
+}
+
+#[inline(always)]
+fn is_ephemeral(port: u16) -> bool {
+    // SAFETY: read-only globals the loader set; volatile so the compiler
+    // does not fold in the defaults.
+    let (first, last) = unsafe {
+        (
+            core::ptr::read_volatile(&EPHEMERAL_FIRST),
+            core::ptr::read_volatile(&EPHEMERAL_LAST),
+        )
+    };
+    (first..=last).contains(&(port as u32))
+}
+
+/// A packet from a fixed local port to an ephemeral remote one: a local
+/// service answering a client (an accepted TCP connection, a UDP server).
+/// Clients send from ephemeral ports, so their traffic never matches.
+#[inline(always)]
+fn is_service_reply(local_port: u16, remote_port: u16) -> bool {
+    local_port != 0 && !is_ephemeral(local_port) && is_ephemeral(remote_port)
 }
 
 /// A connection's first SYN (not a retransmission): where netd holds
@@ -440,11 +476,13 @@ fn config_has(bit: u32) -> bool {
     CONFIG.get(0).is_some_and(|flags| flags & bit != 0)
 }
 
-/// Remembers which uid's socket sent a DNS query from which local port, for
-/// `tc_ingress` (answers have no socket at tc ingress).
+/// Remembers which uid's socket sent a DNS query from which local port: an
+/// answer is forwarded only to the uid that asked from that port (at tc
+/// ingress answers carry no socket; at skb ingress one uid could otherwise
+/// name another uid's destinations with forged answers).
 #[inline(always)]
 fn note_dns_query(skb: &SkBuff, key: &FlowKey, l4_offset: usize) {
-    if key.port != 53 || key.uid == KERNEL_UID {
+    if key.port != 53 || key.uid == KERNEL_UID || key.family & FAMILY_INBOUND != 0 {
         return;
     }
     let Ok(sport) = skb.load::<u16>(l4_offset) else {
@@ -473,7 +511,9 @@ fn payload_offset(skb: &SkBuff, proto: u8, l4_offset: usize, len: u32) -> Option
 }
 
 /// Copies a flow's first payload once: per CPU the flow value's flag stops
-/// further tries; across CPUs bit 0 of the `FLOW_SEEN` value does.
+/// further tries; across CPUs bit 0 of the `FLOW_SEEN` value does. Both are
+/// set only once the payload is in the ring: when the ring is full the next
+/// packet tries again, so a flood cannot leave a flow unclassified for good.
 #[inline(always)]
 fn capture_first_payload(
     skb: &SkBuff,
@@ -485,24 +525,32 @@ fn capture_first_payload(
     let Some(offset) = payload_offset(skb, key.proto, l4_offset, len) else {
         return;
     };
-    unsafe { (*value).captured = 1 };
-    if let Some(seen) = FLOW_SEEN.get_ptr_mut(key) {
+    let seen = FLOW_SEEN.get_ptr_mut(key);
+    if let Some(seen) = seen {
         // SAFETY: map value from a successful lookup.
-        unsafe {
-            if *seen & 1 != 0 {
-                return;
-            }
-            *seen |= 1;
+        if unsafe { *seen } & 1 != 0 {
+            unsafe { (*value).captured = 1 };
+            return;
         }
     }
-    emit_payload(skb, key, PAYLOAD_FIRST_EGRESS, offset, len);
+    if emit_payload(skb, key, PAYLOAD_FIRST_EGRESS, offset, len) {
+        // SAFETY: map value pointers from successful lookups.
+        unsafe {
+            (*value).captured = 1;
+            if let Some(seen) = seen {
+                *seen |= 1;
+            }
+        }
+    }
 }
 
+/// Hands `len - offset` payload bytes to the agent; false when the ring is
+/// full (counted in `STAT_PAYLOADS_LOST`).
 #[inline(always)]
-fn emit_payload(skb: &SkBuff, key: &FlowKey, kind: u8, offset: usize, len: u32) {
+fn emit_payload(skb: &SkBuff, key: &FlowKey, kind: u8, offset: usize, len: u32) -> bool {
     let Some(mut entry) = PAYLOADS.reserve::<PayloadEvent>(0) else {
         bump_stat(STAT_PAYLOADS_LOST);
-        return;
+        return false;
     };
     let event = entry.as_mut_ptr();
     // SAFETY: reserved ring-buffer memory of PayloadEvent's size; every
@@ -531,6 +579,7 @@ fn emit_payload(skb: &SkBuff, key: &FlowKey, kind: u8, offset: usize, len: u32) 
     }
     bump_stat(STAT_PAYLOADS_SENT);
     entry.submit(BPF_RB_NO_WAKEUP);
+    true
 }
 
 // ---- skb ingress: DNS responses ---------------------------------------------
@@ -570,10 +619,16 @@ fn dns_response(skb: &SkBuff, l3: usize, tc: bool) -> Option<()> {
         }
         ETH_P_IPV6 => {
             key.proto = skb.load::<u8>(l3 + 6).ok()?;
+            l4_offset = if is_ipv6_extension(key.proto) {
+                let (inner, offset, _) = past_ipv6_extensions(skb, key, l3 + 40);
+                key.proto = inner.proto;
+                offset
+            } else {
+                l3 + 40
+            };
             if key.proto != PROTO_UDP && key.proto != PROTO_TCP {
                 return None;
             }
-            l4_offset = l3 + 40;
             key.family = FAMILY_IPV6;
         }
         _ => return None,
@@ -589,22 +644,23 @@ fn dns_response(skb: &SkBuff, l3: usize, tc: bool) -> Option<()> {
         key.addr = skb.load(l3 + 8).ok()?;
     }
     key.port = 53;
-    // At tc ingress the packet has no socket of ours yet (on a veth it may
-    // still carry the sender's, from the other namespace): the uid is the
-    // one whose socket sent the query from this port.
+    // The uid whose socket sent a query from this port. At tc ingress the
+    // packet has no socket of ours yet (on a veth it may still carry the
+    // sender's, from the other namespace), so that uid is the answer's
+    // owner; at skb ingress the receiving socket must be that uid's, else
+    // the answer is not forwarded (no query, or another uid's).
+    let port_key = DnsPortKey {
+        port: u16::from_be_bytes([ports[2], ports[3]]),
+        family: key.family,
+        proto: key.proto,
+    };
+    let asked_by = unsafe { DNS_PORTS.get(port_key) }.copied();
     key.uid = if tc {
-        let port_key = DnsPortKey {
-            port: u16::from_be_bytes([ports[2], ports[3]]),
-            family: key.family,
-            proto: key.proto,
-        };
-        unsafe { DNS_PORTS.get(port_key) }
-            .copied()
-            .unwrap_or(KERNEL_UID)
-    } else if sk_buff_has_sock(sk_buff) {
-        skb_owner(skb)
+        asked_by.unwrap_or(KERNEL_UID)
+    } else if sk_buff_has_sock(sk_buff) && asked_by == Some(skb.get_socket_uid()) {
+        asked_by?
     } else {
-        KERNEL_UID
+        return None;
     };
     let len = sk_buff.len;
     let offset = payload_offset(skb, key.proto, l4_offset, len)?;
@@ -632,14 +688,15 @@ fn skb_owner(skb: &SkBuff) -> u32 {
 /// header. At cgroup skb (`l3` 0) the headers a local socket builds are in
 /// the skb's linear area, which the program reads in place (no helper call);
 /// anything else goes through `bpf_skb_load_bytes`. Returns the key (uid
-/// unset) and the transport header's offset.
+/// unset), the transport header's offset and the local (source) port (0
+/// without TCP or UDP).
 #[inline(always)]
-fn parse_destination(skb: &SkBuff, protocol_be: u32, l3: usize) -> Option<(FlowKey, usize)> {
+fn parse_destination(skb: &SkBuff, protocol_be: u32, l3: usize) -> Option<(FlowKey, usize, u16)> {
     // SAFETY: the context fields the verifier rewrites into packet pointers.
     let (data, end) = unsafe { ((*skb.skb).data as usize, (*skb.skb).data_end as usize) };
     let mut key = FlowKey::default();
     let l4_offset;
-    let mut port = None;
+    let mut ports = None;
     match u16::from_be(protocol_be as u16) as u32 {
         ETH_P_IP => {
             if l3 == 0 && data + 24 <= end {
@@ -649,12 +706,17 @@ fn parse_destination(skb: &SkBuff, protocol_be: u32, l3: usize) -> Option<(FlowK
                 key.addr[..4].copy_from_slice(&header[16..20]);
                 l4_offset = ((header[0] & 0x0f) as usize) * 4;
                 if l4_offset == 20 {
-                    port = Some(u16::from_be_bytes([header[22], header[23]]));
+                    ports = Some([header[20], header[21], header[22], header[23]]);
                 }
             } else {
                 let header: [u8; 20] = skb.load(l3).ok()?;
                 key.proto = header[9];
                 key.addr[..4].copy_from_slice(&header[16..20]);
+                key.family = FAMILY_IPV4;
+                // tc sees IP fragments: a non-first one has no ports.
+                if u16::from_be_bytes([header[6], header[7]]) & 0x1fff != 0 {
+                    return Some((key, NO_L4, 0));
+                }
                 l4_offset = l3 + ((header[0] & 0x0f) as usize) * 4;
             }
             key.family = FAMILY_IPV4;
@@ -665,7 +727,7 @@ fn parse_destination(skb: &SkBuff, protocol_be: u32, l3: usize) -> Option<(FlowK
                 let header = unsafe { &*(data as *const [u8; 44]) };
                 key.proto = header[6];
                 key.addr.copy_from_slice(&header[24..40]);
-                port = Some(u16::from_be_bytes([header[42], header[43]]));
+                ports = Some([header[40], header[41], header[42], header[43]]);
             } else {
                 let header: [u8; 40] = skb.load(l3).ok()?;
                 key.proto = header[6];
@@ -673,16 +735,82 @@ fn parse_destination(skb: &SkBuff, protocol_be: u32, l3: usize) -> Option<(FlowK
             }
             key.family = FAMILY_IPV6;
             l4_offset = l3 + 40;
+            if is_ipv6_extension(key.proto) {
+                return Some(past_ipv6_extensions(skb, key, l4_offset));
+            }
         }
         _ => return None,
     }
+    let mut local_port = 0;
     if key.proto == PROTO_TCP || key.proto == PROTO_UDP {
-        key.port = match port {
-            Some(port) => port,
-            None => u16::from_be(skb.load::<u16>(l4_offset + 2).ok()?),
+        let ports = match ports {
+            Some(ports) => ports,
+            None => skb.load::<[u8; 4]>(l4_offset).ok()?,
         };
+        local_port = u16::from_be_bytes([ports[0], ports[1]]);
+        key.port = u16::from_be_bytes([ports[2], ports[3]]);
     }
-    Some((key, l4_offset))
+    Some((key, l4_offset, local_port))
+}
+
+/// IPv6 extension headers egressmon steps over to reach the transport
+/// header: hop-by-hop options, routing, fragment, destination options.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+/// More than this many extension headers in a row is not a real sender's.
+const MAX_IPV6_EXTENSIONS: usize = 4;
+/// An offset no packet reaches: "no transport header here" for the callers
+/// that read ports, flags or payload at the L4 offset (their loads fail).
+const NO_L4: usize = 0xffff;
+
+#[inline(always)]
+fn is_ipv6_extension(next: u8) -> bool {
+    matches!(
+        next,
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DEST_OPTS
+    )
+}
+
+/// The key and L4 offset of an IPv6 packet whose first next-header is an
+/// extension header: the real transport protocol and port past them. A
+/// non-first fragment (and a chain too long or unreadable) has no transport
+/// header: its bytes count under port 0 with the last protocol read.
+#[inline(always)]
+fn past_ipv6_extensions(
+    skb: &SkBuff,
+    mut key: FlowKey,
+    mut offset: usize,
+) -> (FlowKey, usize, u16) {
+    key.port = 0;
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        let Ok(header) = skb.load::<[u8; 4]>(offset) else {
+            return (key, NO_L4, 0);
+        };
+        let this = key.proto;
+        key.proto = header[0];
+        if this == IPV6_FRAGMENT {
+            offset += 8;
+            if u16::from_be_bytes([header[2], header[3]]) & 0xfff8 != 0 {
+                return (key, NO_L4, 0);
+            }
+        } else {
+            offset += (header[1] as usize + 1) * 8;
+        }
+        if !is_ipv6_extension(key.proto) {
+            let mut local_port = 0;
+            if key.proto == PROTO_TCP || key.proto == PROTO_UDP {
+                let Ok(ports) = skb.load::<[u8; 4]>(offset) else {
+                    return (key, NO_L4, 0);
+                };
+                local_port = u16::from_be_bytes([ports[0], ports[1]]);
+                key.port = u16::from_be_bytes([ports[2], ports[3]]);
+            }
+            return (key, offset, local_port);
+        }
+    }
+    (key, NO_L4, 0)
 }
 
 const _: () = {

@@ -283,13 +283,8 @@ impl Agent {
     pub fn start(load: LoadOptions, options: AgentOptions) -> Result<Arc<Agent>> {
         let log = match &options.log {
             Some(target) => Some(
-                JsonlLog::open(target, options.log_max_bytes, options.log_keep).with_context(
-                    || {
-                        format!(
-                            "opening --log {target} (check the directory exists and is writable)"
-                        )
-                    },
-                )?,
+                JsonlLog::open(target, options.log_max_bytes, options.log_keep)
+                    .with_context(|| format!("opening --log {target}"))?,
             ),
             None => None,
         };

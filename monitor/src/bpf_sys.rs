@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
+const BPF_MAP_CREATE: u32 = 0;
 const BPF_MAP_LOOKUP_ELEM: u32 = 1;
 const BPF_MAP_UPDATE_ELEM: u32 = 2;
 const BPF_MAP_DELETE_ELEM: u32 = 3;
@@ -54,6 +55,49 @@ pub unsafe fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
 fn owned_fd(ret: i64) -> OwnedFd {
     // SAFETY: the kernel returned a new file descriptor we now own.
     unsafe { OwnedFd::from_raw_fd(ret as i32) }
+}
+
+/// What a BPF file descriptor (e.g. from a pin) refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjKind {
+    Map,
+    Prog,
+    Link,
+    Other,
+}
+
+/// The kind of object behind `fd`, from the name of its anonymous inode.
+/// BPF_OBJ_GET_INFO_BY_FD answers for maps, programs and links alike, each
+/// in its own layout, so its answer alone cannot tell them apart.
+pub fn obj_kind(fd: BorrowedFd<'_>) -> io::Result<ObjKind> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok(match target.to_str() {
+        Some("anon_inode:bpf-map") => ObjKind::Map,
+        Some("anon_inode:bpf-prog") => ObjKind::Prog,
+        // bpf_link_new_fd and bpf_link_prime spell it differently.
+        Some("anon_inode:bpf-link" | "anon_inode:bpf_link") => ObjKind::Link,
+        _ => ObjKind::Other,
+    })
+}
+
+impl ObjKind {
+    fn name(self) -> &'static str {
+        match self {
+            ObjKind::Map => "map",
+            ObjKind::Prog => "program",
+            ObjKind::Link => "link",
+            ObjKind::Other => "other object",
+        }
+    }
+}
+
+fn require_kind(fd: BorrowedFd<'_>, want: ObjKind) -> io::Result<()> {
+    let kind = obj_kind(fd)?;
+    if kind != want {
+        let message = format!("a BPF {}, not a {}", kind.name(), want.name());
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
+    }
+    Ok(())
 }
 
 #[repr(C)]
@@ -254,8 +298,9 @@ impl CgroupLinkInfo {
     }
 }
 
-/// BPF_OBJ_GET_INFO_BY_FD on a link.
+/// BPF_OBJ_GET_INFO_BY_FD on a link (refused for anything else).
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    require_kind(link, ObjKind::Link)?;
     let mut info = CgroupLinkInfo::default();
     let mut attr = InfoAttr {
         bpf_fd: link.as_raw_fd() as u32,
@@ -270,7 +315,11 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
 /// `BPF_MAP_TYPE_*` values `MapInfo::map_type` is compared with.
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
 pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
+pub const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+pub const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
+pub const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 
 /// The leading part of `struct bpf_map_info` (all `u32`, so no padding; the
 /// kernel fills what it knows and leaves the rest zero).
@@ -303,8 +352,9 @@ impl MapInfo {
     }
 }
 
-/// BPF_OBJ_GET_INFO_BY_FD on a map.
+/// BPF_OBJ_GET_INFO_BY_FD on a map (refused for anything else).
 pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    require_kind(map, ObjKind::Map)?;
     let mut info = MapInfo::default();
     let mut attr = InfoAttr {
         bpf_fd: map.as_raw_fd() as u32,
@@ -314,6 +364,42 @@ pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
     // SAFETY: attr matches BPF_OBJ_GET_INFO_BY_FD; `info` outlives the call.
     unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
     Ok(info)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+}
+
+/// BPF_MAP_CREATE of a map named `name` (kept to the kernel's 15 bytes;
+/// letters, digits, `_` and `.` only).
+pub fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    name: &str,
+) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        ..Default::default()
+    };
+    for (dst, src) in attr.map_name[..15].iter_mut().zip(name.bytes()) {
+        *dst = src;
+    }
+    // SAFETY: attr matches BPF_MAP_CREATE.
+    unsafe { sys_bpf(BPF_MAP_CREATE, &mut attr) }.map(owned_fd)
 }
 
 #[repr(C)]
@@ -515,5 +601,66 @@ pub fn percpu_lookup_batch<K: Copy + Default, V: Copy + Default>(
         }
         cursor = next;
         first = false;
+    }
+}
+
+const BPF_PROG_GET_FD_BY_ID: u32 = 13;
+
+#[repr(C)]
+#[derive(Default)]
+struct GetByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// The leading part of `struct bpf_prog_info`, up to its map ids.
+#[repr(C)]
+#[derive(Default)]
+struct ProgInfoHead {
+    prog_type: u32,
+    id: u32,
+    tag: [u8; 8],
+    jited_prog_len: u32,
+    xlated_prog_len: u32,
+    jited_prog_insns: u64,
+    xlated_prog_insns: u64,
+    load_time: u64,
+    created_by_uid: u32,
+    nr_map_ids: u32,
+    map_ids: u64,
+}
+
+/// The ids of the maps program `prog_id` uses (BPF_PROG_GET_FD_BY_ID, then
+/// BPF_OBJ_GET_INFO_BY_FD): how a program is told to be egressmon's, since
+/// its programs use egressmon's pinned maps.
+pub fn prog_map_ids(prog_id: u32) -> io::Result<Vec<u32>> {
+    let mut attr = GetByIdAttr {
+        id: prog_id,
+        ..Default::default()
+    };
+    // SAFETY: attr matches BPF_PROG_GET_FD_BY_ID.
+    let prog = unsafe { sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) }.map(owned_fd)?;
+    let mut ids = vec![0u32; 64];
+    loop {
+        let mut info = ProgInfoHead {
+            nr_map_ids: ids.len() as u32,
+            map_ids: ids.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        let mut attr = InfoAttr {
+            bpf_fd: prog.as_raw_fd() as u32,
+            info_len: std::mem::size_of::<ProgInfoHead>() as u32,
+            info: &mut info as *mut ProgInfoHead as u64,
+        };
+        // SAFETY: attr matches BPF_OBJ_GET_INFO_BY_FD; `info` and `ids`
+        // outlive the call, and `ids` has room for `nr_map_ids` ids.
+        unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+        let used = info.nr_map_ids as usize;
+        if used <= ids.len() {
+            ids.truncate(used);
+            return Ok(ids);
+        }
+        ids = vec![0u32; used];
     }
 }

@@ -1,15 +1,17 @@
 //! Command-line interface: `egressmon run|flows|owners|top|status|detach`.
 
 use crate::agent::{Agent, AgentOptions, Status};
+use crate::api::{ApiOptions, MetricsAccess};
+use crate::client::Endpoint;
 use crate::hooks;
 use crate::kernel::{self, LoadOptions};
 use crate::owners::OwnerResolver;
-use crate::{client, flows, system, traffic};
+use crate::{flows, system, traffic};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use monitor_common::*;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9864";
@@ -22,21 +24,51 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// How to reach one agent (its pins and its HTTP endpoint).
+/// How to reach one agent (its pins, its control socket, its /metrics).
 #[derive(Args, Debug, Clone)]
 pub struct Target {
     /// bpffs directory holding the agent's pinned maps and links.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
-    /// Address of the agent's HTTP endpoint (/metrics, /flows, /status).
+    /// The agent's TCP address for /metrics; its control socket is named
+    /// after it.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// Root-only directory of the agent's control socket (default
+    /// /run/egressmon, on Android /data/adb/egressmon).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+}
+
+impl Target {
+    pub fn run_dir(&self) -> PathBuf {
+        self.run_dir.clone().unwrap_or_else(default_run_dir)
+    }
+
+    /// The control socket of the agent these flags name.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::new(&self.run_dir(), self.listen)
+    }
+}
+
+/// Whether this is an Android device (not a device layout read from a
+/// directory: that is `--android-root`).
+fn on_android() -> bool {
+    Path::new("/system/build.prop").exists()
+}
+
+fn default_run_dir() -> PathBuf {
+    PathBuf::from(if on_android() {
+        "/data/adb/egressmon"
+    } else {
+        "/run/egressmon"
+    })
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Attach the kernel programs and serve flows, status and /metrics.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the running agent's flow table.
     Flows {
         /// One JSON array, fields as documented in the README.
@@ -130,6 +162,20 @@ pub struct RunArgs {
     /// sending cleartext, firmware reaching a new country).
     #[arg(long)]
     pub rules: Option<PathBuf>,
+    /// Uids besides root that may use the control socket (flows, status,
+    /// top, detach), e.g. 2000 for `adb shell` without su. Comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub api_allow_uid: Vec<u32>,
+    /// Who may scrape /metrics over TCP: uids of local peers, comma
+    /// separated, or `any`. Default: any on Linux; 0,2000 (root and adb
+    /// forward) on Android and with --android-root.
+    #[arg(long, value_delimiter = ',')]
+    pub metrics_allow_uid: Vec<String>,
+    /// Basic auth for /metrics in the Prometheus exporter-toolkit layout
+    /// (`basic_auth_users: {user: bcrypt hash}`); with it, peers on other
+    /// hosts may scrape when they authenticate.
+    #[arg(long)]
+    pub web_config_file: Option<PathBuf>,
     /// Uids that get their own metric series; later uids fold into uid="other".
     #[arg(long, default_value_t = 1000)]
     pub metrics_max_uids: usize,
@@ -146,9 +192,9 @@ pub struct RunArgs {
 
 pub fn main_with(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Flows { json, target } => {
-            let body = client::get(target.listen, "/flows")?;
+            let body = target.endpoint().get("/flows")?;
             if json {
                 println!("{}", body.trim_end());
             } else {
@@ -159,7 +205,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         }
         Command::Owners { json, android_root } => owners(json, android_root),
         Command::Status { json, target } => {
-            let body = client::get(target.listen, "/status")?;
+            let body = target.endpoint().get("/status")?;
             if json {
                 println!("{}", body.trim_end());
             } else {
@@ -169,7 +215,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Detach { target } => detach(target),
-        Command::Top { once, target } => crate::top::run(target.listen, once),
+        Command::Top { once, target } => crate::top::run(&target.endpoint(), once),
         Command::Gen(args) => traffic::run(args),
     }
 }
@@ -184,6 +230,7 @@ fn run(args: RunArgs) -> Result<()> {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
+    let api = api_options(&args)?;
     let cgroup = system::resolve_cgroup(args.cgroup.as_deref())?;
     let hooks = args.hooks.as_deref().map(hooks::parse_list).transpose()?;
     let options = LoadOptions {
@@ -226,7 +273,7 @@ fn run(args: RunArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(serve_until_stopped(args.target.listen, agent.clone()))?;
+    runtime.block_on(serve_until_stopped(api, agent.clone()))?;
     agent.stop();
     log::info!(
         "agent stopped; the kernel keeps counting into pinned maps under {} until `egressmon detach`",
@@ -235,9 +282,67 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-async fn serve_until_stopped(listen: SocketAddr, agent: Arc<Agent>) -> Result<()> {
+/// Where the agent answers and to whom, with its run directory made
+/// (root's, checked) before anything is attached.
+fn api_options(args: &RunArgs) -> Result<ApiOptions> {
+    let control_uids: std::collections::BTreeSet<u32> = args
+        .api_allow_uid
+        .iter()
+        .copied()
+        .filter(|&u| u != 0)
+        .collect();
+    let run_dir = args.target.run_dir();
+    prepare_run_dir(&run_dir, !control_uids.is_empty())?;
+    Ok(ApiOptions {
+        listen: args.target.listen,
+        socket: args.target.endpoint().socket,
+        control_uids,
+        metrics: metrics_access(&args.metrics_allow_uid, args.android_root.is_some())?,
+        web: Arc::new(match &args.web_config_file {
+            Some(path) => crate::web_config::WebConfig::load(path)?,
+            None => Default::default(),
+        }),
+    })
+}
+
+fn metrics_access(allow: &[String], android_layout: bool) -> Result<MetricsAccess> {
+    if allow.iter().any(|a| a == "any") {
+        return Ok(MetricsAccess::Anyone);
+    }
+    if allow.is_empty() {
+        return Ok(if android_layout || on_android() {
+            MetricsAccess::Uids([0, 2000].into())
+        } else {
+            MetricsAccess::Anyone
+        });
+    }
+    let uids = allow
+        .iter()
+        .map(|a| {
+            a.parse::<u32>().with_context(|| {
+                format!("--metrics-allow-uid {a}: expected uids (e.g. 0,2000) or `any`")
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(MetricsAccess::Uids(uids))
+}
+
+/// The control socket's directory: made 0700 (0711 when other uids may use
+/// the socket: they may then reach the socket by name, not list the
+/// directory), and refused unless it is a real directory of root's that no
+/// one else can write.
+fn prepare_run_dir(dir: &Path, open_to_others: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::private_fs::ensure_private_dir(dir)
+        .with_context(|| format!("the run directory {} (--run-dir)", dir.display()))?;
+    let mode = if open_to_others { 0o711 } else { 0o700 };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("restricting {} to root", dir.display()))
+}
+
+async fn serve_until_stopped(api: ApiOptions, agent: Arc<Agent>) -> Result<()> {
     let shutdown = Arc::new(tokio::sync::Notify::new());
-    crate::api::serve(listen, agent, shutdown.clone()).await?;
+    let _socket = crate::api::serve(api, agent, shutdown.clone()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => log::info!("interrupted"),
@@ -264,16 +369,16 @@ fn owners(json: bool, android_root: Option<PathBuf>) -> Result<()> {
             let packages = if o.packages.is_empty() || o.packages == [o.owner.clone()] {
                 String::new()
             } else {
-                format!(" [{}]", o.packages.join(", "))
+                format!(" [{}]", crate::text::escape(&o.packages.join(", ")))
             };
             out.push_str(&format!(
                 "{:>8} {:>5} {:>6} {:<12} {:<3} {}{packages}\n",
                 o.uid,
                 o.user,
                 o.app_id,
-                o.origin,
+                crate::text::escape(&o.origin),
                 if o.firmware { "yes" } else { "" },
-                o.owner
+                crate::text::escape(&o.owner)
             ));
         }
     }
@@ -284,18 +389,27 @@ fn owners(json: bool, android_root: Option<PathBuf>) -> Result<()> {
     }
 }
 
+/// How long `detach` waits for the agent to finish its last pass and exit.
+const AGENT_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn detach(target: Target) -> Result<()> {
     system::require_root("egressmon detach")?;
-    if client::post(target.listen, "/shutdown").is_ok() {
-        println!("asked the agent on {} to stop", target.listen);
+    if on_android() {
+        // The Magisk service restarts an agent that died; this tells it the
+        // stop was meant (cleared at the next boot).
+        let marker = target.run_dir().join("stopped");
+        if let Err(e) = std::fs::write(&marker, b"") {
+            println!("cannot leave {}: {e}", marker.display());
+        }
     }
+    stop_agent(&target);
     let report = kernel::detach(&target.pin_dir).with_context(|| {
         format!(
             "detaching what egressmon pinned under {}",
             target.pin_dir.display()
         )
     })?;
-    if report.pins.is_empty() {
+    if report.pins.is_empty() && report.links.is_empty() {
         println!("nothing to detach under {}", target.pin_dir.display());
     } else {
         println!(
@@ -309,6 +423,50 @@ fn detach(target: Target) -> Result<()> {
     Ok(())
 }
 
+/// Stops the agent that uses `target`'s pins, and waits for it to exit so
+/// its last pass is over before the links go. An agent on that socket that
+/// uses other pins is left running.
+fn stop_agent(target: &Target) {
+    let endpoint = target.endpoint();
+    let status: Status = match endpoint
+        .get("/status")
+        .and_then(|body| Ok(serde_json::from_str(&body)?))
+    {
+        Ok(status) => status,
+        Err(e) => {
+            println!("no agent to stop ({e:#})");
+            return;
+        }
+    };
+    if status.pin_dir != target.pin_dir {
+        println!(
+            "the agent on {} (pid {}) uses {}, not {}: left running",
+            endpoint.socket.display(),
+            status.pid,
+            status.pin_dir.display(),
+            target.pin_dir.display()
+        );
+        return;
+    }
+    if let Err(e) = endpoint.post("/shutdown") {
+        println!("asking agent pid {} to stop: {e:#}", status.pid);
+        return;
+    }
+    let deadline = std::time::Instant::now() + AGENT_EXIT_TIMEOUT;
+    while crate::process::alive(status.pid) {
+        if std::time::Instant::now() > deadline {
+            println!(
+                "agent pid {} did not exit within {}s; detaching anyway",
+                status.pid,
+                AGENT_EXIT_TIMEOUT.as_secs()
+            );
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    println!("stopped agent pid {}", status.pid);
+}
+
 pub fn render_status(s: &Status) -> String {
     let mut out = format!(
         "egressmon {} on kernel {}, pid {}, up {}s\ncgroup  {}\npins    {}\n\nhooks:\n",
@@ -316,8 +474,8 @@ pub fn render_status(s: &Status) -> String {
         s.kernel,
         s.pid,
         s.uptime_seconds,
-        s.cgroup.display(),
-        s.pin_dir.display()
+        crate::text::escape(&s.cgroup.to_string_lossy()),
+        crate::text::escape(&s.pin_dir.to_string_lossy())
     );
     for h in &s.hooks {
         let state = if h.attached {
@@ -330,7 +488,12 @@ pub fn render_status(s: &Status) -> String {
         } else {
             format!(" on {}", h.interfaces.join(", "))
         };
-        out.push_str(&format!("  {:<11} {state}{on}\n", h.hook));
+        out.push_str(&format!(
+            "  {:<11} {}{}\n",
+            h.hook,
+            crate::text::escape(&state),
+            crate::text::escape(&on)
+        ));
     }
     out.push_str("\nmaps:\n");
     for m in &s.maps {

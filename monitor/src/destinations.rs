@@ -120,8 +120,13 @@ impl Destinations {
             record.host = Some(host);
             record.host_source = Some(source.as_str().to_string());
         } else if let Some(name) = self.dns.lookup(key.uid, ip, now) {
+            let source = if name.uid == key.uid {
+                HostSource::Dns
+            } else {
+                HostSource::DnsOtherUid
+            };
             record.host = Some(name.query);
-            record.host_source = Some(HostSource::Dns.as_str().to_string());
+            record.host_source = Some(source.as_str().to_string());
         }
         let (country, asn) = self.geoip.lookup(ip);
         record.country = country;

@@ -4,6 +4,7 @@
 use crate::events::FlowMeta;
 use crate::owners::Owner;
 use crate::system::rfc3339;
+use crate::text::escape;
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -42,6 +43,18 @@ pub struct FlowRecord {
     pub country: Option<String>,
     pub asn: Option<u32>,
     pub payload: String,
+    /// `outbound`, or `inbound` for a local service's replies: then `dst`
+    /// is the client and `port` the service's own local port.
+    #[serde(default = "outbound")]
+    pub direction: String,
+    /// Remote, or a destination that stays on this host or its link
+    /// (counted, but left alone by rules unless they ask for it).
+    #[serde(default)]
+    pub scope: crate::rules::Scope,
+    /// Alert rules that fired on this flow (empty in log lines, where each
+    /// alert has a line of its own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
 }
 
 pub fn proto_name(proto: u8) -> String {
@@ -54,8 +67,17 @@ pub fn proto_name(proto: u8) -> String {
     }
 }
 
+fn outbound() -> String {
+    "outbound".into()
+}
+
+/// Whether the flow is a local service's replies (see [`FAMILY_INBOUND`]).
+pub fn is_inbound(key: &FlowKey) -> bool {
+    key.family & FAMILY_INBOUND != 0
+}
+
 pub fn destination(key: &FlowKey) -> IpAddr {
-    if key.family == FAMILY_IPV4 {
+    if key.family & !FAMILY_INBOUND == FAMILY_IPV4 {
         IpAddr::V4(Ipv4Addr::new(
             key.addr[0],
             key.addr[1],
@@ -94,7 +116,7 @@ pub fn record(
         exe: known.and_then(|s| s.exe.as_deref()).map(str::to_string),
         cmdline: known.and_then(|s| s.cmdline.as_deref()).map(str::to_string),
         proto: proto_name(key.proto),
-        family: if key.family == FAMILY_IPV4 {
+        family: if key.family & !FAMILY_INBOUND == FAMILY_IPV4 {
             "ipv4"
         } else {
             "ipv6"
@@ -113,6 +135,14 @@ pub fn record(
         country: None,
         asn: None,
         payload: "unknown".into(),
+        direction: if is_inbound(key) {
+            "inbound"
+        } else {
+            "outbound"
+        }
+        .into(),
+        scope: crate::rules::Scope::of(destination(key)),
+        alerts: Vec::new(),
     }
 }
 
@@ -124,7 +154,7 @@ pub fn sort_busiest_first(rows: &mut [FlowRecord]) {
     });
 }
 
-/// Plain-text table for terminals.
+/// Plain-text table for terminals, names escaped (see `text::escape`).
 pub fn render_text(rows: &[FlowRecord]) -> String {
     let mut out = format!(
         "{:>8} {:<16} {:<9} {:<5} {:<40} {:>8} {:>8} {:>8} {:>12}\n",
@@ -137,13 +167,21 @@ pub fn render_text(rows: &[FlowRecord]) -> String {
             format!("{}:{}", r.dst, r.port)
         };
         let origin = if r.firmware {
-            format!("{}*", r.origin)
+            format!("{}*", escape(&r.origin))
         } else {
-            r.origin.clone()
+            escape(&r.origin).into_owned()
         };
         out.push_str(&format!(
             "{:>8} {:<16.16} {:<9} {:<5} {:<40} {:>8} {:>8} {:>8} {:>12}\n",
-            r.uid, r.owner, origin, r.proto, dst, r.connects, r.udp_sends, r.tx_packets, r.tx_bytes
+            r.uid,
+            escape(&r.owner),
+            origin,
+            escape(&r.proto),
+            escape(&dst),
+            r.connects,
+            r.udp_sends,
+            r.tx_packets,
+            r.tx_bytes
         ));
     }
     out.push_str("(* = firmware: platform, preinstalled or system)\n");

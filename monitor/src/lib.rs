@@ -19,14 +19,18 @@ pub mod kernel;
 pub mod metrics;
 pub mod netd_stats;
 pub mod owners;
+pub mod peer;
+pub mod private_fs;
 pub mod process;
 pub mod rules;
 pub mod system;
 pub mod tc;
+pub mod text;
 pub mod top;
 pub mod tracker;
 pub mod traffic;
 pub mod tui;
+pub mod web_config;
 
 /// The eBPF object built from monitor-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));

@@ -128,6 +128,13 @@ pub fn render(agent: &Agent) -> Result<String> {
         "New-flow events dropped because the ring buffer was full",
         &[],
     )?;
+    let payloads_lost = counter(
+        &registry,
+        "egressmon_payloads_lost_total",
+        "First payloads and DNS answers dropped because the payload ring was full \
+         (the flow's next packet is tried again)",
+        &[],
+    )?;
     let evicted = counter(
         &registry,
         "egressmon_flows_evicted_total",
@@ -270,6 +277,9 @@ pub fn render(agent: &Agent) -> Result<String> {
     }
     lost.with_label_values::<&str>(&[])
         .inc_by(status.events_lost);
+    payloads_lost
+        .with_label_values::<&str>(&[])
+        .inc_by(status.payloads_lost);
     evicted
         .with_label_values::<&str>(&[])
         .inc_by(status.flows_evicted);

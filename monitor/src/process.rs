@@ -9,6 +9,16 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Whether process `pid` still runs (a zombie waiting for its parent to
+/// reap it has exited).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which may hold spaces and ')'.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
+}
+
 /// Best effort: None once the process has exited or /proc hides it.
 pub fn exe(tgid: u32) -> Option<Box<str>> {
     let path = std::fs::read_link(format!("/proc/{tgid}/exe")).ok()?;

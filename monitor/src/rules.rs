@@ -23,10 +23,16 @@
 //! udp, icmp, icmpv6), `payload` (tls, quic, http, dns, cleartext,
 //! unknown), `new_country` (bool: the flow's country is one its owner had
 //! not reached before, since the agent started or since the state it was
-//! given with [`Rules::learn_country`]). Every condition but `firmware`
-//! and `new_country` takes one value or a list. Globs: `*` any run of
+//! given with [`Rules::learn_country`]). Every condition but `firmware`,
+//! `new_country` and `scope` takes one value or a list. Globs: `*` any run of
 //! characters, `?` one character, `[abc]`, `[a-z]`, `[!a-z]`, `\` escapes;
 //! matching ignores ASCII case.
+//!
+//! Scope: traffic to loopback and link-local destinations never reaches
+//! another network (see [`Scope::of`]), so it is counted but a rule leaves
+//! it alone unless it says otherwise: `scope = "remote"` (the default),
+//! `"local"` (loopback and link-local only; this alone is a condition) or
+//! `"any"`.
 //!
 //! Shipped defaults, on unless the file says `defaults = false` (a rule of
 //! the file with the same name replaces a default): `firmware-cleartext`
@@ -46,10 +52,11 @@ use crate::flows::FlowRecord;
 use crate::inspect::Payload;
 use anyhow::{anyhow, Context, Result};
 use serde::de::{self, Deserializer, IntoDeserializer, SeqAccess, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::marker::PhantomData;
+use std::net::IpAddr;
 use std::path::Path;
 
 /// The shipped rules, in the rules file format.
@@ -339,6 +346,78 @@ impl Proto {
     }
 }
 
+/// Where a destination is, as far as alerting goes (`scope` in the flow
+/// table).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    #[default]
+    Remote,
+    /// This host: 127.0.0.0/8, ::1, and the unspecified address (a connect
+    /// to 0.0.0.0 or :: reaches this host on Linux).
+    Loopback,
+    /// The attached link and nothing beyond: 169.254.0.0/16, fe80::/10, and
+    /// link-scope multicast (224.0.0.0/24, ff02::/16: mDNS, LLMNR, router
+    /// solicitations), which routers never forward.
+    LinkLocal,
+}
+
+impl Scope {
+    /// The scope of a destination; IPv4-mapped IPv6 addresses
+    /// (::ffff:127.0.0.1) are judged as the IPv4 address they carry.
+    pub fn of(addr: IpAddr) -> Scope {
+        match addr.to_canonical() {
+            IpAddr::V4(a) if a.is_loopback() || a.is_unspecified() => Scope::Loopback,
+            IpAddr::V4(a) if a.is_link_local() || a.octets()[..3] == [224, 0, 0] => {
+                Scope::LinkLocal
+            }
+            IpAddr::V6(a) if a.is_loopback() || a.is_unspecified() => Scope::Loopback,
+            IpAddr::V6(a) if a.is_multicast() => match a.octets()[1] & 0x0f {
+                1 => Scope::Loopback,
+                2 => Scope::LinkLocal,
+                _ => Scope::Remote,
+            },
+            IpAddr::V6(a) if a.is_unicast_link_local() => Scope::LinkLocal,
+            _ => Scope::Remote,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Remote => "remote",
+            Scope::Loopback => "loopback",
+            Scope::LinkLocal => "link_local",
+        }
+    }
+
+    /// Traffic that stays on this host or its link.
+    pub fn is_local(self) -> bool {
+        self != Scope::Remote
+    }
+}
+
+/// The destinations a rule looks at (`scope` in a rule).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleScope {
+    /// Destinations beyond this host and its link (the default).
+    #[default]
+    Remote,
+    /// Loopback and link-local destinations only.
+    Local,
+    Any,
+}
+
+impl RuleScope {
+    fn admits(self, scope: Scope) -> bool {
+        match self {
+            RuleScope::Remote => !scope.is_local(),
+            RuleScope::Local => scope.is_local(),
+            RuleScope::Any => true,
+        }
+    }
+}
+
 /// One `[[rule]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -356,6 +435,8 @@ pub struct Rule {
     pub proto: Option<AnyOf<Proto>>,
     pub payload: Option<AnyOf<Payload>>,
     pub new_country: Option<bool>,
+    #[serde(default)]
+    pub scope: RuleScope,
 }
 
 impl Rule {
@@ -372,6 +453,7 @@ impl Rule {
             || self.proto.is_some()
             || self.payload.is_some()
             || self.new_country.is_some()
+            || self.scope == RuleScope::Local
     }
 
     /// Whether `flow` meets every condition; `new_country` says whether the
@@ -404,6 +486,7 @@ impl Rule {
             && check(&self.proto, |c| c.any(|p| p.as_str() == flow.proto))
             && check(&self.payload, |c| c.any(|p| p.as_str() == flow.payload))
             && check(&self.new_country, |n| *n == new_country)
+            && self.scope.admits(flow.scope)
     }
 }
 
@@ -629,6 +712,9 @@ mod tests {
             country: Some("CN".into()),
             asn: Some(4134),
             payload: "http".into(),
+            direction: "outbound".into(),
+            scope: Scope::Remote,
+            alerts: Vec::new(),
         }
     }
 
@@ -641,6 +727,7 @@ mod tests {
             origin: "app".into(),
             firmware: false,
             payload: "tls".into(),
+            direction: "outbound".into(),
             host: Some("api.example.org".into()),
             host_source: Some("sni".into()),
             port: 443,
@@ -666,6 +753,7 @@ mod tests {
         let other = FlowRecord {
             owner: "com.vendor.activation".into(),
             payload: "tls".into(),
+            direction: "outbound".into(),
             origin: "preinstalled".into(),
             ..flow()
         };
@@ -673,6 +761,7 @@ mod tests {
         // A user app: nothing, even in cleartext to a new country.
         let app = FlowRecord {
             payload: "cleartext".into(),
+            direction: "outbound".into(),
             country: Some("RU".into()),
             ..app_flow()
         };
@@ -682,9 +771,109 @@ mod tests {
         let nowhere = FlowRecord {
             country: None,
             payload: "tls".into(),
+            direction: "outbound".into(),
             ..flow()
         };
         assert!(rules.evaluate(&nowhere).is_empty());
+    }
+
+    #[test]
+    fn scopes_of_destinations() {
+        use Scope::*;
+        let cases = [
+            ("127.0.0.1", Loopback),
+            ("127.8.9.10", Loopback),
+            ("0.0.0.0", Loopback),
+            ("::1", Loopback),
+            ("::", Loopback),
+            ("::ffff:127.0.0.1", Loopback),
+            ("ff01::1", Loopback),
+            ("169.254.169.254", LinkLocal),
+            ("::ffff:169.254.1.2", LinkLocal),
+            ("fe80::1", LinkLocal),
+            ("febf:ffff::1", LinkLocal),
+            ("224.0.0.251", LinkLocal),
+            ("ff02::fb", LinkLocal),
+            ("ff12::1:3", LinkLocal),
+            ("10.0.0.1", Remote),
+            ("128.0.0.1", Remote),
+            ("169.255.0.1", Remote),
+            ("203.0.113.7", Remote),
+            ("::ffff:203.0.113.7", Remote),
+            ("224.0.1.1", Remote),
+            ("239.255.255.250", Remote),
+            ("fec0::1", Remote),
+            ("ff05::2", Remote),
+            ("2001:db8::1", Remote),
+        ];
+        for (addr, want) in cases {
+            assert_eq!(Scope::of(addr.parse().unwrap()), want, "{addr}");
+        }
+        assert_eq!(
+            serde_json::to_value([Remote, Loopback, LinkLocal]).unwrap(),
+            serde_json::json!(["remote", "loopback", "link_local"])
+        );
+        // A flow table without the field (an older agent) is remote.
+        let mut old = serde_json::to_value(flow()).unwrap();
+        old.as_object_mut().unwrap().remove("scope");
+        let old: FlowRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(old.scope, Remote);
+    }
+
+    #[test]
+    fn local_flows_alert_only_where_a_rule_asks() {
+        let local = |dst: &str| {
+            let scope = Scope::of(dst.parse().unwrap());
+            FlowRecord {
+                dst: dst.into(),
+                scope,
+                country: None,
+                ..flow()
+            }
+        };
+        let loopback = local("127.0.0.1");
+        let link_local = local("fe80::1");
+        assert_eq!(loopback.scope, Scope::Loopback);
+        assert_eq!(link_local.scope, Scope::LinkLocal);
+        let mut defaults = Rules::defaults();
+        for f in [&loopback, &link_local] {
+            assert!(defaults.evaluate(f).is_empty(), "{}", f.dst);
+        }
+        let text = r#"
+[[rule]]
+name = "cleartext-anywhere"
+firmware = true
+payload = "http"
+scope = "any"
+
+[[rule]]
+name = "local-only"
+scope = "local"
+"#;
+        let mut rules = Rules::parse(text, "t").unwrap();
+        assert_eq!(
+            rules.evaluate(&loopback),
+            ["cleartext-anywhere", "local-only"]
+        );
+        assert_eq!(
+            rules.evaluate(&link_local),
+            ["cleartext-anywhere", "local-only"]
+        );
+        assert_eq!(
+            rules.evaluate(&flow()),
+            [
+                "cleartext-anywhere",
+                "firmware-cleartext",
+                "firmware-new-country"
+            ]
+        );
+        assert!(err("[[rule]]\nname = \"x\"\nscope = \"any\"\n")
+            .contains("rule \"x\" has no conditions"));
+        assert!(
+            err("[[rule]]\nname = \"x\"\nport = 1\nscope = \"lan\"\n").contains(
+                "line 4, column 9: unknown variant `lan`, expected one of `remote`, `local`, `any`"
+            )
+        );
     }
 
     #[test]
@@ -693,6 +882,7 @@ mod tests {
         rules.learn_country("system", "cn");
         let f = FlowRecord {
             payload: "tls".into(),
+            direction: "outbound".into(),
             ..flow()
         };
         assert!(rules.evaluate(&f).is_empty());
@@ -786,6 +976,7 @@ new_country = true
             },
             FlowRecord {
                 payload: "tls".into(),
+                direction: "outbound".into(),
                 ..flow()
             },
         ];

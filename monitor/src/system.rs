@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::ffi::CString;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -145,10 +145,27 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Makes sure `pin_dir` lives on a mounted bpffs, mounting /sys/fs/bpf if
-/// needed, and creates it.
+/// Makes sure `pin_dir` is a directory only root controls on a mounted
+/// bpffs, mounting /sys/fs/bpf (root only) if needed and creating `pin_dir`
+/// (0700) if missing. Pins hold every app's counters and the programs' links:
+/// a directory someone else controls could feed the agent planted maps or
+/// take egressmon's pins away.
 pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.is_absolute() {
+        bail!(
+            "--pin-dir must be an absolute path, got {}",
+            pin_dir.display()
+        );
+    }
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) && is_bpffs(pin_dir) {
+        bail!(
+            "{} is the root of a bpffs mount, shared with other programs' pins: egressmon keeps \
+             its pins in a directory of their own, e.g. --pin-dir {}",
+            pin_dir.display(),
+            pin_dir.join("egressmon").display()
+        );
+    }
     if !is_bpffs(parent) {
         let default = Path::new("/sys/fs/bpf");
         if parent == default {
@@ -156,44 +173,168 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
         } else {
             bail!(
                 "{} is not on a bpffs mount: choose a --pin-dir under /sys/fs/bpf, or mount one \
-                 with `mount -t bpf bpf {}`",
+                 with `mount -t bpf -o mode=0700 bpf {}`",
                 pin_dir.display(),
                 parent.display()
             );
         }
     }
-    std::fs::create_dir_all(pin_dir)
-        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-    // Pins give access to the counters: root only.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(pin_dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("restricting {} to root", pin_dir.display()))
+    check_real_path(parent)?;
+    check_parent_dir(parent)?;
+    create_pin_dir(pin_dir)?;
+    check_pin_dir(pin_dir, PinDirUse::Run)
 }
 
+/// Refuses `dir` unless it is its own real path (no symbolic link or `..`
+/// on the way), so the directory checked is the one used.
+fn check_real_path(dir: &Path) -> Result<()> {
+    let real =
+        std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    if real != dir {
+        bail!(
+            "{} is reached through a symbolic link or `..` (it is {}): egressmon does not \
+             follow links to its pin directory; pass the real path in --pin-dir",
+            dir.display(),
+            real.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a parent directory where others could rename the pin directory
+/// away and put their own in its place (writable by them, without the
+/// sticky bit that bpffs mounts have).
+fn check_parent_dir(parent: &Path) -> Result<()> {
+    let meta = std::fs::metadata(parent).with_context(|| format!("stat {}", parent.display()))?;
+    let mode = meta.mode();
+    if mode & GROUP_OR_OTHER_WRITE != 0 && mode & libc::S_ISVTX == 0 {
+        bail!(
+            "{} is writable by group or others without the sticky bit (mode {:o}): anyone could \
+             replace the pin directory in it; `chmod o-w,g-w {}` or choose another --pin-dir",
+            parent.display(),
+            mode & 0o7777,
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+/// Creates `pin_dir` with mode 0700 if it is missing. Only the last
+/// component is ever created: its parent is on bpffs already.
+fn create_pin_dir(pin_dir: &Path) -> Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(pin_dir) {
+        // The umask may have taken bits away: exactly 0700, on the
+        // directory just made (never through a link).
+        Ok(()) => open_dir_no_follow(pin_dir)?
+            .set_permissions(std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {} to root", pin_dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating pin directory {}", pin_dir.display())),
+    }
+}
+
+fn open_dir_no_follow(dir: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .with_context(|| format!("opening {}", dir.display()))
+}
+
+const GROUP_OR_OTHER_WRITE: u32 = 0o022;
+
+/// What a pin directory is checked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinDirUse {
+    /// Pinning and adopting maps: only root may add anything to it.
+    Run,
+    /// Removing root's own pins by name: others may add entries where the
+    /// sticky bit keeps them from renaming or removing root's (as in
+    /// /sys/fs/bpf itself); what they add is not root's, so it stays.
+    Detach,
+}
+
+/// Checks that `pin_dir` is a real directory (lstat: a symbolic link is
+/// refused, never followed), owned by root and, for `run`, not writable by
+/// group or others; the error says what is wrong and what to do.
+pub fn check_pin_dir(pin_dir: &Path, used_for: PinDirUse) -> Result<()> {
+    let meta = std::fs::symlink_metadata(pin_dir)
+        .with_context(|| format!("checking pin directory {}", pin_dir.display()))?;
+    match pin_dir_problem(meta.mode(), meta.uid(), used_for) {
+        Some(problem) => bail!("pin directory {}: {problem}", pin_dir.display()),
+        None => Ok(()),
+    }
+}
+
+/// What is wrong with a pin directory of this lstat mode and owner, with
+/// what to do about it.
+fn pin_dir_problem(mode: u32, uid: u32, used_for: PinDirUse) -> Option<String> {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => {}
+        libc::S_IFLNK => {
+            return Some(
+                "is a symbolic link: egressmon does not follow links for its pins (whoever made \
+                 the link would choose where root's pins go); remove the link or pass the real \
+                 directory in --pin-dir"
+                    .into(),
+            )
+        }
+        _ => return Some("is not a directory: remove it or choose another --pin-dir".into()),
+    }
+    if uid != 0 {
+        return Some(format!(
+            "is owned by uid {uid}, not root: its owner could plant maps for the agent or take \
+             egressmon's pins away; remove it (egressmon makes it again, owned by root, mode \
+             0700) or choose another --pin-dir"
+        ));
+    }
+    let sticky_is_enough = used_for == PinDirUse::Detach && mode & libc::S_ISVTX != 0;
+    if mode & GROUP_OR_OTHER_WRITE != 0 && !sticky_is_enough {
+        return Some(format!(
+            "is writable by group or others (mode {:03o}): they could plant maps for the agent \
+             or take egressmon's pins away; `chmod 700` it or choose another --pin-dir",
+            mode & 0o7777
+        ));
+    }
+    None
+}
+
+/// Whether `dir` is the root of a mount (a directory egressmon never
+/// removes, e.g. /sys/fs/bpf itself).
+pub(crate) fn is_mount_point(dir: &Path) -> bool {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    match (std::fs::symlink_metadata(dir), std::fs::metadata(parent)) {
+        (Ok(d), Ok(p)) => d.dev() != p.dev() || d.ino() == p.ino(),
+        _ => false,
+    }
+}
+
+/// Mounts bpffs at `at`, root only (bpffs alone would allow everyone in).
 fn mount_bpffs(at: &Path) -> Result<()> {
     std::fs::create_dir_all(at).ok();
     let target = CString::new(at.as_os_str().as_encoded_bytes())?;
     let bpf = CString::new("bpf")?;
-    // SAFETY: valid NUL-terminated strings; no data argument.
+    let options = CString::new("mode=0700")?;
+    // SAFETY: valid NUL-terminated strings; bpffs takes its options as text.
     let rc = unsafe {
         libc::mount(
             bpf.as_ptr(),
             target.as_ptr(),
             bpf.as_ptr(),
             0,
-            std::ptr::null(),
+            options.as_ptr().cast(),
         )
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| {
             format!(
-                "mounting bpffs at {} (try `mount -t bpf bpf {}`)",
+                "mounting bpffs at {} (try `mount -t bpf -o mode=0700 bpf {}`)",
                 at.display(),
                 at.display()
             )
         });
     }
-    log::info!("mounted bpffs at {}", at.display());
+    log::info!("mounted bpffs at {} (mode 0700)", at.display());
     Ok(())
 }
 
@@ -239,9 +380,33 @@ pub fn rfc3339(boot_ns: u64) -> Option<String> {
         .then(|| humantime::format_rfc3339_millis(boot_ns_to_system_time(boot_ns)).to_string())
 }
 
+/// The ephemeral port range of this network namespace
+/// (`net.ipv4.ip_local_port_range`, which IPv6 shares); Linux's default when
+/// unreadable.
+pub fn ephemeral_ports() -> (u32, u32) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| parse_port_range(&text))
+        .unwrap_or((32768, 60999))
+}
+
+fn parse_port_range(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.split_whitespace().map(str::parse::<u32>);
+    let (first, last) = (parts.next()?.ok()?, parts.next()?.ok()?);
+    (first <= last && last <= 65535).then_some((first, last))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ephemeral_range_is_parsed_or_defaulted() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("1024 65535"), Some((1024, 65535)));
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range("x"), None);
+    }
 
     #[test]
     fn kernel_versions_parse() {
@@ -249,5 +414,68 @@ mod tests {
         assert_eq!(parse_kernel_version("6.18.44-fc-v657"), Some((6, 18)));
         assert_eq!(parse_kernel_version("5.10.198-android12-9"), Some((5, 10)));
         assert_eq!(parse_kernel_version("garbage"), None);
+    }
+
+    #[test]
+    fn pin_dirs_only_root_controls_pass() {
+        for used_for in [PinDirUse::Run, PinDirUse::Detach] {
+            for mode in [0o700, 0o755, 0o1700] {
+                assert_eq!(pin_dir_problem(libc::S_IFDIR | mode, 0, used_for), None);
+            }
+        }
+    }
+
+    #[test]
+    fn pin_dir_problems_say_what_is_wrong() {
+        let problem = |mode, uid| pin_dir_problem(mode, uid, PinDirUse::Run).unwrap();
+        assert!(problem(libc::S_IFLNK | 0o777, 0).starts_with("is a symbolic link"));
+        assert!(problem(libc::S_IFREG | 0o600, 0).starts_with("is not a directory"));
+        let owner = problem(libc::S_IFDIR | 0o700, 65534);
+        assert!(
+            owner.starts_with("is owned by uid 65534, not root"),
+            "{owner}"
+        );
+        for mode in [0o770, 0o702, 0o1777] {
+            let writable = problem(libc::S_IFDIR | mode, 0);
+            let expected = format!("is writable by group or others (mode {mode:03o})");
+            assert!(writable.starts_with(&expected), "{writable}");
+        }
+    }
+
+    #[test]
+    fn detach_accepts_a_sticky_directory_only_root_owns() {
+        let detach = |mode, uid| pin_dir_problem(libc::S_IFDIR | mode, uid, PinDirUse::Detach);
+        assert_eq!(detach(0o1777, 0), None);
+        assert!(detach(0o777, 0).is_some());
+        assert!(detach(0o1777, 1000).is_some());
+        assert!(pin_dir_problem(libc::S_IFLNK | 0o1777, 0, PinDirUse::Detach).is_some());
+    }
+
+    #[test]
+    fn bpffs_is_mounted_root_only() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting bpffs needs root");
+            return;
+        }
+        let at = std::env::temp_dir().join(format!("egm-bpffs-{}", std::process::id()));
+        std::fs::create_dir_all(&at).unwrap();
+        let mounted = mount_bpffs(&at);
+        let mode = std::fs::metadata(&at).map(|m| m.mode() & 0o777);
+        let target = CString::new(at.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        std::fs::remove_dir(&at).unwrap();
+        mounted.unwrap();
+        assert_eq!(mode.unwrap(), 0o700);
+    }
+
+    #[test]
+    fn mount_points_are_told_apart() {
+        assert!(is_mount_point(Path::new("/")));
+        assert!(is_mount_point(Path::new("/proc")));
+        assert!(!is_mount_point(
+            &std::env::current_dir().unwrap().join("src")
+        ));
     }
 }

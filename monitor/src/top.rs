@@ -1,11 +1,13 @@
 //! `egressmon top`: the flow table grouped by owner, one row per uid, with
-//! the send rate since the previous refresh.
+//! the send rate since the previous refresh. Loopback and link-local
+//! traffic gets rows of its own, after the others; alerts are marked on
+//! their owner's row (`!N`).
 
-use crate::client;
+use crate::client::Endpoint;
 use crate::flows::FlowRecord;
+use crate::text::escape;
 use anyhow::Result;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// One owner's traffic.
@@ -23,17 +25,32 @@ pub struct OwnerRow {
     /// Busiest destinations by bytes, "addr:port".
     pub top_destinations: Vec<String>,
     pub rate_bps: f64,
+    /// Loopback and link-local traffic, in rows of its own after the others.
+    pub local: bool,
+    /// Alerts raised on these flows.
+    pub alerts: u64,
+}
+
+/// Rows are per uid and per scope (remote, or local).
+pub type RowKey = (u32, bool);
+
+impl OwnerRow {
+    pub fn key(&self) -> RowKey {
+        (self.uid, self.local)
+    }
 }
 
 pub fn group(flows: &[FlowRecord]) -> Vec<OwnerRow> {
-    let mut by_uid: HashMap<u32, (OwnerRow, Vec<(u64, String)>)> = HashMap::new();
+    let mut by_uid: HashMap<RowKey, (OwnerRow, Vec<(u64, String)>)> = HashMap::new();
     for f in flows {
-        let (row, dests) = by_uid.entry(f.uid).or_insert_with(|| {
+        let local = f.scope.is_local();
+        let (row, dests) = by_uid.entry((f.uid, local)).or_insert_with(|| {
             let row = OwnerRow {
                 uid: f.uid,
                 owner: f.owner.clone(),
                 origin: f.origin.clone(),
                 firmware: f.firmware,
+                local,
                 ..Default::default()
             };
             (row, Vec::new())
@@ -43,6 +60,7 @@ pub fn group(flows: &[FlowRecord]) -> Vec<OwnerRow> {
         row.connects += f.connects;
         row.udp_sends += f.udp_sends;
         row.destinations += 1;
+        row.alerts += f.alerts.len() as u64;
         let dst = if f.family == "ipv6" {
             format!("[{}]:{}", f.dst, f.port)
         } else {
@@ -59,8 +77,9 @@ pub fn group(flows: &[FlowRecord]) -> Vec<OwnerRow> {
         })
         .collect();
     rows.sort_by(|a, b| {
-        b.tx_bytes
-            .cmp(&a.tx_bytes)
+        a.local
+            .cmp(&b.local)
+            .then(b.tx_bytes.cmp(&a.tx_bytes))
             .then(b.connects.cmp(&a.connects))
             .then(a.uid.cmp(&b.uid))
     });
@@ -82,30 +101,43 @@ pub fn human_bytes(n: f64) -> String {
     }
 }
 
+/// `!N ` before an owner with N alerts, so they stand out in any terminal.
+pub fn alert_mark(row: &OwnerRow) -> String {
+    if row.alerts == 0 {
+        String::new()
+    } else {
+        format!("!{} ", row.alerts)
+    }
+}
+
+/// Heads the local rows: what they are and why they are apart.
+pub const LOCAL_HEADING: &str = "local (loopback, link-local: stays on this host or link)";
+
 /// Plain table that fits 80 columns (the busiest destination is cut to fit).
 pub fn render_plain(rows: &[OwnerRow]) -> String {
     let mut out = format!(
         "{:>7} {:<16} {:<11} {:>7} {:>7} {:>5} {:>4} {}\n",
         "UID", "OWNER", "ORIGIN", "RATE/s", "TOTAL", "CONN", "DSTS", "BUSIEST"
     );
-    for r in rows {
+    for (i, r) in rows.iter().enumerate() {
+        // Rows come sorted with the local ones last.
+        if r.local && (i == 0 || !rows[i - 1].local) {
+            out.push_str(LOCAL_HEADING);
+            out.push('\n');
+        }
         let origin = if r.firmware {
-            format!("{} FW", r.origin)
+            format!("{} FW", escape(&r.origin))
         } else {
-            r.origin.clone()
+            escape(&r.origin).into_owned()
         };
-        let busiest: String = r
-            .top_destinations
-            .first()
-            .cloned()
-            .unwrap_or_default()
+        let busiest: String = escape(r.top_destinations.first().map_or("", String::as_str))
             .chars()
             .take(16)
             .collect();
         out.push_str(&format!(
             "{:>7} {:<16.16} {:<11.11} {:>7} {:>7} {:>5} {:>4} {}\n",
             r.uid,
-            r.owner,
+            format!("{}{}", alert_mark(r), escape(&r.owner)),
             origin,
             human_bytes(r.rate_bps),
             human_bytes(r.tx_bytes as f64),
@@ -117,41 +149,81 @@ pub fn render_plain(rows: &[OwnerRow]) -> String {
     out
 }
 
-fn fetch(listen: SocketAddr) -> Result<Vec<FlowRecord>> {
-    Ok(serde_json::from_str(&client::get(listen, "/flows")?)?)
+fn fetch(agent: &Endpoint) -> Result<Vec<FlowRecord>> {
+    Ok(serde_json::from_str(&agent.get("/flows")?)?)
 }
 
 /// Adds send rates from the previous sample.
 pub fn with_rates(
     mut rows: Vec<OwnerRow>,
-    previous: &HashMap<u32, u64>,
+    previous: &HashMap<RowKey, u64>,
     elapsed: Duration,
 ) -> Vec<OwnerRow> {
     let secs = elapsed.as_secs_f64().max(0.001);
     for r in &mut rows {
-        if let Some(before) = previous.get(&r.uid) {
+        if let Some(before) = previous.get(&r.key()) {
             r.rate_bps = r.tx_bytes.saturating_sub(*before) as f64 / secs;
         }
     }
     rows
 }
 
-pub fn run(listen: SocketAddr, once: bool) -> Result<()> {
+pub fn run(agent: &Endpoint, once: bool) -> Result<()> {
     if once {
-        print!("{}", render_plain(&group(&fetch(listen)?)));
+        print!("{}", render_plain(&group(&fetch(agent)?)));
         return Ok(());
     }
-    crate::tui::run(listen)
+    crate::tui::run(agent)
 }
 
-pub fn sample(listen: SocketAddr) -> Result<Vec<FlowRecord>> {
-    fetch(listen)
+pub fn sample(agent: &Endpoint) -> Result<Vec<FlowRecord>> {
+    fetch(agent)
 }
 
-pub fn totals(rows: &[OwnerRow]) -> HashMap<u32, u64> {
-    rows.iter().map(|r| (r.uid, r.tx_bytes)).collect()
+pub fn totals(rows: &[OwnerRow]) -> HashMap<RowKey, u64> {
+    rows.iter().map(|r| (r.key(), r.tx_bytes)).collect()
 }
 
 pub fn now() -> Instant {
     Instant::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::Scope;
+
+    fn flow(uid: u32, dst: &str, bytes: u64, alerts: &[&str]) -> FlowRecord {
+        let record = serde_json::json!({
+            "uid": uid, "user": 0, "app_id": uid, "owner": format!("uid {uid}"),
+            "packages": [], "origin": "system", "firmware": true, "comm": null,
+            "pid": null, "cgroup_id": null, "cgroup": null, "unit": null, "exe": null,
+            "cmdline": null, "proto": "tcp", "family": "ipv4", "dst": dst, "port": 80,
+            "connects": 1, "udp_sends": 0, "tx_packets": 1, "tx_bytes": bytes,
+            "first_seen": null, "last_seen": null, "host": null, "host_source": null,
+            "country": null, "asn": null, "payload": "http", "alerts": alerts,
+        });
+        let mut flow: FlowRecord = serde_json::from_value(record).unwrap();
+        flow.scope = Scope::of(dst.parse().unwrap());
+        flow
+    }
+
+    #[test]
+    fn local_rows_come_last_under_a_heading_and_alerts_are_marked() {
+        let rows = group(&[
+            flow(0, "127.0.0.1", 9000, &[]),
+            flow(0, "169.254.1.1", 1000, &[]),
+            flow(0, "203.0.113.7", 10, &["firmware-cleartext"]),
+            flow(7, "203.0.113.8", 500, &[]),
+        ]);
+        let keys: Vec<RowKey> = rows.iter().map(OwnerRow::key).collect();
+        assert_eq!(keys, [(7, false), (0, false), (0, true)]);
+        assert_eq!((rows[2].destinations, rows[2].tx_bytes), (2, 10_000));
+        let text = render_plain(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[3], LOCAL_HEADING, "{text}");
+        assert!(lines[2].contains("!1 uid 0"), "{text}");
+        assert!(lines[4].contains("127.0.0.1:80"), "{text}");
+        assert!(lines.iter().all(|l| l.chars().count() <= 80), "{text}");
+    }
 }

@@ -44,12 +44,24 @@ struct Tracked {
 }
 
 /// The counters of a flow value (what deltas are taken of).
-#[derive(Clone, Copy, Default, PartialEq, Eq)]
-struct Counters {
-    connects: u64,
-    udp_sends: u64,
-    tx_packets: u64,
-    tx_bytes: u64,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub connects: u64,
+    pub udp_sends: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+impl Counters {
+    fn value(&self) -> FlowValue {
+        FlowValue {
+            connects: self.connects,
+            udp_sends: self.udp_sends,
+            tx_packets: self.tx_packets,
+            tx_bytes: self.tx_bytes,
+            ..Default::default()
+        }
+    }
 }
 
 impl From<&FlowValue> for Counters {
@@ -125,6 +137,78 @@ pub struct Tracker {
     pub flows_evicted: u64,
     /// The rules' names, in order (bit i of `Tracked::fired` is rule i).
     rule_names: Vec<String>,
+    /// Flows whose flow_start a previous agent logged after its last save
+    /// (see [`Tracker::replay`]): they start here without a second line.
+    announced: HashMap<FlowKey, Announced, foldhash::fast::RandomState>,
+    /// Something a state file keeps changed since [`Tracker::take_dirty`].
+    dirty: bool,
+    /// `Pass::secs` of the latest pass.
+    last_secs: u32,
+}
+
+/// What a previous agent logged of a flow it had not saved yet.
+#[derive(Default)]
+struct Announced {
+    logged: Counters,
+    fired: u64,
+}
+
+/// A tracked flow as a state file keeps it over an agent restart (see
+/// `crate::state`).
+pub(crate) struct SavedFlow {
+    pub key: FlowKey,
+    /// The kernel's counters as of the last pass: its bytes up to here are
+    /// in `class`'s total.
+    pub current: FlowValue,
+    pub logged: Counters,
+    /// Seconds since its counters last moved, as of the last pass.
+    pub idle_secs: u32,
+    pub ended: bool,
+    pub cleartext: bool,
+    pub class: u32,
+    /// Rules that alerted on it, bit i for `SavedTotals::rule_names[i]`.
+    pub fired: u64,
+    pub stamp: u64,
+    pub meta: Option<FlowMeta>,
+}
+
+/// Everything else a state file keeps of the tracker.
+#[derive(Default)]
+pub(crate) struct SavedTotals {
+    pub rule_names: Vec<String>,
+    /// Bytes per class, in class index order.
+    pub classes: Vec<(CountryKey, u64)>,
+    pub cleartext_flows: BTreeMap<OwnerKey, u64>,
+    pub alerts: BTreeMap<String, u64>,
+    pub flows_evicted: u64,
+    pub owners: Vec<Owner>,
+    /// Countries each owner reached (for `new_country` rules).
+    pub countries_reached: Vec<(String, Vec<String>)>,
+    /// Seconds since the last flow_update round, as of the last pass.
+    pub since_update: Option<u32>,
+}
+
+/// How saved flows are brought back (see [`Tracker::restore_totals`]).
+pub(crate) struct Restoring {
+    /// New rule index of each saved rule bit.
+    rule_bits: Vec<Option<usize>>,
+    /// Seconds the agent was away (added to every idle time).
+    downtime_secs: u32,
+    /// `Pass::secs` of the first pass to come, about.
+    base_secs: u32,
+}
+
+/// A `--log` line of a previous agent, written after its last save.
+pub(crate) enum Logged {
+    Start(FlowKey, Counters),
+    Update(FlowKey, Counters),
+    End {
+        key: FlowKey,
+        counters: Counters,
+        evicted: bool,
+    },
+    Alert(FlowKey, String),
+    OwnerChange(Owner),
 }
 
 fn stamp(mut value: Value, name: &str) -> Value {
@@ -194,6 +278,13 @@ fn changed(a: &FlowValue, b: &Counters) -> bool {
     Counters::from(a) != *b
 }
 
+/// Whether `now` is the flow `tracked` was: the kernel stamps `first_seen`
+/// once, when it creates the entry (0: not known, as for flows a previous
+/// agent only logged).
+fn same_flow(tracked: &FlowValue, now: &FlowValue) -> bool {
+    tracked.first_seen == 0 || now.first_seen == 0 || tracked.first_seen == now.first_seen
+}
+
 impl Tracker {
     /// When a pass last saw the flow's counters move (CLOCK_BOOTTIME ns).
     pub fn last_seen(&self, key: &FlowKey) -> Option<u64> {
@@ -236,15 +327,21 @@ impl Tracker {
             cleartext_flows: BTreeMap::new(),
             alerts: BTreeMap::new(),
             flows_evicted: 0,
+            announced: HashMap::default(),
+            dirty: false,
+            last_secs: 0,
         }
     }
 
     fn class_of(&mut self, record: &FlowRecord) -> u32 {
-        let key = (
+        self.class_index_of((
             record.origin.clone(),
             record.firmware,
             record.country.clone().unwrap_or_else(|| "unknown".into()),
-        );
+        ))
+    }
+
+    fn class_index_of(&mut self, key: CountryKey) -> u32 {
         if let Some(&i) = self.class_index.get(&key) {
             return i;
         }
@@ -310,88 +407,130 @@ impl Tracker {
             sink,
         };
         self.note_owners(snapshot, describe, &mut events);
-        let (generation, secs, boot_now) = (pass.generation, pass.secs, pass.boot_now);
         for (key, value) in snapshot {
             // One hash lookup per flow and pass; indices from here on.
-            let Some(mut index) = self.flows.get_index_of(key) else {
-                let meta = describe.take_identity(key);
-                // Classes and rules need no process details: those are
-                // described only for the lines that show them.
-                let record = describe.record(key, value, None);
-                let class = self.class_of(&record);
-                self.add_bytes(class, value.tx_bytes);
-                events
-                    .push_with(|| event("flow_start", &describe.record(key, value, meta.as_ref())));
-                let mut tracked = Tracked {
-                    current: *value,
-                    logged: value.into(),
-                    meta,
-                    last_change: secs,
-                    ended: false,
-                    class,
-                    seen: generation,
-                    stamp: describe.stamp(key),
-                    fired: 0,
-                    cleartext: false,
-                };
-                let meta = tracked.meta.clone();
-                self.judge(&record, &mut tracked, &mut events, &|| {
-                    describe.record(key, value, meta.as_ref())
-                });
-                self.flows.insert(*key, tracked);
-                continue;
-            };
-            let tracked = &mut self.flows[index];
-            if tracked.meta.is_none() {
-                // Its event was read after the snapshot that found it.
-                tracked.meta = describe.take_identity(key);
-            }
-            let stamp = describe.stamp(key);
-            if stamp != tracked.stamp {
-                // Its payload or name arrived: describe and judge it again.
-                let record = describe.record(key, value, None);
-                let mut tracked = self.flows.swap_remove_index(index).expect("present").1;
-                tracked.stamp = stamp;
-                let meta = tracked.meta.clone();
-                self.judge(&record, &mut tracked, &mut events, &|| {
-                    describe.record(key, value, meta.as_ref())
-                });
-                index = self.flows.insert_full(*key, tracked).0;
-            }
-            let tracked = &self.flows[index];
-            let (before, class, ended, logged) = (
-                tracked.current,
-                tracked.class,
-                tracked.ended,
-                tracked.logged,
-            );
-            let meta = if ended { tracked.meta.clone() } else { None };
-            self.add_bytes(class, value.tx_bytes.saturating_sub(before.tx_bytes));
-            let moved = changed(value, &(&before).into());
-            if moved && ended {
-                events.push_with(|| {
-                    with_deltas(
-                        event("flow_start", &describe.record(key, value, meta.as_ref())),
-                        value,
-                        &logged,
-                    )
-                });
-            }
-            let tracked = &mut self.flows[index];
-            // The kernel stamps a flow when it creates it; after that, "last
-            // seen" is when a pass found its counters moved.
-            let last_seen = if moved { boot_now } else { before.last_seen };
-            tracked.current = FlowValue {
-                last_seen,
-                ..*value
-            };
-            tracked.seen = generation;
-            if moved {
-                tracked.last_change = secs;
-                if ended {
-                    tracked.ended = false;
-                    tracked.logged = value.into();
+            match self.flows.get_index_of(key) {
+                Some(index) if same_flow(&self.flows[index].current, value) => {
+                    self.follow(pass, index, key, value, describe, &mut events)
                 }
+                Some(index) => {
+                    // Evicted and made again under the same key since the
+                    // last pass (or while no agent ran): the old one ended.
+                    let (_, old) = self.flows.swap_remove_index(index).expect("present");
+                    events.push_with(|| end_event(describe, key, &old, "evicted"));
+                    self.flows_evicted += 1;
+                    self.start(pass, key, value, describe, &mut events);
+                }
+                None => self.start(pass, key, value, describe, &mut events),
+            }
+        }
+    }
+
+    /// A flow the tracker did not follow yet.
+    fn start(
+        &mut self,
+        pass: &Pass,
+        key: &FlowKey,
+        value: &FlowValue,
+        describe: &dyn Describe,
+        events: &mut Sink<'_>,
+    ) {
+        self.dirty = true;
+        let meta = describe.take_identity(key);
+        // Classes and rules need no process details: those are described
+        // only for the lines that show them.
+        let record = describe.record(key, value, None);
+        let class = self.class_of(&record);
+        self.add_bytes(class, value.tx_bytes);
+        let announced = self.announced.remove(key);
+        if announced.is_none() {
+            events.push_with(|| event("flow_start", &describe.record(key, value, meta.as_ref())));
+        }
+        let mut tracked = Tracked {
+            current: *value,
+            logged: announced.as_ref().map_or(value.into(), |a| a.logged),
+            meta,
+            last_change: pass.secs,
+            ended: false,
+            class,
+            seen: pass.generation,
+            stamp: describe.stamp(key),
+            fired: announced.map_or(0, |a| a.fired),
+            cleartext: false,
+        };
+        let meta = tracked.meta.clone();
+        self.judge(&record, &mut tracked, events, &|| {
+            describe.record(key, value, meta.as_ref())
+        });
+        self.flows.insert(*key, tracked);
+    }
+
+    /// A tracked flow found again.
+    fn follow(
+        &mut self,
+        pass: &Pass,
+        mut index: usize,
+        key: &FlowKey,
+        value: &FlowValue,
+        describe: &dyn Describe,
+        events: &mut Sink<'_>,
+    ) {
+        let tracked = &mut self.flows[index];
+        if tracked.meta.is_none() {
+            // Its event was read after the snapshot that found it.
+            tracked.meta = describe.take_identity(key);
+        }
+        let stamp = describe.stamp(key);
+        if stamp != tracked.stamp {
+            // Its payload or name arrived: describe and judge it again.
+            self.dirty = true;
+            let record = describe.record(key, value, None);
+            let mut tracked = self.flows.swap_remove_index(index).expect("present").1;
+            tracked.stamp = stamp;
+            let meta = tracked.meta.clone();
+            self.judge(&record, &mut tracked, events, &|| {
+                describe.record(key, value, meta.as_ref())
+            });
+            index = self.flows.insert_full(*key, tracked).0;
+        }
+        let tracked = &self.flows[index];
+        let (before, class, ended, logged) = (
+            tracked.current,
+            tracked.class,
+            tracked.ended,
+            tracked.logged,
+        );
+        let meta = if ended { tracked.meta.clone() } else { None };
+        self.add_bytes(class, value.tx_bytes.saturating_sub(before.tx_bytes));
+        let moved = changed(value, &(&before).into());
+        if moved && ended {
+            events.push_with(|| {
+                with_deltas(
+                    event("flow_start", &describe.record(key, value, meta.as_ref())),
+                    value,
+                    &logged,
+                )
+            });
+        }
+        self.dirty |= moved;
+        let tracked = &mut self.flows[index];
+        // The kernel stamps a flow when it creates it; after that, "last
+        // seen" is when a pass found its counters moved.
+        let last_seen = if moved {
+            pass.boot_now
+        } else {
+            before.last_seen
+        };
+        tracked.current = FlowValue {
+            last_seen,
+            ..*value
+        };
+        tracked.seen = pass.generation;
+        if moved {
+            tracked.last_change = pass.secs;
+            if ended {
+                tracked.ended = false;
+                tracked.logged = value.into();
             }
         }
     }
@@ -404,6 +543,7 @@ impl Tracker {
             sink,
         };
         let (now, generation, secs) = (pass.now, pass.generation, pass.secs);
+        self.last_secs = secs;
         let update_due = self
             .last_update
             .is_none_or(|t| now.duration_since(t) >= self.options.update_every);
@@ -416,19 +556,23 @@ impl Tracker {
             tracked.seen == generation
         });
         self.flows_evicted += (before - self.flows.len()) as u64;
+        self.end_unmet_announced(describe, &mut events);
+        self.dirty |= self.flows.len() != before;
         // Idle flows end; the kernel entry stays and new traffic restarts it.
-        let idle_secs = self.options.idle_after.as_secs_f64().ceil() as u32;
+        let idle_secs = self.idle_secs();
         for (key, tracked) in self.flows.iter_mut() {
             if !tracked.ended && secs.saturating_sub(tracked.last_change) >= idle_secs {
                 events.push_with(|| end_event(describe, key, tracked, "idle"));
                 tracked.logged = (&tracked.current).into();
                 tracked.ended = true;
+                self.dirty = true;
             }
         }
         if update_due {
             self.last_update = Some(now);
             for (key, tracked) in self.flows.iter_mut().filter(|(_, t)| !t.ended) {
                 if changed(&tracked.current, &tracked.logged) {
+                    self.dirty = true;
                     events.push_with(|| {
                         let record = describe.record(key, &tracked.current, tracked.meta.as_ref());
                         with_deltas(
@@ -440,6 +584,26 @@ impl Tracker {
                     tracked.logged = (&tracked.current).into();
                 }
             }
+        }
+    }
+
+    fn idle_secs(&self) -> u32 {
+        self.options.idle_after.as_secs_f64().ceil() as u32
+    }
+
+    /// Flows a previous agent logged a start of that no pass has found: the
+    /// kernel dropped them before this agent looked.
+    fn end_unmet_announced(&mut self, describe: &dyn Describe, events: &mut Sink<'_>) {
+        for (key, announced) in std::mem::take(&mut self.announced) {
+            let value = announced.logged.value();
+            events.push_with(|| {
+                let record = describe.record(&key, &value, None);
+                let mut end = with_deltas(event("flow_end", &record), &value, &announced.logged);
+                end["reason"] = json!("evicted");
+                end
+            });
+            self.flows_evicted += 1;
+            self.dirty = true;
         }
     }
 
@@ -456,31 +620,28 @@ impl Tracker {
     ) {
         if !tracked.cleartext && matches!(r.payload.as_str(), "cleartext" | "http") {
             tracked.cleartext = true;
+            self.dirty = true;
             *self
                 .cleartext_flows
                 .entry((r.uid, r.owner.clone(), r.origin.clone(), r.firmware))
                 .or_default() += 1;
         }
         for rule in self.options.rules.evaluate(r) {
-            let index = self
-                .rule_names
-                .iter()
-                .position(|n| *n == rule)
-                .unwrap_or(63)
-                .min(63);
-            if tracked.fired & (1 << index) != 0 {
+            let bit = self.rule_bit(&rule);
+            if tracked.fired & bit != 0 {
                 continue;
             }
-            tracked.fired |= 1 << index;
+            tracked.fired |= bit;
+            self.dirty = true;
             *self.alerts.entry(rule.clone()).or_default() += 1;
             log::warn!(
                 "alert {rule}: uid {} ({}, {}) -> {}:{} host {} country {} payload {}",
                 r.uid,
-                r.owner,
+                crate::text::escape(&r.owner),
                 r.origin,
                 r.dst,
                 r.port,
-                r.host.as_deref().unwrap_or("?"),
+                crate::text::escape(r.host.as_deref().unwrap_or("?")),
                 r.country.as_deref().unwrap_or("?"),
                 r.payload
             );
@@ -528,7 +689,10 @@ impl Tracker {
                     value
                 });
             }
-            self.owners.insert(uid, owner);
+            if self.owners.get(&uid) != Some(&owner) {
+                self.dirty = true;
+                self.owners.insert(uid, owner);
+            }
         }
     }
 
@@ -536,8 +700,192 @@ impl Tracker {
         self.rule_names.clone()
     }
 
+    /// A rule's bit in `Tracked::fired` (rules beyond 63 share the last).
+    fn rule_bit(&self, rule: &str) -> u64 {
+        let index = self.rule_names.iter().position(|n| n == rule);
+        1 << index.unwrap_or(63).min(63)
+    }
+
     pub fn tracked(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Whether something a state file keeps changed since the last call.
+    pub(crate) fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Whether a tracked flow's counters stood still over the latest pass.
+    pub(crate) fn quiet(&self, key: &FlowKey) -> Option<bool> {
+        self.flows.get(key).map(|t| t.last_change < self.last_secs)
+    }
+
+    /// Everything a state file keeps but the flows.
+    pub(crate) fn saved_totals(&self) -> SavedTotals {
+        let mut owners: Vec<Owner> = self.owners.values().cloned().collect();
+        owners.sort_by_key(|o| o.uid);
+        let since_update = self
+            .last_update
+            .map(|t| t.elapsed().as_secs().min(u32::MAX.into()) as u32);
+        SavedTotals {
+            rule_names: self.rule_names.clone(),
+            classes: self
+                .classes
+                .iter()
+                .cloned()
+                .zip(self.class_bytes.iter().copied())
+                .collect(),
+            cleartext_flows: self.cleartext_flows.clone(),
+            alerts: self.alerts.clone(),
+            flows_evicted: self.flows_evicted,
+            owners,
+            countries_reached: self
+                .options
+                .rules
+                .countries_reached()
+                .map(|(owner, countries)| (owner.to_string(), countries.iter().cloned().collect()))
+                .collect(),
+            since_update,
+        }
+    }
+
+    /// Every tracked flow as a state file keeps it.
+    pub(crate) fn saved_flows(&self) -> impl ExactSizeIterator<Item = SavedFlow> + '_ {
+        self.flows.iter().map(|(key, t)| SavedFlow {
+            key: *key,
+            current: t.current,
+            logged: t.logged,
+            idle_secs: self.last_secs.saturating_sub(t.last_change),
+            ended: t.ended,
+            cleartext: t.cleartext,
+            class: t.class,
+            fired: t.fired,
+            stamp: t.stamp,
+            meta: t.meta.clone(),
+        })
+    }
+
+    /// Takes back a previous agent's totals, `downtime` after it saved them;
+    /// its flows follow through [`Tracker::restore_flow`].
+    pub(crate) fn restore_totals(&mut self, saved: SavedTotals, downtime: Duration) -> Restoring {
+        for (key, bytes) in saved.classes {
+            let class = self.class_index_of(key);
+            self.class_bytes[class as usize] += bytes;
+        }
+        self.cleartext_flows = saved.cleartext_flows;
+        self.alerts = saved.alerts;
+        self.flows_evicted = saved.flows_evicted;
+        self.owners = saved.owners.into_iter().map(|o| (o.uid, o)).collect();
+        for (owner, countries) in &saved.countries_reached {
+            for country in countries {
+                self.options.rules.learn_country(owner, country);
+            }
+        }
+        let downtime_secs = downtime.as_secs().min(u32::MAX.into()) as u32;
+        self.last_update = saved.since_update.and_then(|since| {
+            let ago = Duration::from_secs(u64::from(since) + u64::from(downtime_secs));
+            Instant::now().checked_sub(ago)
+        });
+        // Idle times carry over: the clock starts far enough back that a
+        // flow quiet for longer than --flow-idle ends on the first pass.
+        let base = self.idle_secs().saturating_add(1);
+        let base_secs = match Instant::now().checked_sub(Duration::from_secs(base.into())) {
+            Some(epoch) => {
+                self.epoch = epoch;
+                base
+            }
+            None => 0,
+        };
+        self.dirty = true;
+        Restoring {
+            rule_bits: saved
+                .rule_names
+                .iter()
+                .map(|name| self.rule_names.iter().position(|n| n == name))
+                .collect(),
+            downtime_secs,
+            base_secs,
+        }
+    }
+
+    /// Takes back one flow of a previous agent (after `restore_totals`).
+    pub(crate) fn restore_flow(&mut self, saved: SavedFlow, restoring: &Restoring) {
+        let idle = saved.idle_secs.saturating_add(restoring.downtime_secs);
+        let mut fired = 0;
+        for (bit, index) in restoring.rule_bits.iter().enumerate().take(64) {
+            match *index {
+                Some(index) if saved.fired & (1 << bit) != 0 => fired |= 1 << index.min(63),
+                _ => {}
+            }
+        }
+        let class = if (saved.class as usize) < self.classes.len() {
+            saved.class
+        } else {
+            self.class_index_of(("unknown".into(), false, "unknown".into()))
+        };
+        let tracked = Tracked {
+            current: saved.current,
+            logged: saved.logged,
+            meta: saved.meta,
+            last_change: restoring.base_secs.saturating_sub(idle),
+            ended: saved.ended,
+            class,
+            // Not seen by any pass of this agent yet (passes count from 1).
+            seen: 0,
+            stamp: saved.stamp,
+            fired,
+            cleartext: saved.cleartext,
+        };
+        self.flows.insert(saved.key, tracked);
+    }
+
+    /// Applies a line a previous agent logged after its last save, so that
+    /// this agent neither writes it again nor counts its alert twice.
+    pub(crate) fn replay(&mut self, line: Logged) {
+        self.dirty = true;
+        match line {
+            Logged::Start(key, counters) => match self.flows.get_mut(&key) {
+                Some(t) => {
+                    t.ended = false;
+                    t.logged = counters;
+                }
+                None => self.announced.entry(key).or_default().logged = counters,
+            },
+            Logged::Update(key, counters) => {
+                if let Some(t) = self.flows.get_mut(&key) {
+                    t.logged = counters;
+                } else if let Some(a) = self.announced.get_mut(&key) {
+                    a.logged = counters;
+                }
+            }
+            Logged::End {
+                key,
+                counters,
+                evicted: false,
+            } => {
+                if let Some(t) = self.flows.get_mut(&key) {
+                    t.ended = true;
+                    t.logged = counters;
+                }
+            }
+            Logged::End { key, .. } => {
+                let gone = self.flows.swap_remove(&key).is_some();
+                if self.announced.remove(&key).is_some() || gone {
+                    self.flows_evicted += 1;
+                }
+            }
+            Logged::Alert(key, rule) => {
+                let bit = self.rule_bit(&rule);
+                match self.flows.get_mut(&key) {
+                    Some(t) => t.fired |= bit,
+                    None => self.announced.entry(key).or_default().fired |= bit,
+                }
+                *self.alerts.entry(rule).or_default() += 1;
+            }
+            Logged::OwnerChange(owner) => {
+                self.owners.insert(owner.uid, owner);
+            }
+        }
     }
 }
 

@@ -67,6 +67,10 @@ pub enum GenKind {
         /// Send from an AF_INET6 socket (for IPv4-mapped destinations).
         #[arg(long)]
         v6_socket: bool,
+        /// IPv6: put an 8-byte destination-options extension header before
+        /// the UDP header of every datagram (needs CAP_NET_RAW, i.e. uid 0).
+        #[arg(long)]
+        dest_opts: bool,
     },
     /// UDP to `count` distinct IPv4 addresses from `base` upward (e.g.
     /// 127.1.0.0 in a namespace of its own: all loopback, no neighbours).
@@ -124,6 +128,16 @@ pub enum GenKind {
         count: u64,
         #[arg(long, default_value_t = 3_500)]
         timeout_ms: u64,
+    },
+    /// A DNS answer nobody asked for: "NAME is ADDR", sent from port 53 to
+    /// DST (how one uid would try to name another uid's destinations).
+    DnsAnswer {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        addr: std::net::Ipv4Addr,
     },
     /// Sink: accept TCP and drain UDP on the given addresses until killed.
     Serve {
@@ -203,8 +217,12 @@ fn send(what: GenKind) -> Result<()> {
             count,
             size,
             v6_socket,
+            dest_opts,
         } => {
             let socket = UdpSocket::bind(unspecified(dst, v6_socket))?;
+            if dest_opts {
+                set_dest_opts(&socket)?;
+            }
             let payload = vec![0x5au8; size];
             let target = match (dst, v6_socket) {
                 (SocketAddr::V4(v4), true) => {
@@ -276,6 +294,14 @@ Connection: close
             let mut reply = [0u8; 4096];
             let n = stream.read(&mut reply).unwrap_or(0);
             println!("tls: {n} bytes from the server");
+            Ok(())
+        }
+        GenKind::DnsAnswer { dst, name, addr } => {
+            let socket = UdpSocket::bind(SocketAddr::new(unspecified(dst, false).ip(), 53))?;
+            let zone = [(name.to_ascii_lowercase(), addr)].into_iter().collect();
+            let answer = dns::answer(&dns::query(0x4243, &name), &zone)
+                .context("building the DNS answer")?;
+            socket.send_to(&answer, dst)?;
             Ok(())
         }
         GenKind::StalledConnects {
@@ -418,6 +444,28 @@ fn serve(
     std::io::stdout().flush()?;
     for h in handles {
         let _ = h.join();
+    }
+    Ok(())
+}
+
+/// Makes every datagram of `socket` carry a destination-options header
+/// holding one PadN option (8 bytes in all; the kernel fills next-header).
+fn set_dest_opts(socket: &UdpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const IPV6_DSTOPTS: libc::c_int = 59;
+    let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    // SAFETY: an 8-byte option buffer of the declared length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            IPV6_DSTOPTS,
+            header.as_ptr() as *const libc::c_void,
+            header.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

@@ -2,17 +2,18 @@
 //! second. Keys: ↑/↓ select, Enter expand/collapse an owner's flows,
 //! s cycle sort, f firmware only, q quit. Fits an 80x24 adb shell.
 
+use crate::client::Endpoint;
 use crate::flows::FlowRecord;
+use crate::text::{escape, escape_opt};
 use crate::top::{self, OwnerRow};
 use anyhow::Result;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
 use ratatui::layout::{Constraint, Layout};
-use ratatui::style::{Modifier, Style};
+use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Borders, Paragraph, Row, Table, TableState};
 use ratatui::Frame;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -51,7 +52,14 @@ pub struct View {
     pub expanded: Option<u32>,
     pub selected: usize,
     pub error: Option<String>,
+    /// Where the agent's own log goes, shown in the footer (set by whoever
+    /// started the agent beside this table: see [`AGENT_LOG_ENV`]).
+    pub agent_log: Option<String>,
 }
+
+/// Environment variable naming the file the agent's log goes to, so its
+/// lines are never drawn over the table (`cargo xtask run` sets it).
+pub const AGENT_LOG_ENV: &str = "EGRESSMON_AGENT_LOG";
 
 impl View {
     pub fn new() -> View {
@@ -63,6 +71,7 @@ impl View {
             expanded: None,
             selected: 0,
             error: None,
+            agent_log: None,
         }
     }
 
@@ -78,6 +87,8 @@ impl View {
             SortKey::Connects => rows.sort_by_key(|r| std::cmp::Reverse(r.connects)),
             SortKey::Uid => rows.sort_by_key(|r| r.uid),
         }
+        // Local traffic apart, after the rest (the sort is stable).
+        rows.sort_by_key(|r| r.local);
         rows
     }
 
@@ -105,16 +116,24 @@ impl View {
     }
 
     pub fn draw(&self, frame: &mut Frame) {
+        let footer_lines = if self.agent_log.is_some() { 2 } else { 1 };
         let [header, body, footer] = Layout::vertical([
             Constraint::Length(1),
             Constraint::Min(3),
-            Constraint::Length(1),
+            Constraint::Length(footer_lines),
         ])
         .areas(frame.area());
         let total: u64 = self.rows.iter().map(|r| r.tx_bytes).sum();
+        let owners: std::collections::HashSet<u32> = self.rows.iter().map(|r| r.uid).collect();
+        let alerts: u64 = self.rows.iter().map(|r| r.alerts).sum();
         let title = format!(
-            "egressmon top  owners {}  sent {}  sort: {}{}",
-            self.rows.len(),
+            "egressmon top  owners {}{}  sent {}  sort: {}{}",
+            owners.len(),
+            if alerts > 0 {
+                format!("  alerts {alerts}")
+            } else {
+                String::new()
+            },
             top::human_bytes(total as f64),
             self.sort.name(),
             if self.firmware_only {
@@ -129,33 +148,59 @@ impl View {
         );
         let mut rows = Vec::new();
         for r in self.visible() {
-            rows.push(Row::new(vec![
-                r.uid.to_string(),
-                r.owner.clone(),
-                format!("{}{}", r.origin, if r.firmware { " FW" } else { "" }),
-                top::human_bytes(r.rate_bps),
-                top::human_bytes(r.tx_bytes as f64),
-                r.connects.to_string(),
-                r.destinations.to_string(),
-                r.top_destinations.join(" "),
-            ]));
+            let style = if r.local {
+                Style::default().add_modifier(Modifier::DIM)
+            } else if r.alerts > 0 {
+                Style::default().fg(Color::Red)
+            } else {
+                Style::default()
+            };
+            rows.push(
+                Row::new(vec![
+                    r.uid.to_string(),
+                    format!("{}{}", top::alert_mark(r), escape(&r.owner)),
+                    // Local rows say so where the origin would be.
+                    format!(
+                        "{}{}",
+                        if r.local {
+                            "local".into()
+                        } else {
+                            escape(&r.origin)
+                        },
+                        if r.firmware { " FW" } else { "" }
+                    ),
+                    top::human_bytes(r.rate_bps),
+                    top::human_bytes(r.tx_bytes as f64),
+                    r.connects.to_string(),
+                    r.destinations.to_string(),
+                    escape(&r.top_destinations.join(" ")).into_owned(),
+                ])
+                .style(style),
+            );
             if self.expanded == Some(r.uid) {
-                for f in self.flows.iter().filter(|f| f.uid == r.uid) {
-                    let dst = if f.family == "ipv6" {
+                for f in self.flows_of(r) {
+                    let mut dst = if f.family == "ipv6" {
                         format!("[{}]:{}", f.dst, f.port)
                     } else {
                         format!("{}:{}", f.dst, f.port)
                     };
+                    // The count where the origin would be, the rules after
+                    // the destination (cut first when space runs out).
+                    let mut marker = String::new();
+                    if !f.alerts.is_empty() {
+                        marker = format!("!{}", f.alerts.len());
+                        dst = format!("{dst} {}", f.alerts.join(","));
+                    }
                     rows.push(
                         Row::new(vec![
                             String::new(),
-                            format!("  {} {}", f.proto, f.comm.clone().unwrap_or_default()),
-                            String::new(),
+                            format!("  {} {}", escape(&f.proto), escape_opt(f.comm.as_deref())),
+                            marker,
                             String::new(),
                             top::human_bytes(f.tx_bytes as f64),
                             f.connects.to_string(),
                             String::new(),
-                            dst,
+                            escape(&dst).into_owned(),
                         ])
                         .style(Style::default().add_modifier(Modifier::DIM)),
                     );
@@ -186,10 +231,21 @@ impl View {
         state.select(self.selected_row_index());
         frame.render_stateful_widget(table, body, &mut state);
         let help = match &self.error {
-            Some(e) => format!("error: {e}"),
+            Some(e) => format!("error: {}", escape(e)),
             None => "q quit  s sort  f firmware only  Enter expand  ↑↓ select".to_string(),
         };
-        frame.render_widget(Paragraph::new(Line::from(help)), footer);
+        let mut lines = vec![Line::from(help)];
+        if let Some(log) = &self.agent_log {
+            lines.push(Line::from(format!("agent log: {log}")));
+        }
+        frame.render_widget(Paragraph::new(lines), footer);
+    }
+
+    /// The flows one row sums up: its uid's, in its scope.
+    fn flows_of<'a>(&'a self, row: &'a OwnerRow) -> impl Iterator<Item = &'a FlowRecord> {
+        self.flows
+            .iter()
+            .filter(|f| f.uid == row.uid && f.scope.is_local() == row.local)
     }
 
     /// Table row index of the selected owner (expanded flows take rows).
@@ -205,7 +261,7 @@ impl View {
             }
             index += 1;
             if self.expanded == Some(r.uid) {
-                index += self.flows.iter().filter(|f| f.uid == r.uid).count();
+                index += self.flows_of(r).count();
             }
         }
         None
@@ -214,7 +270,7 @@ impl View {
     pub fn update(
         &mut self,
         flows: Vec<FlowRecord>,
-        previous: &HashMap<u32, u64>,
+        previous: &HashMap<top::RowKey, u64>,
         elapsed: Duration,
     ) {
         self.rows = top::with_rates(top::group(&flows), previous, elapsed);
@@ -231,21 +287,24 @@ impl Default for View {
     }
 }
 
-pub fn run(listen: SocketAddr) -> Result<()> {
+pub fn run(agent: &Endpoint) -> Result<()> {
     let mut terminal = ratatui::init();
-    let result = event_loop(&mut terminal, listen);
+    let result = event_loop(&mut terminal, agent);
     ratatui::restore();
     result
 }
 
-fn event_loop(terminal: &mut ratatui::DefaultTerminal, listen: SocketAddr) -> Result<()> {
-    let mut view = View::new();
-    let mut previous: HashMap<u32, u64> = HashMap::new();
+fn event_loop(terminal: &mut ratatui::DefaultTerminal, agent: &Endpoint) -> Result<()> {
+    let mut view = View {
+        agent_log: std::env::var(AGENT_LOG_ENV).ok().filter(|p| !p.is_empty()),
+        ..View::new()
+    };
+    let mut previous: HashMap<top::RowKey, u64> = HashMap::new();
     let mut last = Instant::now() - Duration::from_secs(2);
     let mut sampled_at = Instant::now();
     loop {
         if last.elapsed() >= Duration::from_secs(1) {
-            match top::sample(listen) {
+            match top::sample(agent) {
                 Ok(flows) => {
                     view.update(flows, &previous, sampled_at.elapsed());
                     previous = top::totals(&view.rows);
@@ -303,7 +362,85 @@ mod tests {
             country: None,
             asn: None,
             payload: "unknown".into(),
+            direction: "outbound".into(),
+            scope: Default::default(),
+            alerts: Vec::new(),
         }
+    }
+
+    fn screen(view: &View) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+        terminal.draw(|f| view.draw(f)).unwrap();
+        let cells: Vec<String> = terminal
+            .backend()
+            .buffer()
+            .content()
+            .iter()
+            .map(|c| c.symbol().to_string())
+            .collect();
+        cells
+            .chunks(80)
+            .map(|l| l.concat())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn local_traffic_apart_alerts_marked_and_counted_log_in_the_footer() {
+        let mut view = View {
+            agent_log: Some("/var/log/egressmon-run.log".into()),
+            ..View::new()
+        };
+        let local = FlowRecord {
+            dst: "127.0.0.1".into(),
+            port: 9864,
+            scope: crate::rules::Scope::Loopback,
+            ..flow(0, "root", true, 90_000)
+        };
+        let alerted = FlowRecord {
+            alerts: vec!["firmware-cleartext".into(), "firmware-new-country".into()],
+            ..flow(0, "root", true, 300)
+        };
+        view.update(
+            vec![local, alerted, flow(10123, "com.example.app", false, 5000)],
+            &HashMap::new(),
+            Duration::from_secs(1),
+        );
+        // root twice: its remote row with the others, its local row last,
+        // although it is the biggest.
+        let order: Vec<(u32, bool)> = view.visible().iter().map(|r| r.key()).collect();
+        assert_eq!(order, [(10123, false), (0, false), (0, true)]);
+        let shown = screen(&view);
+        assert!(shown.contains("owners 2  alerts 2"), "{shown}");
+        assert!(shown.contains("!2 root"), "{shown}");
+        assert!(
+            shown
+                .contains(" root             local FW    0 B     87.9 K  1     1   127.0.0.1:9864"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("agent log: /var/log/egressmon-run.log"),
+            "{shown}"
+        );
+        // Expanding root shows each flow under its own row.
+        view.selected = 1;
+        view.key(KeyCode::Enter);
+        let shown = screen(&view);
+        let lines: Vec<&str> = shown.lines().collect();
+        let at = |needle: &str| {
+            lines
+                .iter()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("no {needle:?} in\n{shown}"))
+        };
+        let alerted = at("203.0.113.7:80 f");
+        assert!(
+            lines[alerted].contains("tcp curl       !2 ")
+                && alerted < at("local FW")
+                && at("local FW") < at("tcp curl                           87.9 K"),
+            "{shown}"
+        );
+        assert_eq!(view.selected_row_index(), Some(1));
     }
 
     #[test]

@@ -161,7 +161,7 @@ fn flows_name_every_android_uid_class() {
     }
 
     // The metrics carry the same owner, origin and firmware labels.
-    let metrics = egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").unwrap();
+    let metrics = http_get(&agent.listen, "/metrics").unwrap();
     for e in EXPECTED {
         let (uid, owner, _, origin, firmware) = *e;
         let labels = [

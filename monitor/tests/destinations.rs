@@ -228,15 +228,15 @@ fn firmware_cleartext_to_china_is_named_located_and_alerted() {
     );
 
     // Metrics and log say the same; the firmware alert fires for radio only.
-    let metrics = egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").unwrap();
+    let metrics = http_get(&agent.listen, "/metrics").unwrap();
     assert!(
         eventually(Duration::from_secs(5), || {
-            let m = egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").unwrap();
+            let m = http_get(&agent.listen, "/metrics").unwrap();
             m.contains("egressmon_alerts_total{rule=\"firmware-cleartext\"} 1")
         }),
         "{metrics}"
     );
-    let metrics = egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").unwrap();
+    let metrics = http_get(&agent.listen, "/metrics").unwrap();
     assert!(metrics.contains("egressmon_cleartext_flows_total{firmware=\"true\",origin=\"platform\",owner=\"radio\",uid=\"1001\"} 1"), "{metrics}");
     assert!(metrics.contains("country=\"CN\""), "{metrics}");
     assert!(
@@ -322,4 +322,136 @@ fn bad_geoip_and_rules_files_are_refused_with_the_line() {
         !Path::new(&format!("/sys/fs/bpf/{tag}")).exists(),
         "nothing attached on a bad file"
     );
+}
+
+/// Loopback traffic never leaves the device: a platform uid's cleartext
+/// POST to a server on loopback is counted (scope "loopback", a cleartext
+/// flow) but the shipped rules raise no alert for it, while the same POST
+/// to the test host raises one; a rule with `scope = "any"` opts in to both.
+#[test]
+fn loopback_cleartext_is_counted_but_alerted_only_by_a_rule_that_opts_in() {
+    require_root();
+    let tag = tag("scope");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dir = std::env::temp_dir().join(&tag);
+    let _scratch = Scratch(dir.clone());
+    copy_tree(&fixtures(), &dir.join("device"));
+    const LOCAL_HOST: &str = "activation.localhost.test";
+    let remote_resolver = format!("{SERVER4}:53");
+    let _remote = start_dns_sink(
+        &net,
+        Some(&remote_resolver),
+        &[FIRMWARE_HOST],
+        &[format!("{SERVER4}:80").parse().unwrap()],
+        &[],
+    );
+    // A server on the client namespace's own loopback, name and all.
+    let _local = start_serve_in(
+        &net.client,
+        &[
+            "--dns",
+            "127.0.0.1:53",
+            &format!("--zone={LOCAL_HOST}=127.0.0.1"),
+            "--tcp",
+            "127.0.0.1:80",
+        ],
+    );
+    let rules = dir.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"cleartext-anywhere\"\nfirmware = true\n\
+         payload = [\"http\", \"cleartext\"]\nscope = \"any\"\n",
+    )
+    .unwrap();
+    let log = dir.join("flows.jsonl");
+    let agent = AgentProc::start(
+        &cgroup.path,
+        &tag,
+        &[
+            "--android-root",
+            dir.join("device").to_str().unwrap(),
+            "--rules",
+            rules.to_str().unwrap(),
+            "--log",
+            log.to_str().unwrap(),
+        ],
+    );
+    let post = |host: &str, resolver: &str| {
+        gen(
+            &net,
+            &cgroup.path,
+            1001,
+            &["http-post", "--host", host, "--resolver", resolver],
+        )
+    };
+    let http_flow = |flows: &[egressmon::flows::FlowRecord], dst: &str| {
+        flows
+            .iter()
+            .find(|f| f.uid == 1001 && f.dst == dst && f.port == 80 && f.payload == "http")
+            .cloned()
+    };
+    // Loopback first, classified before the remote POST: the tracker pass
+    // that alerts on the remote flow has judged the loopback one too.
+    post(LOCAL_HOST, "127.0.0.1:53");
+    let mut flows = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            flows = agent.flows();
+            http_flow(&flows, "127.0.0.1").is_some()
+        }),
+        "{flows:#?}"
+    );
+    post(FIRMWARE_HOST, &remote_resolver);
+    let alerts_total = |rule: &str| {
+        let metrics = http_get(&agent.listen, "/metrics").unwrap();
+        metric_sum(
+            &metrics,
+            "egressmon_alerts_total",
+            &[&format!("rule=\"{rule}\"")],
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || alerts_total(
+            "firmware-cleartext"
+        ) == 1),
+        "{}",
+        http_get(&agent.listen, "/metrics").unwrap()
+    );
+    let flows = agent.flows();
+    let local = http_flow(&flows, "127.0.0.1").expect("the loopback POST");
+    let remote = http_flow(&flows, SERVER4).expect("the remote POST");
+    assert_eq!(local.scope, egressmon::rules::Scope::Loopback);
+    assert_eq!(remote.scope, egressmon::rules::Scope::Remote);
+    assert!(local.tx_bytes > 256, "counted: {local:#?}");
+    let metrics = http_get(&agent.listen, "/metrics").unwrap();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "egressmon_cleartext_flows_total",
+            &["uid=\"1001\""]
+        ),
+        2,
+        "both are cleartext flows: {metrics}"
+    );
+    assert_eq!(alerts_total("cleartext-anywhere"), 2, "{metrics}");
+    // Alert lines, by rule: the shipped rule for the remote flow alone.
+    let alerted = |rule: &str| -> Vec<String> {
+        let mut dsts: Vec<String> = lines(&log)
+            .iter()
+            .filter(|l| l["event"] == "alert" && l["rule"] == rule)
+            .map(|l| l["dst"].as_str().unwrap().to_string())
+            .collect();
+        dsts.sort();
+        dsts
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || alerted("cleartext-anywhere")
+            .len()
+            == 2),
+        "{:#?}",
+        lines(&log)
+    );
+    assert_eq!(alerted("firmware-cleartext"), [SERVER4]);
+    assert_eq!(alerted("cleartext-anywhere"), [SERVER4, "127.0.0.1"]);
 }

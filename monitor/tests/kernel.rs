@@ -998,3 +998,193 @@ fn every_hook_loads_and_attaches() {
         refused.join("\n")
     );
 }
+
+#[test]
+fn ipv6_extension_headers_are_stepped_over() {
+    require_root();
+    let tag = tag("ext6");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("[{SERVER6}]:9003");
+    let _sink = start_sink(&net, &[], &[addr(&dst)]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &[]);
+    // Setting IPv6 destination options needs CAP_NET_RAW: uid 0 sends.
+    gen(
+        &net,
+        &cgroup.path,
+        0,
+        &[
+            "udp-sendto",
+            "--dst",
+            &dst,
+            "--count",
+            "5",
+            "--size",
+            "64",
+            "--dest-opts",
+        ],
+    );
+    let mut flows = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        flows = agent.flows();
+        flows
+            .iter()
+            .any(|f| f.uid == 0 && f.dst == SERVER6 && f.port == 9003)
+    }));
+    let flow = find(&flows, 0, "udp", SERVER6, 9003);
+    // IPv6 40 + destination options 8 + UDP 8 + payload 64.
+    assert_eq!(
+        (flow.udp_sends, flow.tx_packets, flow.tx_bytes),
+        (5, 5, 5 * (40 + 8 + 8 + 64)),
+        "{flow:?}"
+    );
+    assert!(
+        !flows.iter().any(|f| f.dst == SERVER6 && f.port != 9003),
+        "no flow under a wrong port: {flows:#?}"
+    );
+}
+
+/// Sends SIGSTOP or SIGCONT to the agent (our own child).
+fn signal_agent(agent: &AgentProc, signal: i32) {
+    let pid = agent.proc.as_ref().unwrap().0.id() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+#[test]
+fn a_payload_lost_to_a_full_ring_is_captured_from_a_later_packet() {
+    require_root();
+    let tag = tag("payloadlost");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dst = format!("{SERVER4}:9010");
+    let _sink = start_sink(&net, &[], &[addr(&dst)]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &[]);
+    // With the agent stopped nothing drains the payload ring: new flows'
+    // first payloads fill it (1 MiB holds about 780).
+    signal_agent(&agent, libc::SIGSTOP);
+    let resume = Resume(&agent);
+    let spray = [
+        "udp-spray",
+        "--base",
+        "127.1.0.0",
+        "--port",
+        "9",
+        "--count",
+        "3000",
+        "--size",
+        "200",
+    ];
+    gen(&net, &cgroup.path, 1000, &spray);
+    let send = ["udp-sendto", "--dst", &dst, "--count", "1", "--size", "300"];
+    gen(&net, &cgroup.path, 1000, &send);
+    drop(resume);
+    let lost = || agent.status()["payloads_lost"].as_u64().unwrap();
+    assert!(eventually(Duration::from_secs(5), || lost() > 0));
+    let lost_before = lost();
+    let flow_payload = |agent: &AgentProc| {
+        agent
+            .flows()
+            .into_iter()
+            .find(|f| f.dst == SERVER4 && f.port == 9010)
+            .map(|f| f.payload)
+    };
+    assert!(eventually(Duration::from_secs(5), || flow_payload(&agent).is_some()));
+    assert_eq!(
+        flow_payload(&agent).as_deref(),
+        Some("unknown"),
+        "its first payload was lost"
+    );
+    // The ring has room again: the flow's next datagram is captured.
+    gen(&net, &cgroup.path, 1000, &send);
+    assert!(
+        eventually(Duration::from_secs(5), || flow_payload(&agent).as_deref()
+            == Some("cleartext")),
+        "classified from a later packet: {:?}",
+        flow_payload(&agent)
+    );
+    assert_eq!(lost(), lost_before, "nothing else lost");
+    let metrics = agent.get("/metrics");
+    assert!(
+        metrics.contains(&format!("egressmon_payloads_lost_total {lost_before}")),
+        "lost payloads are a metric"
+    );
+}
+
+/// Continues a stopped agent, also when the test fails.
+struct Resume<'a>(&'a AgentProc);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        signal_agent(self.0, libc::SIGCONT);
+    }
+}
+
+#[test]
+fn dns_answers_name_only_the_uid_that_asked() {
+    require_root();
+    let tag = tag("dnsforge");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let resolver = format!("{SERVER4}:53");
+    let ports = [7001, 7002].map(|p| addr(&format!("{SERVER4}:{p}")));
+    let _sink = start_dns_sink(&net, Some(&resolver), &["shared.example"], &ports, &[]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &[]);
+    // uid 10123 has a socket that receives but never asked anything.
+    let victim = format!("{CLIENT4}:5555");
+    let _victim = start_serve_as(&net, &cgroup.path, 10123, &["--udp", &victim]);
+    let answers = || agent.status()["dns_responses"].as_u64().unwrap();
+    let before = answers();
+    gen(
+        &net,
+        &cgroup.path,
+        0,
+        &[
+            "dns-answer",
+            "--dst",
+            &victim,
+            "--name",
+            "forged.example",
+            "--addr",
+            SERVER4,
+        ],
+    );
+    gen(
+        &net,
+        &cgroup.path,
+        10123,
+        &["tcp", "--dst", &ports[0].to_string()],
+    );
+    // uid 1001 resolves the address for itself, then connects.
+    gen(
+        &net,
+        &cgroup.path,
+        1001,
+        &[
+            "connect",
+            "--host",
+            "shared.example",
+            "--resolver",
+            &resolver,
+            "--port",
+            "7002",
+        ],
+    );
+    let named = |uid: u32, port: u16| {
+        let flows = agent.flows();
+        let f = find(&flows, uid, "tcp", SERVER4, port);
+        (f.host.clone(), f.host_source.clone())
+    };
+    let own = (Some("shared.example".into()), Some("dns".into()));
+    assert!(
+        eventually(Duration::from_secs(5), || named(1001, 7002) == own),
+        "{:#?}",
+        agent.flows()
+    );
+    assert_eq!(answers(), before + 1, "only the answer to 1001's query");
+    assert_eq!(
+        named(10123, 7001),
+        (Some("shared.example".into()), Some("dns_other_uid".into())),
+        "the forged answer never names 10123's flow; 1001's answer is marked as another uid's"
+    );
+}

@@ -1,6 +1,7 @@
 //! What users see, tested against the real consumers: a real Prometheus
 //! server scraping `/metrics`, `promtool check metrics`, the JSON-lines log
-//! with rotation, and `egressmon top` in a real terminal (tmux).
+//! with rotation, and `egressmon top` and `cargo xtask run` in a real
+//! terminal (tmux).
 //!
 //! Run as root (`cargo xtask test`, which installs prometheus and tmux).
 
@@ -25,7 +26,7 @@ fn scratch(tag: &str) -> PathBuf {
 }
 
 fn http_get(url_addr: &str, path: &str) -> String {
-    egressmon::client::get(url_addr.parse().unwrap(), path).unwrap_or_default()
+    support::http_get(url_addr, path).unwrap_or_default()
 }
 
 fn prom_query(prom: &str, query: &str) -> Option<f64> {
@@ -441,5 +442,128 @@ fn top_runs_in_a_real_80x24_terminal() {
     assert!(
         eventually(Duration::from_secs(5), || !session.has_session()),
         "top did not quit on q"
+    );
+}
+
+/// Removes an agent's pins and links on drop, whoever stopped the agent.
+struct Detach {
+    pin_dir: String,
+    listen: String,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN)
+            .args([
+                "detach",
+                "--pin-dir",
+                &self.pin_dir,
+                "--listen",
+                &self.listen,
+            ])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// `cargo xtask run` as a newcomer meets it, through an alert: the table
+/// alone on the terminal, the alert in it as a marker and a count, and the
+/// agent's log lines (the alert's among them) in the file the footer names.
+/// xtask runs the binary under test (`--bin`) on the test's cgroup.
+#[test]
+fn xtask_run_shows_the_table_alone_and_alerts_in_it() {
+    require_root();
+    let tag = tag("xrun");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dir = scratch(&tag);
+    let _scratch = Scratch(dir.clone());
+    const HOST: &str = "activation.example.net";
+    let resolver = format!("{SERVER4}:53");
+    let _sink = start_dns_sink(
+        &net,
+        Some(&resolver),
+        &[HOST],
+        &[addr(&format!("{SERVER4}:80"))],
+        &[],
+    );
+    let log = dir.join("agent.log");
+    let detach = Detach {
+        pin_dir: format!("/sys/fs/bpf/{tag}"),
+        listen: format!("127.0.0.1:{}", free_port()),
+    };
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let command = format!(
+        "cd {} && {} xtask run --bin {BIN} --agent-log {} -- --cgroup {} --pin-dir {} --listen {}",
+        workspace.display(),
+        env!("CARGO"),
+        log.display(),
+        cgroup.path.display(),
+        detach.pin_dir,
+        detach.listen,
+    );
+    let session = Tmux(tag.clone());
+    session.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session.0,
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &command,
+    ]);
+    let screen = || session.run(&["capture-pane", "-p", "-t", &session.0]);
+    // xtask itself may need building first.
+    assert!(
+        eventually(Duration::from_secs(300), || screen()
+            .starts_with("egressmon top")),
+        "{}",
+        screen()
+    );
+    // root (a system account: firmware) POSTs in cleartext.
+    gen(
+        &net,
+        &cgroup.path,
+        0,
+        &["http-post", "--host", HOST, "--resolver", &resolver],
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let s = screen();
+            s.contains("alerts 1") && s.contains("!1 root")
+        }),
+        "{}",
+        screen()
+    );
+    let shown = screen();
+    let agent_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        agent_log.contains("alert firmware-cleartext"),
+        "the alert's log line went to the file: {agent_log}"
+    );
+    assert!(
+        shown.starts_with("egressmon top")
+            && shown.contains(&format!("agent log: {}", log.display())),
+        "{shown}"
+    );
+    for log_text in [
+        " INFO ",
+        " WARN ",
+        "alert firmware-cleartext",
+        "egressmon::",
+    ] {
+        assert!(
+            !shown.contains(log_text),
+            "{log_text:?} drawn over the table:\n{shown}"
+        );
+    }
+    // q: top quits, xtask stops the agent, the session ends.
+    session.run(&["send-keys", "-t", &session.0, "q"]);
+    assert!(
+        eventually(Duration::from_secs(10), || !session.has_session()),
+        "xtask run did not end on q: {}",
+        screen()
     );
 }

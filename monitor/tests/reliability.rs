@@ -10,7 +10,6 @@ mod support;
 
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
@@ -24,7 +23,7 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn metrics(agent: &AgentProc) -> String {
-    egressmon::client::get(agent.listen.parse().unwrap(), "/metrics").expect("scrape")
+    http_get(&agent.listen, "/metrics").expect("scrape")
 }
 
 /// Sum of a metric's samples whose label text contains every `filter`.
@@ -306,8 +305,10 @@ fn expect_failure(mut cmd: Command, needles: &[&str]) -> String {
 fn bad_environment_gets_one_clear_error_each() {
     require_root();
     let tag = tag("badenv");
-    // Not root: says which capabilities it needs.
-    let mut cmd = Command::new(BIN);
+    // Not root: says which capabilities it needs. Uid 65534 runs a copy it
+    // can reach, wherever the checkout is.
+    let bin = BinForAnyUid::new(&tag);
+    let mut cmd = Command::new(&bin.path);
     cmd.args(["run", "--pin-dir", &format!("/sys/fs/bpf/{tag}")]);
     unsafe {
         cmd.pre_exec(|| {
@@ -417,98 +418,6 @@ fn a_kernel_without_a_hook_runs_with_the_others_and_says_so() {
 }
 
 #[test]
-fn security_defaults() {
-    require_root();
-    let tag = tag("secure");
-    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
-    let dir = std::env::temp_dir().join(&tag);
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("flows.jsonl");
-    // Listening on every address: control requests still only from loopback.
-    let port = free_port();
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{tag}"));
-    let _agent = Proc(
-        Command::new(BIN)
-            .args(["run", "--cgroup"])
-            .arg(&cgroup.path)
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .args([
-                "--listen",
-                &format!("0.0.0.0:{port}"),
-                "--log",
-                log.to_str().unwrap(),
-            ])
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
-    let local: SocketAddr = addr(&format!("127.0.0.1:{port}"));
-    assert!(eventually(Duration::from_secs(20), || {
-        egressmon::client::get(local, "/status").is_ok()
-    }));
-    struct Detach(std::path::PathBuf, String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = Command::new(BIN)
-                .args(["detach", "--pin-dir"])
-                .arg(&self.0)
-                .args(["--listen", &self.1])
-                .output();
-        }
-    }
-    let _detach = Detach(pin_dir.clone(), local.to_string());
-    assert_eq!(
-        std::fs::metadata(&pin_dir).unwrap().permissions().mode() & 0o777,
-        0o700,
-        "pins: root only"
-    );
-    assert_eq!(
-        std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
-        0o600,
-        "log: root only"
-    );
-    let outside = non_loopback_ipv4().expect("a non-loopback IPv4 address on this host");
-    let from_network = egressmon::client::post(SocketAddr::new(outside.into(), port), "/shutdown");
-    let err = format!("{:#}", from_network.unwrap_err());
-    assert!(
-        err.contains("403") && err.contains("loopback only"),
-        "{err}"
-    );
-    assert!(
-        egressmon::client::get(SocketAddr::new(outside.into(), port), "/metrics").is_ok(),
-        "metrics stay readable"
-    );
-    assert!(
-        egressmon::client::get(local, "/status").is_ok(),
-        "still running"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    // Default listen address is loopback.
-    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&help.stdout).contains("127.0.0.1:9864"));
-}
-
-fn non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
-    let text = std::fs::read_to_string("/proc/net/fib_trie").ok()?;
-    let mut last: Option<std::net::Ipv4Addr> = None;
-    for line in text.lines() {
-        let t = line.trim();
-        if let Some(ip) = t
-            .strip_prefix("|-- ")
-            .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
-        {
-            last = Some(ip);
-        } else if t.contains("/32 host LOCAL") {
-            if let Some(ip) = last.filter(|ip| !ip.is_loopback()) {
-                return Some(ip);
-            }
-        }
-    }
-    None
-}
-
-#[test]
 fn soak_keeps_exact_counts_and_flat_memory() {
     require_root();
     let secs: u64 = std::env::var("EGRESSMON_SOAK_SECS")
@@ -522,12 +431,15 @@ fn soak_keeps_exact_counts_and_flat_memory() {
         .map(|i| addr(&format!("{SERVER4}:{}", 8100 + i)))
         .collect();
     let _sink = start_sink(&net, &tcp_ports, &[addr(&format!("{SERVER4}:9001"))]);
+    // The log and its rotations, removed on drop.
+    let logs = Scratch(std::env::temp_dir().join(&tag));
+    std::fs::create_dir_all(&logs.0).unwrap();
     let agent = AgentProc::start(
         &cgroup.path,
         &tag,
         &[
             "--log",
-            &format!("/tmp/{tag}.jsonl"),
+            logs.0.join("flows.jsonl").to_str().unwrap(),
             "--log-interval",
             "5",
             "--flow-entries",
@@ -686,5 +598,4 @@ fn soak_keeps_exact_counts_and_flat_memory() {
         last <= second * 1.10 + 4096.0,
         "agent RSS still growing: median {second} KiB -> {last} KiB ({slope:.0} KiB/min)"
     );
-    let _ = std::fs::remove_file(format!("/tmp/{tag}.jsonl"));
 }

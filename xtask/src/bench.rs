@@ -896,7 +896,11 @@ impl Drop for Agent {
 fn scrape_body(listen: SocketAddr) -> Result<String> {
     let mut s = TcpStream::connect_timeout(&listen, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    // The agent refuses a Host that is not an address (DNS rebinding).
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut body = Vec::new();
     s.read_to_end(&mut body)?;
     if !body.starts_with(b"HTTP/1.1 200") {

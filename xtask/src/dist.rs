@@ -162,7 +162,7 @@ fn module_prop(version: &str) -> String {
          author=egressmon developers\n\
          description=Counts outbound connections, datagrams and bytes per UID and destination \
          with eBPF, and names the sender (app, preinstalled package or platform daemon). \
-         Agent on 127.0.0.1:9864, log in {DATA_DIR}.\n",
+         su -c egressmon top; /metrics on 127.0.0.1:9864; log in {DATA_DIR}.\n",
         version_code(version)
     )
 }
@@ -176,27 +176,110 @@ fi
 set_perm "$MODPATH/system/bin/egressmon" 0 0 0755
 set_perm "$MODPATH/service.sh" 0 0 0755
 set_perm "$MODPATH/uninstall.sh" 0 0 0755
-ui_print "- egressmon: the agent starts at every boot (log in {DATA_DIR})"
+ui_print "- egressmon: the agent starts at every boot and again if it dies (log in {DATA_DIR})"
 ui_print "- egressmon: su -c egressmon top   shows the live table"
 "#
     )
 }
 
+/// Marker a deliberate stop leaves in the data directory: the supervisor in
+/// service.sh does not restart the agent while it is there (until the next
+/// boot).
+pub const STOPPED_MARKER: &str = "stopped";
+
+/// Starts the agent at boot and again whenever it dies, waiting 1 s, then
+/// twice as long after each quick failure up to 5 min (back to 1 s once a
+/// run lasted 10 min). It stops restarting when Magisk disables or removes
+/// the module, when the agent exits 0 (asked to stop: `egressmon detach`)
+/// or while `DATA/stopped` exists. The EGRESSMON_* variables are for tests.
 fn service_sh() -> String {
     format!(
         r#"#!/system/bin/sh
-# Run by Magisk at every boot (late_start service): starts the egressmon agent.
-# Its log goes to {DATA_DIR}/egressmon.log; its pins live under {PIN_DIR}
-# (bpffs), so counting goes on if the agent stops, until `egressmon detach`.
+# Run by Magisk at every boot (late_start service): starts the egressmon agent
+# and restarts it when it dies. The agent's output and each restart (with the
+# time and exit code) go to {DATA_DIR}/egressmon.log. Its pins live under
+# {PIN_DIR} (bpffs), so counting goes on while it is down, until
+# `egressmon detach`.
 MODDIR=${{0%/*}}
-DATA={DATA_DIR}
-mkdir -p "$DATA"
+DATA=${{EGRESSMON_DATA:-{DATA_DIR}}}
+LOG="$DATA/egressmon.log"
+# Seconds: the first wait before a restart, doubled after each quick exit up
+# to BACKOFF_MAX; a run of HEALTHY_AFTER or more starts over from the first.
+BACKOFF_FIRST=${{EGRESSMON_BACKOFF_FIRST:-1}}
+BACKOFF_MAX=${{EGRESSMON_BACKOFF_MAX:-300}}
+HEALTHY_AFTER=${{EGRESSMON_HEALTHY_AFTER:-600}}
+LOG_MAX_BYTES=1048576
+
+note() {{ echo "$(date '+%Y-%m-%d %H:%M:%S') service.sh: $*" >>"$LOG"; }}
+
+# Why the agent must not be started (again), if it must not.
+stop_reason() {{
+  if [ -e "$MODDIR/disable" ]; then
+    echo "the module is disabled in Magisk"
+  elif [ -e "$MODDIR/remove" ]; then
+    echo "the module is being removed"
+  elif [ -e "$DATA/{STOPPED_MARKER}" ]; then
+    echo "egressmon was stopped on purpose ($DATA/{STOPPED_MARKER})"
+  fi
+}}
+
+# Keeps a crash loop's output from filling /data.
+rotate_log() {{
+  if [ -f "$LOG" ] && [ $(($(wc -c <"$LOG"))) -gt $LOG_MAX_BYTES ]; then
+    mv -f "$LOG" "$LOG.1"
+  fi
+}}
+
+supervise() {{
+  delay=$BACKOFF_FIRST
+  while :; do
+    reason=$(stop_reason)
+    if [ -n "$reason" ]; then
+      note "not starting the agent: $reason"
+      return
+    fi
+    rotate_log
+    started=$(date +%s)
+    "$MODDIR/system/bin/egressmon" run --pin-dir {PIN_DIR} >>"$LOG" 2>&1 &
+    echo $! >"$DATA/egressmon.pid"
+    wait $!
+    code=$?
+    ran=$(($(date +%s) - started))
+    exited="the agent exited with code $code"
+    if [ "$code" -gt 128 ]; then
+      exited="$exited (signal $((code - 128)))"
+    fi
+    exited="$exited after ${{ran}}s"
+    if [ "$code" -eq 0 ]; then
+      note "$exited (asked to stop, e.g. by egressmon detach); not restarting"
+      return
+    fi
+    reason=$(stop_reason)
+    if [ -n "$reason" ]; then
+      note "$exited; not restarting: $reason"
+      return
+    fi
+    if [ "$ran" -ge "$HEALTHY_AFTER" ]; then
+      delay=$BACKOFF_FIRST
+    fi
+    note "$exited; restarting in ${{delay}}s"
+    sleep "$delay"
+    delay=$((delay * 2))
+    if [ "$delay" -gt "$BACKOFF_MAX" ]; then
+      delay=$BACKOFF_MAX
+    fi
+  done
+}}
+
+mkdir -p "$DATA" && chmod 700 "$DATA"
 # netd attaches its programs early in boot: start after it, so egressmon sees
 # (and never replaces) them.
 until [ "$(getprop sys.boot_completed)" = "1" ]; do sleep 2; done
-[ -f "$DATA/egressmon.log" ] && mv -f "$DATA/egressmon.log" "$DATA/egressmon.log.1"
-"$MODDIR/system/bin/egressmon" run --pin-dir {PIN_DIR} >"$DATA/egressmon.log" 2>&1 &
-echo $! >"$DATA/egressmon.pid"
+# A stop on purpose lasts until the next boot; disable the module for longer.
+rm -f "$DATA/{STOPPED_MARKER}"
+[ -f "$LOG" ] && mv -f "$LOG" "$LOG.1"
+# In the background: Magisk's boot scripts should not wait on it.
+supervise </dev/null >/dev/null 2>&1 &
 "#
     )
 }
@@ -309,5 +392,192 @@ mod tests {
     fn version_codes() {
         assert_eq!(version_code("0.1.0"), 100);
         assert_eq!(version_code("1.2.3"), 10203);
+    }
+
+    /// service.sh in a module directory of its own, with fakes for the
+    /// agent (each run does what line N of `plan` says), `getprop` and
+    /// `sleep` (which records how long it was asked to wait).
+    struct Module {
+        dir: PathBuf,
+    }
+
+    impl Module {
+        fn new(name: &str, plan: &[&str]) -> Module {
+            let dir =
+                std::env::temp_dir().join(format!("egm-magisk-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            for sub in ["system/bin", "fakes", "data"] {
+                std::fs::create_dir_all(dir.join(sub)).unwrap();
+            }
+            let script = |path: &str, text: &str| {
+                std::fs::write(dir.join(path), text).unwrap();
+                set_executable(&dir.join(path)).unwrap();
+            };
+            script("service.sh", &service_sh());
+            std::fs::write(dir.join("plan"), plan.join("\n") + "\n").unwrap();
+            script(
+                "system/bin/egressmon",
+                "#!/bin/sh\n\
+                 MODDIR=${0%/system/bin/*}\n\
+                 n=$(($(cat \"$MODDIR/runs\" 2>/dev/null || echo 0) + 1))\n\
+                 echo $n >\"$MODDIR/runs\"\n\
+                 echo \"fake agent run $n: $*\"\n\
+                 eval \"$(sed -n \"${n}p\" \"$MODDIR/plan\")\"\n\
+                 exit 1\n",
+            );
+            script("fakes/getprop", "#!/bin/sh\necho 1\n");
+            script(
+                "fakes/sleep",
+                "#!/bin/sh\necho \"$1\" >>\"${0%/fakes/sleep}/slept\"\n",
+            );
+            Module { dir }
+        }
+
+        /// Runs service.sh as Magisk would (it returns at once, leaving its
+        /// supervisor in the background) and waits for the supervisor to stop.
+        fn boot(&self, env: &[(&str, &str)]) -> Vec<String> {
+            let path = format!(
+                "{}:{}",
+                self.dir.join("fakes").display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            let status = std::process::Command::new("/bin/sh")
+                .arg(self.dir.join("service.sh"))
+                .env("PATH", path)
+                .env("EGRESSMON_DATA", self.dir.join("data"))
+                .envs(env.iter().copied())
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let log = self.dir.join("data/egressmon.log");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("not restarting") || text.contains("not starting") {
+                    return text.lines().map(str::to_string).collect();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the supervisor did not stop:\n{text}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+
+        fn read(&self, name: &str) -> String {
+            std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+        }
+    }
+
+    impl Drop for Module {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// The supervisor's own lines, without their "YYYY-MM-DD HH:MM:SS " stamp
+    /// (checked here).
+    fn supervisor_lines(log: &[String]) -> Vec<String> {
+        log.iter()
+            .filter(|l| l.contains(" service.sh: "))
+            .map(|l| {
+                let (stamp, rest) = l.split_at(19);
+                let digits: String = stamp.chars().filter(char::is_ascii_digit).collect();
+                assert_eq!(digits.len(), 14, "timestamp in {l:?}");
+                rest.trim_start().to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn service_restarts_a_dead_agent_with_backoff_and_logs_it() {
+        let real_sleep = ["/bin/sleep", "/usr/bin/sleep"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("a sleep binary");
+        let mut plan = vec!["exit 1"; 10];
+        // Run 11 lasts longer than HEALTHY_AFTER: the wait starts over.
+        let long_run = format!("{real_sleep} 2.5; exit 3");
+        plan.push(&long_run);
+        plan.push("kill -9 $$");
+        plan.push("touch \"$MODDIR/disable\"; exit 1");
+        let module = Module::new("backoff", &plan);
+        let log = module.boot(&[("EGRESSMON_HEALTHY_AFTER", "2")]);
+
+        assert_eq!(module.read("runs").trim(), "13", "{log:#?}");
+        let waits = module.read("slept");
+        assert_eq!(
+            waits.lines().collect::<Vec<_>>(),
+            ["1", "2", "4", "8", "16", "32", "64", "128", "256", "300", "1", "2"],
+            "doubling from 1 s to 5 min, from 1 s again after a healthy run"
+        );
+        let lines = supervisor_lines(&log);
+        assert_eq!(lines.len(), 13, "{log:#?}");
+        assert!(
+            lines[0].starts_with("service.sh: the agent exited with code 1 after ")
+                && lines[0].ends_with("s; restarting in 1s"),
+            "{log:#?}"
+        );
+        assert!(lines[9].ends_with("; restarting in 300s"), "{log:#?}");
+        assert!(lines[10].contains("exited with code 3 after "), "{log:#?}");
+        assert!(lines[10].ends_with("; restarting in 1s"), "{log:#?}");
+        assert!(
+            lines[11].contains("exited with code 137 (signal 9) after "),
+            "{log:#?}"
+        );
+        assert_eq!(
+            lines[12]
+                .split_once(" after ")
+                .unwrap()
+                .1
+                .split_once("; ")
+                .unwrap()
+                .1,
+            "not restarting: the module is disabled in Magisk",
+            "{log:#?}"
+        );
+        // The agent's own output is in the same log, with its arguments.
+        assert!(log
+            .iter()
+            .any(|l| l == "fake agent run 1: run --pin-dir /sys/fs/bpf/egressmon"));
+        assert!(module.dir.join("data/egressmon.pid").exists());
+    }
+
+    #[test]
+    fn service_stops_restarting_when_stopped_on_purpose_or_removed() {
+        let cases = [
+            (
+                "detach",
+                "exit 0",
+                "(asked to stop, e.g. by egressmon detach); not restarting",
+            ),
+            (
+                "marker",
+                "touch \"$MODDIR/data/stopped\"; exit 1",
+                "not restarting: egressmon was stopped on purpose",
+            ),
+            (
+                "remove",
+                "touch \"$MODDIR/remove\"; exit 1",
+                "not restarting: the module is being removed",
+            ),
+        ];
+        for (name, second_run, expected) in cases {
+            let module = Module::new(name, &["exit 1", second_run, "exit 1"]);
+            let log = module.boot(&[]);
+            assert_eq!(module.read("runs").trim(), "2", "{name}: {log:#?}");
+            let lines = supervisor_lines(&log);
+            assert_eq!(lines.len(), 2, "{name}: {log:#?}");
+            assert!(lines[1].contains(expected), "{name}: {log:#?}");
+        }
+        // Disabled before boot: never started.
+        let module = Module::new("disabled", &["exit 1"]);
+        std::fs::write(module.dir.join("disable"), "").unwrap();
+        let log = module.boot(&[]);
+        assert_eq!(module.read("runs"), "");
+        assert_eq!(
+            supervisor_lines(&log),
+            ["service.sh: not starting the agent: the module is disabled in Magisk"]
+        );
     }
 }

@@ -14,6 +14,7 @@ mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -34,8 +35,16 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// Build, start the agent on the whole system and show the live table.
+    /// Build, start the agent on the whole system and show the live table
+    /// (the agent's log goes to a file the table's footer names).
     Run {
+        /// Where the agent's log goes (default target/egressmon-run.log).
+        #[arg(long)]
+        agent_log: Option<PathBuf>,
+        /// Run this egressmon binary instead of building one (the tests
+        /// drive `cargo xtask run` with the binary they test).
+        #[arg(long, hide = true)]
+        bin: Option<PathBuf>,
         /// Extra arguments for `egressmon run` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -86,7 +95,11 @@ fn main() {
     let result = match cli.command {
         Command::Setup => setup::all().map(drop),
         Command::Build { release } => setup::all().and_then(|_| build(release)),
-        Command::Run { args } => run(args),
+        Command::Run {
+            agent_log,
+            bin,
+            args,
+        } => run(bin, agent_log, args),
         Command::Bench(args) => bench::run(args),
         Command::Test { soak_secs } => test(soak_secs),
         Command::VmTest {
@@ -120,38 +133,44 @@ fn build(release: bool) -> Result<()> {
     shell::cargo(&args)
 }
 
-fn run(extra: Vec<String>) -> Result<()> {
-    setup::all()?;
+fn run(bin: Option<PathBuf>, agent_log: Option<PathBuf>, extra: Vec<String>) -> Result<()> {
     shell::require_root("cargo xtask run")?;
-    build(true)?;
-    let bin = shell::workspace_root().join("target/release/egressmon");
-    shell::step("run", &format!("{} run {}", bin.display(), extra.join(" ")));
+    let bin = match bin {
+        Some(bin) => bin,
+        None => {
+            setup::all()?;
+            build(true)?;
+            target_dir().join("release/egressmon")
+        }
+    };
+    let log_path = agent_log.unwrap_or_else(|| target_dir().join("egressmon-run.log"));
+    shell::step(
+        "run",
+        &format!(
+            "{} run {} (log: {})",
+            bin.display(),
+            extra.join(" "),
+            log_path.display()
+        ),
+    );
+    let log = agent_log_file(&log_path)?;
     let mut agent = std::process::Command::new(&bin)
         .arg("run")
         .args(&extra)
+        .stdout(log.try_clone()?)
+        .stderr(log)
         .spawn()?;
     let listen = listen_arg(&extra);
-    // Wait for the agent's endpoint, then show the live table in the foreground.
-    let mut ready = false;
-    for _ in 0..100 {
-        if let Some(status) = agent.try_wait()? {
-            anyhow::bail!("egressmon run exited: {status}");
-        }
-        let probe = std::process::Command::new(&bin)
-            .args(["status", "--listen", &listen])
-            .output()?;
-        if probe.status.success() {
-            ready = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    if !ready {
+    if let Err(e) = wait_until_answering(&bin, &listen, &mut agent) {
         let _ = agent.kill();
-        anyhow::bail!("the agent did not answer on {listen}");
+        let _ = agent.wait();
+        anyhow::bail!("{e:#}; {}", log_tail(&log_path));
     }
+    // The table alone on the terminal; the agent's lines go to the file the
+    // footer names.
     let shown = std::process::Command::new(&bin)
         .args(["top", "--listen", &listen])
+        .env("EGRESSMON_AGENT_LOG", &log_path)
         .status();
     // Stop the agent we started (by pid); its pinned programs keep counting
     // until `egressmon detach`.
@@ -159,8 +178,55 @@ fn run(extra: Vec<String>) -> Result<()> {
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     let _ = agent.wait();
     shown?;
-    println!("egressmon stopped. The kernel keeps counting; `target/release/egressmon detach` removes everything.");
+    println!(
+        "egressmon stopped; its log is {}. The kernel keeps counting; `{} detach` removes everything.",
+        log_path.display(),
+        bin.display()
+    );
     Ok(())
+}
+
+/// The agent's log file, new for this run: root's only, never reached
+/// through a symlink.
+fn agent_log_file(path: &Path) -> Result<std::fs::File> {
+    use anyhow::Context;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("opening the agent's log {}", path.display()))
+}
+
+/// Waits (up to 10 s) until `egressmon status` gets an answer from the agent.
+fn wait_until_answering(bin: &Path, listen: &str, agent: &mut std::process::Child) -> Result<()> {
+    for _ in 0..100 {
+        if let Some(status) = agent.try_wait()? {
+            anyhow::bail!("egressmon run exited: {status}");
+        }
+        let probe = std::process::Command::new(bin)
+            .args(["status", "--listen", listen])
+            .output()?;
+        if probe.status.success() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!("the agent did not answer on {listen}")
+}
+
+/// The last lines of the agent's log, to say why it stopped.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+    format!("the agent's log {} ends with:\n{tail}", path.display())
 }
 
 fn listen_arg(extra: &[String]) -> String {
@@ -174,6 +240,59 @@ fn listen_arg(extra: &[String]) -> String {
                 .find_map(|a| a.strip_prefix("--listen=").map(str::to_string))
         })
         .unwrap_or_else(|| "127.0.0.1:9864".into())
+}
+
+/// The agent binary the integration tests run (`EGRESSMON_BIN`), copied
+/// into a fresh directory only root can enter, as a clone in /root or in
+/// `mktemp -d` would have it: a test that runs it as another uid without
+/// a copy of its own (`support::BinForAnyUid`) fails here (EACCES), not on
+/// a newcomer's first run. A copy, not a chmod, and no second build.
+struct PrivateBin {
+    dir: PathBuf,
+}
+
+impl PrivateBin {
+    fn install() -> Result<PrivateBin> {
+        use anyhow::Context;
+        // The binary exactly as the integration tests build it.
+        shell::cargo(&["test", "--package", "monitor", "--tests", "--no-run"])?;
+        let built = target_dir().join("debug/egressmon");
+        let mut template = *b"/tmp/egressmon-test-bin.XXXXXX\0";
+        // SAFETY: a NUL-terminated template that mkdtemp fills in place.
+        let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+        anyhow::ensure!(
+            !made.is_null(),
+            "mkdtemp: {}",
+            std::io::Error::last_os_error()
+        );
+        let dir = PathBuf::from(std::str::from_utf8(&template[..template.len() - 1])?);
+        let private = PrivateBin { dir };
+        let bin = private.dir.join("egressmon");
+        std::fs::copy(&built, &bin).with_context(|| format!("copying {}", built.display()))?;
+        shell::step(
+            "test",
+            &format!(
+                "integration tests run {} (a 0700 directory, as in a private clone)",
+                bin.display()
+            ),
+        );
+        std::env::set_var("EGRESSMON_BIN", &bin);
+        Ok(private)
+    }
+}
+
+impl Drop for PrivateBin {
+    fn drop(&mut self) {
+        std::env::remove_var("EGRESSMON_BIN");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Cargo's target directory.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| shell::workspace_root().join("target"))
 }
 
 /// One integration test file of the agent, tests run one at a time (each
@@ -239,6 +358,7 @@ fn test(soak_secs: u64) -> Result<()> {
         "vm-init",
     ])?;
     shell::cargo(&["test", "--package", "monitor", "--lib", "--bins"])?;
+    let private_bin = PrivateBin::install()?;
     shell::step(
         "test",
         "kernel tests on this machine's kernel (root, real programs, exact counts)",
@@ -266,10 +386,21 @@ fn test(soak_secs: u64) -> Result<()> {
     integration_test("destinations")?;
     shell::step(
         "test",
-        &format!("faults: kill -9, a million destinations, bad input, soak for {soak_secs}s, security defaults"),
+        "who may see what: unprivileged uids, peer credentials, Host checks, connection floods",
+    );
+    integration_test("security")?;
+    shell::step(
+        "test",
+        "a local service's replies: 10,000 connections, one inbound flow",
+    );
+    integration_test("services")?;
+    shell::step(
+        "test",
+        &format!("faults: kill -9, a million destinations, bad input, soak for {soak_secs}s"),
     );
     std::env::set_var("EGRESSMON_SOAK_SECS", soak_secs.to_string());
     integration_test("reliability")?;
+    drop(private_bin);
     bench::smoke()?;
     shell::step(
         "test",

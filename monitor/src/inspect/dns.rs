@@ -15,7 +15,7 @@
 //! Nothing here panics or allocates more than a small multiple of the input.
 
 use monitor_common::{PROTO_TCP, PROTO_UDP};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -376,6 +376,9 @@ fn push_label(name: &mut String, label: &[u8]) {
 pub struct DnsCacheOptions {
     /// Entries kept at most; the least recently used goes first.
     pub capacity: usize,
+    /// Entries one uid may hold at most (its own least recently used goes
+    /// first): a uid that floods answers cannot push the others' names out.
+    pub per_uid: usize,
     /// Shortest life of an entry, whatever the TTL says: applications
     /// connect after the answer arrives and often keep using an address
     /// for a while after a TTL of 0 or a few seconds.
@@ -388,6 +391,7 @@ impl Default for DnsCacheOptions {
     fn default() -> Self {
         DnsCacheOptions {
             capacity: 8192,
+            per_uid: 2048,
             min_ttl: Duration::from_secs(120),
             max_ttl: Duration::from_secs(24 * 3600),
         }
@@ -432,6 +436,8 @@ pub struct DnsCache {
     order: BTreeMap<u64, (u32, IpAddr)>,
     /// ip -> uids with an entry for it.
     by_ip: HashMap<IpAddr, Vec<u32>>,
+    /// uid -> ticks of its entries, oldest use first.
+    by_uid: HashMap<u32, BTreeSet<u64>>,
     tick: u64,
 }
 
@@ -446,12 +452,14 @@ impl DnsCache {
     /// ceiling below the floor is raised to the floor).
     pub fn new(mut options: DnsCacheOptions) -> DnsCache {
         options.capacity = options.capacity.max(1);
+        options.per_uid = options.per_uid.clamp(1, options.capacity);
         options.max_ttl = options.max_ttl.max(options.min_ttl);
         DnsCache {
             options,
             entries: HashMap::new(),
             order: BTreeMap::new(),
             by_ip: HashMap::new(),
+            by_uid: HashMap::new(),
             tick: 0,
         }
     }
@@ -470,6 +478,11 @@ impl DnsCache {
         self.entries.is_empty()
     }
 
+    /// Entries `uid` holds.
+    pub fn held_by(&self, uid: u32) -> usize {
+        self.by_uid.get(&uid).map_or(0, BTreeSet::len)
+    }
+
     /// Records that `uid` resolved `res.addr` to `res.query` / `res.name`.
     /// A newer answer for the same (uid, ip) replaces the older one.
     pub fn insert(&mut self, uid: u32, res: &Resolution, now: Instant) {
@@ -485,11 +498,23 @@ impl DnsCache {
             tick,
         };
         if let Some(old) = self.entries.insert(key, entry) {
-            self.order.remove(&old.tick);
+            self.forget_tick(uid, old.tick);
         } else {
             self.by_ip.entry(ip).or_default().push(uid);
         }
         self.order.insert(tick, key);
+        self.by_uid.entry(uid).or_default().insert(tick);
+        while let Some(&oldest_tick) = self
+            .by_uid
+            .get(&uid)
+            .filter(|ticks| ticks.len() > self.options.per_uid)
+            .and_then(|ticks| ticks.first())
+        {
+            let Some(&oldest) = self.order.get(&oldest_tick) else {
+                break;
+            };
+            self.remove(oldest);
+        }
         while self.entries.len() > self.options.capacity {
             let Some((_, oldest)) = self.order.pop_first() else {
                 break;
@@ -531,8 +556,9 @@ impl DnsCache {
         }
         let old_tick = entry.tick;
         let tick = self.next_tick();
-        self.order.remove(&old_tick);
+        self.forget_tick(uid, old_tick);
         self.order.insert(tick, key);
+        self.by_uid.entry(uid).or_default().insert(tick);
         let entry = self.entries.get_mut(&key)?;
         entry.tick = tick;
         Some(CachedName {
@@ -581,9 +607,19 @@ impl DnsCache {
         self.tick
     }
 
+    fn forget_tick(&mut self, uid: u32, tick: u64) {
+        self.order.remove(&tick);
+        if let Some(ticks) = self.by_uid.get_mut(&uid) {
+            ticks.remove(&tick);
+            if ticks.is_empty() {
+                self.by_uid.remove(&uid);
+            }
+        }
+    }
+
     fn remove(&mut self, key: (u32, IpAddr)) {
         if let Some(entry) = self.entries.remove(&key) {
-            self.order.remove(&entry.tick);
+            self.forget_tick(key.0, entry.tick);
         }
         if let Some(uids) = self.by_ip.get_mut(&key.1) {
             uids.retain(|&u| u != key.0);
@@ -974,10 +1010,39 @@ mod tests {
     }
 
     #[test]
+    fn one_uid_flooding_answers_keeps_to_its_share() {
+        let now = Instant::now();
+        let mut cache = DnsCache::new(DnsCacheOptions {
+            capacity: 16,
+            per_uid: 4,
+            ..DnsCacheOptions::default()
+        });
+        cache.insert(7, &resolution("192.0.2.7", "victim.test", 300), now);
+        for i in 0..100 {
+            let addr = format!("198.51.100.{i}");
+            cache.insert(666, &resolution(&addr, "flood.test", 300), now);
+        }
+        assert_eq!(cache.held_by(666), 4, "the flooder keeps only its share");
+        let victim: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(
+            cache
+                .lookup_exact(7, victim, now)
+                .map(|n| n.query)
+                .as_deref(),
+            Some("victim.test"),
+            "another uid's name survives the flood"
+        );
+        let last: IpAddr = "198.51.100.99".parse().unwrap();
+        assert!(cache.lookup_exact(666, last, now).is_some(), "newest kept");
+        assert_eq!(cache.len(), 5);
+    }
+
+    #[test]
     fn cache_entries_expire_within_floor_and_ceiling() {
         let now = Instant::now();
         let options = DnsCacheOptions {
             capacity: 16,
+            per_uid: 16,
             min_ttl: Duration::from_secs(30),
             max_ttl: Duration::from_secs(600),
         };

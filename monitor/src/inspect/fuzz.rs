@@ -77,12 +77,14 @@ pub fn dns_target(data: &[u8]) {
     let now = Instant::now();
     let mut cache = dns::DnsCache::new(dns::DnsCacheOptions {
         capacity: 4,
+        per_uid: 2,
         min_ttl: Duration::from_secs(1),
         max_ttl: Duration::from_secs(60),
     });
     for (uid, proto) in [(1, PROTO_UDP), (2, PROTO_TCP), (3, PROTO_UDP)] {
         cache.observe_payload(uid, proto, data, now);
         assert!(cache.len() <= 4);
+        assert!(cache.held_by(uid) <= 2);
     }
     if let Some(msg) = &msg {
         for res in msg.resolutions() {

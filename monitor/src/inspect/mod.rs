@@ -88,24 +88,33 @@ impl FromStr for Payload {
 
 /// Where a flow's host name came from (the contract's `host_source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum HostSource {
     /// The server_name of a TLS or QUIC ClientHello.
     Sni,
     /// The Host header of a cleartext HTTP request.
     Http,
-    /// A DNS answer the same uid (or another) received.
+    /// A DNS answer the same uid received.
     Dns,
+    /// A DNS answer another uid received for the address: a hint, not the
+    /// flow's own resolution (shared CDNs serve many names per address).
+    DnsOtherUid,
 }
 
 impl HostSource {
-    pub const ALL: [HostSource; 3] = [HostSource::Sni, HostSource::Http, HostSource::Dns];
+    pub const ALL: [HostSource; 4] = [
+        HostSource::Sni,
+        HostSource::Http,
+        HostSource::Dns,
+        HostSource::DnsOtherUid,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             HostSource::Sni => "sni",
             HostSource::Http => "http",
             HostSource::Dns => "dns",
+            HostSource::DnsOtherUid => "dns_other_uid",
         }
     }
 }
@@ -293,7 +302,7 @@ mod tests {
         );
         assert_eq!(
             HostSource::ALL.map(HostSource::as_str),
-            ["sni", "http", "dns"]
+            ["sni", "http", "dns", "dns_other_uid"]
         );
         for s in HostSource::ALL {
             assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));

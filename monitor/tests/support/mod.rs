@@ -9,6 +9,7 @@
 pub mod net;
 pub mod netd;
 pub mod netd_maps;
+pub mod pins;
 
 #[allow(unused_imports)]
 pub use net::{Capture, NetPair, CLIENT4, CLIENT6, SERVER4, SERVER6};
@@ -168,6 +169,26 @@ pub fn start_stalled_listener(net: &NetPair, at: SocketAddr) -> Proc {
     serving(cmd, "stalled listener")
 }
 
+/// `egressmon gen serve ARGS` in network namespace `ns` (a name), e.g. on
+/// the client namespace's own loopback.
+pub fn start_serve_in(ns: &str, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["gen", "--netns", &NetPair::path(ns), "serve"])
+        .args(args);
+    serving(cmd, "server")
+}
+
+/// `egressmon gen serve ARGS` as `uid` in the test cgroup and the client
+/// namespace: a socket of that uid that receives without having sent.
+pub fn start_serve_as(net: &NetPair, cgroup: &Path, uid: u32, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["gen", "--netns", &NetPair::path(&net.client), "--cgroup"])
+        .arg(cgroup)
+        .args(["--uid", &uid.to_string(), "serve"])
+        .args(args);
+    serving(cmd, "server")
+}
+
 /// Starts `egressmon gen serve` and waits for its "ready" line.
 fn serving(mut cmd: Command, what: &str) -> Proc {
     let mut child = cmd
@@ -258,9 +279,17 @@ impl AgentProc {
         cmd
     }
 
-    /// GET `path` from the agent's API.
+    /// The agent's control socket (default run directory).
+    pub fn endpoint(&self) -> egressmon::client::Endpoint {
+        egressmon::client::Endpoint::new(
+            std::path::Path::new("/run/egressmon"),
+            self.listen.parse().unwrap(),
+        )
+    }
+
+    /// GET `path` from the agent's control socket.
     pub fn get(&self, path: &str) -> String {
-        let fetch = || egressmon::client::get(self.listen.parse().unwrap(), path).unwrap();
+        let fetch = || self.endpoint().get(path).unwrap();
         match &self.netns {
             Some(ns) => net::in_netns(Path::new(ns), fetch),
             None => fetch(),
@@ -370,6 +399,27 @@ impl Drop for AgentProc {
     }
 }
 
+/// GET `path` over plain HTTP/1.0 from `addr` (the agent's /metrics, a
+/// Prometheus API): the body of a 200 answer.
+pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("{addr}{path}: {e}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    match head.split_whitespace().nth(1) {
+        Some("200") => Ok(body.to_string()),
+        _ => Err(format!("{addr}{path}: {head}")),
+    }
+}
+
 /// A unique tag for one test's objects (netns, cgroup, pins).
 pub fn tag(name: &str) -> String {
     format!(
@@ -441,6 +491,39 @@ pub fn copy_tree(from: &Path, to: &Path) {
         } else {
             std::fs::copy(entry.path(), target).unwrap();
         }
+    }
+}
+
+/// A copy of the binary under test that any uid can run, for tests that
+/// drop privileges before exec: the checkout, and the `target/` in it, may
+/// sit in a directory only root can enter (a clone in /root or in
+/// `mktemp -d`). The copy lives in a fresh 0755 directory under /tmp (not
+/// `$TMPDIR`, which may be private too) and is removed on drop.
+pub struct BinForAnyUid {
+    dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl BinForAnyUid {
+    pub fn new(tag: &str) -> BinForAnyUid {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = Path::new("/tmp").join(format!("{tag}-bin"));
+        // create_dir fails on anything already there, a symlink included.
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let copy = BinForAnyUid {
+            path: dir.join("egressmon"),
+            dir,
+        };
+        std::fs::set_permissions(&copy.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::copy(BIN, &copy.path).expect("copying the binary under test");
+        std::fs::set_permissions(&copy.path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    }
+}
+
+impl Drop for BinForAnyUid {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,0 +1,238 @@
+//! The state files' encoding: LEB128 integers, length-prefixed strings,
+//! written and read as a stream (a full flow map's state is megabytes: it
+//! never sits in memory whole).
+
+use monitor_common::{FlowKey, FlowValue};
+use std::io::{self, BufRead, Write};
+
+/// Writes values to a stream.
+pub(crate) struct Enc<W: Write>(pub W);
+
+impl<W: Write> Enc<W> {
+    pub fn u64(&mut self, mut v: u64) -> io::Result<()> {
+        let mut buf = [0u8; 10];
+        let mut n = 0;
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                buf[n] = byte;
+                n += 1;
+                break;
+            }
+            buf[n] = byte | 0x80;
+            n += 1;
+        }
+        self.0.write_all(&buf[..n])
+    }
+
+    pub fn u32(&mut self, v: u32) -> io::Result<()> {
+        self.u64(v.into())
+    }
+
+    pub fn bool(&mut self, v: bool) -> io::Result<()> {
+        self.u64(v.into())
+    }
+
+    pub fn bytes(&mut self, v: &[u8]) -> io::Result<()> {
+        self.u64(v.len() as u64)?;
+        self.0.write_all(v)
+    }
+
+    pub fn str(&mut self, v: &str) -> io::Result<()> {
+        self.bytes(v.as_bytes())
+    }
+
+    pub fn opt_str(&mut self, v: Option<&str>) -> io::Result<()> {
+        self.bool(v.is_some())?;
+        v.map_or(Ok(()), |s| self.str(s))
+    }
+
+    pub fn strs<'a>(&mut self, v: impl ExactSizeIterator<Item = &'a str>) -> io::Result<()> {
+        self.u64(v.len() as u64)?;
+        v.into_iter().try_for_each(|s| self.str(s))
+    }
+
+    pub fn key(&mut self, k: &FlowKey) -> io::Result<()> {
+        self.u32(k.uid)?;
+        self.u32(k.port.into())?;
+        self.u32(k.proto.into())?;
+        self.u32(k.family.into())?;
+        self.0.write_all(&k.addr)
+    }
+
+    pub fn value(&mut self, v: &FlowValue) -> io::Result<()> {
+        for n in [
+            v.connects,
+            v.udp_sends,
+            v.tx_packets,
+            v.tx_bytes,
+            v.first_seen,
+            v.last_seen,
+        ] {
+            self.u64(n)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads what [`Enc`] wrote; anything short or malformed is an error (the
+/// caller then starts without state).
+pub(crate) struct Dec<R: BufRead>(pub R);
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// Strings and lists in a state file are bounded: a damaged length must not
+/// make the reader allocate gigabytes.
+const MAX_LEN: u64 = 1 << 20;
+
+impl<R: BufRead> Dec<R> {
+    pub fn u64(&mut self) -> io::Result<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let mut byte = [0u8];
+            self.0.read_exact(&mut byte)?;
+            v |= u64::from(byte[0] & 0x7f) << shift;
+            if byte[0] & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(bad("integer too long"))
+    }
+
+    pub fn u32(&mut self) -> io::Result<u32> {
+        u32::try_from(self.u64()?).map_err(|_| bad("integer out of range"))
+    }
+
+    pub fn bool(&mut self) -> io::Result<bool> {
+        match self.u64()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(bad("not a boolean")),
+        }
+    }
+
+    /// A count of items that follow (bounded, see `MAX_LEN`).
+    pub fn len(&mut self) -> io::Result<usize> {
+        let n = self.u64()?;
+        if n > MAX_LEN {
+            return Err(bad("length out of range"));
+        }
+        Ok(n as usize)
+    }
+
+    pub fn bytes(&mut self) -> io::Result<Vec<u8>> {
+        let mut v = vec![0u8; self.len()?];
+        self.0.read_exact(&mut v)?;
+        Ok(v)
+    }
+
+    pub fn str(&mut self) -> io::Result<String> {
+        String::from_utf8(self.bytes()?).map_err(|_| bad("not UTF-8"))
+    }
+
+    pub fn opt_str(&mut self) -> io::Result<Option<String>> {
+        if self.bool()? {
+            self.str().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    pub fn strs(&mut self) -> io::Result<Vec<String>> {
+        (0..self.len()?).map(|_| self.str()).collect()
+    }
+
+    pub fn key(&mut self) -> io::Result<FlowKey> {
+        let small = |v: u32, max: u32| {
+            if v <= max {
+                Ok(v)
+            } else {
+                Err(bad("flow key field out of range"))
+            }
+        };
+        let uid = self.u32()?;
+        let port = small(self.u32()?, u16::MAX.into())? as u16;
+        let proto = small(self.u32()?, u8::MAX.into())? as u8;
+        let family = small(self.u32()?, u8::MAX.into())? as u8;
+        let mut addr = [0u8; 16];
+        self.0.read_exact(&mut addr)?;
+        Ok(FlowKey {
+            uid,
+            port,
+            proto,
+            family,
+            addr,
+        })
+    }
+
+    pub fn value(&mut self) -> io::Result<FlowValue> {
+        Ok(FlowValue {
+            connects: self.u64()?,
+            udp_sends: self.u64()?,
+            tx_packets: self.u64()?,
+            tx_bytes: self.u64()?,
+            first_seen: self.u64()?,
+            last_seen: self.u64()?,
+            captured: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_truncation() {
+        let key = FlowKey {
+            uid: 10123,
+            port: 443,
+            proto: 6,
+            family: 2,
+            addr: [7; 16],
+        };
+        let value = FlowValue {
+            connects: 1,
+            udp_sends: 0,
+            tx_packets: u64::MAX,
+            tx_bytes: 1 << 40,
+            first_seen: 12,
+            last_seen: 13,
+            captured: 0,
+        };
+        let mut enc = Enc(Vec::new());
+        enc.u64(0).unwrap();
+        enc.u64(u64::MAX).unwrap();
+        enc.str("grüße").unwrap();
+        enc.opt_str(None).unwrap();
+        enc.key(&key).unwrap();
+        enc.value(&value).unwrap();
+        let bytes = enc.0;
+        let mut dec = Dec(&bytes[..]);
+        assert_eq!(dec.u64().unwrap(), 0);
+        assert_eq!(dec.u64().unwrap(), u64::MAX);
+        assert_eq!(dec.str().unwrap(), "grüße");
+        assert_eq!(dec.opt_str().unwrap(), None);
+        assert_eq!(dec.key().unwrap(), key);
+        assert_eq!(dec.value().unwrap(), value);
+        for cut in 0..bytes.len() {
+            let mut dec = Dec(&bytes[..cut]);
+            let all = (|| -> io::Result<()> {
+                dec.u64()?;
+                dec.u64()?;
+                dec.str()?;
+                dec.opt_str()?;
+                dec.key()?;
+                dec.value()?;
+                Ok(())
+            })();
+            assert!(all.is_err(), "cut at {cut} read as whole");
+        }
+        let mut huge = Enc(Vec::new());
+        huge.u64(MAX_LEN + 1).unwrap();
+        assert!(Dec(&huge.0[..]).str().is_err());
+    }
+}
