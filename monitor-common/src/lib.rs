@@ -198,7 +198,9 @@ pub struct DnsPortKey {
 pub const MAP_TC_FILTERS: &str = "TC_FILTERS";
 pub const TC_FILTER_SLOTS: u32 = 64;
 
-/// One netlink tc filter; `ifindex` 0 marks a free slot.
+/// One netlink tc filter; `ifindex` 0 marks a free slot, `handle` 0 a slot
+/// taken for a filter being added (the agent takes the slot first, so a
+/// filter of ours is never left unlisted).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcFilter {

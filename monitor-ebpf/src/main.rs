@@ -32,6 +32,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{sk_buff::SkBuff, SkBuffContext, SockAddrContext, TcContext},
 };
+use aya_log_ebpf::debug;
 use monitor_common::*;
 
 /// Flow counters, per CPU so concurrent senders never contend on a line;
@@ -121,11 +122,39 @@ fn add(counter: &mut u64, value: u64) {
     }
 }
 
+/// Adds one to a health counter; returns this CPU's count (0 if the slot
+/// is missing).
 #[inline(always)]
-fn bump_stat(index: u32) {
-    if let Some(slot) = STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU array slot, always present for index < STAT_COUNT.
-        add(unsafe { &mut *slot }, 1);
+fn bump_stat(index: u32) -> u64 {
+    let Some(slot) = STATS.get_ptr_mut(index) else {
+        return 0;
+    };
+    // SAFETY: per-CPU array slot, always present for index < STAT_COUNT.
+    unsafe {
+        add(&mut *slot, 1);
+        *slot
+    }
+}
+
+/// Counts a rare failure and tells the agent's log (aya-log, debug level)
+/// on its 1st, 2nd, 4th, 8th... occurrence on a CPU: a flood costs a
+/// counter, not a log record per packet. Never on the per-packet hot path;
+/// each call site passes a constant, so inlining keeps one message per site.
+#[inline(always)]
+fn trouble(index: u32) {
+    let n = bump_stat(index);
+    if n == 0 || n & (n - 1) != 0 {
+        return;
+    }
+    match index {
+        STAT_FLOW_UPDATE_FAILED => debug!(&(), "flow map update failed ({} on this CPU)", n),
+        STAT_UID_UPDATE_FAILED => debug!(
+            &(),
+            "uid totals update failed, map full? ({} on this CPU)", n
+        ),
+        STAT_EVENTS_LOST => debug!(&(), "new-flow ring full, event lost ({} on this CPU)", n),
+        STAT_PAYLOADS_LOST => debug!(&(), "payload ring full, payload lost ({} on this CPU)", n),
+        _ => debug!(&(), "unparsable packet skipped ({} on this CPU)", n),
     }
 }
 
@@ -171,7 +200,7 @@ fn add_to_uid(uid: u32, proto: u8, delta: &Delta) {
                 add(&mut totals.tx_packets, delta.packets);
                 add(&mut totals.tx_bytes, delta.bytes);
             }
-            None => bump_stat(STAT_UID_UPDATE_FAILED),
+            None => trouble(STAT_UID_UPDATE_FAILED),
         }
     }
 }
@@ -202,7 +231,7 @@ fn account(key: &FlowKey, delta: Delta, hook: u8, skb: Option<&SkBuff>) -> Optio
             Some(value) => add_to_flow(unsafe { &mut *value }, &delta),
             None => {
                 if FLOWS.insert(key, fresh, BPF_ANY as u64).is_err() {
-                    bump_stat(STAT_FLOW_UPDATE_FAILED);
+                    trouble(STAT_FLOW_UPDATE_FAILED);
                 }
             }
         }
@@ -218,7 +247,7 @@ fn account(key: &FlowKey, delta: Delta, hook: u8, skb: Option<&SkBuff>) -> Optio
 #[inline(always)]
 fn emit_new_flow(key: &FlowKey, now: u64, hook: u8, skb: Option<&SkBuff>) {
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
-        bump_stat(STAT_EVENTS_LOST);
+        trouble(STAT_EVENTS_LOST);
         return;
     };
     let event = entry.as_mut_ptr();
@@ -395,7 +424,7 @@ fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize)> {
     let len = sk_buff.len.saturating_sub(l3 as u32);
     let Some((mut key, l4_offset, local_port)) = parse_destination(skb, sk_buff.protocol, l3)
     else {
-        bump_stat(STAT_PARSE_SKIPPED);
+        trouble(STAT_PARSE_SKIPPED);
         return None;
     };
     key.uid = skb_owner(skb);
@@ -549,7 +578,7 @@ fn capture_first_payload(
 #[inline(always)]
 fn emit_payload(skb: &SkBuff, key: &FlowKey, kind: u8, offset: usize, len: u32) -> bool {
     let Some(mut entry) = PAYLOADS.reserve::<PayloadEvent>(0) else {
-        bump_stat(STAT_PAYLOADS_LOST);
+        trouble(STAT_PAYLOADS_LOST);
         return false;
     };
     let event = entry.as_mut_ptr();

@@ -12,6 +12,7 @@ use crate::jsonl::JsonlLog;
 use crate::kernel::{Kernel, LoadOptions};
 use crate::owners::OwnerResolver;
 use crate::rules::Rules;
+use crate::state::{PassState, PayloadRearm, ScrapeState, Scraped};
 use crate::tracker::{Tracker, TrackerOptions};
 use anyhow::{Context, Result};
 use monitor_common::*;
@@ -43,6 +44,10 @@ pub struct AgentOptions {
     /// `--netd-bpf-root`: where netd's pinned stats maps are (they must be
     /// there); without it they are looked for where Android keeps them.
     pub netd_bpf_root: Option<PathBuf>,
+    /// Root-only directory (the `--run-dir`) where what the agent derives
+    /// (per-country bytes, alerts, what each flow was accounted for) is kept
+    /// across its restarts; `None`: nothing is kept.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -59,6 +64,7 @@ impl Default for AgentOptions {
             geoip: Vec::new(),
             rules: None,
             netd_bpf_root: None,
+            state_dir: Some(crate::state::default_dir()),
         }
     }
 }
@@ -87,6 +93,83 @@ pub struct Agent {
     /// Android netd's own per-uid counters, where they exist.
     pub netd: Option<Mutex<crate::netd_stats::NetdStats>>,
     netd_uids: AtomicU64,
+    /// The kernel programs' diagnostics (aya-log), drained once a pass.
+    kernel_log: crate::kernel_log::KernelLog,
+    kernel_log_reader: Mutex<aya_log::EbpfLogger<crate::kernel_log::KernelLog>>,
+    /// The restart state of passes (taken with the tracker) and of scrapes.
+    pass_state: Mutex<Option<PassState>>,
+    scrape_state: Option<ScrapeState>,
+    /// Re-arms payload capture of flows this agent found already captured.
+    rearm: Mutex<Option<PayloadRearm>>,
+}
+
+/// The restart state files of the pins `kernel` uses, if `options` name a
+/// usable directory (without one, a restart counts everything again).
+fn open_states(kernel: &Kernel, options: &AgentOptions) -> Option<(PassState, ScrapeState)> {
+    let dir = options.state_dir.as_deref()?;
+    let opened = (|| -> Result<(PassState, ScrapeState)> {
+        let flows = kernel
+            .loaded_map_fd(MAP_FLOWS)
+            .context("FLOWS map missing")?;
+        let place = crate::state::Place {
+            dir,
+            pin_dir: &kernel.options.pin_dir,
+            identity: crate::state::Identity::of_flows_map(flows)?,
+        };
+        place.prepare()?;
+        Ok((
+            PassState::new(&place, options.log.as_deref(), options.log_keep),
+            ScrapeState::new(&place),
+        ))
+    })();
+    opened
+        .map_err(|e| {
+            log::warn!(
+                "{e:#}: nothing is kept across restarts (a restarted agent counts per-country \
+                 bytes, flow starts and alerts of existing flows again)"
+            )
+        })
+        .ok()
+}
+
+/// Takes back a previous agent's passes; starts afresh if the state cannot
+/// be read whole, and then saves the fresh start at once: the log position
+/// in it makes even a kill during the first pass exact.
+fn restore_passes(
+    state: &mut PassState,
+    tracker: &mut Tracker,
+    destinations: &mut Destinations,
+    fresh: impl Fn() -> Tracker,
+) {
+    match state.restore(tracker, destinations) {
+        Ok(true) => return,
+        Ok(false) => {}
+        Err(e) => {
+            log::warn!("{e:#}: starting without it");
+            *tracker = fresh();
+            destinations.forget_infos();
+        }
+    }
+    state.save(tracker, destinations);
+}
+
+/// Takes back the uids with their own series and netd's totals.
+fn restore_scrapes(
+    state: &ScrapeState,
+    labelled: &mut BTreeSet<u32>,
+    netd: Option<&mut crate::netd_stats::NetdStats>,
+) {
+    let scraped = match state.restore() {
+        Ok(Some(scraped)) => scraped,
+        Ok(None) => return,
+        Err(e) => return log::warn!("{e:#}: starting without it"),
+    };
+    *labelled = scraped.labelled_uids;
+    if let (Some(netd), Some(saved)) = (netd, scraped.netd) {
+        if !netd.restore(saved) {
+            log::info!("netd's totals were saved from another root: starting them afresh");
+        }
+    }
 }
 
 /// netd's counters: those under an explicit root must be there and
@@ -204,6 +287,9 @@ pub struct Status {
     pub agent_tables: AgentTables,
     /// Alert rules in force.
     pub rules: Vec<String>,
+    /// The kernel programs' own diagnostics (aya-log, rare paths only).
+    #[serde(default)]
+    pub kernel_diagnostics: crate::kernel_log::KernelDiagnostics,
 }
 
 /// Flows one pass walks per poll interval. A pass costs about 0.5 µs per
@@ -301,8 +387,35 @@ impl Agent {
         };
         let capacity = load.flow_entries as usize;
         let mut kernel = Kernel::load(load)?;
+        let states = open_states(&kernel, &options);
+        let rearm = PayloadRearm::new(&kernel)
+            .map_err(|e| log::warn!("payload capture cannot be re-armed: {e:#}"))
+            .ok();
+        let tracker_options = || TrackerOptions {
+            capacity,
+            update_every: options.log_interval,
+            idle_after: options.flow_idle,
+            emit: options.log.is_some(),
+            rules: rules.clone(),
+        };
+        let mut tracker = Tracker::new(tracker_options());
+        let mut destinations = Destinations::new(geoip, capacity);
+        let mut labelled_uids = BTreeSet::new();
+        let mut netd = netd;
+        let (pass_state, scrape_state) = states.unzip();
+        let mut pass_state = pass_state;
+        if let Some(state) = &mut pass_state {
+            restore_passes(state, &mut tracker, &mut destinations, || {
+                Tracker::new(tracker_options())
+            });
+        }
+        if let Some(state) = &scrape_state {
+            restore_scrapes(state, &mut labelled_uids, netd.as_mut());
+        }
         let ring = kernel.take_events()?;
         let payload_ring = kernel.take_payloads()?;
+        let kernel_log = crate::kernel_log::KernelLog::default();
+        let kernel_log_reader = Mutex::new(kernel.take_log(kernel_log.clone())?);
         let meta_limit = events::meta_limit(capacity as u32);
         let meta: MetaTable = events::meta_table();
         let stop = Arc::new(AtomicBool::new(false));
@@ -314,8 +427,7 @@ impl Agent {
             stop.clone(),
             events_received.clone(),
         );
-        let destinations: SharedDestinations =
-            Arc::new(Mutex::new(Destinations::new(geoip, capacity)));
+        let destinations: SharedDestinations = Arc::new(Mutex::new(destinations));
         let payloads_received = Arc::new(AtomicU64::new(0));
         let payload_reader = crate::destinations::spawn_reader(
             payload_ring,
@@ -324,13 +436,6 @@ impl Agent {
             payloads_received.clone(),
             events::POLL_INTERVAL,
         );
-        let tracker = Tracker::new(TrackerOptions {
-            capacity,
-            update_every: options.log_interval,
-            idle_after: options.flow_idle,
-            emit: options.log.is_some(),
-            rules,
-        });
         let sources_stamp = stamps(&owner_sources(options.android_root.as_deref()));
         let agent = Arc::new(Agent {
             kernel: Mutex::new(kernel),
@@ -340,7 +445,7 @@ impl Agent {
             tracker: Mutex::new(tracker),
             log: Mutex::new(log),
             options,
-            labelled_uids: Mutex::new(BTreeSet::new()),
+            labelled_uids: Mutex::new(labelled_uids),
             last_flow_count: AtomicU64::new(0),
             destinations,
             payloads_received,
@@ -354,6 +459,11 @@ impl Agent {
             threads: Mutex::new(vec![reader, payload_reader]),
             netd: netd.map(Mutex::new),
             netd_uids: AtomicU64::new(0),
+            kernel_log,
+            kernel_log_reader,
+            pass_state: Mutex::new(pass_state),
+            scrape_state,
+            rearm: Mutex::new(rearm),
         });
         let poller = Agent::spawn_poller(agent.clone());
         agent.threads.lock().unwrap().push(poller);
@@ -373,6 +483,7 @@ impl Agent {
                     if let Err(e) = agent.tick() {
                         log::warn!("reading flows: {e:#}");
                     }
+                    agent.kernel_log_reader.lock().unwrap().flush();
                     let pause = walk_interval(
                         agent.options.poll_interval,
                         agent.last_flow_count.load(Ordering::Relaxed),
@@ -436,6 +547,7 @@ impl Agent {
                 .borrow_mut()
                 .retain_live(&|k| tracker.contains(k), Instant::now());
         }
+        self.after_pass(&mut tracker, &describe.destinations.borrow());
         drop(tracker);
         drop(describe);
         drop(log);
@@ -447,6 +559,32 @@ impl Agent {
             unsafe { libc::malloc_trim(0) };
         }
         Ok(())
+    }
+
+    /// Re-arms payload capture where due, then saves the pass's state while
+    /// the pass still holds the tracker: nothing reads a value that is not
+    /// saved yet.
+    fn after_pass(&self, tracker: &mut Tracker, destinations: &Destinations) {
+        if let Some(rearm) = self.rearm.lock().unwrap().as_mut() {
+            rearm.after_pass(tracker, destinations);
+        }
+        if tracker.take_dirty() {
+            if let Some(state) = self.pass_state.lock().unwrap().as_mut() {
+                state.save(tracker, destinations);
+            }
+        }
+    }
+
+    /// Keeps what a scrape hands out beyond the kernel's counters (uids with
+    /// series of their own, netd's totals): call it before answering.
+    pub fn save_scrape_state(&self) {
+        let Some(state) = &self.scrape_state else {
+            return;
+        };
+        state.save(Scraped {
+            labelled_uids: self.labelled_uids.lock().unwrap().clone(),
+            netd: self.netd.as_ref().map(|n| n.lock().unwrap().snapshot()),
+        });
     }
 
     /// Rebuilds the resolver when one of its files changed.
@@ -531,7 +669,9 @@ impl Agent {
                     Some(meta) => Some(meta.clone()),
                     None => describe.pending.borrow().get(key).cloned(),
                 };
-                (*key, describe.record(key, &value, meta.as_ref()))
+                let mut record = describe.record(key, &value, meta.as_ref());
+                record.alerts = tracker.alerts(key);
+                (*key, record)
             })
             .collect())
     }
@@ -637,6 +777,7 @@ impl Agent {
             geoip,
             agent_tables,
             rules,
+            kernel_diagnostics: self.kernel_log.diagnostics(),
         })
     }
 

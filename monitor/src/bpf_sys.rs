@@ -59,7 +59,7 @@ fn owned_fd(ret: i64) -> OwnedFd {
 
 /// What a BPF file descriptor (e.g. from a pin) refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObjKind {
+pub(crate) enum ObjKind {
     Map,
     Prog,
     Link,
@@ -69,7 +69,7 @@ pub enum ObjKind {
 /// The kind of object behind `fd`, from the name of its anonymous inode.
 /// BPF_OBJ_GET_INFO_BY_FD answers for maps, programs and links alike, each
 /// in its own layout, so its answer alone cannot tell them apart.
-pub fn obj_kind(fd: BorrowedFd<'_>) -> io::Result<ObjKind> {
+pub(crate) fn obj_kind(fd: BorrowedFd<'_>) -> io::Result<ObjKind> {
     let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     Ok(match target.to_str() {
         Some("anon_inode:bpf-map") => ObjKind::Map,

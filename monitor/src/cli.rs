@@ -36,7 +36,7 @@ pub struct Target {
     pub listen: SocketAddr,
     /// Root-only directory of the agent's control socket (default
     /// /run/egressmon, on Android /data/adb/egressmon).
-    #[arg(long)]
+    #[arg(long, env = "EGRESSMON_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
 }
 
@@ -409,15 +409,26 @@ fn detach(target: Target) -> Result<()> {
             target.pin_dir.display()
         )
     })?;
-    if report.pins.is_empty() && report.links.is_empty() {
-        println!("nothing to detach under {}", target.pin_dir.display());
+    let dir = target.pin_dir.display();
+    if report.pins.is_empty() && report.links.is_empty() && report.foreign.is_empty() {
+        println!("nothing to detach under {dir}");
     } else {
+        let and_dir = if report.dir_removed {
+            format!(" and {dir}")
+        } else {
+            String::new()
+        };
         println!(
-            "detached {} link(s) [{}], removed {} pin(s) and {}",
+            "detached {} link(s) [{}], removed {} pin(s){and_dir}",
             report.links.len(),
             report.links.join(", "),
             report.pins.len(),
-            target.pin_dir.display()
+        );
+    }
+    if !report.foreign.is_empty() {
+        println!(
+            "left {dir}: it holds pins egressmon did not make: {}",
+            crate::text::escape(&report.foreign.join(", "))
         );
     }
     Ok(())
@@ -503,5 +514,13 @@ pub fn render_status(s: &Status) -> String {
         "\nevents lost: {}   flow update failures: {}   uid update failures: {}\n",
         s.events_lost, s.flow_update_failures, s.uid_update_failures
     ));
+    let diagnostics = &s.kernel_diagnostics;
+    if let Some(latest) = diagnostics.recent.last() {
+        out.push_str(&format!(
+            "kernel diagnostics: {} (latest: {})\n",
+            diagnostics.count,
+            crate::text::escape(latest)
+        ));
+    }
     out
 }

@@ -81,6 +81,27 @@ impl Destinations {
         }
     }
 
+    /// Each flow's first-payload verdict, for the restart state.
+    pub(crate) fn infos(&self) -> impl ExactSizeIterator<Item = (&FlowKey, &FlowInfo)> {
+        self.flows.iter()
+    }
+
+    /// Takes back a verdict a previous agent saved (bounded like the rest).
+    pub(crate) fn restore_info(&mut self, key: FlowKey, info: FlowInfo) {
+        if self.flows.len() < self.capacity {
+            self.flows.insert(key, info);
+        }
+    }
+
+    /// Forgets every verdict (a state file that could not be read whole).
+    pub(crate) fn forget_infos(&mut self) {
+        self.flows.clear();
+    }
+
+    pub(crate) fn has_info(&self, key: &FlowKey) -> bool {
+        self.flows.contains_key(key)
+    }
+
     /// Drops what belongs to flows the kernel no longer holds.
     pub fn retain_live(&mut self, live: &dyn Fn(&FlowKey) -> bool, now: Instant) {
         self.flows.retain(|k, _| live(k));

@@ -53,6 +53,8 @@ pub struct Kernel {
     ebpf: Ebpf,
     pub plans: Vec<HookPlan>,
     pub options: LoadOptions,
+    /// Where the tc hooks are attached, by interface index.
+    tc: crate::tc::Attachments,
 }
 
 fn link_pin(pin_dir: &Path, hook: Hook) -> PathBuf {
@@ -106,8 +108,8 @@ impl Kernel {
         let (ephemeral_first, ephemeral_last) = system::ephemeral_ports();
         let ebpf = EbpfLoader::new()
             .btf(None)
-            .set_global("EPHEMERAL_FIRST", &ephemeral_first, true)
-            .set_global("EPHEMERAL_LAST", &ephemeral_last, true)
+            .override_global("EPHEMERAL_FIRST", &ephemeral_first, true)
+            .override_global("EPHEMERAL_LAST", &ephemeral_last, true)
             .default_map_pin_directory(&options.pin_dir)
             .map_max_entries(MAP_FLOWS, options.flow_entries)
             .map_max_entries(MAP_FLOW_SEEN, options.flow_entries)
@@ -130,6 +132,7 @@ impl Kernel {
         let mut kernel = Kernel {
             ebpf,
             plans,
+            tc: crate::tc::Attachments::new(&options.pin_dir),
             options,
         };
         kernel.drop_unplanned_links();
@@ -195,11 +198,9 @@ impl Kernel {
                 let _ = std::fs::remove_file(&pin);
             }
         }
-        // Netlink filters cannot be adopted: the planned ones are attached
-        // again right after.
-        for removed in crate::tc::remove_filters(&self.options.pin_dir) {
-            log::info!("removed the tc filter {removed} of an earlier run");
-        }
+        // Netlink tc filters of an earlier run are taken over in place as
+        // the tc hooks attach, and the rest removed after (`tc::sweep`): none
+        // is removed before, which would leave packets uncounted.
     }
 
     fn attach_planned(&mut self) {
@@ -219,6 +220,7 @@ impl Kernel {
                 self.plans[i].reason = Some(format!("failed: {err:#}"));
             }
         }
+        self.tc.sweep(&mut self.ebpf, &self.options.pin_dir);
     }
 
     /// Loads `hook`'s program and attaches it: through the pinned link of an
@@ -302,13 +304,10 @@ impl Kernel {
                 return;
             }
         };
-        let mut errors = Vec::new();
-        for iface in &ifaces {
-            match self.attach_tc_to(hook, iface) {
-                Ok(()) => self.plans[i].interfaces.push(iface.name.clone()),
-                Err(err) => errors.push(format!("{err:#}")),
-            }
-        }
+        let errors = self
+            .tc
+            .attach(&mut self.ebpf, hook, &ifaces, &self.options.pin_dir);
+        self.plans[i].interfaces = self.tc.names(hook);
         if self.plans[i].interfaces.is_empty() {
             let why = if ifaces.is_empty() {
                 "no interface to watch (only loopback here; name some with --tc-ifaces)".to_string()
@@ -323,41 +322,27 @@ impl Kernel {
         }
     }
 
-    fn attach_tc_to(&mut self, hook: Hook, iface: &crate::tc::Interface) -> Result<()> {
-        crate::tc::set_l3_offset(&mut self.ebpf, iface)?;
-        crate::tc::attach(&mut self.ebpf, hook, iface, &self.options.pin_dir)
-    }
-
-    /// Attaches the tc hooks to interfaces that appeared since (on a phone,
-    /// rmnet_data and wlan0 come and go); forgets those that went away.
+    /// Follows the interfaces the tc hooks watch (on a phone, rmnet_data,
+    /// wlan0 and tun0 come and go): attaches to new ones and to ones made
+    /// again under an old name, frees what listed those that went away, and
+    /// puts back a filter or link someone removed.
     pub fn refresh_tc(&mut self) {
-        if self.options.tc_ifaces.is_some() {
-            return;
-        }
         if !self.plans.iter().any(|p| p.hook.is_tc() && p.attach) {
             return;
         }
-        let Ok(now) = crate::tc::interfaces(None) else {
-            return;
+        let present = match crate::tc::present(self.options.tc_ifaces.as_deref()) {
+            Ok(present) => present,
+            Err(err) => {
+                log::warn!("tc hooks: {err:#}");
+                return;
+            }
         };
-        for i in 0..self.plans.len() {
-            let hook = self.plans[i].hook;
-            if !hook.is_tc() || !self.plans[i].attach {
-                continue;
-            }
-            self.plans[i]
-                .interfaces
-                .retain(|name| now.iter().any(|n| &n.name == name));
-            for iface in &now {
-                if self.plans[i].interfaces.contains(&iface.name) {
-                    continue;
-                }
-                match self.attach_tc_to(hook, iface) {
-                    Ok(()) => self.plans[i].interfaces.push(iface.name.clone()),
-                    Err(err) => log::warn!("hook {hook} on new interface {}: {err:#}", iface.name),
-                }
-            }
+        for plan in self.plans.iter_mut().filter(|p| p.hook.is_tc() && p.attach) {
+            self.tc
+                .refresh(&mut self.ebpf, plan.hook, &present, &self.options.pin_dir);
+            plan.interfaces = self.tc.names(plan.hook);
         }
+        self.tc.prune_l3_offsets(&mut self.ebpf);
     }
 
     pub fn attached(&self) -> Vec<Hook> {
@@ -461,6 +446,22 @@ impl Kernel {
             .take_map(MAP_PAYLOADS)
             .context("PAYLOADS map already taken")?;
         Ok(RingBuf::try_from(map)?)
+    }
+
+    /// One of the loaded maps (`MAP_*`) by descriptor: the restart state
+    /// names the flow map by its id and re-arms payload capture through it.
+    pub(crate) fn loaded_map_fd(&self, name: &str) -> Option<BorrowedFd<'_>> {
+        self.ebpf.map(name).and_then(map_fd)
+    }
+
+    /// The kernel programs' aya-log records, handed to `logger` at each
+    /// `flush` (taken once, by the agent).
+    pub fn take_log(
+        &mut self,
+        logger: crate::kernel_log::KernelLog,
+    ) -> Result<aya_log::EbpfLogger<crate::kernel_log::KernelLog>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .context("opening the kernel programs' log ring (AYA_LOGS)")
     }
 
     /// The new-flow event ring (taken once by the event reader).
@@ -573,7 +574,22 @@ const TC_FILTERS_SPEC: MapSpec = MapSpec::new(
 const LAYOUT_VERSION_SPEC: MapSpec =
     MapSpec::new(MAP_LAYOUT_VERSION, bpf_sys::BPF_MAP_TYPE_ARRAY, 4, 4, 1);
 
-/// Every map egressmon pins, as this build and `options` make it.
+/// Every map egressmon pins: the eBPF object's pinned maps and the layout
+/// version. A map the object pins but this list lacks would be refused as
+/// foreign when the next agent starts.
+const PINNED_MAPS: [&str; 8] = [
+    MAP_FLOWS,
+    MAP_FLOW_SEEN,
+    MAP_UID_TOTALS,
+    MAP_EVENTS,
+    MAP_PAYLOADS,
+    MAP_STATS,
+    MAP_TC_FILTERS,
+    MAP_LAYOUT_VERSION,
+];
+
+/// Every map egressmon pins (in the order of `PINNED_MAPS`), as this build
+/// and `options` make it.
 fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 8] {
     use bpf_sys::*;
     let flows = options.flow_entries;
@@ -591,7 +607,7 @@ fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 8] {
             MAP_FLOW_SEEN,
             BPF_MAP_TYPE_LRU_HASH,
             size_of::<FlowKey>(),
-            8,
+            size_of::<u64>(),
             flows,
         )
         .set_by("--flow-entries"),
@@ -611,7 +627,13 @@ fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 8] {
             0,
             ring_bytes(DEFAULT_PAYLOAD_RING_BYTES),
         ),
-        MapSpec::new(MAP_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, STAT_COUNT),
+        MapSpec::new(
+            MAP_STATS,
+            BPF_MAP_TYPE_PERCPU_ARRAY,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            STAT_COUNT,
+        ),
         TC_FILTERS_SPEC,
         LAYOUT_VERSION_SPEC,
     ]
@@ -661,12 +683,12 @@ fn adoption_problem(spec: &MapSpec, info: &MapInfo, pin_dir: &Path) -> Option<St
     let only_size = differences.len() == 1 && info.max_entries != spec.max_entries;
     if let (true, Some(option)) = (only_size, spec.option) {
         return Some(format!(
-            "{} was made for {} max entries, this run asks for {}: start with the {option} of \
-             the run that made it to keep counting into it, or run `egressmon detach --pin-dir \
-             {dir}` first to resize it (the counts in it are lost)",
+            "{} was made for {pinned} max entries, this run asks for {}: start with {option} \
+             {pinned} to keep counting into it, or run `egressmon detach --pin-dir {dir}` first \
+             to resize it (the counts in it are lost)",
             pin.display(),
-            info.max_entries,
-            spec.max_entries
+            spec.max_entries,
+            pinned = info.max_entries,
         ));
     }
     Some(format!(
@@ -691,17 +713,7 @@ fn check_map(spec: &MapSpec, fd: BorrowedFd<'_>, pin_dir: &Path) -> Result<()> {
 /// under that name: its maps (and the layout version), and links named
 /// `link_<hook>`, or `link_<tc hook>_<interface>`.
 fn kind_of_our_pin(name: &str) -> Option<ObjKind> {
-    let maps = [
-        MAP_FLOWS,
-        MAP_FLOW_SEEN,
-        MAP_UID_TOTALS,
-        MAP_EVENTS,
-        MAP_PAYLOADS,
-        MAP_STATS,
-        MAP_TC_FILTERS,
-        MAP_LAYOUT_VERSION,
-    ];
-    if maps.contains(&name) {
+    if PINNED_MAPS.contains(&name) {
         return Some(ObjKind::Map);
     }
     let hook = name.strip_prefix("link_")?;
@@ -1016,10 +1028,16 @@ mod tests {
         let problem = adoption_problem(&flows_spec(8192), &pinned, Path::new("/p")).unwrap();
         assert!(
             problem.starts_with("/p/FLOWS was made for 4096 max entries, this run asks for 8192")
-                && problem.contains("--flow-entries")
+                && problem.contains("start with --flow-entries 4096 to keep counting")
                 && problem.contains("`egressmon detach --pin-dir /p`"),
             "{problem}"
         );
+    }
+
+    #[test]
+    fn every_pinned_map_has_a_spec() {
+        let specs = pinned_map_specs(&options(DEFAULT_FLOW_ENTRIES));
+        assert_eq!(specs.map(|s| s.name), PINNED_MAPS);
     }
 
     #[test]

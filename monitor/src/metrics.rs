@@ -254,6 +254,8 @@ pub fn render(agent: &Agent) -> Result<String> {
             alerts.with_label_values(&[rule.as_str()]).inc_by(*value);
         }
     }
+    // Before answering: a restarted agent must not hand out less.
+    agent.save_scrape_state();
     let status = agent.status()?;
     for hook in &status.hooks {
         hook_attached

@@ -363,6 +363,61 @@ impl NetdStats {
     }
 }
 
+/// netd's totals as the restart state keeps them (see `crate::state`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct NetdSnapshot {
+    pub root: PathBuf,
+    /// Ids of the maps the rows were read from.
+    pub map_ids: Vec<u32>,
+    /// Rows as last read: (0 = A or the app-uid map, 1 = B; key; value).
+    pub rows: Vec<(u8, StatsKey, StatsValue)>,
+    pub by_uid: BTreeMap<u32, UidTraffic>,
+}
+
+impl NetdStats {
+    fn map_ids(&self) -> Vec<u32> {
+        match &self.maps {
+            Maps::AppUid(m) => vec![m.map.info().id],
+            Maps::StatsAb { a, b, .. } => vec![a.map.info().id, b.map.info().id],
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> NetdSnapshot {
+        let mut rows: Vec<(u8, StatsKey, StatsValue)> = self
+            .totals
+            .last
+            .iter()
+            .map(|(id, value)| (id.map, id.key, *value))
+            .collect();
+        rows.sort_by_key(|(map, key, _)| (*map, *key));
+        NetdSnapshot {
+            root: self.root.clone(),
+            map_ids: self.map_ids(),
+            rows,
+            by_uid: self.totals.by_uid.clone(),
+        }
+    }
+
+    /// Carries a previous agent's totals on (read from the same root), so
+    /// they keep growing from where it left them instead of starting over.
+    /// Its rows count as already read only if they came from these very
+    /// maps: maps made anew since hold only counts it never saw.
+    pub(crate) fn restore(&mut self, saved: NetdSnapshot) -> bool {
+        if saved.root != self.root {
+            return false;
+        }
+        if saved.map_ids == self.map_ids() {
+            self.totals.last = saved
+                .rows
+                .into_iter()
+                .map(|(map, key, value)| (RowId { map, key }, value))
+                .collect();
+        }
+        self.totals.by_uid = saved.by_uid;
+        true
+    }
+}
+
 /// Whether a stats map row adds to its uid's total.
 fn counts(key: &StatsKey, tags: TagAccounting) -> bool {
     match tags {

@@ -245,7 +245,7 @@ const GROUP_OR_OTHER_WRITE: u32 = 0o022;
 
 /// What a pin directory is checked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PinDirUse {
+pub(crate) enum PinDirUse {
     /// Pinning and adopting maps: only root may add anything to it.
     Run,
     /// Removing root's own pins by name: others may add entries where the
@@ -257,7 +257,7 @@ pub enum PinDirUse {
 /// Checks that `pin_dir` is a real directory (lstat: a symbolic link is
 /// refused, never followed), owned by root and, for `run`, not writable by
 /// group or others; the error says what is wrong and what to do.
-pub fn check_pin_dir(pin_dir: &Path, used_for: PinDirUse) -> Result<()> {
+pub(crate) fn check_pin_dir(pin_dir: &Path, used_for: PinDirUse) -> Result<()> {
     let meta = std::fs::symlink_metadata(pin_dir)
         .with_context(|| format!("checking pin directory {}", pin_dir.display()))?;
     match pin_dir_problem(meta.mode(), meta.uid(), used_for) {

@@ -648,13 +648,15 @@ impl Attachments {
         ifaces: &[Interface],
         pin_dir: &Path,
     ) -> Vec<String> {
-        ifaces
-            .iter()
-            .filter_map(|iface| {
-                let result = self.ensure(ebpf, hook, iface, pin_dir);
-                result.err().map(|e| format!("{e:#}"))
-            })
-            .collect()
+        let mut errors = Vec::new();
+        for iface in ifaces {
+            if let Err(e) = self.ensure(ebpf, hook, iface, pin_dir) {
+                // Logged by the caller: refreshes stay quiet until it works.
+                self.failing.insert((hook, iface.index));
+                errors.push(format!("{e:#}"));
+            }
+        }
+        errors
     }
 
     /// Follows the interfaces `present` now: forgets those that went away,
@@ -808,6 +810,21 @@ mod tests {
         assert_eq!(l3_offset(ARPHRD_NONE), Some(0));
         assert_eq!(l3_offset(ARPHRD_LOOPBACK), None);
         assert_eq!(l3_offset(778), None);
+    }
+
+    #[test]
+    fn link_pins_name_hook_and_interface() {
+        let pin = link_pin(Path::new("/p"), Hook::TcIngress, "rmnet_data0");
+        let name = pin.file_name().unwrap().to_str().unwrap();
+        assert_eq!(parse_link_pin(name), Some((Hook::TcIngress, "rmnet_data0")));
+        assert_eq!(
+            parse_link_pin("link_tc_egress_wlan0"),
+            Some((Hook::TcEgress, "wlan0"))
+        );
+        assert_eq!(parse_link_pin("link_tc_egress"), None);
+        assert_eq!(parse_link_pin("link_tc_egress_"), None);
+        assert_eq!(parse_link_pin("link_skb_egress"), None);
+        assert_eq!(parse_link_pin("FLOWS"), None);
     }
 
     #[test]

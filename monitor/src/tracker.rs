@@ -295,6 +295,20 @@ impl Tracker {
         self.flows.contains_key(key)
     }
 
+    /// The rules that alerted on a tracked flow, in rule order (the flow
+    /// table shows them; `top` marks and counts them).
+    pub fn alerts(&self, key: &FlowKey) -> Vec<String> {
+        let Some(tracked) = self.flows.get(key) else {
+            return Vec::new();
+        };
+        self.rule_names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| tracked.fired & (1 << (*i).min(63)) != 0)
+            .map(|(_, name)| name.clone())
+            .collect()
+    }
+
     /// The identity of a tracked flow's sender.
     pub fn identity(&self, key: &FlowKey) -> Option<&FlowMeta> {
         self.flows.get(key)?.meta.as_ref()
@@ -713,6 +727,14 @@ impl Tracker {
     /// Whether something a state file keeps changed since the last call.
     pub(crate) fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// Flows whose first payload the kernel has taken (as of the last pass).
+    pub(crate) fn captured_flows(&self) -> impl Iterator<Item = FlowKey> + '_ {
+        self.flows
+            .iter()
+            .filter(|(_, t)| t.current.captured != 0)
+            .map(|(key, _)| *key)
     }
 
     /// Whether a tracked flow's counters stood still over the latest pass.

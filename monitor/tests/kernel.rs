@@ -327,6 +327,13 @@ fn program_named(name: &str) -> bool {
         .any(|p| p.name_as_str() == Some(name))
 }
 
+/// Whether no program of this name is left within a second: the kernel
+/// frees a tc program only after the RCU grace period that follows the
+/// removal of the filter or link holding it.
+fn program_goes(name: &str) -> bool {
+    eventually(Duration::from_secs(1), || !program_named(name))
+}
+
 #[test]
 fn netd_held_hooks_are_skipped_never_replaced() {
     require_root();
@@ -483,7 +490,7 @@ fn netd_held_hooks_are_skipped_never_replaced() {
     agent.spawn(&child.path, &[]);
     agent.detach();
     assert_eq!((egress.query(), connect4.query()), before);
-    assert!(!program_named("tc_egress"), "detach removed the tc program");
+    assert!(program_goes("tc_egress"), "detach removed the tc program");
 
     // Aimed at the very cgroup netd holds, the agent skips the same hooks.
     let mut agent = AgentProc::start_in(Some(&client_ns), &[], &parent.path, &tag, &[]);
@@ -671,7 +678,7 @@ fn tc_fallback_names_hosts(netlink: bool) {
 
     agent.detach();
     for name in ["tc_egress", "tc_ingress"] {
-        assert!(!program_named(name), "detach removed {name}");
+        assert!(program_goes(name), "detach removed {name}");
     }
 }
 
@@ -1104,6 +1111,16 @@ fn a_payload_lost_to_a_full_ring_is_captured_from_a_later_packet() {
         flow_payload(&agent)
     );
     assert_eq!(lost(), lost_before, "nothing else lost");
+    // The kernel said so itself, through aya-log, on its rare path.
+    let diagnostics = &agent.status()["kernel_diagnostics"];
+    assert!(
+        diagnostics["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m.as_str().unwrap().contains("payload ring full")),
+        "{diagnostics}"
+    );
     let metrics = agent.get("/metrics");
     assert!(
         metrics.contains(&format!("egressmon_payloads_lost_total {lost_before}")),

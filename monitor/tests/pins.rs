@@ -200,7 +200,7 @@ fn restart_adopts_only_maps_of_the_same_size() {
     );
     assert!(
         err.contains("FLOWS was made for 4096 max entries, this run asks for 8192")
-            && err.contains("--flow-entries")
+            && err.contains("start with --flow-entries 4096")
             && err.contains(&format!(
                 "egressmon detach --pin-dir {}",
                 agent.pin_dir.display()

@@ -43,37 +43,13 @@ fn curl_as(uid: u32, args: &[&str]) -> Answer {
     }
 }
 
-fn egressmon_as(bin: &BinCopy, uid: u32, args: &[&str]) -> std::process::Output {
+fn egressmon_as(bin: &BinForAnyUid, uid: u32, args: &[&str]) -> std::process::Output {
     Command::new(&bin.path)
         .uid(uid)
         .gid(uid)
         .args(args)
         .output()
         .expect("run egressmon")
-}
-
-/// A copy of the binary any uid can execute (the checkout may sit in a
-/// directory only root can enter), removed on drop.
-struct BinCopy {
-    path: PathBuf,
-}
-
-impl BinCopy {
-    fn new(tag: &str) -> BinCopy {
-        let dir = std::env::temp_dir().join(format!("{tag}-bin"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let path = dir.join("egressmon");
-        std::fs::copy(BIN.path(), &path).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        BinCopy { path }
-    }
-}
-
-impl Drop for BinCopy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(self.path.parent().unwrap());
-    }
 }
 
 /// Socket inodes the process holds open.
@@ -173,7 +149,7 @@ fn still_running(agent: &AgentProc) {
 fn unprivileged_uids_neither_read_nor_stop_the_agent() {
     require_root();
     let tag = tag("unpriv");
-    let bin = BinCopy::new(&tag);
+    let bin = BinForAnyUid::new(&tag);
     let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
     let agent = AgentProc::start(&cgroup.path, &tag, &[]);
     secret_flow(&cgroup.path);
@@ -238,12 +214,15 @@ fn mode(path: &Path) -> u32 {
 fn allowed_uids_use_the_control_socket_others_are_refused_by_peer_credentials() {
     require_root();
     let tag = tag("allowuid");
-    let bin = BinCopy::new(&tag);
+    let bin = BinForAnyUid::new(&tag);
     let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
-    let agent = AgentProc::start(&cgroup.path, &tag, &["--api-allow-uid", "2000"]);
+    // A run directory of its own: its mode changes with the allowed uids.
+    let run_dir = std::path::Path::new("/run").join(&tag);
+    let _cleanup = Scratch(run_dir.clone());
+    let env = [("EGRESSMON_RUN_DIR", run_dir.to_str().unwrap())];
+    let agent = AgentProc::start_in(None, &env, &cgroup.path, &tag, &["--api-allow-uid", "2000"]);
     let socket = agent.endpoint().socket;
-    let run_dir = socket.parent().unwrap().to_path_buf();
-    let _restore = RestoreMode(run_dir.clone(), 0o700);
+    assert_eq!(socket.parent().unwrap(), run_dir);
     secret_flow(&cgroup.path);
     assert_eq!(
         mode(&run_dir),
@@ -251,9 +230,15 @@ fn allowed_uids_use_the_control_socket_others_are_refused_by_peer_credentials() 
         "others may reach the socket by name only"
     );
     assert_eq!(mode(&socket), 0o666, "SO_PEERCRED decides");
-    let status = egressmon_as(&bin, 2000, &["status", "--json", "--listen", &agent.listen]);
+    let run_dir_arg = run_dir.to_str().unwrap();
+    let as_shell = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--listen", &agent.listen, "--run-dir", run_dir_arg]);
+        egressmon_as(&bin, 2000, &all)
+    };
+    let status = as_shell(&["status", "--json"]);
     assert!(status.status.success(), "{status:?}");
-    let flows = egressmon_as(&bin, 2000, &["flows", "--json", "--listen", &agent.listen]);
+    let flows = as_shell(&["flows", "--json"]);
     assert!(String::from_utf8_lossy(&flows.stdout).contains(SECRET_DST));
     let socket = socket.to_str().unwrap();
     let refused = curl_as(10123, &["--unix-socket", socket, "http://x/flows"]);
@@ -266,7 +251,8 @@ fn allowed_uids_use_the_control_socket_others_are_refused_by_peer_credentials() 
     );
     assert_eq!(stop.status, 403);
     still_running(&agent);
-    let out = Command::new(BIN)
+    let out = agent
+        .command()
         .args(["detach", "--pin-dir"])
         .arg(&agent.pin_dir)
         .args(["--listen", &agent.listen])
@@ -274,21 +260,6 @@ fn allowed_uids_use_the_control_socket_others_are_refused_by_peer_credentials() 
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("stopped agent pid"), "{text}");
-}
-
-/// Puts a shared directory's mode back after a test changed it.
-struct RestoreMode(PathBuf, u32);
-impl Drop for RestoreMode {
-    fn drop(&mut self) {
-        let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(self.1));
-    }
-}
-
-struct RemoveDir(PathBuf);
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]
@@ -440,7 +411,7 @@ fn files_and_defaults_are_root_only() {
     let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
     let dir = std::env::temp_dir().join(&tag);
     std::fs::create_dir_all(&dir).unwrap();
-    let _cleanup = RemoveDir(dir.clone());
+    let _cleanup = Scratch(dir.clone());
     let log = dir.join("flows.jsonl");
     let agent = AgentProc::start(&cgroup.path, &tag, &["--log", log.to_str().unwrap()]);
     assert_eq!(mode(&agent.pin_dir), 0o700, "pins: root only");

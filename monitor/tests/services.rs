@@ -64,3 +64,60 @@ fn ten_thousand_connections_to_a_local_server_make_a_handful_of_flows() {
     );
     assert!(flows.len() <= 5, "a handful of flows: {}", flows.len());
 }
+
+/// Runs `cmd` inside `cgroup` (it moves itself there before exec).
+fn in_cgroup(cmd: &mut std::process::Command, cgroup: &std::path::Path) {
+    use std::os::unix::process::CommandExt;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").to_str().unwrap()).unwrap();
+    // SAFETY: only open/write/close (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn the_agent_and_its_live_table_make_no_flows_of_their_own() {
+    require_root();
+    let tag = tag("selfnoise");
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    // The agent watches the cgroup it runs in, as on a phone.
+    let mut agent = AgentProc {
+        pin_dir: std::path::PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+        listen: format!("127.0.0.1:{}", free_port()),
+        proc: None,
+        netns: None,
+        env: vec![],
+    };
+    let pid = {
+        agent.spawn(&cgroup.path, &[]);
+        agent.proc.as_ref().unwrap().0.id()
+    };
+    std::fs::write(cgroup.path.join("cgroup.procs"), pid.to_string()).unwrap();
+    let started = std::time::Instant::now();
+    let mut polls = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        let mut top = agent.command();
+        top.args(["top", "--once", "--listen", &agent.listen]);
+        in_cgroup(&mut top, &cgroup.path);
+        let out = top.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        polls += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let flows = agent.flows();
+    assert!(polls >= 30);
+    assert!(
+        flows.is_empty(),
+        "{polls} polls of the live table over 30 s made flows: {flows:#?}"
+    );
+    // Move the agent back out so the test cgroup can go.
+    let root_procs = cgroup2_root().join("cgroup.procs");
+    let _ = std::fs::write(root_procs, pid.to_string());
+}

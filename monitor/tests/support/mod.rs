@@ -272,19 +272,30 @@ impl AgentProc {
         agent
     }
 
-    /// An `egressmon` command aimed at this agent's namespace.
+    /// An `egressmon` command aimed at this agent's namespace, with the
+    /// agent's environment (`EGRESSMON_RUN_DIR` among it, if set).
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(BIN);
         command_in_netns(&mut cmd, self.netns.as_deref());
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd
     }
 
-    /// The agent's control socket (default run directory).
+    /// The agent's run directory: `EGRESSMON_RUN_DIR` of its environment,
+    /// else the default.
+    pub fn run_dir(&self) -> PathBuf {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "EGRESSMON_RUN_DIR")
+            .map_or_else(
+                || PathBuf::from("/run/egressmon"),
+                |(_, v)| PathBuf::from(v),
+            )
+    }
+
+    /// The agent's control socket.
     pub fn endpoint(&self) -> egressmon::client::Endpoint {
-        egressmon::client::Endpoint::new(
-            std::path::Path::new("/run/egressmon"),
-            self.listen.parse().unwrap(),
-        )
+        egressmon::client::Endpoint::new(&self.run_dir(), self.listen.parse().unwrap())
     }
 
     /// GET `path` from the agent's control socket.

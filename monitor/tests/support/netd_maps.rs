@@ -127,7 +127,7 @@ impl NetdMaps {
     /// All of netd's maps (`with_app_uid`: also map_netd_app_uid_stats_map),
     /// with map A live, as netd starts.
     pub fn new(tag: &str, release: Release, with_app_uid: bool) -> NetdMaps {
-        let dir = PinDir::new(tag);
+        let dir = PinDir::new(&format!("{tag}-netd"));
         let a = dir.pin(STATS_MAP_A, BPF_MAP_TYPE_HASH, 16, 32, 5000);
         let b = dir.pin(STATS_MAP_B, BPF_MAP_TYPE_HASH, 16, 32, 5000);
         let config = match release {
