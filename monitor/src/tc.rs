@@ -234,7 +234,7 @@ fn program(ebpf: &Ebpf, hook: Hook) -> Result<(OwnedFd, u32)> {
 }
 
 /// Tells the programs where the IP header starts on `iface`.
-pub fn set_l3_offset(ebpf: &mut Ebpf, iface: &Interface) -> Result<()> {
+fn set_l3_offset(ebpf: &mut Ebpf, iface: &Interface) -> Result<()> {
     let mut map = l3_offsets(ebpf)?;
     map.insert(iface.index, iface.l3_offset, 0)
         .with_context(|| format!("recording {}'s link header length", iface.name))?;

@@ -279,8 +279,7 @@ fn changed(a: &FlowValue, b: &Counters) -> bool {
 }
 
 /// Whether `now` is the flow `tracked` was: the kernel stamps `first_seen`
-/// once, when it creates the entry (0: not known, as for flows a previous
-/// agent only logged).
+/// once, when it creates the entry (0 would be no stamp: not compared).
 fn same_flow(tracked: &FlowValue, now: &FlowValue) -> bool {
     tracked.first_seen == 0 || now.first_seen == 0 || tracked.first_seen == now.first_seen
 }

@@ -366,6 +366,11 @@ fn test(soak_secs: u64) -> Result<()> {
     integration_test("kernel")?;
     shell::step(
         "test",
+        "the tc fallback over time: 100 interfaces coming and going, restarts during traffic",
+    );
+    integration_test("tc")?;
+    shell::step(
+        "test",
         "owners on a simulated Android device (--android-root, app and platform uids)",
     );
     integration_test("android")?;

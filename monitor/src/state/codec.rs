@@ -5,25 +5,52 @@
 use monitor_common::{FlowKey, FlowValue};
 use std::io::{self, BufRead, Write};
 
-/// Writes values to a stream.
-pub(crate) struct Enc<W: Write>(pub W);
+/// Writes values to a stream, a block at a time (a full map's state is
+/// millions of small values: one write call each would cost more than the
+/// encoding).
+pub(crate) struct Enc<W: Write> {
+    out: W,
+    buf: Vec<u8>,
+}
+
+const BLOCK: usize = 1 << 16;
 
 impl<W: Write> Enc<W> {
-    pub fn u64(&mut self, mut v: u64) -> io::Result<()> {
-        let mut buf = [0u8; 10];
-        let mut n = 0;
-        loop {
-            let byte = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                buf[n] = byte;
-                n += 1;
-                break;
-            }
-            buf[n] = byte | 0x80;
-            n += 1;
+    pub fn new(out: W) -> Enc<W> {
+        Enc {
+            out,
+            buf: Vec::with_capacity(BLOCK + 64),
         }
-        self.0.write_all(&buf[..n])
+    }
+
+    /// Writes what is buffered; returns the stream.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.out.write_all(&self.buf)?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+
+    fn spill(&mut self) -> io::Result<()> {
+        if self.buf.len() >= BLOCK {
+            self.out.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Bytes as they are.
+    pub fn raw(&mut self, v: &[u8]) -> io::Result<()> {
+        self.buf.extend_from_slice(v);
+        self.spill()
+    }
+
+    pub fn u64(&mut self, mut v: u64) -> io::Result<()> {
+        while v >= 0x80 {
+            self.buf.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.buf.push(v as u8);
+        self.spill()
     }
 
     pub fn u32(&mut self, v: u32) -> io::Result<()> {
@@ -36,7 +63,7 @@ impl<W: Write> Enc<W> {
 
     pub fn bytes(&mut self, v: &[u8]) -> io::Result<()> {
         self.u64(v.len() as u64)?;
-        self.0.write_all(v)
+        self.raw(v)
     }
 
     pub fn str(&mut self, v: &str) -> io::Result<()> {
@@ -58,7 +85,7 @@ impl<W: Write> Enc<W> {
         self.u32(k.port.into())?;
         self.u32(k.proto.into())?;
         self.u32(k.family.into())?;
-        self.0.write_all(&k.addr)
+        self.raw(&k.addr)
     }
 
     pub fn value(&mut self, v: &FlowValue) -> io::Result<()> {
@@ -203,14 +230,14 @@ mod tests {
             last_seen: 13,
             captured: 0,
         };
-        let mut enc = Enc(Vec::new());
+        let mut enc = Enc::new(Vec::new());
         enc.u64(0).unwrap();
         enc.u64(u64::MAX).unwrap();
         enc.str("grüße").unwrap();
         enc.opt_str(None).unwrap();
         enc.key(&key).unwrap();
         enc.value(&value).unwrap();
-        let bytes = enc.0;
+        let bytes = enc.finish().unwrap();
         let mut dec = Dec(&bytes[..]);
         assert_eq!(dec.u64().unwrap(), 0);
         assert_eq!(dec.u64().unwrap(), u64::MAX);
@@ -231,8 +258,8 @@ mod tests {
             })();
             assert!(all.is_err(), "cut at {cut} read as whole");
         }
-        let mut huge = Enc(Vec::new());
+        let mut huge = Enc::new(Vec::new());
         huge.u64(MAX_LEN + 1).unwrap();
-        assert!(Dec(&huge.0[..]).str().is_err());
+        assert!(Dec(&huge.finish().unwrap()[..]).str().is_err());
     }
 }

@@ -39,7 +39,7 @@ use codec::{Dec, Enc};
 use log_tail::LogPosition;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -115,10 +115,21 @@ fn unescape(name: &str) -> Option<PathBuf> {
     Some(PathBuf::from(std::ffi::OsString::from_vec(out)))
 }
 
+/// Longest escaped pin directory used as it is in a file name (names are
+/// at most 255 bytes); longer ones are hashed, and then never removed as
+/// stale, only with their pins (`remove`).
+const MAX_ESCAPED: usize = 200;
+
 /// The state files of the agent using `pin_dir`.
 fn paths(dir: &Path, pin_dir: &Path) -> [PathBuf; 2] {
+    use sha2::Digest;
     let pin_dir = std::fs::canonicalize(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
-    let stem = format!("{PREFIX}{}", escape(&pin_dir));
+    let mut name = escape(&pin_dir);
+    if name.len() > MAX_ESCAPED {
+        let hash = sha2::Sha256::digest(name.as_bytes());
+        name = hash.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    }
+    let stem = format!("{PREFIX}{name}");
     [
         dir.join(format!("{stem}{PASS_SUFFIX}")),
         dir.join(format!("{stem}{SCRAPE_SUFFIX}")),
@@ -134,9 +145,9 @@ pub fn remove(dir: &Path, pin_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Removes state files in `dir` whose pin directories hold no pins any
-/// more (detached, or a reboot emptied bpffs), and temporary files left by
-/// an agent killed while writing.
+/// Removes state files in `dir` (and temporary ones left by an agent killed
+/// while writing) whose pin directories hold no pins any more: detached,
+/// or a reboot emptied bpffs.
 fn remove_stale(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -146,13 +157,13 @@ fn remove_stale(dir: &Path) {
         let Some(rest) = name.strip_prefix(PREFIX) else {
             continue;
         };
+        let rest = rest.strip_suffix(".tmp").unwrap_or(rest);
         let stem = rest
             .strip_suffix(PASS_SUFFIX)
             .or_else(|| rest.strip_suffix(SCRAPE_SUFFIX));
-        let stale = match stem.and_then(unescape) {
-            Some(pin_dir) => !crate::kernel::has_pins(&pin_dir),
-            None => name.ends_with(".tmp"),
-        };
+        let stale = stem
+            .and_then(unescape)
+            .is_some_and(|pin_dir| !crate::kernel::has_pins(&pin_dir));
         if stale && std::fs::remove_file(entry.path()).is_ok() {
             log::debug!("removed stale state {}", entry.path().display());
         }
@@ -163,7 +174,10 @@ fn remove_stale(dir: &Path) {
 /// it, so a reader (or an agent killed meanwhile) sees the old file or the
 /// new one, whole. No fsync: the state lives no longer than the pins it
 /// describes, which a reboot drops.
-fn replace(path: &Path, fill: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> io::Result<()> {
+fn replace(
+    path: &Path,
+    fill: impl FnOnce(&mut Enc<&mut File>) -> io::Result<()>,
+) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -177,8 +191,9 @@ fn replace(path: &Path, fill: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> 
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)?;
-    let mut out = BufWriter::with_capacity(1 << 16, file);
-    let written = fill(&mut out).and_then(|()| out.flush());
+    let mut file = file;
+    let mut enc = Enc::new(&mut file);
+    let written = fill(&mut enc).and_then(|()| enc.finish().map(drop));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -210,8 +225,8 @@ fn open(path: &Path) -> Result<Option<BufReader<File>>> {
     Ok(Some(BufReader::with_capacity(1 << 16, file)))
 }
 
-fn write_header(e: &mut Enc<&mut dyn Write>, identity: &Identity) -> io::Result<()> {
-    e.0.write_all(MAGIC)?;
+fn write_header(e: &mut Enc<&mut File>, identity: &Identity) -> io::Result<()> {
+    e.raw(MAGIC)?;
     e.u64(FORMAT)?;
     e.str(&identity.boot_id)?;
     e.u32(identity.flows_map_id)?;
@@ -295,14 +310,13 @@ impl PassState {
     /// the tracker and the verdicts, after its log lines are written).
     pub fn save(&mut self, tracker: &Tracker, destinations: &Destinations) {
         let position = self.log.as_deref().and_then(log_tail::position);
-        let written = replace(&self.path, |out| {
-            let mut e = Enc(out);
-            write_header(&mut e, &self.identity)?;
-            write_position(&mut e, position.as_ref())?;
-            write_totals(&mut e, &tracker.saved_totals())?;
-            write_flows(&mut e, tracker)?;
-            write_infos(&mut e, destinations)?;
-            e.0.write_all(END)
+        let written = replace(&self.path, |e| {
+            write_header(e, &self.identity)?;
+            write_position(e, position.as_ref())?;
+            write_totals(e, &tracker.saved_totals())?;
+            write_flows(e, tracker)?;
+            write_infos(e, destinations)?;
+            e.raw(END)
         });
         if let Err(e) = written {
             self.save_failures += 1;
@@ -353,7 +367,7 @@ impl PassState {
     }
 }
 
-fn write_position(e: &mut Enc<&mut dyn Write>, at: Option<&LogPosition>) -> io::Result<()> {
+fn write_position(e: &mut Enc<&mut File>, at: Option<&LogPosition>) -> io::Result<()> {
     e.bool(at.is_some())?;
     match at {
         Some(at) => {
@@ -376,7 +390,7 @@ fn read_position<R: BufRead>(d: &mut Dec<R>) -> io::Result<Option<LogPosition>> 
     }))
 }
 
-fn write_owner(e: &mut Enc<&mut dyn Write>, o: &Owner) -> io::Result<()> {
+fn write_owner(e: &mut Enc<&mut File>, o: &Owner) -> io::Result<()> {
     e.u32(o.uid)?;
     e.u32(o.user)?;
     e.u32(o.app_id)?;
@@ -398,7 +412,7 @@ fn read_owner<R: BufRead>(d: &mut Dec<R>) -> io::Result<Owner> {
     })
 }
 
-fn write_totals(e: &mut Enc<&mut dyn Write>, t: &SavedTotals) -> io::Result<()> {
+fn write_totals(e: &mut Enc<&mut File>, t: &SavedTotals) -> io::Result<()> {
     e.strs(t.rule_names.iter().map(String::as_str))?;
     e.u64(t.classes.len() as u64)?;
     for ((origin, firmware, country), bytes) in &t.classes {
@@ -463,7 +477,7 @@ fn read_totals<R: BufRead>(d: &mut Dec<R>) -> io::Result<SavedTotals> {
     Ok(t)
 }
 
-fn write_sender(e: &mut Enc<&mut dyn Write>, s: &Sender) -> io::Result<()> {
+fn write_sender(e: &mut Enc<&mut File>, s: &Sender) -> io::Result<()> {
     e.u32(s.tgid)?;
     e.bytes(&s.comm)?;
     e.u64(s.cgroup_id)?;
@@ -489,7 +503,7 @@ fn read_sender<R: BufRead>(d: &mut Dec<R>) -> io::Result<Sender> {
 }
 
 /// The senders (each once: many flows share one) then the flows.
-fn write_flows(e: &mut Enc<&mut dyn Write>, tracker: &Tracker) -> io::Result<()> {
+fn write_flows(e: &mut Enc<&mut File>, tracker: &Tracker) -> io::Result<()> {
     let mut index: HashMap<*const Sender, u64> = HashMap::new();
     let mut senders: Vec<Arc<Sender>> = Vec::new();
     for flow in tracker.saved_flows() {
@@ -576,7 +590,7 @@ fn read_flows<R: BufRead>(d: &mut Dec<R>, mut each: impl FnMut(SavedFlow)) -> io
     Ok(())
 }
 
-fn write_infos(e: &mut Enc<&mut dyn Write>, destinations: &Destinations) -> io::Result<()> {
+fn write_infos(e: &mut Enc<&mut File>, destinations: &Destinations) -> io::Result<()> {
     let infos = destinations.infos();
     e.u64(infos.len() as u64)?;
     for (key, info) in infos {
@@ -635,11 +649,10 @@ impl ScrapeState {
         if last.as_ref() == Some(&now) {
             return;
         }
-        let written = replace(&self.path, |out| {
-            let mut e = Enc(out);
-            write_header(&mut e, &self.identity)?;
-            write_scraped(&mut e, &now)?;
-            e.0.write_all(END)
+        let written = replace(&self.path, |e| {
+            write_header(e, &self.identity)?;
+            write_scraped(e, &now)?;
+            e.raw(END)
         });
         match written {
             Ok(()) => *last = Some(now),
@@ -665,7 +678,7 @@ impl ScrapeState {
     }
 }
 
-fn write_scraped(e: &mut Enc<&mut dyn Write>, s: &Scraped) -> io::Result<()> {
+fn write_scraped(e: &mut Enc<&mut File>, s: &Scraped) -> io::Result<()> {
     e.u64(s.labelled_uids.len() as u64)?;
     for uid in &s.labelled_uids {
         e.u32(*uid)?;
@@ -683,8 +696,8 @@ fn write_scraped(e: &mut Enc<&mut dyn Write>, s: &Scraped) -> io::Result<()> {
     e.u64(netd.rows.len() as u64)?;
     for (map, key, value) in &netd.rows {
         e.u32((*map).into())?;
-        e.0.write_all(&key.to_bytes())?;
-        e.0.write_all(&value.to_bytes())?;
+        e.raw(&key.to_bytes())?;
+        e.raw(&value.to_bytes())?;
     }
     e.u64(netd.by_uid.len() as u64)?;
     for (uid, t) in &netd.by_uid {

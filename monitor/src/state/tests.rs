@@ -321,8 +321,15 @@ fn file_names_name_their_pin_directory_and_stale_ones_go() {
     std::fs::write(&pass, "x").unwrap();
     std::fs::write(&scrape, "x").unwrap();
     std::fs::write(tmp.0.join("api-127.0.0.1-9864.sock"), "").unwrap();
+    let mut tmp_name = pass.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    std::fs::write(&tmp_name, "x").unwrap();
+    let long = PathBuf::from(format!("/sys/fs/bpf/{}", "x".repeat(300)));
+    let [long_pass, _] = paths(&tmp.0, &long);
+    assert!(long_pass.file_name().unwrap().len() < 100, "{long_pass:?}");
     remove_stale(&tmp.0);
     assert!(!pass.exists() && !scrape.exists());
+    assert!(!Path::new(&tmp_name).exists());
     assert!(tmp.0.join("api-127.0.0.1-9864.sock").exists(), "not ours");
 }
 
@@ -367,42 +374,4 @@ fn log_lines_name_the_flows_they_were_written_for() {
         line["family"] = "ipv9".into();
         assert!(log_tail::parse(&line.to_string()).is_none());
     }
-}
-
-#[test]
-#[ignore]
-fn tmp_bench_save() {
-    let tmp = TempDir::new("bench");
-    let mut state = PassState::new(&place(&tmp.0), None, 0);
-    let mut t = Tracker::new(TrackerOptions {
-        capacity: 65536,
-        update_every: Duration::from_secs(60),
-        idle_after: Duration::from_secs(300),
-        emit: false,
-        rules: Rules::defaults(),
-    });
-    let mut d = Destinations::new(GeoIp::empty(), 65536);
-    let snap: Vec<(FlowKey, FlowValue)> = (0..65536u32)
-        .map(|i| {
-            let mut k = key(10000 + i % 4, (i % 250) as u8);
-            k.port = (i / 4) as u16;
-            (k, FlowValue { connects: 3, tx_packets: 3, tx_bytes: 180 + i as u64, first_seen: 1_000_000_000_000 + i as u64, last_seen: 1_000_000_500_000, ..Default::default() })
-        })
-        .collect();
-    {
-        let describe = Describer(RefCell::new(&mut d));
-        let t0 = Instant::now();
-        t.tick(Instant::now(), &snap, &describe, &mut |_| {});
-        eprintln!("pass: {:?} flows {}", t0.elapsed(), t.tracked());
-    }
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        state.save(&t, &d);
-        let size = std::fs::metadata(&paths(&tmp.0, place(&tmp.0).pin_dir)[0]).unwrap().len();
-        eprintln!("save: {:?}, {} bytes", t0.elapsed(), size);
-    }
-    let t0 = Instant::now();
-    let (mut t2, mut d2) = (tracker(), Destinations::new(GeoIp::empty(), 65536));
-    state.restore(&mut t2, &mut d2).unwrap();
-    eprintln!("restore: {:?} flows {}", t0.elapsed(), t2.tracked());
 }
