@@ -107,22 +107,7 @@ pub struct Agent {
 /// usable directory (without one, a restart counts everything again).
 fn open_states(kernel: &Kernel, options: &AgentOptions) -> Option<(PassState, ScrapeState)> {
     let dir = options.state_dir.as_deref()?;
-    let opened = (|| -> Result<(PassState, ScrapeState)> {
-        let flows = kernel
-            .loaded_map_fd(MAP_FLOWS)
-            .context("FLOWS map missing")?;
-        let place = crate::state::Place {
-            dir,
-            pin_dir: &kernel.options.pin_dir,
-            identity: crate::state::Identity::of_flows_map(flows)?,
-        };
-        place.prepare()?;
-        Ok((
-            PassState::new(&place, options.log.as_deref(), options.log_keep),
-            ScrapeState::new(&place),
-        ))
-    })();
-    opened
+    states_in(dir, kernel, options)
         .map_err(|e| {
             log::warn!(
                 "{e:#}: nothing is kept across restarts (a restarted agent counts per-country \
@@ -130,6 +115,26 @@ fn open_states(kernel: &Kernel, options: &AgentOptions) -> Option<(PassState, Sc
             )
         })
         .ok()
+}
+
+fn states_in(
+    dir: &Path,
+    kernel: &Kernel,
+    options: &AgentOptions,
+) -> Result<(PassState, ScrapeState)> {
+    let flows = kernel
+        .loaded_map_fd(MAP_FLOWS)
+        .context("FLOWS map missing")?;
+    let place = crate::state::Place {
+        dir,
+        pin_dir: &kernel.options.pin_dir,
+        identity: crate::state::Identity::of_flows_map(flows)?,
+    };
+    place.prepare()?;
+    Ok((
+        PassState::new(&place, options.log.as_deref(), options.log_keep),
+        ScrapeState::new(&place),
+    ))
 }
 
 /// Takes back a previous agent's passes; starts afresh if the state cannot
@@ -375,7 +380,7 @@ impl Agent {
             None => None,
         };
         let resolver = OwnerResolver::new(options.android_root.as_deref())?;
-        let netd = open_netd_stats(options.netd_bpf_root.as_deref())?;
+        let mut netd = open_netd_stats(options.netd_bpf_root.as_deref())?;
         let geoip = if options.geoip.is_empty() {
             GeoIp::empty()
         } else {
@@ -401,9 +406,7 @@ impl Agent {
         let mut tracker = Tracker::new(tracker_options());
         let mut destinations = Destinations::new(geoip, capacity);
         let mut labelled_uids = BTreeSet::new();
-        let mut netd = netd;
-        let (pass_state, scrape_state) = states.unzip();
-        let mut pass_state = pass_state;
+        let (mut pass_state, scrape_state) = states.unzip();
         if let Some(state) = &mut pass_state {
             restore_passes(state, &mut tracker, &mut destinations, || {
                 Tracker::new(tracker_options())

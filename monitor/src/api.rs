@@ -324,14 +324,29 @@ impl Backoff {
 const REFUSED: &str =
     "this uid may not use the control socket: run as root, or start the agent with --api-allow-uid UID\n";
 
-async fn refuse(mut stream: impl AsyncWrite + Unpin) {
-    use tokio::io::AsyncWriteExt;
+/// Answers a refused peer with 403 and closes. The request head is read
+/// first (bounded in size and time): closing a unix socket with unread
+/// data resets it, and the client would see no answer at all.
+async fn refuse(mut stream: impl AsyncRead + AsyncWrite + Unpin) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = format!(
         "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\nconnection: close\r\n\
          content-length: {}\r\n\r\n{REFUSED}",
         REFUSED.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
+    let exchange = async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 1024];
+        while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), exchange).await;
 }
 
 /// Removes the control socket when the agent stops serving.

@@ -58,11 +58,7 @@ fn on_android() -> bool {
 }
 
 fn default_run_dir() -> PathBuf {
-    PathBuf::from(if on_android() {
-        "/data/adb/egressmon"
-    } else {
-        "/run/egressmon"
-    })
+    crate::state::default_dir()
 }
 
 #[derive(Subcommand, Debug)]
@@ -253,6 +249,7 @@ fn run(args: RunArgs) -> Result<()> {
         geoip: args.geoip.clone(),
         rules: args.rules.clone(),
         netd_bpf_root: args.netd_bpf_root.clone(),
+        state_dir: Some(args.target.run_dir()),
         ..AgentOptions::default()
     };
     let agent = Agent::start(options, agent_options)?;
@@ -403,6 +400,9 @@ fn detach(target: Target) -> Result<()> {
         }
     }
     stop_agent(&target);
+    for removed in crate::state::remove(&target.run_dir(), &target.pin_dir) {
+        println!("removed the agent's state {}", removed.display());
+    }
     let report = kernel::detach(&target.pin_dir).with_context(|| {
         format!(
             "detaching what egressmon pinned under {}",

@@ -151,7 +151,11 @@ fn count_lines(log: &[Value], event: &str) -> BTreeMap<String, usize> {
 }
 
 fn metrics(agent: &AgentProc) -> String {
-    http_get(&agent.listen, "/metrics").unwrap()
+    let fetch = || http_get(&agent.listen, "/metrics").unwrap();
+    match &agent.netns {
+        Some(ns) => support::net::in_netns(Path::new(ns), fetch),
+        None => fetch(),
+    }
 }
 
 /// Bytes by country as the agent counts them (metrics) and as the kernel's
@@ -265,6 +269,26 @@ enum Stop {
     Sigterm,
 }
 
+/// Where the agent counts: cgroup hooks, or tc programs on the client's
+/// interface (where netd holds the skb hooks) by netlink filter or TCX.
+#[derive(Clone, Copy, Debug)]
+enum Hooks {
+    Cgroup,
+    TcNetlink,
+    Tcx,
+}
+
+/// Starts the agent counting the way `hooks` says.
+fn start_agent(world: &World, tag: &str, hooks: Hooks, args: &[&str]) -> AgentProc {
+    let client = NetPair::path(&world.net.client);
+    let (netns, env): (Option<&str>, &[(&str, &str)]) = match hooks {
+        Hooks::Cgroup => (None, &[]),
+        Hooks::TcNetlink => (Some(&client), &[("EGRESSMON_TC_NETLINK", "1")]),
+        Hooks::Tcx => (Some(&client), &[]),
+    };
+    AgentProc::start_in(netns, env, &world.cgroup.path, tag, args)
+}
+
 fn stop(agent: &mut AgentProc, how: Stop) {
     match how {
         Stop::Kill9 => agent.kill(),
@@ -278,9 +302,9 @@ fn stop(agent: &mut AgentProc, how: Stop) {
     }
 }
 
-fn restart_keeps_everything_exact(how: Stop) {
+fn restart_keeps_everything_exact(how: Stop, hooks: Hooks) {
     require_root();
-    let tag = tag(&format!("{how:?}").to_lowercase());
+    let tag = tag(&format!("{how:?}{hooks:?}").to_lowercase());
     let world = Arc::new(World::new(&tag));
     let mut netd = NetdMaps::new(&format!("{tag}-netd"), Release::Android13, false);
     let mut agent_args = world.agent_args(true);
@@ -288,9 +312,12 @@ fn restart_keeps_everything_exact(how: Stop) {
         "--netd-bpf-root".into(),
         netd.root().to_str().unwrap().into(),
     ]);
+    if !matches!(hooks, Hooks::Cgroup) {
+        agent_args.extend(["--hooks".into(), "tc_egress,tc_ingress".into()]);
+    }
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{tag}"));
     let _state = StateFiles(pin_dir.clone());
-    let mut agent = AgentProc::start(&world.cgroup.path, &tag, &args(&agent_args));
+    let mut agent = start_agent(&world, &tag, hooks, &args(&agent_args));
     assert_eq!(agent.pin_dir, pin_dir);
     netd.count(netd_key(APP), tx(15_000));
 
@@ -309,7 +336,7 @@ fn restart_keeps_everything_exact(how: Stop) {
             let text = metrics(&agent);
             alerts(&text, "firmware-cleartext") >= 1
                 && alerts(&text, "firmware-new-country") == 1
-                && countries(&agent).0.len() == 2
+                && ["CN", "DE"].map(|c| countries(&agent).0.contains_key(c)) == [true; 2]
         }),
         "{}",
         metrics(&agent)
@@ -397,12 +424,22 @@ fn restart_keeps_everything_exact(how: Stop) {
 
 #[test]
 fn kill_9_during_traffic_neither_doubles_nor_drops() {
-    restart_keeps_everything_exact(Stop::Kill9);
+    restart_keeps_everything_exact(Stop::Kill9, Hooks::Cgroup);
 }
 
 #[test]
 fn sigterm_during_traffic_neither_doubles_nor_drops() {
-    restart_keeps_everything_exact(Stop::Sigterm);
+    restart_keeps_everything_exact(Stop::Sigterm, Hooks::Cgroup);
+}
+
+#[test]
+fn tc_netlink_kill_9_during_traffic_neither_doubles_nor_drops() {
+    restart_keeps_everything_exact(Stop::Kill9, Hooks::TcNetlink);
+}
+
+#[test]
+fn tcx_kill_9_during_traffic_neither_doubles_nor_drops() {
+    restart_keeps_everything_exact(Stop::Kill9, Hooks::Tcx);
 }
 
 /// The new agent has nothing of the old one's (its state is gone): the

@@ -396,9 +396,20 @@ fn test(soak_secs: u64) -> Result<()> {
     integration_test("security")?;
     shell::step(
         "test",
+        "pins and files: symlinks, foreign owners, planted maps, foreign pins, the --log file",
+    );
+    integration_test("pins")?;
+    integration_test("files")?;
+    shell::step(
+        "test",
         "a local service's replies: 10,000 connections, one inbound flow",
     );
     integration_test("services")?;
+    shell::step(
+        "test",
+        "restarts: per-country bytes, alerts, log lines and netd totals exact across kill -9",
+    );
+    integration_test("restart")?;
     shell::step(
         "test",
         &format!("faults: kill -9, a million destinations, bad input, soak for {soak_secs}s"),
