@@ -89,6 +89,12 @@ static EPHEMERAL_FIRST: u32 = 32768;
 #[unsafe(no_mangle)]
 static EPHEMERAL_LAST: u32 = 60999;
 
+/// The mark the agent puts on its own loopback `/metrics` listener (new at
+/// every load, 0 for none): its answers to scrapes carry it, and are not
+/// counted. egressmon never observes its own traffic.
+#[unsafe(no_mangle)]
+static OWN_MARK: u32 = 0;
+
 const ALLOW: i32 = 1;
 /// tc: no verdict, run the next filter (netd's, if any) as usual.
 const TC_ACT_UNSPEC: i32 = -1;
@@ -389,6 +395,9 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn skb_egress(ctx: SkBuffContext) -> i32 {
+    if is_own(&ctx.skb) {
+        return ALLOW;
+    }
     if let Some((key, l4_offset)) = count_skb(&ctx.skb, 0, HOOK_SKB_EGRESS) {
         note_dns_query(&ctx.skb, &key, l4_offset);
     }
@@ -450,6 +459,15 @@ fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize)> {
         capture_first_payload(skb, &key, l4_offset, sk_buff.len, value);
     }
     Some((key, l4_offset))
+}
+
+/// A packet of the agent's own (its sockets carry [`OWN_MARK`]; only
+/// processes with CAP_NET_ADMIN can set a mark, and this one is random).
+#[inline(always)]
+fn is_own(skb: &SkBuff) -> bool {
+    // SAFETY: a read-only global the loader set.
+    let own = unsafe { core::ptr::read_volatile(&OWN_MARK) };
+    own != 0 && unsafe { (*skb.skb).mark } == own
 }
 
 #[inline(always)]

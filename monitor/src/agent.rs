@@ -698,6 +698,11 @@ impl Agent {
         Some(totals)
     }
 
+    /// The mark that keeps the agent's own packets out of the counts.
+    pub fn own_mark(&self) -> u32 {
+        self.kernel.lock().unwrap().own_mark()
+    }
+
     pub fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
         self.kernel.lock().unwrap().uid_totals()
     }

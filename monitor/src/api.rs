@@ -68,6 +68,9 @@ pub struct ApiOptions {
     pub metrics: MetricsAccess,
     /// `--web-config-file`: basic auth for scrapes.
     pub web: Arc<crate::web_config::WebConfig>,
+    /// Marked on a loopback listener (and so on every answer it sends):
+    /// the kernel programs leave the agent's own packets uncounted.
+    pub own_mark: u32,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -371,6 +374,7 @@ pub async fn serve(
             "cannot listen on {addr}: {e} (is another egressmon running? pass --listen ADDR)"
         )
     })?;
+    mark_own(&tcp, options.own_mark);
     let control = bind_control(&options.socket, !options.control_uids.is_empty())?;
     log::info!(
         "serving /metrics on http://{}; flows, status and control on {}",
@@ -480,6 +484,21 @@ async fn may_scrape(
             log::warn!("/metrics: cannot tell the uid of {peer}: {e}");
             false
         }
+    }
+}
+
+/// Marks a loopback listener so the kernel programs skip what the agent
+/// sends through it: its accepted sockets and their SYN-ACKs take the
+/// listener's mark. Not beyond loopback: on Android a mark also steers
+/// routing (netd's fwmark rules), which loopback answers never consult.
+fn mark_own(listener: &TcpListener, mark: u32) {
+    if mark == 0 || !listener.local_addr().is_ok_and(|a| a.ip().is_loopback()) {
+        return;
+    }
+    if let Err(e) = socket2::SockRef::from(listener).set_mark(mark) {
+        log::warn!(
+            "marking the /metrics listener: {e}; the agent's answers to scrapes will be counted"
+        );
     }
 }
 

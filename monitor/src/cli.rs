@@ -270,6 +270,10 @@ fn run(args: RunArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let api = ApiOptions {
+        own_mark: agent.own_mark(),
+        ..api
+    };
     runtime.block_on(serve_until_stopped(api, agent.clone()))?;
     agent.stop();
     log::info!(
@@ -299,6 +303,7 @@ fn api_options(args: &RunArgs) -> Result<ApiOptions> {
             Some(path) => crate::web_config::WebConfig::load(path)?,
             None => Default::default(),
         }),
+        own_mark: 0,
     })
 }
 

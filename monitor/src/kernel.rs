@@ -55,6 +55,8 @@ pub struct Kernel {
     pub options: LoadOptions,
     /// Where the tc hooks are attached, by interface index.
     tc: crate::tc::Attachments,
+    /// The programs skip packets with this mark: the agent's own.
+    own_mark: u32,
 }
 
 fn link_pin(pin_dir: &Path, hook: Hook) -> PathBuf {
@@ -106,10 +108,12 @@ impl Kernel {
         // No relocation against the kernel's BTF: the programs need none,
         // and kernels without BTF (some Android ones) load them the same.
         let (ephemeral_first, ephemeral_last) = system::ephemeral_ports();
+        let own_mark = system::random_mark();
         let ebpf = EbpfLoader::new()
             .btf(None)
             .override_global("EPHEMERAL_FIRST", &ephemeral_first, true)
             .override_global("EPHEMERAL_LAST", &ephemeral_last, true)
+            .override_global("OWN_MARK", &own_mark, true)
             .default_map_pin_directory(&options.pin_dir)
             .map_max_entries(MAP_FLOWS, options.flow_entries)
             .map_max_entries(MAP_FLOW_SEEN, options.flow_entries)
@@ -134,6 +138,7 @@ impl Kernel {
             plans,
             tc: crate::tc::Attachments::new(&options.pin_dir),
             options,
+            own_mark,
         };
         kernel.drop_unplanned_links();
         kernel.write_config()?;
@@ -462,6 +467,11 @@ impl Kernel {
     ) -> Result<aya_log::EbpfLogger<crate::kernel_log::KernelLog>> {
         aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
             .context("opening the kernel programs' log ring (AYA_LOGS)")
+    }
+
+    /// The mark the programs leave uncounted (for the agent's own sockets).
+    pub fn own_mark(&self) -> u32 {
+        self.own_mark
     }
 
     /// The new-flow event ring (taken once by the event reader).

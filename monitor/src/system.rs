@@ -396,6 +396,20 @@ fn parse_port_range(text: &str) -> Option<(u32, u32)> {
     (first <= last && last <= 65535).then_some((first, last))
 }
 
+/// A random non-zero socket mark, new at every load (for the agent's own
+/// sockets, which the kernel programs then leave uncounted).
+pub fn random_mark() -> u32 {
+    let mut bytes = [0u8; 4];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into our buffer.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    let random = if got == 4 {
+        u32::from_ne_bytes(bytes)
+    } else {
+        std::process::id().wrapping_mul(0x9e37_79b9) ^ 0x6567_6d00
+    };
+    random.max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

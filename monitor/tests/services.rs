@@ -83,7 +83,7 @@ fn in_cgroup(cmd: &mut std::process::Command, cgroup: &std::path::Path) {
 }
 
 #[test]
-fn the_agent_and_its_live_table_make_no_flows_of_their_own() {
+fn the_agent_its_live_table_and_scrapes_make_no_flows_of_their_own() {
     require_root();
     let tag = tag("selfnoise");
     let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
@@ -95,11 +95,31 @@ fn the_agent_and_its_live_table_make_no_flows_of_their_own() {
         netns: None,
         env: vec![],
     };
-    let pid = {
-        agent.spawn(&cgroup.path, &[]);
-        agent.proc.as_ref().unwrap().0.id()
-    };
-    std::fs::write(cgroup.path.join("cgroup.procs"), pid.to_string()).unwrap();
+    // Started inside the cgroup, so its sockets (the /metrics listener and
+    // what it accepts) belong to the watched cgroup from the first.
+    let mut run = agent.command();
+    run.args(["run", "--cgroup"])
+        .arg(&cgroup.path)
+        .arg("--pin-dir")
+        .arg(&agent.pin_dir)
+        .args(["--listen", &agent.listen])
+        .env("RUST_LOG", "warn");
+    in_cgroup(&mut run, &cgroup.path);
+    agent.proc = Some(Proc(run.spawn().unwrap()));
+    let pid = agent.proc.as_ref().unwrap().0.id();
+    assert!(
+        eventually(Duration::from_secs(20), || agent
+            .command()
+            .args(["status", "--listen", &agent.listen])
+            .output()
+            .is_ok_and(|o| o.status.success())),
+        "the agent did not start"
+    );
+    let procs = std::fs::read_to_string(cgroup.path.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|p| p == pid.to_string()),
+        "agent in the watched cgroup"
+    );
     let started = std::time::Instant::now();
     let mut polls = 0;
     while started.elapsed() < Duration::from_secs(30) {
@@ -108,6 +128,8 @@ fn the_agent_and_its_live_table_make_no_flows_of_their_own() {
         in_cgroup(&mut top, &cgroup.path);
         let out = top.output().unwrap();
         assert!(out.status.success(), "{out:?}");
+        // A scraper outside the cgroup: the agent's answers are its own.
+        http_get(&agent.listen, "/metrics").expect("scrape");
         polls += 1;
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -115,7 +137,7 @@ fn the_agent_and_its_live_table_make_no_flows_of_their_own() {
     assert!(polls >= 30);
     assert!(
         flows.is_empty(),
-        "{polls} polls of the live table over 30 s made flows: {flows:#?}"
+        "{polls} polls of the live table and scrapes over 30 s made flows: {flows:#?}"
     );
     // Move the agent back out so the test cgroup can go.
     let root_procs = cgroup2_root().join("cgroup.procs");
