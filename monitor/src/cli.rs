@@ -391,6 +391,17 @@ fn owners(json: bool, android_root: Option<PathBuf>) -> Result<()> {
     }
 }
 
+/// Removes the socket a killed agent left behind: a socket nobody answers.
+fn remove_stale_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    let refused = std::os::unix::net::UnixStream::connect(path)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+    if is_socket && refused && std::fs::remove_file(path).is_ok() {
+        println!("removed the stale control socket {}", path.display());
+    }
+}
+
 /// How long `detach` waits for the agent to finish its last pass and exit.
 const AGENT_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -451,6 +462,7 @@ fn stop_agent(target: &Target) {
         Ok(status) => status,
         Err(e) => {
             println!("no agent to stop ({e:#})");
+            remove_stale_socket(&endpoint.socket);
             return;
         }
     };
