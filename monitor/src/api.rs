@@ -7,7 +7,8 @@
 //! - **TCP** on `--listen`: `/metrics` for Prometheus and nothing else. Its
 //!   labels carry uids and owners, never a destination. Who may scrape is
 //!   `MetricsAccess`; the `Host` header is checked on every request so a web
-//!   page cannot read it through DNS rebinding.
+//!   page cannot read it through DNS rebinding. `--web-config-file` adds TLS
+//!   and basic auth (`web_config`).
 //!
 //! Both are bounded: a connection limit (a new connection evicts the
 //! oldest), a header timeout on hyper's timer, a cap on a connection's age,
@@ -393,7 +394,7 @@ pub async fn serve(
         options.control_uids,
         shared.clone(),
     ));
-    let remote_ok = options.web.requires_auth();
+    let remote_ok = options.web.admits_remote();
     tokio::spawn(accept_tcp(tcp, options.metrics, remote_ok, shared));
     Ok(ControlSocket(options.socket))
 }
@@ -444,15 +445,25 @@ async fn accept_tcp(
         let shared = shared.clone();
         let gate = gate.clone();
         let access = access.clone();
+        let tls = shared.web.tls().cloned();
         tokio::spawn(async move {
             if !may_scrape(&access, remote_ok, &stream, peer).await {
                 log::debug!("/metrics: refused {peer}");
                 return;
             }
-            serve_connection(gate, stream, move |req| {
+            let route = move |req| {
                 let shared = shared.clone();
                 async move { shared.public(req).await }
-            });
+            };
+            let Some(tls) = tls else {
+                return serve_connection(gate, stream, route);
+            };
+            // A handshake is bounded like a request head.
+            match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(gate, stream, route),
+                Ok(Err(e)) => log::debug!("/metrics: TLS handshake with {peer}: {e}"),
+                Err(_) => log::debug!("/metrics: TLS handshake with {peer} timed out"),
+            }
         });
     }
 }

@@ -167,9 +167,10 @@ pub struct RunArgs {
     /// forward) on Android and with --android-root.
     #[arg(long, value_delimiter = ',')]
     pub metrics_allow_uid: Vec<String>,
-    /// Basic auth for /metrics in the Prometheus exporter-toolkit layout
-    /// (`basic_auth_users: {user: bcrypt hash}`); with it, peers on other
-    /// hosts may scrape when they authenticate.
+    /// TLS and basic auth for /metrics, in the Prometheus exporter-toolkit
+    /// layout (`tls_server_config: {cert_file, key_file}`,
+    /// `basic_auth_users: {user: bcrypt hash}`); with a password or client
+    /// certificates, peers on other hosts may scrape.
     #[arg(long)]
     pub web_config_file: Option<PathBuf>,
     /// Uids that get their own metric series; later uids fold into uid="other".

@@ -424,3 +424,87 @@ fn files_and_defaults_are_root_only() {
     );
     assert!(help.contains("--api-allow-uid") && help.contains("--metrics-allow-uid"));
 }
+
+/// A self-signed P-256 certificate for 127.0.0.1, written into `dir`.
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("agent.crt"), dir.join("agent.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=egressmon"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "{out:?}");
+    (cert, key)
+}
+
+#[test]
+fn metrics_over_tls_with_basic_auth_from_a_web_config() {
+    require_root();
+    let tag = tag("webtls");
+    let dir = Path::new("/tmp").join(&tag);
+    std::fs::create_dir(&dir).unwrap();
+    let _cleanup = Scratch(dir.clone());
+    let (cert, _) = self_signed(&dir);
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let config = dir.join("web.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_server_config:\n  cert_file: agent.crt\n  key_file: agent.key\n\
+             basic_auth_users:\n  prometheus: '{hash}'\n"
+        ),
+    )
+    .unwrap();
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let agent = AgentProc::start(
+        &cgroup.path,
+        &tag,
+        &["--web-config-file", config.to_str().unwrap()],
+    );
+    let url = format!("https://{}/metrics", agent.listen);
+    let cacert = cert.to_str().unwrap();
+    let anonymous = curl_as(0, &["--cacert", cacert, &url]);
+    assert_eq!(anonymous.status, 401, "{anonymous:?}");
+    let wrong = curl_as(0, &["--cacert", cacert, "-u", "prometheus:guess", &url]);
+    assert_eq!(wrong.status, 401, "{wrong:?}");
+    let scraper = curl_as(0, &["--cacert", cacert, "-u", "prometheus:s3cret", &url]);
+    assert_eq!(scraper.status, 200, "{scraper:?}");
+    assert!(scraper.body.contains("egressmon_build_info"), "{scraper:?}");
+    let plain = curl_as(0, &[&format!("http://{}/metrics", agent.listen)]);
+    assert_ne!(plain.status, 200, "no cleartext answer: {plain:?}");
+    // A bad config is refused at start, before anything is attached.
+    let bad = dir.join("bad.yml");
+    std::fs::write(
+        &bad,
+        "tls_server_config:\n  cert_file: missing.crt\n  key_file: agent.key\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--web-config-file",
+            bad.to_str().unwrap(),
+            "--pin-dir",
+        ])
+        .arg(format!("/sys/fs/bpf/{tag}-bad"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cert_file missing.crt"),
+        "{err}"
+    );
+    assert!(!Path::new(&format!("/sys/fs/bpf/{tag}-bad")).exists());
+}
