@@ -192,6 +192,21 @@ pub struct DnsPortKey {
     pub proto: u8,
 }
 
+/// Value of `DNS_PORTS`: the uid whose socket sent DNS queries from that
+/// port, and the ids of its latest queries (resolvers send several at once,
+/// A and AAAA: an answer must carry one of these ids). Unused slots repeat
+/// the first id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsQueries {
+    pub uid: u32,
+    pub ids: [u16; DNS_QUERY_IDS],
+    /// Slot the next query id goes into (wraps).
+    pub next: u32,
+}
+
+pub const DNS_QUERY_IDS: usize = 4;
+
 /// Netlink tc filters the agent added (kernels before TCX): they outlive the
 /// agent, so the next agent and `detach` find them here. A pinned array, so
 /// the list lives in the pin directory (bpffs holds no regular files).
@@ -234,6 +249,7 @@ mod pod {
     // SAFETY: plain-old-data, repr(C), no implicit padding.
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for DnsPortKey {}
+    unsafe impl aya::Pod for DnsQueries {}
     unsafe impl aya::Pod for TcFilter {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for UidTotals {}
@@ -250,6 +266,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FlowKey>(), 24);
+        assert_eq!(size_of::<DnsQueries>(), 16);
         assert_eq!(size_of::<FlowValue>(), 56);
         assert_eq!(size_of::<PayloadEvent>(), 24 + 16 + PAYLOAD_CAPTURE_BYTES);
         assert_eq!(size_of::<UidTotals>(), 32);

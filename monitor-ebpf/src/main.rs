@@ -70,7 +70,7 @@ static TC_L3_OFFSET: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
 
 /// Uid of the socket that sent a DNS query, by its local port (tc only).
 #[map(name = "DNS_PORTS")]
-static DNS_PORTS: LruHashMap<DnsPortKey, u32> = LruHashMap::with_max_entries(4096, 0);
+static DNS_PORTS: LruHashMap<DnsPortKey, DnsQueries> = LruHashMap::with_max_entries(4096, 0);
 
 /// Netlink tc filters the agent added, for the next agent and `detach`
 /// (written by the agent only).
@@ -523,10 +523,11 @@ fn config_has(bit: u32) -> bool {
     CONFIG.get(0).is_some_and(|flags| flags & bit != 0)
 }
 
-/// Remembers which uid's socket sent a DNS query from which local port: an
-/// answer is forwarded only to the uid that asked from that port (at tc
-/// ingress answers carry no socket; at skb ingress one uid could otherwise
-/// name another uid's destinations with forged answers).
+/// Remembers which uid's socket sent a DNS query from which local port, and
+/// the query's id: an answer is forwarded only to the uid that asked from
+/// that port, with one of its ids (at tc ingress answers carry no socket;
+/// at skb ingress one uid could otherwise name another uid's destinations
+/// with forged answers).
 #[inline(always)]
 fn note_dns_query(skb: &SkBuff, key: &FlowKey, l4_offset: usize) {
     if key.port != 53 || key.uid == KERNEL_UID || key.family & FAMILY_INBOUND != 0 {
@@ -535,12 +536,46 @@ fn note_dns_query(skb: &SkBuff, key: &FlowKey, l4_offset: usize) {
     let Ok(sport) = skb.load::<u16>(l4_offset) else {
         return;
     };
+    let Some(id) = dns_id(skb, key.proto, l4_offset) else {
+        return;
+    };
     let port_key = DnsPortKey {
         port: u16::from_be(sport),
         family: key.family,
         proto: key.proto,
     };
-    let _ = DNS_PORTS.insert(port_key, key.uid, BPF_ANY as u64);
+    if let Some(known) = DNS_PORTS.get_ptr_mut(port_key) {
+        // SAFETY: map value from a successful lookup.
+        let known = unsafe { &mut *known };
+        if known.uid == key.uid {
+            let slot = (known.next as usize) % DNS_QUERY_IDS;
+            if let Some(entry) = known.ids.get_mut(slot) {
+                *entry = id;
+            }
+            known.next = known.next.wrapping_add(1);
+            return;
+        }
+    }
+    let fresh = DnsQueries {
+        uid: key.uid,
+        ids: [id; DNS_QUERY_IDS],
+        next: 1,
+    };
+    let _ = DNS_PORTS.insert(port_key, fresh, BPF_ANY as u64);
+}
+
+/// The id of the DNS message in this packet: the first two payload bytes
+/// (over TCP, after the two-byte length). None without payload.
+#[inline(always)]
+fn dns_id(skb: &SkBuff, proto: u8, l4_offset: usize) -> Option<u16> {
+    let len = unsafe { (*skb.skb).len };
+    let offset = payload_offset(skb, proto, l4_offset, len)?;
+    let at = if proto == PROTO_TCP {
+        offset + 2
+    } else {
+        offset
+    };
+    skb.load::<u16>(at).ok()
 }
 
 /// Offset of the transport payload, if the packet carries any.
@@ -701,7 +736,10 @@ fn dns_response(skb: &SkBuff, l3: usize, tc: bool) -> Option<()> {
         family: key.family,
         proto: key.proto,
     };
-    let asked_by = unsafe { DNS_PORTS.get(port_key) }.copied();
+    let id = dns_id(skb, key.proto, l4_offset)?;
+    let asked_by = unsafe { DNS_PORTS.get(port_key) }
+        .filter(|asked| asked.ids.contains(&id))
+        .map(|asked| asked.uid);
     key.uid = if tc {
         asked_by.unwrap_or(KERNEL_UID)
     } else if sk_buff_has_sock(sk_buff) && asked_by == Some(skb.get_socket_uid()) {

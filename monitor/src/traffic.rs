@@ -138,6 +138,23 @@ pub enum GenKind {
         name: String,
         #[arg(long)]
         addr: std::net::Ipv4Addr,
+        /// The DNS id the answer carries.
+        #[arg(long, default_value_t = 0x4243)]
+        id: u16,
+    },
+    /// One DNS query for NAME with id ID from local port PORT to RESOLVER,
+    /// then wait up to WAIT_MS for an answer (the socket stays open).
+    DnsQuery {
+        #[arg(long)]
+        resolver: SocketAddr,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        id: u16,
+        #[arg(long, default_value_t = 2000)]
+        wait_ms: u64,
     },
     /// Sink: accept TCP and drain UDP on the given addresses until killed.
     Serve {
@@ -296,11 +313,33 @@ Connection: close
             println!("tls: {n} bytes from the server");
             Ok(())
         }
-        GenKind::DnsAnswer { dst, name, addr } => {
+        GenKind::DnsQuery {
+            resolver,
+            name,
+            port,
+            id,
+            wait_ms,
+        } => {
+            let socket = UdpSocket::bind(SocketAddr::new(unspecified(resolver, false).ip(), port))?;
+            socket.send_to(&dns::query(id, &name), resolver)?;
+            socket.set_read_timeout(Some(std::time::Duration::from_millis(wait_ms.max(1))))?;
+            let mut buf = [0u8; 512];
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => println!("dns-query: {n} bytes from {from}"),
+                Err(_) => println!("dns-query: no answer"),
+            }
+            Ok(())
+        }
+        GenKind::DnsAnswer {
+            dst,
+            name,
+            addr,
+            id,
+        } => {
             let socket = UdpSocket::bind(SocketAddr::new(unspecified(dst, false).ip(), 53))?;
             let zone = [(name.to_ascii_lowercase(), addr)].into_iter().collect();
-            let answer = dns::answer(&dns::query(0x4243, &name), &zone)
-                .context("building the DNS answer")?;
+            let answer =
+                dns::answer(&dns::query(id, &name), &zone).context("building the DNS answer")?;
             socket.send_to(&answer, dst)?;
             Ok(())
         }
