@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 const BPF_MAP_CREATE: u32 = 0;
+const BPF_PROG_LOAD: u32 = 5;
 const BPF_MAP_LOOKUP_ELEM: u32 = 1;
 const BPF_MAP_UPDATE_ELEM: u32 = 2;
 const BPF_MAP_DELETE_ELEM: u32 = 3;
@@ -45,10 +46,35 @@ pub unsafe fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
             std::mem::size_of::<T>() as libc::c_long,
         )
     };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
+    if ret >= 0 {
+        return Ok(ret);
+    }
+    let error = io::Error::last_os_error();
+    let charged = cmd == BPF_MAP_CREATE || cmd == BPF_PROG_LOAD;
+    if charged && error.raw_os_error() == Some(libc::EPERM) && raise_memlock() {
+        // SAFETY: as above; the same call once more.
+        return unsafe { sys_bpf(cmd, attr) };
+    }
+    Err(error)
+}
+
+/// Kernels before 5.11 (the 5.10 GKI line of Android 12-14 phones) charge
+/// maps and programs to RLIMIT_MEMLOCK, counted over every process of the
+/// user, and answer EPERM when the sum passes the caller's limit. As libbpf
+/// and aya do, the limit is raised to infinity once, on the first EPERM;
+/// later kernels charge memory cgroups and never get here. Whether it
+/// changed anything.
+fn raise_memlock() -> bool {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let mut current = unlimited;
+    // SAFETY: get/setrlimit on structs we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current) == 0
+            && current.rlim_cur != libc::RLIM_INFINITY
+            && libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0
     }
 }
 

@@ -44,12 +44,18 @@ pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
 }
 
 pub fn require_kernel() -> Result<()> {
-    let release = kernel_release();
-    if let Some(version) = parse_kernel_version(&release) {
+    check_kernel(&kernel_release())
+}
+
+/// Refuses kernels older than MIN_KERNEL by name: on phones that is the
+/// android11-5.4 GKI line and the 4.x kernels before it.
+fn check_kernel(release: &str) -> Result<()> {
+    if let Some(version) = parse_kernel_version(release) {
         if version < MIN_KERNEL {
             bail!(
-                "kernel {release} is too old: egressmon needs Linux {}.{} or newer \
-                 (cgroup BPF links and the BPF ring buffer)",
+                "kernel {release} is too old: egressmon needs Linux {}.{} or newer (cgroup BPF \
+                 links and the BPF ring buffer; on phones the android12-5.10 kernels and later). \
+                 Nothing was attached",
                 MIN_KERNEL.0,
                 MIN_KERNEL.1
             );
@@ -428,6 +434,14 @@ mod tests {
         assert_eq!(parse_kernel_version("6.18.44-fc-v657"), Some((6, 18)));
         assert_eq!(parse_kernel_version("5.10.198-android12-9"), Some((5, 10)));
         assert_eq!(parse_kernel_version("garbage"), None);
+        let refused = check_kernel("5.4.233-android11-2-g1d2e5f").unwrap_err();
+        assert!(
+            format!("{refused}").starts_with("kernel 5.4.233-android11-2-g1d2e5f is too old"),
+            "{refused}"
+        );
+        assert!(check_kernel("4.19.191-android").is_err());
+        assert!(check_kernel("5.10.198-android12-9").is_ok());
+        assert!(check_kernel("6.1.0-57-arm64").is_ok());
     }
 
     #[test]

@@ -757,6 +757,18 @@ fn device_case(device: Device) {
         Device::Android15 => (&["tc_egress", "tc_ingress"], "tc_egress", &["tc_egress"]),
     };
     assert_eq!(attached, want, "{device:?}: {status:#}");
+    if device != Device::Linux {
+        // Phones before 6.6 (5.10, 5.15, 6.1) have no TCX: the filters go
+        // over netlink and no link is pinned; from 6.6 they are TCX links.
+        let links = std::fs::read_dir(&agent.pin_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("link_tc_"))
+            .count();
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let tcx = egressmon::system::parse_kernel_version(&release).unwrap() >= (6, 6);
+        assert_eq!(links > 0, tcx, "{device:?} on {release}: TCX links {links}");
+    }
     assert_eq!(
         status["backends"]["tx_bytes"],
         serde_json::json!([bytes_from])
@@ -817,6 +829,12 @@ fn device_case(device: Device) {
     agent.detach();
     let after: Vec<_> = held.iter().map(|h| h.query()).collect();
     assert_eq!(after, before, "{device:?}: netd's programs untouched");
+    if device != Device::Linux {
+        // The tc filters (netlink before 6.6, TCX links after) went too.
+        for name in ["tc_egress", "tc_ingress"] {
+            assert!(program_goes(name), "{device:?}: detach removed {name}");
+        }
+    }
 }
 
 #[test]

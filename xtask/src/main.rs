@@ -63,7 +63,7 @@ enum Command {
         /// Guest architecture (default: both).
         #[arg(long, value_enum)]
         arch: Option<vm::Arch>,
-        /// Kernel series (6.1, 6.12) or `all`.
+        /// Kernel series (5.10, 6.1, 6.12) or `all`.
         #[arg(long, default_value = "all")]
         kernel: String,
         /// Run only the tests whose names contain one of these (comma separated).
@@ -425,7 +425,7 @@ fn test(soak_secs: u64) -> Result<()> {
     fuzz::run(10)?;
     shell::step(
         "test",
-        "kernel tests inside QEMU guests: Debian arm64 6.1 and 6.12, x86_64 6.12",
+        "kernel tests inside QEMU guests: Debian arm64 5.10, 6.1 and 6.12, x86_64 6.12",
     );
     vm::run(vm::Options {
         arch: None,

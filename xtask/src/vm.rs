@@ -1,9 +1,10 @@
 //! `cargo xtask vm-test`: the kernel tests inside QEMU guests booting
-//! Debian's own kernels (arm64 6.1 and 6.12, x86_64 6.12), under software
-//! emulation (TCG; no KVM needed).
+//! Debian's own kernels (arm64 5.10, 6.1 and 6.12, x86_64 6.12), under
+//! software emulation (TCG; no KVM needed).
 //!
 //! Per kernel: find the newest `linux-image-<series>.*-<arch>-unsigned`
-//! package with apt (adding the dpkg architecture when needed), download and
+//! package with apt (adding the dpkg architecture when needed; 5.10 through
+//! a private apt configuration for Debian bullseye), download and
 //! unpack it once under target/vm-cache, take the image and the modules the
 //! tests need (veth), build the agent, the kernel test binary and the guest's
 //! /init (xtask/vm-init) as static musl binaries, pack them into an
@@ -81,6 +82,19 @@ impl Arch {
 pub struct KernelSpec {
     pub arch: Arch,
     pub series: &'static str,
+    source: Source,
+}
+
+/// Where apt finds a series' packages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// The machine's own apt sources (Debian bookworm: 6.1 and 6.12).
+    System,
+    /// A Debian suite the machine does not use (bullseye: 5.10), through a
+    /// private apt configuration under target/vm-cache/apt-SUITE-ARCH (its
+    /// own sources list, lists and cache) on the machine's own Debian
+    /// mirror. The machine's sources and caches are never touched.
+    Suite(&'static str),
 }
 
 impl KernelSpec {
@@ -90,18 +104,29 @@ impl KernelSpec {
 }
 
 /// Every kernel `vm-test` knows: the kernels phones and servers run.
+/// 5.10 is the GKI line of most Android 12-14 phones (android12-5.10,
+/// android13-5.10); before 6.6 phones have no TCX, so the tc fallback goes
+/// over netlink there, as it does in the 5.10 and 6.1 guests.
 pub const KERNELS: &[KernelSpec] = &[
     KernelSpec {
         arch: Arch::Arm64,
+        series: "5.10",
+        source: Source::Suite("bullseye"),
+    },
+    KernelSpec {
+        arch: Arch::Arm64,
         series: "6.1",
+        source: Source::System,
     },
     KernelSpec {
         arch: Arch::Arm64,
         series: "6.12",
+        source: Source::System,
     },
     KernelSpec {
         arch: Arch::X86_64,
         series: "6.12",
+        source: Source::System,
     },
 ];
 
@@ -383,9 +408,111 @@ pub fn version_key(name: &str) -> Vec<u64> {
         .collect()
 }
 
-fn apt_update() -> Result<()> {
-    step("vm", "apt-get update");
-    shell::run("apt-get", &["update", "-q"])
+/// apt-get and apt-cache as a kernel's source needs them: the machine's own
+/// configuration, or a private one for a suite the machine does not use.
+struct Apt {
+    options: Vec<String>,
+    /// The private lists directory, refreshed daily; None for the machine's.
+    lists: Option<PathBuf>,
+}
+
+impl Apt {
+    fn for_spec(spec: &KernelSpec) -> Result<Apt> {
+        let deb = spec.arch.deb();
+        match spec.source {
+            Source::System => {
+                ensure_dpkg_arch(deb)?;
+                Ok(Apt {
+                    options: vec![],
+                    lists: None,
+                })
+            }
+            Source::Suite(suite) => private_apt(suite, deb),
+        }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        for option in &self.options {
+            cmd.args(["-o", option]);
+        }
+        cmd
+    }
+
+    fn output(&self, program: &str, args: &[&str]) -> Option<String> {
+        let out = self.command(program).args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Updates a private configuration's lists when older than a day.
+    fn refresh_if_stale(&self) {
+        let Some(lists) = &self.lists else { return };
+        // apt dates the list files by the mirror's clock: a marker of our own.
+        if !younger_than_a_day(&lists.join(".updated")) {
+            let _ = self.update();
+        }
+    }
+
+    fn update(&self) -> Result<()> {
+        step("vm", "apt-get update");
+        let status = self
+            .command("apt-get")
+            .args(["update", "-q"])
+            .status()
+            .context("starting apt-get")?;
+        if !status.success() {
+            bail!("`apt-get update` failed ({status})");
+        }
+        if let Some(lists) = &self.lists {
+            std::fs::write(lists.join(".updated"), b"")?;
+        }
+        Ok(())
+    }
+
+    /// The series' image packages with a download candidate, newest first.
+    fn packages(&self, spec: &KernelSpec) -> Vec<String> {
+        let deb = spec.arch.deb();
+        let prefix = format!("linux-image-{}.", spec.series);
+        let names = self
+            .output("apt-cache", &["pkgnames", &prefix])
+            .unwrap_or_default();
+        let mut candidates: Vec<&str> = names
+            .lines()
+            .map(str::trim)
+            .filter(|n| is_kernel_package(n, spec.series, deb))
+            .collect();
+        candidates.sort_by_key(|n| std::cmp::Reverse(version_key(n)));
+        candidates
+            .into_iter()
+            .filter(|name| {
+                let policy = self
+                    .output("apt-cache", &["policy", &format!("{name}:{deb}")])
+                    .unwrap_or_default();
+                policy
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("Candidate:"))
+                    .is_some_and(|c| c.trim() != "(none)")
+            })
+            .map(String::from)
+            .collect()
+    }
+
+    fn download(&self, package: &str, deb: &str, dir: &Path) -> Result<()> {
+        let status = self
+            .command("apt-get")
+            // The cache is root's alone: no sandbox user could write there.
+            .args(["-o", "APT::Sandbox::User=root"])
+            .args(["download", "-q", &format!("{package}:{deb}")])
+            .current_dir(dir)
+            .status()
+            .context("starting apt-get")?;
+        if !status.success() {
+            bail!("apt-get download {package}:{deb} failed");
+        }
+        Ok(())
+    }
 }
 
 fn ensure_dpkg_arch(deb: &str) -> Result<()> {
@@ -400,84 +527,269 @@ fn ensure_dpkg_arch(deb: &str) -> Result<()> {
     );
     shell::require_root("adding a dpkg architecture")?;
     shell::run("dpkg", &["--add-architecture", deb])?;
-    apt_update()
+    Apt {
+        options: vec![],
+        lists: None,
+    }
+    .update()
 }
 
-/// Newest package of the series with a download candidate.
-fn newest_package(spec: &KernelSpec) -> Option<String> {
-    let deb = spec.arch.deb();
-    let prefix = format!("linux-image-{}.", spec.series);
-    let names = shell::output("apt-cache", &["pkgnames", &prefix]).unwrap_or_default();
-    let mut candidates: Vec<&str> = names
-        .lines()
-        .map(str::trim)
-        .filter(|n| is_kernel_package(n, spec.series, deb))
-        .collect();
-    candidates.sort_by_key(|n| std::cmp::Reverse(version_key(n)));
-    candidates.into_iter().find_map(|name| {
-        let policy =
-            shell::output("apt-cache", &["policy", &format!("{name}:{deb}")]).unwrap_or_default();
-        policy
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Candidate:"))
-            .filter(|c| c.trim() != "(none)")
-            .map(|_| name.to_string())
+/// A private apt configuration for `suite` on architecture `deb`, under
+/// target/vm-cache/apt-SUITE-DEB: a sources file naming the suite (and its
+/// security suite) on the Debian mirrors the machine's own sources use, and
+/// its own lists and cache, so nothing of the machine's apt state changes.
+fn private_apt(suite: &str, deb: &str) -> Result<Apt> {
+    let dir = cache_dir().join(format!("apt-{suite}-{deb}"));
+    for sub in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+    }
+    let system = system_sources();
+    let mirrors = debian_mirrors(&system).with_context(|| {
+        format!(
+            "no Debian mirror in /etc/apt/sources.list(.d): the {suite} kernels are fetched \
+             from the mirror the machine's own Debian sources use"
+        )
+    })?;
+    let sources = dir.join("debian.sources");
+    std::fs::write(&sources, private_sources(&mirrors, suite, deb))
+        .with_context(|| format!("writing {}", sources.display()))?;
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    Ok(Apt {
+        options: vec![
+            format!("Dir::Etc::SourceList={}", path(&sources)),
+            format!(
+                "Dir::Etc::SourceParts={}",
+                path(&dir.join("sources.list.d"))
+            ),
+            format!("Dir::State::Lists={}", path(&dir.join("lists"))),
+            format!("Dir::Cache={}", path(&dir.join("cache"))),
+            format!("APT::Architecture={deb}"),
+            format!("APT::Architectures={deb}"),
+            "Acquire::Languages=none".into(),
+            "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false".into(),
+            "Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false".into(),
+        ],
+        lists: Some(dir.join("lists")),
     })
 }
 
-/// The unpacked kernel package for `spec`, downloading it when needed.
+/// The machine's apt sources: sources.list and every *.list and *.sources
+/// file in sources.list.d, as (file name, text).
+fn system_sources() -> Vec<(String, String)> {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut parts: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
+        parts.sort();
+        files.extend(parts);
+    }
+    files
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "list" || e == "sources"))
+        .filter_map(|p| {
+            let text = std::fs::read_to_string(&p).ok()?;
+            Some((p.to_string_lossy().into_owned(), text))
+        })
+        .collect()
+}
+
+/// The Debian archive and security mirrors of the machine's sources.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Mirrors {
+    pub archive: String,
+    pub security: Option<String>,
+}
+
+/// Finds, in apt sources (one-line `.list` or deb822 `.sources`), the URI
+/// serving a Debian release suite with `main` (e.g. bookworm) and the one
+/// serving its `-security` suite.
+pub fn debian_mirrors(files: &[(String, String)]) -> Option<Mirrors> {
+    let mut entries: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for (name, text) in files {
+        if name.ends_with(".sources") {
+            for stanza in text.split("\n\n") {
+                let field = |key: &str| -> Vec<String> {
+                    stanza
+                        .lines()
+                        .filter(|l| !l.trim_start().starts_with('#'))
+                        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                        .map(|v| v.split_whitespace().map(String::from).collect())
+                        .unwrap_or_default()
+                };
+                if !field("Types").iter().any(|t| t == "deb")
+                    || field("Enabled").iter().any(|e| e == "no")
+                {
+                    continue;
+                }
+                for uri in field("URIs") {
+                    entries.push((uri, field("Suites"), field("Components")));
+                }
+            }
+        } else {
+            for line in text.lines() {
+                let mut words = line.split_whitespace().peekable();
+                if words.next() != Some("deb") {
+                    continue;
+                }
+                if words.peek().is_some_and(|w| w.starts_with('[')) {
+                    for w in words.by_ref() {
+                        if w.ends_with(']') {
+                            break;
+                        }
+                    }
+                }
+                let (Some(uri), Some(suite)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                entries.push((
+                    uri.into(),
+                    vec![suite.into()],
+                    words.map(String::from).collect(),
+                ));
+            }
+        }
+    }
+    let serves = |pred: &dyn Fn(&str) -> bool| {
+        entries
+            .iter()
+            .find(|(_, suites, comps)| {
+                suites.iter().any(|s| pred(s)) && comps.iter().any(|c| c == "main")
+            })
+            .map(|(uri, _, _)| uri.trim_end_matches('/').to_string())
+    };
+    Some(Mirrors {
+        archive: serves(&|s| is_debian_codename(s))?,
+        security: serves(&|s| s.strip_suffix("-security").is_some_and(is_debian_codename)),
+    })
+}
+
+/// Debian release codenames (buster onward), the suites a kernel can come from.
+fn is_debian_codename(suite: &str) -> bool {
+    [
+        "buster", "bullseye", "bookworm", "trixie", "forky", "duke", "sid",
+    ]
+    .contains(&suite)
+}
+
+/// The private sources file: `suite` and `suite-security` from the mirrors.
+pub fn private_sources(mirrors: &Mirrors, suite: &str, deb: &str) -> String {
+    let stanza = |uri: &str, suite: &str| {
+        format!(
+            "Types: deb\nURIs: {uri}\nSuites: {suite}\nComponents: main\nArchitectures: {deb}\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        )
+    };
+    let mut text = stanza(&mirrors.archive, suite);
+    if let Some(security) = &mirrors.security {
+        text.push('\n');
+        text.push_str(&stanza(security, &format!("{suite}-security")));
+    }
+    text
+}
+
+/// The unpacked kernel package for `spec`: the newest the mirror serves
+/// (a mirror may list a security update whose file it does not carry: then
+/// the next older one), downloaded once; the newest cached one when apt has
+/// no answer (offline).
 fn fetch_kernel(spec: &KernelSpec) -> Result<KernelTree> {
-    let deb = spec.arch.deb();
+    let label = spec.label();
+    let mut problems = Vec::new();
+    match Apt::for_spec(spec) {
+        Ok(apt) => {
+            apt.refresh_if_stale();
+            let mut packages = apt.packages(spec);
+            if packages.is_empty() && apt.update().is_ok() {
+                packages = apt.packages(spec);
+            }
+            for package in packages {
+                match unpacked(spec, &apt, &package) {
+                    Ok(tree) => return Ok(tree),
+                    Err(e) => {
+                        step(
+                            "vm",
+                            &format!("{label}: {package}: {e:#}; trying older ones"),
+                        );
+                        problems.push(format!("{package}: {e:#}"));
+                    }
+                }
+            }
+        }
+        Err(e) => problems.push(format!("{e:#}")),
+    }
+    let Some(tree) = newest_cached(spec) else {
+        let hint = match spec.source {
+            Source::System => {
+                "check that /etc/apt/sources.list(.d) has Debian bookworm and \
+                 bookworm-security (they carry 6.1 and 6.12), then run `apt-get update` as root"
+            }
+            Source::Suite(_) => {
+                "the private apt configuration under target/vm-cache/apt-* uses the \
+                 machine's own Debian mirror: check that it is reachable"
+            }
+        };
+        bail!(
+            "no linux-image-{}.*-{}-unsigned to be had ({}): {hint}",
+            spec.series,
+            spec.arch.deb(),
+            if problems.is_empty() {
+                "apt knows none".to_string()
+            } else {
+                problems.join("; ")
+            }
+        );
+    };
+    step(
+        "vm",
+        &format!(
+            "{label}: apt has no answer, using the cached {}",
+            tree.package
+        ),
+    );
+    Ok(tree)
+}
+
+fn younger_than_a_day(marker: &Path) -> bool {
+    std::fs::metadata(marker)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < Duration::from_secs(86_400))
+}
+
+fn newest_cached(spec: &KernelSpec) -> Option<KernelTree> {
     let trees = cache_dir().join("kernels");
-    let mut apt_problem = String::new();
-    let resolved = match ensure_dpkg_arch(deb) {
-        Ok(()) => newest_package(spec).or_else(|| {
-            apt_update().ok()?;
-            newest_package(spec)
-        }),
-        Err(e) => {
-            apt_problem = format!(" ({e:#})");
-            None
-        }
+    let mut cached: Vec<String> = std::fs::read_dir(&trees)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| is_kernel_package(n, spec.series, spec.arch.deb()))
+        .filter(|n| trees.join(n).join(".unpacked").exists())
+        .collect();
+    cached.sort_by_key(|n| std::cmp::Reverse(version_key(n)));
+    let package = cached.into_iter().next()?;
+    Some(KernelTree {
+        root: trees.join(&package),
+        package,
+    })
+}
+
+/// `package` unpacked under target/vm-cache/kernels, downloading it first
+/// when no copy is cached.
+fn unpacked(spec: &KernelSpec, apt: &Apt, package: &str) -> Result<KernelTree> {
+    let deb = spec.arch.deb();
+    let root = cache_dir().join("kernels").join(package);
+    let tree = KernelTree {
+        package: package.to_string(),
+        root: root.clone(),
     };
-    let package = match resolved {
-        Some(p) => p,
-        None => {
-            // No apt answer (offline?): fall back to the newest cached one.
-            let mut cached: Vec<String> = std::fs::read_dir(&trees)
-                .map(|d| {
-                    d.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .filter(|n| is_kernel_package(n, spec.series, deb))
-                        .filter(|n| trees.join(n).join(".unpacked").exists())
-                        .collect()
-                })
-                .unwrap_or_default();
-            cached.sort_by_key(|n| std::cmp::Reverse(version_key(n)));
-            let Some(p) = cached.into_iter().next() else {
-                bail!(
-                    "apt knows no package linux-image-{}.*-{deb}-unsigned{apt_problem}: check \
-                     that /etc/apt/sources.list(.d) has Debian bookworm and bookworm-security \
-                     (they carry 6.1 and 6.12), then run `apt-get update` as root",
-                    spec.series
-                );
-            };
-            step(
-                "vm",
-                &format!("{}: apt has no answer, using the cached {p}", spec.label()),
-            );
-            p
-        }
-    };
-    let root = trees.join(&package);
     if root.join(".unpacked").exists() {
         step("vm", &format!("{}: {package} cached", spec.label()));
-        return Ok(KernelTree { package, root });
+        return Ok(tree);
     }
     let debs = cache_dir().join("debs");
     std::fs::create_dir_all(&debs)?;
-    let existing = |debs: &Path| -> Option<PathBuf> {
-        std::fs::read_dir(debs)
+    let existing = || -> Option<PathBuf> {
+        std::fs::read_dir(&debs)
             .ok()?
             .flatten()
             .map(|e| e.path())
@@ -488,26 +800,24 @@ fn fetch_kernel(spec: &KernelSpec) -> Result<KernelTree> {
                 })
             })
     };
-    let deb_file = match existing(&debs) {
+    let deb_file = match existing() {
         Some(f) => f,
         None => {
+            // A file the mirror lacked is not asked for again for a day.
+            let missing = debs.join(format!("{package}.unavailable"));
+            if younger_than_a_day(&missing) {
+                bail!("the mirror did not have it (within the last day)");
+            }
             step(
                 "vm",
                 &format!("{}: downloading {package}:{deb} with apt", spec.label()),
             );
-            let status = Command::new("apt-get")
-                .args(["download", "-q", &format!("{package}:{deb}")])
-                .current_dir(&debs)
-                .status()
-                .context("starting apt-get")?;
-            if !status.success() {
-                bail!("apt-get download {package}:{deb} failed: run `apt-get update` and retry");
+            if let Err(e) = apt.download(package, deb, &debs) {
+                let _ = std::fs::write(&missing, b"");
+                return Err(e);
             }
-            existing(&debs).with_context(|| {
-                format!(
-                    "apt-get download left no {package} package in {}",
-                    debs.display()
-                )
+            existing().with_context(|| {
+                format!("apt-get download left no {package} in {}", debs.display())
             })?
         }
     };
@@ -515,7 +825,7 @@ fn fetch_kernel(spec: &KernelSpec) -> Result<KernelTree> {
         "vm",
         &format!("{}: unpacking {}", spec.label(), deb_file.display()),
     );
-    let partial = trees.join(format!("{package}.partial"));
+    let partial = root.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)?;
     let status = Command::new("dpkg-deb")
@@ -533,7 +843,7 @@ fn fetch_kernel(spec: &KernelSpec) -> Result<KernelTree> {
     std::fs::File::create(partial.join(".unpacked"))?;
     let _ = std::fs::remove_dir_all(&root);
     std::fs::rename(&partial, &root)?;
-    Ok(KernelTree { package, root })
+    Ok(tree)
 }
 
 // ---- Booting and reading the console ----------------------------------------
@@ -852,6 +1162,16 @@ mod tests {
         ] {
             assert!(!is_kernel_package(other, "6.1", "arm64"), "{other}");
         }
+        assert!(is_kernel_package(
+            "linux-image-5.10.0-46-arm64-unsigned",
+            "5.10",
+            "arm64"
+        ));
+        assert!(!is_kernel_package(
+            "linux-image-5.10.0-46-rt-arm64-unsigned",
+            "5.10",
+            "arm64"
+        ));
         assert!(
             version_key("linux-image-6.1.0-57-arm64-unsigned")
                 > version_key("linux-image-6.1.0-9-arm64-unsigned")
@@ -859,9 +1179,48 @@ mod tests {
     }
 
     #[test]
+    fn private_sources_reuse_the_machines_debian_mirror() {
+        let deb822 = "Types: deb\n# a comment\nURIs: http://mirror.example/debian/\n\
+                      Suites: bookworm bookworm-updates\nComponents: main\n\n\
+                      Types: deb\nURIs: http://mirror.example/debian-security\n\
+                      Suites: bookworm-security\nComponents: main\n";
+        let other = "deb [arch=amd64] https://vendor.example/apt stable main\n";
+        let files = vec![
+            ("/etc/apt/sources.list.d/vendor.list".into(), other.into()),
+            (
+                "/etc/apt/sources.list.d/debian.sources".into(),
+                deb822.into(),
+            ),
+        ];
+        let mirrors = debian_mirrors(&files).unwrap();
+        assert_eq!(
+            mirrors,
+            Mirrors {
+                archive: "http://mirror.example/debian".into(),
+                security: Some("http://mirror.example/debian-security".into()),
+            }
+        );
+        let text = private_sources(&mirrors, "bullseye", "arm64");
+        assert!(text.contains("URIs: http://mirror.example/debian\nSuites: bullseye\n"));
+        assert!(text.contains("Suites: bullseye-security\n"));
+        assert!(text.contains("Architectures: arm64\n"));
+
+        let one_line = "# deb http://old.example/debian buster main\n\
+                        deb http://mirror.example/debian bookworm main contrib\n";
+        let files = vec![("/etc/apt/sources.list".into(), one_line.into())];
+        let mirrors = debian_mirrors(&files).unwrap();
+        assert_eq!(mirrors.archive, "http://mirror.example/debian");
+        assert_eq!(mirrors.security, None);
+        assert!(debian_mirrors(&[("/etc/apt/sources.list".into(), other.into())]).is_none());
+    }
+
+    #[test]
     fn selection() {
-        assert_eq!(select(None, "all").unwrap().len(), 3);
-        assert_eq!(select(Some(Arch::Arm64), "all").unwrap().len(), 2);
+        assert_eq!(select(None, "all").unwrap().len(), 4);
+        assert_eq!(select(Some(Arch::Arm64), "all").unwrap().len(), 3);
+        let old = select(Some(Arch::Arm64), "5.10").unwrap();
+        assert_eq!(old[0].source, Source::Suite("bullseye"));
+        assert!(select(Some(Arch::X86_64), "5.10").is_err());
         let one = select(Some(Arch::X86_64), "6.12").unwrap();
         assert_eq!((one[0].arch, one[0].series), (Arch::X86_64, "6.12"));
         assert!(select(Some(Arch::X86_64), "6.1").is_err());
