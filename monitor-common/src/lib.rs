@@ -83,6 +83,19 @@ pub struct UidTotals {
     pub tx_bytes: u64,
 }
 
+/// UDP datagrams of a flow or uid from its kernel counters. A UDP skb is
+/// one datagram: skb egress counts it in `tx_packets` only, saving an add
+/// per datagram, and the sendmsg hooks count `udp_sends` only where skb
+/// egress is not attached (then `tx_packets` stays 0). So a UDP flow's
+/// datagrams are `udp_sends + tx_packets`; other protocols send none.
+pub const fn udp_datagrams(proto: u8, udp_sends: u64, tx_packets: u64) -> u64 {
+    if proto == PROTO_UDP {
+        udp_sends + tx_packets
+    } else {
+        udp_sends
+    }
+}
+
 /// Which hook saw a flow first, carried in [`FlowEvent::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
 pub const HOOK_CONNECT6: u8 = 2;

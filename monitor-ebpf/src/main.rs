@@ -35,50 +35,54 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use monitor_common::*;
 
+// Maps are named by their statics (`#[map]` takes the identifier), and the
+// agent opens them by the `MAP_*` names of monitor-common: the agent's test
+// `map_names_agree_with_the_object` checks that the two agree.
+
 /// Flow counters, per CPU so concurrent senders never contend on a line;
 /// increments are atomic adds so a softirq on the same CPU cannot lose one.
-#[map(name = "FLOWS")]
+#[map]
 static FLOWS: LruPerCpuHashMap<FlowKey, FlowValue> =
     LruPerCpuHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
 
 /// Keys already announced over `EVENTS`: makes "new flow" a single event per
 /// flow across CPUs (the per-CPU flow map alone would announce once per CPU).
-#[map(name = "FLOW_SEEN")]
+#[map]
 static FLOW_SEEN: LruHashMap<FlowKey, u64> = LruHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
 
 /// Per-uid totals: one entry per uid, so destination churn cannot evict them.
-#[map(name = "UID_TOTALS")]
+#[map]
 static UID_TOTALS: PerCpuHashMap<UidKey, UidTotals> = PerCpuHashMap::pinned(DEFAULT_UID_ENTRIES, 0);
 
 /// New-flow events for the agent (pid, comm, cgroup of the first sender).
-#[map(name = "EVENTS")]
+#[map]
 static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RINGBUF_BYTES, 0);
 
 /// Payload bytes for host names and payload classes (see `PayloadEvent`).
-#[map(name = "PAYLOADS")]
+#[map]
 static PAYLOADS: RingBuf = RingBuf::pinned(DEFAULT_PAYLOAD_RING_BYTES, 0);
 
 /// Written by the agent at load: `CONFIG_SKB_ATTACHED` tells the sendmsg
 /// programs that skb egress already counts every datagram, so they only name
 /// the sender (pid, comm) and do not count it twice.
-#[map(name = "CONFIG")]
+#[map]
 static CONFIG: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Bytes before the IP header per interface index, for the tc programs.
-#[map(name = "TC_L3_OFFSET")]
+#[map]
 static TC_L3_OFFSET: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
 
 /// Uid of the socket that sent a DNS query, by its local port (tc only).
-#[map(name = "DNS_PORTS")]
+#[map]
 static DNS_PORTS: LruHashMap<DnsPortKey, DnsQueries> = LruHashMap::with_max_entries(4096, 0);
 
 /// Netlink tc filters the agent added, for the next agent and `detach`
 /// (written by the agent only).
-#[map(name = "TC_FILTERS")]
+#[map]
 static TC_FILTERS: Array<TcFilter> = Array::pinned(TC_FILTER_SLOTS, 0);
 
 /// Health counters (`STAT_*`): lost events, failed updates.
-#[map(name = "STATS")]
+#[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range` of the

@@ -423,9 +423,7 @@ impl Kernel {
                 t.tx_packets += v.tx_packets;
                 t.tx_bytes += v.tx_bytes;
             }
-            if uid.proto == PROTO_UDP {
-                t.udp_sends += t.tx_packets;
-            }
+            t.udp_sends = udp_datagrams(uid.proto, t.udp_sends, t.tx_packets);
             out.insert(uid, t);
         }
         Ok(out)
@@ -516,10 +514,8 @@ impl Chunks<'_> {
 }
 
 /// Sums per-CPU flow values: counters add, first_seen is the earliest
-/// non-zero stamp, last_seen the latest. skb egress sees one skb per UDP
-/// datagram and does not spend an add on `udp_sends` (the sendmsg hooks
-/// count them only where skb egress is not attached, when `tx_packets` stays
-/// 0): a UDP flow's datagrams are `udp_sends + tx_packets`.
+/// non-zero stamp, last_seen the latest; `udp_sends` becomes the flow's
+/// datagrams ([`udp_datagrams`]).
 pub fn sum_flow<'a>(key: &FlowKey, values: impl Iterator<Item = &'a FlowValue>) -> FlowValue {
     let mut total = FlowValue::default();
     for v in values {
@@ -533,9 +529,7 @@ pub fn sum_flow<'a>(key: &FlowKey, values: impl Iterator<Item = &'a FlowValue>) 
         total.last_seen = total.last_seen.max(v.last_seen);
         total.captured |= v.captured;
     }
-    if key.proto == PROTO_UDP {
-        total.udp_sends += total.tx_packets;
-    }
+    total.udp_sends = udp_datagrams(key.proto, total.udp_sends, total.tx_packets);
     total
 }
 
@@ -966,6 +960,28 @@ fn tc_filters_are_ours(pin_dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel file names its maps by their statics; the agent opens and
+    /// pins them by the `MAP_*` names: both must name the same maps.
+    #[test]
+    fn map_names_agree_with_the_object() {
+        let object = aya_obj::Object::parse(crate::EBPF_OBJECT).expect("parse the eBPF object");
+        let mut in_object: Vec<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !name.starts_with('.') && !name.starts_with("AYA_LOG"))
+            .collect();
+        in_object.sort_unstable();
+        let mut named: Vec<&str> = PINNED_MAPS
+            .iter()
+            .copied()
+            .filter(|&name| name != MAP_LAYOUT_VERSION) // made by the agent
+            .chain([MAP_CONFIG, MAP_TC_L3_OFFSET, MAP_DNS_PORTS])
+            .collect();
+        named.sort_unstable();
+        assert_eq!(in_object, named);
+    }
 
     fn options(flow_entries: u32) -> LoadOptions {
         LoadOptions {
