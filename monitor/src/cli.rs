@@ -379,7 +379,7 @@ fn owners(json: bool, android_root: Option<PathBuf>) -> Result<()> {
                 o.uid,
                 o.user,
                 o.app_id,
-                crate::text::escape(&o.origin),
+                o.origin,
                 if o.firmware { "yes" } else { "" },
                 crate::text::escape(&o.owner)
             ));

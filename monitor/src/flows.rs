@@ -5,6 +5,7 @@ use crate::events::FlowMeta;
 use crate::owners::Owner;
 use crate::system::rfc3339;
 use crate::text::escape;
+use crate::vocab::{Direction, Origin, Proto};
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -17,7 +18,7 @@ pub struct FlowRecord {
     pub app_id: u32,
     pub owner: String,
     pub packages: Vec<String>,
-    pub origin: String,
+    pub origin: Origin,
     pub firmware: bool,
     pub comm: Option<String>,
     pub pid: Option<u32>,
@@ -28,7 +29,7 @@ pub struct FlowRecord {
     /// Executable and command line of the first sender (best effort).
     pub exe: Option<String>,
     pub cmdline: Option<String>,
-    pub proto: String,
+    pub proto: Proto,
     pub family: String,
     pub dst: String,
     pub port: u16,
@@ -45,8 +46,8 @@ pub struct FlowRecord {
     pub payload: String,
     /// `outbound`, or `inbound` for a local service's replies: then `dst`
     /// is the client and `port` the service's own local port.
-    #[serde(default = "outbound")]
-    pub direction: String,
+    #[serde(default)]
+    pub direction: Direction,
     /// Remote, or a destination that stays on this host or its link
     /// (counted, but left alone by rules unless they ask for it).
     #[serde(default)]
@@ -55,20 +56,6 @@ pub struct FlowRecord {
     /// alert has a line of its own).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<String>,
-}
-
-pub fn proto_name(proto: u8) -> String {
-    match proto {
-        PROTO_TCP => "tcp".into(),
-        PROTO_UDP => "udp".into(),
-        PROTO_ICMP => "icmp".into(),
-        PROTO_ICMPV6 => "icmpv6".into(),
-        other => format!("ip{other}"),
-    }
-}
-
-fn outbound() -> String {
-    "outbound".into()
 }
 
 /// Whether the flow is a local service's replies (see [`FAMILY_INBOUND`]).
@@ -103,7 +90,7 @@ pub fn record(
         app_id: owner.app_id,
         owner: owner.owner.clone(),
         packages: owner.packages.clone(),
-        origin: owner.origin.clone(),
+        origin: owner.origin,
         firmware: owner.firmware,
         comm: known.map(|s| s.comm()),
         pid: known.map(|s| s.tgid),
@@ -115,7 +102,7 @@ pub fn record(
             .map(str::to_string),
         exe: known.and_then(|s| s.exe.as_deref()).map(str::to_string),
         cmdline: known.and_then(|s| s.cmdline.as_deref()).map(str::to_string),
-        proto: proto_name(key.proto),
+        proto: Proto::from_number(key.proto),
         family: if key.family & !FAMILY_INBOUND == FAMILY_IPV4 {
             "ipv4"
         } else {
@@ -136,11 +123,10 @@ pub fn record(
         asn: None,
         payload: "unknown".into(),
         direction: if is_inbound(key) {
-            "inbound"
+            Direction::Inbound
         } else {
-            "outbound"
-        }
-        .into(),
+            Direction::Outbound
+        },
         scope: crate::rules::Scope::of(destination(key)),
         alerts: Vec::new(),
     }
@@ -167,16 +153,16 @@ pub fn render_text(rows: &[FlowRecord]) -> String {
             format!("{}:{}", r.dst, r.port)
         };
         let origin = if r.firmware {
-            format!("{}*", escape(&r.origin))
+            format!("{}*", r.origin)
         } else {
-            escape(&r.origin).into_owned()
+            r.origin.to_string()
         };
         out.push_str(&format!(
             "{:>8} {:<16.16} {:<9} {:<5} {:<40} {:>8} {:>8} {:>8} {:>12}\n",
             r.uid,
             escape(&r.owner),
             origin,
-            escape(&r.proto),
+            r.proto,
             escape(&dst),
             r.connects,
             r.udp_sends,
@@ -209,6 +195,5 @@ mod tests {
             ..key
         };
         assert_eq!(destination(&key6).to_string(), "::1");
-        assert_eq!(proto_name(PROTO_UDP), "udp");
     }
 }

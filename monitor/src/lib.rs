@@ -32,6 +32,7 @@ pub mod top;
 pub mod tracker;
 pub mod traffic;
 pub mod tui;
+pub mod vocab;
 pub mod web_config;
 
 /// The eBPF object built from monitor-ebpf by build.rs.

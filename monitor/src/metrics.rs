@@ -13,7 +13,8 @@
 //! Assignment is sticky (first come), so every series stays monotonic.
 
 use crate::agent::Agent;
-use crate::flows::proto_name;
+use crate::owners::OwnerResolver;
+use crate::vocab::Proto;
 use anyhow::Result;
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::collections::BTreeMap;
@@ -41,17 +42,46 @@ struct Sums {
     udp_sends: u64,
 }
 
-/// Whether `uid` has (or now gets) its own series.
-fn labelled(agent: &Agent, uid: u32) -> bool {
-    let mut set = agent.labelled_uids.lock().unwrap();
-    if set.contains(&uid) {
-        return true;
+/// The one place a uid becomes metric labels: `[uid, owner, origin,
+/// firmware]`, with the owner as resolved now (so after an owners reload
+/// every family follows the new owner alike). A uid has its own series while
+/// it is among the first `--metrics-max-uids` seen (sticky, so every series
+/// stays monotonic); later ones fold into `uid="other", owner="other"`.
+struct UidLabels<'a> {
+    agent: &'a Agent,
+    resolver: &'a OwnerResolver,
+    folded: std::collections::BTreeSet<u32>,
+}
+
+impl UidLabels<'_> {
+    fn of(&mut self, uid: u32) -> [String; 4] {
+        let owner = self.resolver.resolve(uid);
+        let (uid_label, name) = if self.labelled(uid) {
+            (uid.to_string(), owner.owner)
+        } else {
+            self.folded.insert(uid);
+            (OTHER.to_string(), OTHER.to_string())
+        };
+        [
+            uid_label,
+            name,
+            owner.origin.to_string(),
+            owner.firmware.to_string(),
+        ]
     }
-    if set.len() < agent.options.metrics_max_uids {
-        set.insert(uid);
-        return true;
+
+    /// Whether `uid` has (or now gets) its own series.
+    fn labelled(&self, uid: u32) -> bool {
+        let mut set = self.agent.labelled_uids.lock().unwrap();
+        if set.contains(&uid) {
+            return true;
+        }
+        if set.len() < self.agent.options.metrics_max_uids {
+            set.insert(uid);
+            return true;
+        }
+        false
     }
-    false
 }
 
 pub fn render(agent: &Agent) -> Result<String> {
@@ -173,24 +203,18 @@ pub fn render(agent: &Agent) -> Result<String> {
     )?;
 
     let resolver = agent.resolver();
+    let mut uid_labels = UidLabels {
+        agent,
+        resolver: &resolver,
+        folded: Default::default(),
+    };
     let mut sums: BTreeMap<[String; 5], Sums> = BTreeMap::new();
-    let mut folded_uids = std::collections::BTreeSet::new();
     for (key, totals) in agent.uid_totals()? {
-        let owner = resolver.resolve(key.uid);
-        let (uid, name) = if labelled(agent, key.uid) {
-            (key.uid.to_string(), owner.owner)
-        } else {
-            folded_uids.insert(key.uid);
-            (OTHER.to_string(), OTHER.to_string())
-        };
-        let labels = [
-            uid,
-            name,
-            owner.origin,
-            owner.firmware.to_string(),
-            proto_name(key.proto),
-        ];
-        let s = sums.entry(labels).or_default();
+        let [uid, owner, origin, firmware] = uid_labels.of(key.uid);
+        let proto = Proto::from_number(key.proto).to_string();
+        let s = sums
+            .entry([uid, owner, origin, firmware, proto])
+            .or_default();
         s.bytes += totals.tx_bytes;
         s.packets += totals.tx_packets;
         s.connects += totals.connects;
@@ -206,16 +230,7 @@ pub fn render(agent: &Agent) -> Result<String> {
     if let Some(totals) = agent.netd_totals() {
         let mut netd_sums: BTreeMap<[String; 4], (u64, u64)> = BTreeMap::new();
         for (uid, traffic) in totals? {
-            let owner = resolver.resolve(uid);
-            let (label, name) = if labelled(agent, uid) {
-                (uid.to_string(), owner.owner)
-            } else {
-                folded_uids.insert(uid);
-                (OTHER.to_string(), OTHER.to_string())
-            };
-            let s = netd_sums
-                .entry([label, name, owner.origin, owner.firmware.to_string()])
-                .or_default();
+            let s = netd_sums.entry(uid_labels.of(uid)).or_default();
             s.0 += traffic.tx_bytes;
             s.1 += traffic.tx_packets;
         }
@@ -225,9 +240,6 @@ pub fn render(agent: &Agent) -> Result<String> {
             netd_packets.with_label_values(&labels).inc_by(*p);
         }
     }
-    folded
-        .with_label_values::<&str>(&[])
-        .set(folded_uids.len() as i64);
     {
         let tracker = agent.tracker.lock().unwrap();
         for ((origin, firmware, country), value) in tracker.bytes_by_country() {
@@ -235,25 +247,23 @@ pub fn render(agent: &Agent) -> Result<String> {
                 .with_label_values(&[origin.as_str(), &firmware.to_string(), country.as_str()])
                 .inc_by(value);
         }
-        for ((uid, owner, origin, firmware), value) in &tracker.cleartext_flows {
-            let (uid, owner) = if labelled(agent, *uid) {
-                (uid.to_string(), owner.clone())
-            } else {
-                (OTHER.into(), OTHER.into())
-            };
-            cleartext
-                .with_label_values(&[
-                    uid.as_str(),
-                    owner.as_str(),
-                    origin.as_str(),
-                    &firmware.to_string(),
-                ])
-                .inc_by(*value);
+        // Counted per uid; labelled like the traffic counters, by the owner
+        // the uid has now.
+        let mut cleartext_sums: BTreeMap<[String; 4], u64> = BTreeMap::new();
+        for ((uid, ..), value) in &tracker.cleartext_flows {
+            *cleartext_sums.entry(uid_labels.of(*uid)).or_default() += value;
+        }
+        for (labels, value) in &cleartext_sums {
+            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+            cleartext.with_label_values(&labels).inc_by(*value);
         }
         for (rule, value) in &tracker.alerts {
             alerts.with_label_values(&[rule.as_str()]).inc_by(*value);
         }
     }
+    folded
+        .with_label_values::<&str>(&[])
+        .set(uid_labels.folded.len() as i64);
     // Before answering: a restarted agent must not hand out less.
     agent.save_scrape_state();
     let status = agent.status()?;

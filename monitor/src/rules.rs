@@ -20,8 +20,8 @@
 //! packages only), `origin` (app, preinstalled, platform, user, system,
 //! unknown), `firmware` (bool), `host` (glob; a flow without a host name
 //! does not match), `country` (ISO code), `asn`, `port`, `proto` (tcp,
-//! udp, icmp, icmpv6), `payload` (tls, quic, http, dns, cleartext,
-//! unknown), `new_country` (bool: the flow's country is one its owner had
+//! udp, icmp, icmpv6, or ipN for protocol number N), `payload` (tls, quic,
+//! http, dns, cleartext, unknown), `new_country` (bool: the flow's country is one its owner had
 //! not reached before, since the agent started or since the state it was
 //! given with [`Rules::learn_country`]). Every condition but `firmware`,
 //! `new_country` and `scope` takes one value or a list. Globs: `*` any run of
@@ -49,7 +49,7 @@
 //! sees it as new.
 
 use crate::flows::FlowRecord;
-use crate::inspect::Payload;
+use crate::vocab::{Origin, Payload, Proto};
 use anyhow::{anyhow, Context, Result};
 use serde::de::{self, Deserializer, IntoDeserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -228,52 +228,6 @@ impl<'de> Deserialize<'de> for Country {
     }
 }
 
-/// The owner classes of the product contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    App,
-    Preinstalled,
-    Platform,
-    User,
-    System,
-    Unknown,
-}
-
-impl Origin {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::App => crate::owners::ORIGIN_APP,
-            Origin::Preinstalled => crate::owners::ORIGIN_PREINSTALLED,
-            Origin::Platform => crate::owners::ORIGIN_PLATFORM,
-            Origin::User => crate::owners::ORIGIN_USER,
-            Origin::System => crate::owners::ORIGIN_SYSTEM,
-            Origin::Unknown => crate::owners::ORIGIN_UNKNOWN,
-        }
-    }
-}
-
-/// IP protocols, named as in the flow table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-    Icmp,
-    Icmpv6,
-}
-
-impl Proto {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-            Proto::Icmp => "icmp",
-            Proto::Icmpv6 => "icmpv6",
-        }
-    }
-}
-
 /// Where a destination is, as far as alerting goes (`scope` in the flow
 /// table).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,7 +351,7 @@ impl Rule {
             && check(&self.package, |c| {
                 c.any(|g| flow.packages.iter().any(|p| g.matches(p)))
             })
-            && check(&self.origin, |c| c.any(|o| o.as_str() == flow.origin))
+            && check(&self.origin, |c| c.any(|o| *o == flow.origin))
             && check(&self.firmware, |f| *f == flow.firmware)
             && check(&self.host, |c| {
                 flow.host
@@ -411,7 +365,7 @@ impl Rule {
             })
             && check(&self.asn, |c| flow.asn.is_some_and(|a| c.any(|x| *x == a)))
             && check(&self.port, |c| c.any(|p| *p == flow.port))
-            && check(&self.proto, |c| c.any(|p| p.as_str() == flow.proto))
+            && check(&self.proto, |c| c.any(|p| *p == flow.proto))
             && check(&self.payload, |c| c.any(|p| p.as_str() == flow.payload))
             && check(&self.new_country, |n| *n == new_country)
             && self.scope.admits(flow.scope)
@@ -616,7 +570,7 @@ mod tests {
             app_id: 1000,
             owner: "system".into(),
             packages: vec!["android".into(), "com.android.settings".into()],
-            origin: "platform".into(),
+            origin: crate::vocab::Origin::Platform,
             firmware: true,
             comm: None,
             pid: None,
@@ -625,7 +579,7 @@ mod tests {
             unit: None,
             exe: None,
             cmdline: None,
-            proto: "tcp".into(),
+            proto: crate::vocab::Proto::Tcp,
             family: "ipv4".into(),
             dst: "203.0.113.7".into(),
             port: 80,
@@ -640,7 +594,7 @@ mod tests {
             country: Some("CN".into()),
             asn: Some(4134),
             payload: "http".into(),
-            direction: "outbound".into(),
+            direction: crate::vocab::Direction::Outbound,
             scope: Scope::Remote,
             alerts: Vec::new(),
         }
@@ -652,10 +606,10 @@ mod tests {
             app_id: 10123,
             owner: "org.example.app".into(),
             packages: vec!["org.example.app".into()],
-            origin: "app".into(),
+            origin: crate::vocab::Origin::App,
             firmware: false,
             payload: "tls".into(),
-            direction: "outbound".into(),
+            direction: crate::vocab::Direction::Outbound,
             host: Some("api.example.org".into()),
             host_source: Some("sni".into()),
             port: 443,
@@ -681,15 +635,15 @@ mod tests {
         let other = FlowRecord {
             owner: "com.vendor.activation".into(),
             payload: "tls".into(),
-            direction: "outbound".into(),
-            origin: "preinstalled".into(),
+            direction: crate::vocab::Direction::Outbound,
+            origin: crate::vocab::Origin::Preinstalled,
             ..flow()
         };
         assert_eq!(rules.evaluate(&other), ["firmware-new-country"]);
         // A user app: nothing, even in cleartext to a new country.
         let app = FlowRecord {
             payload: "cleartext".into(),
-            direction: "outbound".into(),
+            direction: crate::vocab::Direction::Outbound,
             country: Some("RU".into()),
             ..app_flow()
         };
@@ -699,7 +653,7 @@ mod tests {
         let nowhere = FlowRecord {
             country: None,
             payload: "tls".into(),
-            direction: "outbound".into(),
+            direction: crate::vocab::Direction::Outbound,
             ..flow()
         };
         assert!(rules.evaluate(&nowhere).is_empty());
@@ -810,7 +764,7 @@ scope = "local"
         rules.learn_country("system", "cn");
         let f = FlowRecord {
             payload: "tls".into(),
-            direction: "outbound".into(),
+            direction: crate::vocab::Direction::Outbound,
             ..flow()
         };
         assert!(rules.evaluate(&f).is_empty());
@@ -863,7 +817,7 @@ new_country = true
                 ..flow()
             },
             FlowRecord {
-                origin: "app".into(),
+                origin: crate::vocab::Origin::App,
                 ..flow()
             },
             FlowRecord {
@@ -899,12 +853,12 @@ new_country = true
                 ..flow()
             },
             FlowRecord {
-                proto: "udp".into(),
+                proto: crate::vocab::Proto::Udp,
                 ..flow()
             },
             FlowRecord {
                 payload: "tls".into(),
-                direction: "outbound".into(),
+                direction: crate::vocab::Direction::Outbound,
                 ..flow()
             },
         ];
@@ -980,7 +934,7 @@ country = "RU"
             ),
             (
                 "[[rule]]\nname = \"x\"\nproto = \"sctp\"\n",
-                "line 3, column 9: unknown variant `sctp`, expected one of `tcp`, `udp`, `icmp`, `icmpv6`",
+                "line 3, column 9: unknown protocol \"sctp\": tcp, udp, icmp, icmpv6 or ipN",
             ),
             (
                 "[[rule]]\nname = \"x\"\npayload = [\"http\", \"plain\"]\n",
@@ -988,7 +942,7 @@ country = "RU"
             ),
             (
                 "[[rule]]\nname = \"x\"\norigin = \"vendor\"\n",
-                "line 3, column 10: unknown variant `vendor`",
+                "line 3, column 10: unknown origin \"vendor\"",
             ),
             (
                 "[[rule]]\nname = \"x\"\ncountry = \"China\"\n",

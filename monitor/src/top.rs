@@ -48,7 +48,7 @@ pub fn group(flows: &[FlowRecord]) -> Vec<OwnerRow> {
             let row = OwnerRow {
                 uid: f.uid,
                 owner: f.owner.clone(),
-                origin: f.origin.clone(),
+                origin: f.origin.to_string(),
                 firmware: f.firmware,
                 local,
                 ..Default::default()

@@ -348,7 +348,7 @@ impl Tracker {
 
     fn class_of(&mut self, record: &FlowRecord) -> u32 {
         self.class_index_of((
-            record.origin.clone(),
+            record.origin.to_string(),
             record.firmware,
             record.country.clone().unwrap_or_else(|| "unknown".into()),
         ))
@@ -636,7 +636,7 @@ impl Tracker {
             self.dirty = true;
             *self
                 .cleartext_flows
-                .entry((r.uid, r.owner.clone(), r.origin.clone(), r.firmware))
+                .entry((r.uid, r.owner.clone(), r.origin.to_string(), r.firmware))
                 .or_default() += 1;
         }
         for rule in self.options.rules.evaluate(r) {
@@ -934,7 +934,7 @@ mod tests {
             app_id: 10123,
             owner: name.into(),
             packages: vec![],
-            origin: origin.into(),
+            origin: crate::vocab::Origin::parse(origin).unwrap(),
             firmware: origin != "app",
         }
     }

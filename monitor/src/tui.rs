@@ -194,7 +194,7 @@ impl View {
                     rows.push(
                         Row::new(vec![
                             String::new(),
-                            format!("  {} {}", escape(&f.proto), escape_opt(f.comm.as_deref())),
+                            format!("  {} {}", f.proto, escape_opt(f.comm.as_deref())),
                             marker,
                             String::new(),
                             top::human_bytes(f.tx_bytes as f64),
@@ -338,7 +338,11 @@ mod tests {
             app_id: uid,
             owner: owner.into(),
             packages: vec![],
-            origin: if firmware { "platform" } else { "app" }.into(),
+            origin: if firmware {
+                crate::vocab::Origin::Platform
+            } else {
+                crate::vocab::Origin::App
+            },
             firmware,
             comm: Some("curl".into()),
             pid: Some(1),
@@ -347,7 +351,7 @@ mod tests {
             unit: None,
             exe: None,
             cmdline: None,
-            proto: "tcp".into(),
+            proto: crate::vocab::Proto::Tcp,
             family: "ipv4".into(),
             dst: "203.0.113.7".into(),
             port: 80,
@@ -362,7 +366,7 @@ mod tests {
             country: None,
             asn: None,
             payload: "unknown".into(),
-            direction: "outbound".into(),
+            direction: crate::vocab::Direction::Outbound,
             scope: Default::default(),
             alerts: Vec::new(),
         }

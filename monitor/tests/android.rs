@@ -116,7 +116,7 @@ fn describe(f: &FlowRecord) -> (u32, u32, String, Vec<String>, String, bool) {
         f.app_id,
         f.owner.clone(),
         f.packages.clone(),
-        f.origin.clone(),
+        f.origin.to_string(),
         f.firmware,
     )
 }
@@ -311,7 +311,7 @@ fn a_damaged_packages_xml_on_reload_keeps_the_last_good_owners() {
         let flows = agent.flows();
         [10057, 10090].map(|uid| {
             let f = find(&flows, uid, "tcp", SERVER4, 8443);
-            (f.owner.clone(), f.origin.clone())
+            (f.owner.clone(), f.origin.to_string())
         })
     };
     let good = owners(&agent);

@@ -43,21 +43,7 @@ use std::time::Duration;
 use aids::AppIdClass;
 use monitor_common::KERNEL_UID;
 
-pub const ORIGIN_APP: &str = "app";
-pub const ORIGIN_PREINSTALLED: &str = "preinstalled";
-pub const ORIGIN_PLATFORM: &str = "platform";
-pub const ORIGIN_USER: &str = "user";
-pub const ORIGIN_SYSTEM: &str = "system";
-pub const ORIGIN_UNKNOWN: &str = "unknown";
-
-/// Traffic from these origins was sent by the firmware, not by something the
-/// device's owner chose to install.
-pub fn is_firmware(origin: &str) -> bool {
-    matches!(
-        origin,
-        ORIGIN_PREINSTALLED | ORIGIN_PLATFORM | ORIGIN_SYSTEM
-    )
-}
+pub use crate::vocab::Origin;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Owner {
@@ -66,7 +52,7 @@ pub struct Owner {
     pub app_id: u32,
     pub owner: String,
     pub packages: Vec<String>,
-    pub origin: String,
+    pub origin: Origin,
     pub firmware: bool,
 }
 
@@ -240,7 +226,7 @@ impl OwnerResolver {
             app_id,
             owner: format!("uid {uid}"),
             packages: Vec::new(),
-            origin: ORIGIN_UNKNOWN.into(),
+            origin: Origin::Unknown,
             firmware: false,
         };
         if uid == KERNEL_UID {
@@ -248,23 +234,21 @@ impl OwnerResolver {
             // resets, ICMP errors, ...).
             owner.owner = "kernel".into();
             owner.origin = if self.android.is_some() {
-                ORIGIN_PLATFORM
+                Origin::Platform
             } else {
-                ORIGIN_SYSTEM
-            }
-            .into();
+                Origin::System
+            };
         } else if let Some(android) = &self.android {
             android.describe(uid, &mut owner);
         } else if let Some(account) = self.accounts.get(&uid) {
             owner.owner = account.name.clone();
             owner.origin = if self.limits.is_person(uid, account) {
-                ORIGIN_USER
+                Origin::User
             } else {
-                ORIGIN_SYSTEM
-            }
-            .into();
+                Origin::System
+            };
         }
-        owner.firmware = is_firmware(&owner.origin);
+        owner.firmware = owner.origin.is_firmware();
         owner
     }
 }
@@ -294,7 +278,7 @@ impl Android {
                     _ => aids::generic_name(uid),
                 });
                 o.packages = packages(info);
-                o.origin = ORIGIN_PLATFORM.into();
+                o.origin = Origin::Platform;
             }
             AppIdClass::App => match info {
                 Some(i) => {
@@ -305,11 +289,10 @@ impl Android {
                         .unwrap_or_else(|| aids::generic_name(uid));
                     o.packages = packages(info);
                     o.origin = if i.preinstalled {
-                        ORIGIN_PREINSTALLED
+                        Origin::Preinstalled
                     } else {
-                        ORIGIN_APP
-                    }
-                    .into();
+                        Origin::App
+                    };
                 }
                 None => o.owner = aids::generic_name(uid),
             },
@@ -321,11 +304,10 @@ impl Android {
                         o.owner = format!("{main} (sdk sandbox)");
                         o.packages = packages(Some(i));
                         o.origin = if i.preinstalled {
-                            ORIGIN_PREINSTALLED
+                            Origin::Preinstalled
                         } else {
-                            ORIGIN_APP
-                        }
-                        .into();
+                            Origin::App
+                        };
                     }
                     _ => o.owner = format!("{} (sdk sandbox)", aids::generic_name(host_uid)),
                 }

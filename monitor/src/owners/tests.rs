@@ -59,7 +59,7 @@ fn copy_tree(from: &Path, to: &Path) {
 /// (owner, packages, origin, firmware) for compact assertions.
 fn who(r: &OwnerResolver, uid: u32) -> (String, Vec<String>, String, bool) {
     let o = r.resolve(uid);
-    (o.owner, o.packages, o.origin, o.firmware)
+    (o.owner, o.packages, o.origin.to_string(), o.firmware)
 }
 
 fn w(
@@ -267,7 +267,7 @@ fn known_owners_cover_every_aid_every_user_and_every_package() {
     // No root for secondary users; OEM ranges only where a partition names them.
     assert!(!uids.contains(&1_000_000));
     assert!(!uids.contains(&2950));
-    assert!(table.iter().all(|o| o.firmware == is_firmware(&o.origin)));
+    assert!(table.iter().all(|o| o.firmware == o.origin.is_firmware()));
     // Every package of packages.list is there (the malformed line aside).
     let packages: BTreeSet<&str> = table
         .iter()

@@ -8,6 +8,7 @@
 use crate::flows::FlowRecord;
 use crate::owners::Owner;
 use crate::tracker::{Counters, Logged, Tracker};
+use crate::vocab::Origin;
 use monitor_common::{FlowKey, FlowValue, FAMILY_INBOUND, FAMILY_IPV4, FAMILY_IPV6};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -138,7 +139,7 @@ fn owner_of(v: &Value) -> Option<Owner> {
             .iter()
             .map(|p| p.as_str().map(str::to_string))
             .collect::<Option<_>>()?,
-        origin: v["origin"].as_str()?.to_string(),
+        origin: Origin::parse(v["origin"].as_str()?)?,
         firmware: v["firmware"].as_bool()?,
     })
 }
@@ -189,7 +190,7 @@ fn renders_as(key: &FlowKey, v: &Value) -> bool {
         app_id: 0,
         owner: String::new(),
         packages: Vec::new(),
-        origin: String::new(),
+        origin: Origin::Unknown,
         firmware: false,
     };
     let record: FlowRecord = crate::flows::record(key, &FlowValue::default(), &owner, None);

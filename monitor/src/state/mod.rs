@@ -34,6 +34,7 @@ use crate::events::{FlowMeta, Sender};
 use crate::netd_stats::{NetdSnapshot, StatsKey, StatsValue, UidTraffic};
 use crate::owners::Owner;
 use crate::tracker::{Counters, SavedFlow, SavedTotals, Tracker};
+use crate::vocab::Origin;
 use anyhow::{bail, Context, Result};
 use codec::{Dec, Enc};
 use log_tail::LogPosition;
@@ -396,7 +397,7 @@ fn write_owner(e: &mut Enc<&mut File>, o: &Owner) -> io::Result<()> {
     e.u32(o.app_id)?;
     e.str(&o.owner)?;
     e.strs(o.packages.iter().map(String::as_str))?;
-    e.str(&o.origin)?;
+    e.str(o.origin.as_str())?;
     e.bool(o.firmware)
 }
 
@@ -407,7 +408,15 @@ fn read_owner<R: BufRead>(d: &mut Dec<R>) -> io::Result<Owner> {
         app_id: d.u32()?,
         owner: d.str()?,
         packages: d.strs()?,
-        origin: d.str()?,
+        origin: {
+            let text = d.str()?;
+            Origin::parse(&text).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unknown origin {text:?}"),
+                )
+            })?
+        },
         firmware: d.bool()?,
     })
 }

@@ -53,7 +53,7 @@ impl Describe for Describer<'_> {
             app_id: uid,
             owner: format!("owner{uid}"),
             packages: vec![],
-            origin: origin.into(),
+            origin: crate::vocab::Origin::parse(origin).unwrap(),
             firmware: uid < 10000,
         }
     }
@@ -341,7 +341,7 @@ fn log_lines_name_the_flows_they_were_written_for() {
         app_id: 10123,
         owner: "app".into(),
         packages: vec![],
-        origin: "app".into(),
+        origin: crate::vocab::Origin::App,
         firmware: false,
     };
     let v6 = FlowKey {
