@@ -525,7 +525,7 @@ impl Agent {
             now: Instant::now(),
         };
         let mut log = self.log.lock().unwrap();
-        let mut write = |event: serde_json::Value| {
+        let mut write = |event: crate::jsonl::LogEvent| {
             if let Some(log) = log.as_mut() {
                 if let Err(e) = log.write(&event) {
                     self.log_errors.fetch_add(1, Ordering::Relaxed);

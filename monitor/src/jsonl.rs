@@ -1,15 +1,94 @@
-//! The `--log` JSON-lines writer: one object per line, to stdout (`-`) or a
-//! file with size-based rotation (`--log-max-bytes`, `--log-keep`).
+//! The `--log` JSON lines: what a line says ([`LogEvent`], typed) and the
+//! writer that puts one object per line to stdout (`-`) or a file with
+//! size-based rotation (`--log-max-bytes`, `--log-keep`).
 //!
 //! A line is always written whole with one `write_all` on an O_APPEND file,
 //! and rotation happens only between lines, so no reader ever sees a torn
 //! line and no line is split across files.
 
+use crate::flows::FlowRecord;
+use crate::owners::Owner;
 use crate::private_fs::{create_private_append, identity, open_private_append};
+use crate::vocab::Origin;
+use serde::Serialize;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// One line of the JSON log: `event` (the variant's name in snake_case),
+/// `time` (RFC 3339, when the agent wrote it), then the event's fields.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum LogEvent {
+    /// A flow seen for the first time, or moving again after `flow_end`
+    /// (then with the deltas since that end).
+    FlowStart {
+        time: String,
+        #[serde(flatten)]
+        flow: FlowRecord,
+        #[serde(flatten, skip_serializing_if = "Option::is_none")]
+        deltas: Option<Deltas>,
+    },
+    /// Counters moved since the flow's last line (every `--log-interval`).
+    FlowUpdate {
+        time: String,
+        #[serde(flatten)]
+        flow: FlowRecord,
+        #[serde(flatten)]
+        deltas: Deltas,
+    },
+    /// Quiet for `--idle-after`, or gone from the kernel's map.
+    FlowEnd {
+        time: String,
+        #[serde(flatten)]
+        flow: FlowRecord,
+        #[serde(flatten)]
+        deltas: Deltas,
+        reason: EndReason,
+    },
+    /// A rule matched the flow (once per rule and flow).
+    Alert {
+        time: String,
+        #[serde(flatten)]
+        flow: FlowRecord,
+        rule: String,
+    },
+    /// A uid's owner changed (packages installed, removed or updated).
+    OwnerChange {
+        time: String,
+        #[serde(flatten)]
+        owner: Owner,
+        previous_owner: String,
+        previous_packages: Vec<String>,
+        previous_origin: Origin,
+        previous_firmware: bool,
+    },
+}
+
+/// Counters moved since the flow's previous line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Deltas {
+    pub delta_connects: u64,
+    pub delta_udp_sends: u64,
+    pub delta_tx_packets: u64,
+    pub delta_tx_bytes: u64,
+}
+
+/// Why a flow ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// No traffic for `--idle-after`; the kernel entry stays.
+    Idle,
+    /// The kernel's LRU map dropped it (or the maps went).
+    Evicted,
+}
+
+/// The time stamp of a line written now.
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
 
 /// How often the path is checked for the file having been deleted or moved
 /// away from outside (one lstat; lines in between go to the open file).
@@ -75,7 +154,7 @@ impl JsonlLog {
     }
 
     /// Writes one JSON object as one line.
-    pub fn write(&mut self, value: &serde_json::Value) -> io::Result<()> {
+    pub fn write(&mut self, value: &impl Serialize) -> io::Result<()> {
         let mut line = serde_json::to_vec(value)?;
         line.push(b'\n');
         match self {

@@ -14,10 +14,10 @@
 
 use crate::events::FlowMeta;
 use crate::flows::FlowRecord;
+use crate::jsonl::{self, Deltas, EndReason, LogEvent};
 use crate::owners::Owner;
 use crate::rules::Rules;
 use monitor_common::{FlowKey, FlowValue};
-use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -211,67 +211,41 @@ pub(crate) enum Logged {
     OwnerChange(Owner),
 }
 
-fn stamp(mut value: Value, name: &str) -> Value {
-    let map = value.as_object_mut().expect("records serialize to objects");
-    map.insert("event".into(), json!(name));
-    map.insert(
-        "time".into(),
-        json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()),
-    );
-    value
-}
-
-fn event(name: &str, record: &FlowRecord) -> Value {
-    stamp(
-        serde_json::to_value(record).expect("FlowRecord serializes"),
-        name,
-    )
-}
-
-fn with_deltas(mut value: Value, now: &FlowValue, before: &Counters) -> Value {
-    let map = value.as_object_mut().expect("object");
-    map.insert(
-        "delta_connects".into(),
-        json!(now.connects.saturating_sub(before.connects)),
-    );
-    map.insert(
-        "delta_udp_sends".into(),
-        json!(now.udp_sends.saturating_sub(before.udp_sends)),
-    );
-    map.insert(
-        "delta_tx_packets".into(),
-        json!(now.tx_packets.saturating_sub(before.tx_packets)),
-    );
-    map.insert(
-        "delta_tx_bytes".into(),
-        json!(now.tx_bytes.saturating_sub(before.tx_bytes)),
-    );
-    value
+fn deltas(now: &FlowValue, before: &Counters) -> Deltas {
+    Deltas {
+        delta_connects: now.connects.saturating_sub(before.connects),
+        delta_udp_sends: now.udp_sends.saturating_sub(before.udp_sends),
+        delta_tx_packets: now.tx_packets.saturating_sub(before.tx_packets),
+        delta_tx_bytes: now.tx_bytes.saturating_sub(before.tx_bytes),
+    }
 }
 
 /// Log events go straight to the writer; none is built when logging is off.
 struct Sink<'a> {
     emit: bool,
-    sink: &'a mut dyn FnMut(Value),
+    sink: &'a mut dyn FnMut(LogEvent),
 }
 
 impl Sink<'_> {
-    fn push_with(&mut self, build: impl FnOnce() -> Value) {
+    fn push_with(&mut self, build: impl FnOnce() -> LogEvent) {
         if self.emit {
             (self.sink)(build());
         }
     }
 }
 
-fn end_event(describe: &dyn Describe, key: &FlowKey, tracked: &Tracked, reason: &str) -> Value {
-    let record = describe.record(key, &tracked.current, tracked.meta.as_ref());
-    let mut end = with_deltas(
-        event("flow_end", &record),
-        &tracked.current,
-        &tracked.logged,
-    );
-    end["reason"] = json!(reason);
-    end
+fn end_event(
+    describe: &dyn Describe,
+    key: &FlowKey,
+    tracked: &Tracked,
+    reason: EndReason,
+) -> LogEvent {
+    LogEvent::FlowEnd {
+        time: jsonl::now(),
+        flow: describe.record(key, &tracked.current, tracked.meta.as_ref()),
+        deltas: deltas(&tracked.current, &tracked.logged),
+        reason,
+    }
 }
 
 fn changed(a: &FlowValue, b: &Counters) -> bool {
@@ -387,7 +361,7 @@ impl Tracker {
         now: Instant,
         snapshot: &[(FlowKey, FlowValue)],
         describe: &dyn Describe,
-        sink: &mut dyn FnMut(Value),
+        sink: &mut dyn FnMut(LogEvent),
     ) {
         let pass = self.begin_pass(now);
         self.take(&pass, snapshot, describe, sink);
@@ -413,7 +387,7 @@ impl Tracker {
         pass: &Pass,
         snapshot: &[(FlowKey, FlowValue)],
         describe: &dyn Describe,
-        sink: &mut dyn FnMut(Value),
+        sink: &mut dyn FnMut(LogEvent),
     ) {
         let mut events = Sink {
             emit: self.options.emit,
@@ -430,7 +404,7 @@ impl Tracker {
                     // Evicted and made again under the same key since the
                     // last pass (or while no agent ran): the old one ended.
                     let (_, old) = self.flows.swap_remove_index(index).expect("present");
-                    events.push_with(|| end_event(describe, key, &old, "evicted"));
+                    events.push_with(|| end_event(describe, key, &old, EndReason::Evicted));
                     self.flows_evicted += 1;
                     self.start(pass, key, value, describe, &mut events);
                 }
@@ -457,7 +431,11 @@ impl Tracker {
         self.add_bytes(class, value.tx_bytes);
         let announced = self.announced.remove(key);
         if announced.is_none() {
-            events.push_with(|| event("flow_start", &describe.record(key, value, meta.as_ref())));
+            events.push_with(|| LogEvent::FlowStart {
+                time: jsonl::now(),
+                flow: describe.record(key, value, meta.as_ref()),
+                deltas: None,
+            });
         }
         let mut tracked = Tracked {
             current: *value,
@@ -517,12 +495,10 @@ impl Tracker {
         self.add_bytes(class, value.tx_bytes.saturating_sub(before.tx_bytes));
         let moved = changed(value, &(&before).into());
         if moved && ended {
-            events.push_with(|| {
-                with_deltas(
-                    event("flow_start", &describe.record(key, value, meta.as_ref())),
-                    value,
-                    &logged,
-                )
+            events.push_with(|| LogEvent::FlowStart {
+                time: jsonl::now(),
+                flow: describe.record(key, value, meta.as_ref()),
+                deltas: Some(deltas(value, &logged)),
             });
         }
         self.dirty |= moved;
@@ -550,7 +526,12 @@ impl Tracker {
 
     /// Ends a pass: flows it did not find were evicted, quiet ones go idle,
     /// and flow_update lines are due every `update_every`.
-    pub fn end_pass(&mut self, pass: Pass, describe: &dyn Describe, sink: &mut dyn FnMut(Value)) {
+    pub fn end_pass(
+        &mut self,
+        pass: Pass,
+        describe: &dyn Describe,
+        sink: &mut dyn FnMut(LogEvent),
+    ) {
         let mut events = Sink {
             emit: self.options.emit,
             sink,
@@ -564,7 +545,7 @@ impl Tracker {
         let before = self.flows.len();
         self.flows.retain(|key, tracked| {
             if tracked.seen != generation {
-                events.push_with(|| end_event(describe, key, tracked, "evicted"));
+                events.push_with(|| end_event(describe, key, tracked, EndReason::Evicted));
             }
             tracked.seen == generation
         });
@@ -575,7 +556,7 @@ impl Tracker {
         let idle_secs = self.idle_secs();
         for (key, tracked) in self.flows.iter_mut() {
             if !tracked.ended && secs.saturating_sub(tracked.last_change) >= idle_secs {
-                events.push_with(|| end_event(describe, key, tracked, "idle"));
+                events.push_with(|| end_event(describe, key, tracked, EndReason::Idle));
                 tracked.logged = (&tracked.current).into();
                 tracked.ended = true;
                 self.dirty = true;
@@ -586,13 +567,10 @@ impl Tracker {
             for (key, tracked) in self.flows.iter_mut().filter(|(_, t)| !t.ended) {
                 if changed(&tracked.current, &tracked.logged) {
                     self.dirty = true;
-                    events.push_with(|| {
-                        let record = describe.record(key, &tracked.current, tracked.meta.as_ref());
-                        with_deltas(
-                            event("flow_update", &record),
-                            &tracked.current,
-                            &tracked.logged,
-                        )
+                    events.push_with(|| LogEvent::FlowUpdate {
+                        time: jsonl::now(),
+                        flow: describe.record(key, &tracked.current, tracked.meta.as_ref()),
+                        deltas: deltas(&tracked.current, &tracked.logged),
                     });
                     tracked.logged = (&tracked.current).into();
                 }
@@ -609,11 +587,11 @@ impl Tracker {
     fn end_unmet_announced(&mut self, describe: &dyn Describe, events: &mut Sink<'_>) {
         for (key, announced) in std::mem::take(&mut self.announced) {
             let value = announced.logged.value();
-            events.push_with(|| {
-                let record = describe.record(&key, &value, None);
-                let mut end = with_deltas(event("flow_end", &record), &value, &announced.logged);
-                end["reason"] = json!("evicted");
-                end
+            events.push_with(|| LogEvent::FlowEnd {
+                time: jsonl::now(),
+                flow: describe.record(&key, &value, None),
+                deltas: deltas(&value, &announced.logged),
+                reason: EndReason::Evicted,
             });
             self.flows_evicted += 1;
             self.dirty = true;
@@ -658,10 +636,10 @@ impl Tracker {
                 r.country.as_deref().unwrap_or("?"),
                 r.payload
             );
-            events.push_with(|| {
-                let mut alert = event("alert", &full());
-                alert["rule"] = json!(rule);
-                alert
+            events.push_with(|| LogEvent::Alert {
+                time: jsonl::now(),
+                flow: full(),
+                rule: rule.clone(),
             });
         }
     }
@@ -689,17 +667,13 @@ impl Tracker {
         for uid in uids {
             let owner = describe.owner(uid);
             if let Some(before) = self.owners.get(&uid).filter(|b| **b != owner) {
-                events.push_with(|| {
-                    let mut value = stamp(
-                        serde_json::to_value(&owner).expect("Owner serializes"),
-                        "owner_change",
-                    );
-                    let map = value.as_object_mut().expect("object");
-                    map.insert("previous_owner".into(), json!(before.owner));
-                    map.insert("previous_packages".into(), json!(before.packages));
-                    map.insert("previous_origin".into(), json!(before.origin));
-                    map.insert("previous_firmware".into(), json!(before.firmware));
-                    value
+                events.push_with(|| LogEvent::OwnerChange {
+                    time: jsonl::now(),
+                    owner: owner.clone(),
+                    previous_owner: before.owner.clone(),
+                    previous_packages: before.packages.clone(),
+                    previous_origin: before.origin,
+                    previous_firmware: before.firmware,
                 });
             }
             if self.owners.get(&uid) != Some(&owner) {
@@ -975,9 +949,15 @@ mod tests {
         let t0 = Instant::now();
         for at in [t0, t0 + Duration::from_secs(1)] {
             let pass = t.begin_pass(at);
-            t.take(&pass, &first, &d, &mut |v| events.push(v));
-            t.take(&pass, &second, &d, &mut |v| events.push(v));
-            t.end_pass(pass, &d, &mut |v| events.push(v));
+            t.take(&pass, &first, &d, &mut |v| {
+                events.push(serde_json::to_value(v).unwrap())
+            });
+            t.take(&pass, &second, &d, &mut |v| {
+                events.push(serde_json::to_value(v).unwrap())
+            });
+            t.end_pass(pass, &d, &mut |v| {
+                events.push(serde_json::to_value(v).unwrap())
+            });
         }
         let names: Vec<&str> = events
             .iter()
@@ -999,13 +979,15 @@ mod tests {
         });
         let tick = |t: &mut Tracker, at: Instant, snap: &[(FlowKey, FlowValue)], d: &Fixed| {
             let mut out = Vec::new();
-            t.tick(at, snap, d, &mut |v| out.push(v));
+            t.tick(at, snap, d, &mut |v| {
+                out.push(serde_json::to_value(v).unwrap())
+            });
             out
         };
         let d = Fixed(RefCell::new(owner("com.example.app", "app")));
         let t0 = Instant::now();
         let s = |n: u64| t0 + Duration::from_secs(n);
-        let names = |evs: &[Value]| {
+        let names = |evs: &[serde_json::Value]| {
             evs.iter()
                 .map(|e| e["event"].as_str().unwrap().to_string())
                 .collect::<Vec<_>>()

@@ -122,7 +122,7 @@ fn pass(
     let describe = Describer(RefCell::new(destinations));
     tracker.tick(Instant::now(), snapshot, &describe, &mut |line| {
         log.write(&line).unwrap();
-        lines.push(line);
+        lines.push(serde_json::to_value(line).unwrap());
     });
     lines
 }
