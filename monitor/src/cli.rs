@@ -27,9 +27,11 @@ pub struct Cli {
 /// How to reach one agent (its pins, its control socket, its /metrics).
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// bpffs directory holding the agent's pinned maps and links.
-    #[arg(long, default_value = DEFAULT_PIN_DIR)]
-    pub pin_dir: PathBuf,
+    /// bpffs directory holding the agent's pinned maps and links (default
+    /// /sys/fs/bpf/egressmon). `flows`, `top` and `status` check that the
+    /// agent they reach uses it.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
     /// The agent's TCP address for /metrics; its control socket is named
     /// after it.
     #[arg(long, default_value = DEFAULT_LISTEN)]
@@ -41,6 +43,32 @@ pub struct Target {
 }
 
 impl Target {
+    pub fn pin_dir(&self) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR))
+    }
+
+    /// The control socket of the agent these flags name, checked, when
+    /// `--pin-dir` is given, to belong to the agent that uses those pins.
+    pub fn agent(&self) -> Result<Endpoint> {
+        let endpoint = self.endpoint();
+        if let Some(pin_dir) = &self.pin_dir {
+            let status: Status = serde_json::from_str(&endpoint.get("/status")?)?;
+            if status.pin_dir != *pin_dir {
+                anyhow::bail!(
+                    "the agent on {} uses the pins under {}, not {}: give the --listen \
+                     (and --run-dir) of the agent that uses {}",
+                    endpoint.socket.display(),
+                    status.pin_dir.display(),
+                    pin_dir.display(),
+                    pin_dir.display()
+                );
+            }
+        }
+        Ok(endpoint)
+    }
+
     pub fn run_dir(&self) -> PathBuf {
         self.run_dir.clone().unwrap_or_else(default_run_dir)
     }
@@ -191,7 +219,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::Flows { json, target } => {
-            let body = target.endpoint().get("/flows")?;
+            let body = target.agent()?.get("/flows")?;
             if json {
                 println!("{}", body.trim_end());
             } else {
@@ -202,7 +230,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         }
         Command::Owners { json, android_root } => owners(json, android_root),
         Command::Status { json, target } => {
-            let body = target.endpoint().get("/status")?;
+            let body = target.agent()?.get("/status")?;
             if json {
                 println!("{}", body.trim_end());
             } else {
@@ -212,7 +240,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Detach { target } => detach(target),
-        Command::Top { once, target } => crate::top::run(&target.endpoint(), once),
+        Command::Top { once, target } => crate::top::run(&target.agent()?, once),
         Command::Gen(args) => traffic::run(args),
     }
 }
@@ -232,7 +260,7 @@ fn run(args: RunArgs) -> Result<()> {
     let hooks = args.hooks.as_deref().map(hooks::parse_list).transpose()?;
     let options = LoadOptions {
         cgroup,
-        pin_dir: args.target.pin_dir.clone(),
+        pin_dir: args.target.pin_dir(),
         hooks,
         flow_entries: args.flow_entries,
         uid_entries: args.uid_entries,
@@ -279,7 +307,7 @@ fn run(args: RunArgs) -> Result<()> {
     agent.stop();
     log::info!(
         "agent stopped; the kernel keeps counting into pinned maps under {} until `egressmon detach`",
-        args.target.pin_dir.display()
+        args.target.pin_dir().display()
     );
     Ok(())
 }
@@ -417,16 +445,17 @@ fn detach(target: Target) -> Result<()> {
         }
     }
     stop_agent(&target);
-    for removed in crate::state::remove(&target.run_dir(), &target.pin_dir) {
+    for removed in crate::state::remove(&target.run_dir(), &target.pin_dir()) {
         println!("removed the agent's state {}", removed.display());
     }
-    let report = kernel::detach(&target.pin_dir).with_context(|| {
+    let report = kernel::detach(&target.pin_dir()).with_context(|| {
         format!(
             "detaching what egressmon pinned under {}",
-            target.pin_dir.display()
+            target.pin_dir().display()
         )
     })?;
-    let dir = target.pin_dir.display();
+    let pin_dir = target.pin_dir();
+    let dir = pin_dir.display();
     if report.pins.is_empty() && report.links.is_empty() && report.foreign.is_empty() {
         println!("nothing to detach under {dir}");
     } else {
@@ -467,13 +496,13 @@ fn stop_agent(target: &Target) {
             return;
         }
     };
-    if status.pin_dir != target.pin_dir {
+    if status.pin_dir != target.pin_dir() {
         println!(
             "the agent on {} (pid {}) uses {}, not {}: left running",
             endpoint.socket.display(),
             status.pid,
             status.pin_dir.display(),
-            target.pin_dir.display()
+            target.pin_dir().display()
         );
         return;
     }

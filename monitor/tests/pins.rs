@@ -303,3 +303,33 @@ fn detach_of_sys_fs_bpf_leaves_what_is_not_ours() {
     assert!(debug_files.iter().all(|f| now.contains(f)), "{now:?}");
     assert!(sys_fs_bpf.is_dir());
 }
+
+/// `flows`, `top` and `status` take `--pin-dir` and check that the agent
+/// they reach uses those pins; without it they ask whatever agent answers.
+#[test]
+fn clients_check_the_pin_dir_they_are_given() {
+    require_root();
+    let tag = tag("pin-clients");
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let mut agent = AgentProc::start(&cgroup.path, &tag, &["--hooks", "connect4"]);
+    let ours = agent.pin_dir.to_str().unwrap().to_string();
+    for command in ["flows", "status"] {
+        agent.cli(&[command]);
+        agent.cli(&[command, "--pin-dir", &ours]);
+        let out = agent
+            .command()
+            .args([command, "--pin-dir", "/sys/fs/bpf/not-this-agent"])
+            .args(["--listen", &agent.listen])
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{command}: {err}");
+        assert!(
+            err.contains(&format!(
+                "uses the pins under {ours}, not /sys/fs/bpf/not-this-agent"
+            )),
+            "{command}: {err}"
+        );
+    }
+    agent.detach();
+}
