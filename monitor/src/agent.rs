@@ -365,6 +365,10 @@ impl crate::tracker::Describe for Describer<'_> {
         self.destinations.borrow().stamp(key)
     }
 
+    fn has_name(&self, key: &FlowKey) -> bool {
+        self.destinations.borrow_mut().has_name(key, self.now)
+    }
+
     fn take_identity(&self, key: &FlowKey) -> Option<events::FlowMeta> {
         self.pending.borrow_mut().remove(key)
     }
@@ -646,42 +650,12 @@ impl Agent {
             .collect()
     }
 
-    fn keyed_flows(&self) -> Result<Vec<(FlowKey, FlowRecord)>> {
-        let flows = self.kernel.lock().unwrap().flows()?;
-        // Locks in the flow poller's order: identities, destinations, tracker.
-        let mut pending = self.meta.lock().unwrap();
-        let resolver = self.resolver();
-        let destinations = self.destinations.lock().unwrap();
-        let tracker = self.tracker.lock().unwrap();
-        let describe = Describer {
-            pending: std::cell::RefCell::new(&mut pending),
-            resolver: &resolver,
-            owners: Default::default(),
-            destinations: std::cell::RefCell::new(destinations),
-            now: Instant::now(),
-        };
-        use crate::tracker::Describe;
-        Ok(flows
-            .iter()
-            .map(|(key, value)| {
-                let mut value = *value;
-                if let Some(seen) = tracker.last_seen(key) {
-                    value.last_seen = value.last_seen.max(seen);
-                }
-                let meta = match tracker.identity(key) {
-                    Some(meta) => Some(meta.clone()),
-                    None => describe.pending.borrow().get(key).cloned(),
-                };
-                let mut record = describe.record(key, &value, meta.as_ref());
-                record.alerts = tracker.alerts(key);
-                (*key, record)
-            })
-            .collect())
-    }
-
-    /// The flow table, busiest first.
+    /// The flow table, busiest first: a pass brings the tracker's model up
+    /// to the kernel's counters, then the model is read (nothing is
+    /// described a second time).
     pub fn flows(&self) -> Result<Vec<FlowRecord>> {
-        let mut rows: Vec<FlowRecord> = self.keyed_flows()?.into_iter().map(|(_, r)| r).collect();
+        self.tick()?;
+        let mut rows = self.tracker.lock().unwrap().records();
         flows::sort_busiest_first(&mut rows);
         Ok(rows)
     }

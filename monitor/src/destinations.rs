@@ -118,6 +118,11 @@ impl Destinations {
             .unwrap_or(0)
     }
 
+    /// Whether a DNS answer to the flow's uid names its destination now.
+    pub fn has_name(&mut self, key: &FlowKey, now: Instant) -> bool {
+        self.dns.lookup(key.uid, destination(key), now).is_some()
+    }
+
     /// (payload infos, DNS names) held.
     pub fn sizes(&self) -> (u64, u64) {
         (self.flows.len() as u64, self.dns.len() as u64)

@@ -132,6 +132,16 @@ pub fn record(
     }
 }
 
+/// Sets a described flow's counters and times to `value`'s.
+pub fn set_counters(record: &mut FlowRecord, value: &FlowValue) {
+    record.connects = value.connects;
+    record.udp_sends = value.udp_sends;
+    record.tx_packets = value.tx_packets;
+    record.tx_bytes = value.tx_bytes;
+    record.first_seen = rfc3339(value.first_seen);
+    record.last_seen = rfc3339(value.last_seen);
+}
+
 pub fn sort_busiest_first(rows: &mut [FlowRecord]) {
     rows.sort_by(|a, b| {
         b.tx_bytes

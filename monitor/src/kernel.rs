@@ -2,12 +2,13 @@
 //! links (so counting continues while no agent runs), adopts what an earlier
 //! agent left pinned, reads the maps, and removes everything on `detach`.
 //!
-//! Pin directory layout: one file per map (`FLOWS`, `FLOW_SEEN`, `UID_TOTALS`,
-//! `EVENTS`, `PAYLOADS`, `STATS`), one per attached cgroup hook
-//! (`link_<hook>`), one per tc hook and interface on TCX kernels
-//! (`link_<hook>_<interface>`), the list of netlink tc filters elsewhere
-//! (`TC_FILTERS`) and the pin layout version (`LAYOUT_VERSION`). Nothing
-//! else may be in the directory: `run` refuses it, `detach` leaves it.
+//! Pin directory layout: one file per pinned map (`PINNED_MAPS`: `FLOWS`,
+//! `FLOW_SEEN`, `UID_TOTALS`, `EVENTS`, `PAYLOADS`, `STATS`, the list of
+//! netlink tc filters `TC_FILTERS` and the pin layout version
+//! `LAYOUT_VERSION`), one per attached cgroup hook (`link_<hook>`), and one
+//! per tc hook and interface on TCX kernels (`link_<hook>_<interface>`).
+//! Nothing else may be in the directory: `run` refuses it, `detach` leaves
+//! it.
 
 use crate::bpf_sys::{self, MapInfo, ObjKind, RawMap};
 use crate::hooks::{self, Hook, HookPlan};

@@ -41,6 +41,25 @@ struct Tracked {
     fired: u64,
     /// Counted in `cleartext_flows` already.
     cleartext: bool,
+    /// The flow described (owner, sender, destination, payload), once per
+    /// change: when it starts, its sender becomes known, its destination or
+    /// payload is learnt, or its uid's owner changes. None until then (a
+    /// flow restored from a state file). Counters are filled in when read.
+    record: Option<FlowRecord>,
+}
+
+impl Tracked {
+    /// The flow as it is now: its description, made when missing, with
+    /// `value`'s counters.
+    fn now(&mut self, describe: &dyn Describe, key: &FlowKey, value: &FlowValue) -> FlowRecord {
+        let meta = &self.meta;
+        let mut record = self
+            .record
+            .get_or_insert_with(|| describe.record(key, value, meta.as_ref()))
+            .clone();
+        crate::flows::set_counters(&mut record, value);
+        record
+    }
 }
 
 /// The counters of a flow value (what deltas are taken of).
@@ -108,6 +127,12 @@ pub trait Describe {
     /// may have changed (the flow is then described and judged again).
     fn stamp(&self, _key: &FlowKey) -> u64 {
         0
+    }
+    /// Whether a host name for the flow's destination is known now (from a
+    /// DNS answer to its uid): a flow described without one is described
+    /// again once it is.
+    fn has_name(&self, _key: &FlowKey) -> bool {
+        false
     }
 }
 
@@ -237,13 +262,14 @@ impl Sink<'_> {
 fn end_event(
     describe: &dyn Describe,
     key: &FlowKey,
-    tracked: &Tracked,
+    tracked: &mut Tracked,
     reason: EndReason,
 ) -> LogEvent {
+    let current = tracked.current;
     LogEvent::FlowEnd {
         time: jsonl::now(),
-        flow: describe.record(key, &tracked.current, tracked.meta.as_ref()),
-        deltas: deltas(&tracked.current, &tracked.logged),
+        flow: tracked.now(describe, key, &current),
+        deltas: deltas(&current, &tracked.logged),
         reason,
     }
 }
@@ -260,31 +286,28 @@ fn same_flow(tracked: &FlowValue, now: &FlowValue) -> bool {
 
 impl Tracker {
     /// When a pass last saw the flow's counters move (CLOCK_BOOTTIME ns).
-    pub fn last_seen(&self, key: &FlowKey) -> Option<u64> {
-        self.flows.get(key).map(|t| t.current.last_seen)
-    }
-
     pub fn contains(&self, key: &FlowKey) -> bool {
         self.flows.contains_key(key)
     }
 
-    /// The rules that alerted on a tracked flow, in rule order (the flow
-    /// table shows them; `top` marks and counts them).
-    pub fn alerts(&self, key: &FlowKey) -> Vec<String> {
-        let Some(tracked) = self.flows.get(key) else {
-            return Vec::new();
-        };
-        self.rule_names
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| tracked.fired & (1 << (*i).min(63)) != 0)
-            .map(|(_, name)| name.clone())
+    /// The flow table as of the latest pass: each flow's description with
+    /// its counters and the rules that alerted on it (`top` marks them).
+    pub fn records(&self) -> Vec<FlowRecord> {
+        self.flows
+            .values()
+            .filter_map(|tracked| {
+                let mut record = tracked.record.clone()?;
+                crate::flows::set_counters(&mut record, &tracked.current);
+                record.alerts = self
+                    .rule_names
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| tracked.fired & (1 << (*i).min(63)) != 0)
+                    .map(|(_, name)| name.clone())
+                    .collect();
+                Some(record)
+            })
             .collect()
-    }
-
-    /// The identity of a tracked flow's sender.
-    pub fn identity(&self, key: &FlowKey) -> Option<&FlowMeta> {
-        self.flows.get(key)?.meta.as_ref()
     }
 
     /// Tracked flows that know their sender.
@@ -403,8 +426,8 @@ impl Tracker {
                 Some(index) => {
                     // Evicted and made again under the same key since the
                     // last pass (or while no agent ran): the old one ended.
-                    let (_, old) = self.flows.swap_remove_index(index).expect("present");
-                    events.push_with(|| end_event(describe, key, &old, EndReason::Evicted));
+                    let (_, mut old) = self.flows.swap_remove_index(index).expect("present");
+                    events.push_with(|| end_event(describe, key, &mut old, EndReason::Evicted));
                     self.flows_evicted += 1;
                     self.start(pass, key, value, describe, &mut events);
                 }
@@ -424,16 +447,14 @@ impl Tracker {
     ) {
         self.dirty = true;
         let meta = describe.take_identity(key);
-        // Classes and rules need no process details: those are described
-        // only for the lines that show them.
-        let record = describe.record(key, value, None);
+        let record = describe.record(key, value, meta.as_ref());
         let class = self.class_of(&record);
         self.add_bytes(class, value.tx_bytes);
         let announced = self.announced.remove(key);
         if announced.is_none() {
             events.push_with(|| LogEvent::FlowStart {
                 time: jsonl::now(),
-                flow: describe.record(key, value, meta.as_ref()),
+                flow: record.clone(),
                 deltas: None,
             });
         }
@@ -448,11 +469,10 @@ impl Tracker {
             stamp: describe.stamp(key),
             fired: announced.map_or(0, |a| a.fired),
             cleartext: false,
+            record: None,
         };
-        let meta = tracked.meta.clone();
-        self.judge(&record, &mut tracked, events, &|| {
-            describe.record(key, value, meta.as_ref())
-        });
+        self.judge(&record, &mut tracked, events);
+        tracked.record = Some(record);
         self.flows.insert(*key, tracked);
     }
 
@@ -470,18 +490,23 @@ impl Tracker {
         if tracked.meta.is_none() {
             // Its event was read after the snapshot that found it.
             tracked.meta = describe.take_identity(key);
+            if tracked.meta.is_some() {
+                tracked.record = None;
+            }
         }
         let stamp = describe.stamp(key);
-        if stamp != tracked.stamp {
-            // Its payload or name arrived: describe and judge it again.
+        let named = tracked
+            .record
+            .as_ref()
+            .is_some_and(|r| r.host.is_none() && describe.has_name(key));
+        if stamp != tracked.stamp || named {
+            // Its payload, name or owner changed: describe and judge again.
             self.dirty = true;
-            let record = describe.record(key, value, None);
             let mut tracked = self.flows.swap_remove_index(index).expect("present").1;
+            let record = describe.record(key, value, tracked.meta.as_ref());
             tracked.stamp = stamp;
-            let meta = tracked.meta.clone();
-            self.judge(&record, &mut tracked, events, &|| {
-                describe.record(key, value, meta.as_ref())
-            });
+            self.judge(&record, &mut tracked, events);
+            tracked.record = Some(record);
             index = self.flows.insert_full(*key, tracked).0;
         }
         let tracked = &self.flows[index];
@@ -491,13 +516,13 @@ impl Tracker {
             tracked.ended,
             tracked.logged,
         );
-        let meta = if ended { tracked.meta.clone() } else { None };
         self.add_bytes(class, value.tx_bytes.saturating_sub(before.tx_bytes));
         let moved = changed(value, &(&before).into());
         if moved && ended {
+            let tracked = &mut self.flows[index];
             events.push_with(|| LogEvent::FlowStart {
                 time: jsonl::now(),
-                flow: describe.record(key, value, meta.as_ref()),
+                flow: tracked.now(describe, key, value),
                 deltas: Some(deltas(value, &logged)),
             });
         }
@@ -562,15 +587,21 @@ impl Tracker {
                 self.dirty = true;
             }
         }
+        // Flows restored from a state file are described once, here.
+        for (key, tracked) in self.flows.iter_mut().filter(|(_, t)| t.record.is_none()) {
+            let current = tracked.current;
+            tracked.now(describe, key, &current);
+        }
         if update_due {
             self.last_update = Some(now);
             for (key, tracked) in self.flows.iter_mut().filter(|(_, t)| !t.ended) {
                 if changed(&tracked.current, &tracked.logged) {
                     self.dirty = true;
+                    let current = tracked.current;
                     events.push_with(|| LogEvent::FlowUpdate {
                         time: jsonl::now(),
-                        flow: describe.record(key, &tracked.current, tracked.meta.as_ref()),
-                        deltas: deltas(&tracked.current, &tracked.logged),
+                        flow: tracked.now(describe, key, &current),
+                        deltas: deltas(&current, &tracked.logged),
                     });
                     tracked.logged = (&tracked.current).into();
                 }
@@ -600,15 +631,7 @@ impl Tracker {
 
     /// Counts a cleartext flow once and raises each matching rule's alert
     /// once per flow.
-    /// `r` is the flow without process details; `full` describes it with
-    /// them, for the alert lines.
-    fn judge(
-        &mut self,
-        r: &FlowRecord,
-        tracked: &mut Tracked,
-        events: &mut Sink<'_>,
-        full: &dyn Fn() -> FlowRecord,
-    ) {
+    fn judge(&mut self, r: &FlowRecord, tracked: &mut Tracked, events: &mut Sink<'_>) {
         if !tracked.cleartext && matches!(r.payload.as_str(), "cleartext" | "http") {
             tracked.cleartext = true;
             self.dirty = true;
@@ -638,7 +661,7 @@ impl Tracker {
             );
             events.push_with(|| LogEvent::Alert {
                 time: jsonl::now(),
-                flow: full(),
+                flow: r.clone(),
                 rule: rule.clone(),
             });
         }
@@ -678,6 +701,12 @@ impl Tracker {
             }
             if self.owners.get(&uid) != Some(&owner) {
                 self.dirty = true;
+                if self.owners.contains_key(&uid) {
+                    // Describe and judge its flows again as they are found.
+                    for (_, tracked) in self.flows.iter_mut().filter(|(k, _)| k.uid == uid) {
+                        tracked.stamp = u64::MAX;
+                    }
+                }
                 self.owners.insert(uid, owner);
             }
         }
@@ -830,6 +859,7 @@ impl Tracker {
             stamp: saved.stamp,
             fired,
             cleartext: saved.cleartext,
+            record: None,
         };
         self.flows.insert(saved.key, tracked);
     }
