@@ -71,6 +71,12 @@ impl Default for AgentOptions {
 
 pub struct Agent {
     kernel: Mutex<Kernel>,
+    /// The kernel's per-uid totals and health counters, read without the
+    /// kernel's lock (which a pass holds for its walk of the flow map).
+    counters: crate::kernel::Counters,
+    /// What the latest pass knew, for scrapes and `status`: they never wait
+    /// for a pass.
+    facts: Mutex<Option<Arc<PassFacts>>>,
     meta: MetaTable,
     resolver: RwLock<Arc<OwnerResolver>>,
     sources_stamp: Mutex<Vec<Option<SystemTime>>>,
@@ -237,6 +243,26 @@ pub struct MapStatus {
     /// had already read, so it may briefly exceed `capacity` by a few.
     pub entries: u64,
     pub capacity: u64,
+}
+
+/// What a pass knows that `status` and `/metrics` show, published when the
+/// pass ends.
+#[derive(Debug, Clone)]
+pub struct PassFacts {
+    agent_tables: AgentTables,
+    dns_responses: u64,
+    geoip: Vec<String>,
+    tracker_evicted: u64,
+    rules: Vec<String>,
+    hooks: Vec<HookStatus>,
+    attached: Vec<Hook>,
+    load: LoadOptions,
+    /// Bytes per (origin, firmware, country).
+    pub bytes_by_country: Vec<(crate::tracker::CountryKey, u64)>,
+    /// Cleartext flows per (uid, owner, origin, firmware).
+    pub cleartext_flows: Vec<(crate::tracker::OwnerKey, u64)>,
+    /// Matches per alert rule.
+    pub alerts: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -444,8 +470,11 @@ impl Agent {
             events::POLL_INTERVAL,
         );
         let sources_stamp = stamps(&owner_sources(options.android_root.as_deref()));
+        let counters = kernel.counters()?;
         let agent = Arc::new(Agent {
             kernel: Mutex::new(kernel),
+            counters,
+            facts: Mutex::new(None),
             meta,
             resolver: RwLock::new(Arc::new(resolver)),
             sources_stamp: Mutex::new(sources_stamp),
@@ -559,6 +588,7 @@ impl Agent {
         drop(describe);
         drop(log);
         drop(meta);
+        self.publish_facts();
         // Big passes leave freed memory in malloc's arenas; hand it back.
         #[cfg(target_env = "gnu")]
         if read > 4096 {
@@ -678,12 +708,11 @@ impl Agent {
     }
 
     pub fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
-        self.kernel.lock().unwrap().uid_totals()
+        self.counters.uid_totals()
     }
 
-    pub fn status(&self) -> Result<Status> {
-        // Each lock in its own statement: a guard made inside the struct
-        // literal below would live until its end.
+    /// Gathers what the pass knows (locks in the poller's order).
+    fn gather_facts(&self) -> PassFacts {
         let mut agent_tables = AgentTables {
             identities: self.meta.lock().unwrap().len() as u64,
             ..Default::default()
@@ -693,16 +722,57 @@ impl Agent {
             (agent_tables.payload_infos, agent_tables.dns_names) = d.sizes();
             (d.dns_responses, d.geoip_sources())
         };
-        let (tracker_evicted, rules) = {
-            let t = self.tracker.lock().unwrap();
-            agent_tables.tracked_flows = t.tracked() as u64;
-            agent_tables.identities += t.identities() as u64;
-            (t.flows_evicted, t.rule_names())
-        };
-        let resolver = self.resolver();
         let hooks = self.hook_report();
-        let kernel = self.kernel.lock().unwrap();
-        let mut backends = crate::hooks::backends(&kernel.attached());
+        let (attached, load) = {
+            let kernel = self.kernel.lock().unwrap();
+            (kernel.attached(), kernel.options.clone())
+        };
+        let t = self.tracker.lock().unwrap();
+        agent_tables.tracked_flows = t.tracked() as u64;
+        agent_tables.identities += t.identities() as u64;
+        PassFacts {
+            agent_tables,
+            dns_responses,
+            geoip,
+            tracker_evicted: t.flows_evicted,
+            rules: t.rule_names(),
+            hooks,
+            attached,
+            load,
+            bytes_by_country: t
+                .bytes_by_country()
+                .into_iter()
+                .map(|(k, v)| (k.clone(), v))
+                .collect(),
+            cleartext_flows: t
+                .cleartext_flows
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            alerts: t.alerts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        }
+    }
+
+    /// Publishes what the pass that just ended knows.
+    fn publish_facts(&self) {
+        let facts = Arc::new(self.gather_facts());
+        *self.facts.lock().unwrap() = Some(facts);
+    }
+
+    /// What the latest pass knew (gathered now if no pass has ended yet).
+    pub fn facts(&self) -> Arc<PassFacts> {
+        if let Some(facts) = self.facts.lock().unwrap().clone() {
+            return facts;
+        }
+        Arc::new(self.gather_facts())
+    }
+
+    /// The agent's status: the latest pass's facts with the kernel's health
+    /// counters as they are now; waits for no pass.
+    pub fn status(&self) -> Result<Status> {
+        let facts = self.facts();
+        let resolver = self.resolver();
+        let mut backends = crate::hooks::backends(&facts.attached);
         let netd_stats = self.netd.as_ref().map(|n| {
             let n = n.lock().unwrap();
             NetdStatus {
@@ -714,9 +784,13 @@ impl Agent {
         if netd_stats.is_some() {
             backends.insert("netd_uid_tx_bytes".into(), vec!["netd_stats".into()]);
         }
-        let stats = kernel.stats()?;
-        let uid_entries = kernel.uid_totals().map(|t| t.len() as u64).unwrap_or(0);
-        let o = &kernel.options;
+        let stats = self.counters.stats()?;
+        let uid_entries = self
+            .counters
+            .uid_totals()
+            .map(|t| t.len() as u64)
+            .unwrap_or(0);
+        let o = &facts.load;
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").into(),
             kernel: crate::system::kernel_release(),
@@ -724,7 +798,7 @@ impl Agent {
             pin_dir: o.pin_dir.clone(),
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            hooks,
+            hooks: facts.hooks.clone(),
             backends,
             netd_stats,
             maps: vec![
@@ -747,7 +821,7 @@ impl Agent {
             flows_created: stats[STAT_FLOWS_CREATED as usize],
             flows_evicted: stats[STAT_FLOWS_CREATED as usize]
                 .saturating_sub(self.last_flow_count.load(Ordering::Relaxed))
-                .max(tracker_evicted),
+                .max(facts.tracker_evicted),
             events_received: self.events_received.load(Ordering::Relaxed),
             log_write_errors: self.log_errors.load(Ordering::Relaxed),
             owner_reloads: self.owner_reloads.load(Ordering::Relaxed),
@@ -755,10 +829,10 @@ impl Agent {
             owner_warnings: resolver.warnings().to_vec(),
             payloads_received: self.payloads_received.load(Ordering::Relaxed),
             payloads_lost: stats[STAT_PAYLOADS_LOST as usize],
-            dns_responses,
-            geoip,
-            agent_tables,
-            rules,
+            dns_responses: facts.dns_responses,
+            geoip: facts.geoip.clone(),
+            agent_tables: facts.agent_tables.clone(),
+            rules: facts.rules.clone(),
             kernel_diagnostics: self.kernel_log.diagnostics(),
         })
     }

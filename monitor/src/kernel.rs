@@ -407,43 +407,28 @@ impl Kernel {
         Ok(chunks.finish())
     }
 
-    /// Per-uid totals (not subject to flow eviction).
-    pub fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
-        let map: PerCpuHashMap<&MapData, UidKey, UidTotals> = PerCpuHashMap::try_from(
-            self.ebpf
-                .map(MAP_UID_TOTALS)
-                .context("UID_TOTALS missing")?,
-        )?;
-        let mut out = HashMap::new();
-        for item in map.iter() {
-            let Ok((uid, per_cpu)) = item else { continue };
-            let mut t = UidTotals::default();
-            for v in per_cpu.iter() {
-                t.connects += v.connects;
-                t.udp_sends += v.udp_sends;
-                t.tx_packets += v.tx_packets;
-                t.tx_bytes += v.tx_bytes;
-            }
-            t.udp_sends = udp_datagrams(uid.proto, t.udp_sends, t.tx_packets);
-            out.insert(uid, t);
-        }
-        Ok(out)
+    /// A reader of the per-uid totals and health counters on descriptors of
+    /// its own: scrapes and `status` read them without waiting for a pass
+    /// (which holds the kernel for its walk of the flow map).
+    pub fn counters(&self) -> Result<Counters> {
+        let own = |name: &str| -> Result<MapData> {
+            let map = self
+                .ebpf
+                .map(name)
+                .with_context(|| format!("{name} missing"))?;
+            let fd = map_fd(map)
+                .with_context(|| format!("{name} has no descriptor"))?
+                .try_clone_to_owned()?;
+            Ok(MapData::from_fd(fd)?)
+        };
+        Ok(Counters {
+            uid_totals: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(own(
+                MAP_UID_TOTALS,
+            )?))?,
+            stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(own(MAP_STATS)?))?,
+        })
     }
 
-    /// Health counters summed over CPUs, indexed by `STAT_*`.
-    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
-        let map: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_STATS).context("STATS missing")?)?;
-        let mut out = [0u64; STAT_COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            if let Ok(values) = map.get(&(i as u32), 0) {
-                *slot = values.iter().sum();
-            }
-        }
-        Ok(out)
-    }
-
-    /// The payload ring (taken once by the payload reader).
     pub fn take_payloads(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
@@ -511,6 +496,43 @@ impl Chunks<'_> {
             (self.each)(&self.buf);
         }
         self.read
+    }
+}
+
+/// The kernel's per-uid totals and health counters (see [`Kernel::counters`]).
+pub struct Counters {
+    uid_totals: PerCpuHashMap<MapData, UidKey, UidTotals>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Counters {
+    /// Per-uid totals (not subject to flow eviction), summed over CPUs.
+    pub fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
+        let mut out = HashMap::new();
+        for item in self.uid_totals.iter() {
+            let Ok((uid, per_cpu)) = item else { continue };
+            let mut t = UidTotals::default();
+            for v in per_cpu.iter() {
+                t.connects += v.connects;
+                t.udp_sends += v.udp_sends;
+                t.tx_packets += v.tx_packets;
+                t.tx_bytes += v.tx_bytes;
+            }
+            t.udp_sends = udp_datagrams(uid.proto, t.udp_sends, t.tx_packets);
+            out.insert(uid, t);
+        }
+        Ok(out)
+    }
+
+    /// Health counters summed over CPUs, indexed by `STAT_*`.
+    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
+        let mut out = [0u64; STAT_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.stats.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        Ok(out)
     }
 }
 

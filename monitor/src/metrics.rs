@@ -240,26 +240,25 @@ pub fn render(agent: &Agent) -> Result<String> {
             netd_packets.with_label_values(&labels).inc_by(*p);
         }
     }
-    {
-        let tracker = agent.tracker.lock().unwrap();
-        for ((origin, firmware, country), value) in tracker.bytes_by_country() {
-            by_country
-                .with_label_values(&[origin.as_str(), &firmware.to_string(), country.as_str()])
-                .inc_by(value);
-        }
-        // Counted per uid; labelled like the traffic counters, by the owner
-        // the uid has now.
-        let mut cleartext_sums: BTreeMap<[String; 4], u64> = BTreeMap::new();
-        for ((uid, ..), value) in &tracker.cleartext_flows {
-            *cleartext_sums.entry(uid_labels.of(*uid)).or_default() += value;
-        }
-        for (labels, value) in &cleartext_sums {
-            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-            cleartext.with_label_values(&labels).inc_by(*value);
-        }
-        for (rule, value) in &tracker.alerts {
-            alerts.with_label_values(&[rule.as_str()]).inc_by(*value);
-        }
+    // The tracker's totals as of the latest pass (a scrape waits for none).
+    let facts = agent.facts();
+    for ((origin, firmware, country), value) in &facts.bytes_by_country {
+        by_country
+            .with_label_values(&[origin.as_str(), &firmware.to_string(), country.as_str()])
+            .inc_by(*value);
+    }
+    // Counted per uid; labelled like the traffic counters, by the owner the
+    // uid has now.
+    let mut cleartext_sums: BTreeMap<[String; 4], u64> = BTreeMap::new();
+    for ((uid, ..), value) in &facts.cleartext_flows {
+        *cleartext_sums.entry(uid_labels.of(*uid)).or_default() += value;
+    }
+    for (labels, value) in &cleartext_sums {
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        cleartext.with_label_values(&labels).inc_by(*value);
+    }
+    for (rule, value) in &facts.alerts {
+        alerts.with_label_values(&[rule.as_str()]).inc_by(*value);
     }
     folded
         .with_label_values::<&str>(&[])
