@@ -5,7 +5,6 @@
 
 pub mod agent;
 pub mod api;
-pub mod bpf_sys;
 pub mod cli;
 pub mod client;
 pub mod destinations;
@@ -33,6 +32,9 @@ pub mod tracker;
 pub mod traffic;
 pub mod tui;
 pub mod web_config;
+
+/// The raw bpf(2) layer (the egressmon-bpf-sys crate), under its old path.
+pub use bpf_sys;
 
 /// The eBPF object built from monitor-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));

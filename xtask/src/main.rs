@@ -320,6 +320,8 @@ fn test(soak_secs: u64) -> Result<()> {
         "--package",
         "monitor",
         "--package",
+        "egressmon-bpf-sys",
+        "--package",
         "monitor-common",
         "--package",
         "xtask",
@@ -350,6 +352,8 @@ fn test(soak_secs: u64) -> Result<()> {
     shell::step("test", "unit tests");
     shell::cargo(&[
         "test",
+        "--package",
+        "egressmon-bpf-sys",
         "--package",
         "monitor-common",
         "--package",
