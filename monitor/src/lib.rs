@@ -28,7 +28,6 @@ pub mod tc;
 pub mod text;
 pub mod top;
 pub mod tracker;
-pub mod traffic;
 pub mod tui;
 pub mod web_config;
 
