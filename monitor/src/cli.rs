@@ -6,7 +6,7 @@ use crate::client::Endpoint;
 use crate::hooks;
 use crate::kernel::{self, LoadOptions};
 use crate::owners::OwnerResolver;
-use crate::{flows, system, traffic};
+use crate::{flows, system};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use monitor_common::*;
@@ -129,9 +129,6 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Generate test traffic (used by the test suite and benchmarks).
-    #[command(hide = true)]
-    Gen(traffic::GenArgs),
 }
 
 #[derive(Args, Debug)]
@@ -241,7 +238,6 @@ pub fn main_with(cli: Cli) -> Result<()> {
         }
         Command::Detach { target } => detach(target),
         Command::Top { once, target } => crate::top::run(&target.agent()?, once),
-        Command::Gen(args) => traffic::run(args),
     }
 }
 

@@ -39,11 +39,19 @@ pub struct LoadOptions {
 /// Fault injection for the reliability tests: hooks named in
 /// `EGRESSMON_SIMULATE_MISSING_HOOKS` (comma separated) fail to attach as
 /// they would on a kernel without them (EINVAL from BPF_LINK_CREATE).
+/// Only a build with the `fault-injection` feature (the tests') has it.
+#[cfg(feature = "fault-injection")]
 fn simulated_missing_hook(hook: Hook) -> std::io::Result<()> {
     let listed = std::env::var("EGRESSMON_SIMULATE_MISSING_HOOKS").unwrap_or_default();
     if listed.split(',').any(|h| h.trim() == hook.name()) {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
+    Ok(())
+}
+
+/// A shipped build injects nothing.
+#[cfg(not(feature = "fault-injection"))]
+fn simulated_missing_hook(_hook: Hook) -> std::io::Result<()> {
     Ok(())
 }
 

@@ -5,7 +5,6 @@
 
 pub mod agent;
 pub mod api;
-pub mod bpf_sys;
 pub mod cli;
 pub mod client;
 pub mod destinations;
@@ -13,7 +12,6 @@ pub mod events;
 pub mod flows;
 pub mod geoip;
 pub mod hooks;
-pub mod inspect;
 pub mod jsonl;
 pub mod kernel;
 pub mod kernel_log;
@@ -30,10 +28,15 @@ pub mod tc;
 pub mod text;
 pub mod top;
 pub mod tracker;
-pub mod traffic;
 pub mod tui;
 pub mod vocab;
 pub mod web_config;
+
+/// The raw bpf(2) layer (the egressmon-bpf-sys crate), under its old path.
+pub use bpf_sys;
+
+/// The payload parsers (the egressmon-inspect crate), under their old path.
+pub use inspect;
 
 /// The eBPF object built from monitor-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));

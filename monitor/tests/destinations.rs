@@ -59,9 +59,8 @@ fn tls_server(net: &NetPair, dir: &Path, port: u16) -> Proc {
     let proc = Proc(child);
     // Ready once it accepts connections.
     assert!(eventually(Duration::from_secs(10), || {
-        Command::new(BIN)
+        Command::new(GEN)
             .args([
-                "gen",
                 "--netns",
                 &NetPair::path(&net.client),
                 "tcp",

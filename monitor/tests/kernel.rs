@@ -1191,8 +1191,8 @@ fn dns_answers_name_only_the_uid_that_asked() {
     // uid 10123 asks (id 0x1111) a resolver that is not there; a forged
     // answer reaches its port with the wrong id while it waits.
     let silent = "127.0.0.1:53";
-    let asking = std::process::Command::new(BIN)
-        .args(["gen", "--netns", &NetPair::path(&net.client), "--cgroup"])
+    let asking = std::process::Command::new(GEN)
+        .args(["--netns", &NetPair::path(&net.client), "--cgroup"])
         .arg(&cgroup.path)
         .args(["--uid", "10123", "dns-query", "--resolver", silent])
         .args(["--name", "victim.example", "--port", "5556", "--id", "4369"])

@@ -119,8 +119,8 @@ fn parse_proc_addr(field: &str, v6: bool) -> SocketAddr {
 
 /// Makes a flow whose destination only the agent can tell.
 fn secret_flow(cgroup: &Path) {
-    let out = Command::new(BIN)
-        .args(["gen", "--cgroup"])
+    let out = Command::new(GEN)
+        .args(["--cgroup"])
         .arg(cgroup)
         .args(["--uid", "1000", "udp-sendto", "--dst"])
         .arg(format!("{SECRET_DST}:4242"))

@@ -10,7 +10,7 @@
 //! says where its input is and how to replay it.
 //!
 //! `cargo test` replays the same seed corpora without cargo-fuzz (the test
-//! `inspect::fuzz::tests::replay_fuzz_corpora` of the monitor crate).
+//! `fuzz::tests::replay_fuzz_corpora` of the egressmon-inspect crate).
 
 use crate::shell::{self, step};
 use anyhow::{bail, Context, Result};

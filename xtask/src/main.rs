@@ -242,11 +242,18 @@ fn listen_arg(extra: &[String]) -> String {
         .unwrap_or_else(|| "127.0.0.1:9864".into())
 }
 
+/// Features the integration tests are built with: the fault injection
+/// they use (`reliability`), which a shipped build leaves out. Every build
+/// of the tests passes it (here and the VM guest's in vm.rs), so that one
+/// build serves them all.
+pub const TEST_FEATURES: &str = "fault-injection";
+
 /// The agent binary the integration tests run (`EGRESSMON_BIN`), copied
 /// into a fresh directory only root can enter, as a clone in /root or in
 /// `mktemp -d` would have it: a test that runs it as another uid without
 /// a copy of its own (`support::BinForAnyUid`) fails here (EACCES), not on
-/// a newcomer's first run. A copy, not a chmod, and no second build.
+/// a newcomer's first run. A copy, not a chmod, and no second build. The
+/// test traffic generator (`EGRESSMON_GEN_BIN`) is copied beside it.
 struct PrivateBin {
     dir: PathBuf,
 }
@@ -254,9 +261,16 @@ struct PrivateBin {
 impl PrivateBin {
     fn install() -> Result<PrivateBin> {
         use anyhow::Context;
-        // The binary exactly as the integration tests build it.
-        shell::cargo(&["test", "--package", "monitor", "--tests", "--no-run"])?;
-        let built = target_dir().join("debug/egressmon");
+        // The binaries exactly as the integration tests build them.
+        shell::cargo(&[
+            "test",
+            "--package",
+            "monitor",
+            "--features",
+            TEST_FEATURES,
+            "--tests",
+            "--no-run",
+        ])?;
         let mut template = *b"/tmp/egressmon-test-bin.XXXXXX\0";
         // SAFETY: a NUL-terminated template that mkdtemp fills in place.
         let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
@@ -267,8 +281,12 @@ impl PrivateBin {
         );
         let dir = PathBuf::from(std::str::from_utf8(&template[..template.len() - 1])?);
         let private = PrivateBin { dir };
+        for name in ["egressmon", "egressmon-gen"] {
+            let built = target_dir().join("debug").join(name);
+            std::fs::copy(&built, private.dir.join(name))
+                .with_context(|| format!("copying {}", built.display()))?;
+        }
         let bin = private.dir.join("egressmon");
-        std::fs::copy(&built, &bin).with_context(|| format!("copying {}", built.display()))?;
         shell::step(
             "test",
             &format!(
@@ -277,6 +295,7 @@ impl PrivateBin {
             ),
         );
         std::env::set_var("EGRESSMON_BIN", &bin);
+        std::env::set_var("EGRESSMON_GEN_BIN", private.dir.join("egressmon-gen"));
         Ok(private)
     }
 }
@@ -284,6 +303,7 @@ impl PrivateBin {
 impl Drop for PrivateBin {
     fn drop(&mut self) {
         std::env::remove_var("EGRESSMON_BIN");
+        std::env::remove_var("EGRESSMON_GEN_BIN");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -302,6 +322,8 @@ fn integration_test(name: &str) -> Result<()> {
         "test",
         "--package",
         "monitor",
+        "--features",
+        TEST_FEATURES,
         "--test",
         name,
         "--",
@@ -319,6 +341,10 @@ fn test(soak_secs: u64) -> Result<()> {
         "clippy",
         "--package",
         "monitor",
+        "--package",
+        "egressmon-bpf-sys",
+        "--package",
+        "egressmon-inspect",
         "--package",
         "monitor-common",
         "--package",
@@ -350,6 +376,10 @@ fn test(soak_secs: u64) -> Result<()> {
     shell::step("test", "unit tests");
     shell::cargo(&[
         "test",
+        "--package",
+        "egressmon-bpf-sys",
+        "--package",
+        "egressmon-inspect",
         "--package",
         "monitor-common",
         "--package",

@@ -244,6 +244,8 @@ pub fn run(options: Options) -> Result<()> {
 struct Guest {
     init: PathBuf,
     agent: PathBuf,
+    /// egressmon-gen, the tests' traffic generator.
+    gen: PathBuf,
     tests: PathBuf,
 }
 
@@ -251,7 +253,9 @@ fn build_guest(arch: Arch) -> Result<Guest> {
     let target = arch.rust_target();
     step(
         "vm",
-        &format!("building egressmon and the kernel tests for {target} (static, rust-lld)"),
+        &format!(
+            "building egressmon, egressmon-gen and the kernel tests for {target} (static, rust-lld)"
+        ),
     );
     // Debug profile (quick to build) without debug info (small initramfs).
     let flags = "-C debuginfo=0 -C strip=debuginfo";
@@ -261,6 +265,8 @@ fn build_guest(arch: Arch) -> Result<Guest> {
             "test",
             "--package",
             "monitor",
+            "--features",
+            crate::TEST_FEATURES,
             "--test",
             "kernel",
             "--no-run",
@@ -269,6 +275,9 @@ fn build_guest(arch: Arch) -> Result<Guest> {
     )?;
     let tests = musl::find(&built, "kernel", "test")?;
     let agent = musl::find(&built, "egressmon", "bin")?;
+    // Built with the tests (cargo builds every binary of the package for
+    // them): their traffic generator and sink.
+    let gen = musl::find(&built, "egressmon-gen", "bin")?;
     step("vm", &format!("building the guest's /init for {target}"));
     let built = musl::cargo(
         target,
@@ -276,7 +285,12 @@ fn build_guest(arch: Arch) -> Result<Guest> {
         flags,
     )?;
     let init = musl::find(&built, "vm-init", "bin")?;
-    Ok(Guest { init, agent, tests })
+    Ok(Guest {
+        init,
+        agent,
+        gen,
+        tests,
+    })
 }
 
 /// An unpacked kernel package.
@@ -333,6 +347,7 @@ fn prepare_and_boot(spec: &KernelSpec, guest: &Guest, options: &Options) -> Resu
     }
     cpio.file("/init", 0o755, &read(&guest.init)?);
     cpio.file("/bin/egressmon", 0o755, &read(&guest.agent)?);
+    cpio.file("/bin/egressmon-gen", 0o755, &read(&guest.gen)?);
     cpio.file("/bin/kernel-tests", 0o755, &read(&guest.tests)?);
     for (i, (symbol, module)) in MODULES.iter().enumerate() {
         match config_value(&config, symbol) {

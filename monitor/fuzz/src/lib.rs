@@ -1,5 +1,4 @@
-//! The network parsers of egressmon (monitor/src/inspect), compiled on their
-//! own for fuzzing: the same source files, without the agent around them.
+//! The network parsers of egressmon (the egressmon-inspect crate in
+//! monitor/inspect, with its fuzz entry points), for the fuzz targets.
 
-#[path = "../../src/inspect/mod.rs"]
-pub mod inspect;
+pub use inspect;

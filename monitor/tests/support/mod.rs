@@ -27,18 +27,34 @@ use std::time::{Duration, Instant};
 /// The `egressmon` binary under test: `$EGRESSMON_BIN` when set (the VM
 /// guest sets it), otherwise the one cargo built with these tests. Use it as
 /// a path or a string: `Command::new(BIN)`, `format!("{BIN}")`, `&*BIN`.
-pub const BIN: Bin = Bin;
+pub const BIN: Bin = Bin::Agent;
+
+/// The test traffic generator and sink, `egressmon-gen` (a binary of the
+/// monitor package that is not shipped): `$EGRESSMON_GEN_BIN` when set (the
+/// VM guest and `cargo xtask test` set it), otherwise the one cargo built
+/// with these tests. Used like [`BIN`].
+pub const GEN: Bin = Bin::Gen;
 
 #[derive(Clone, Copy, Debug)]
-pub struct Bin;
+pub enum Bin {
+    Agent,
+    Gen,
+}
 
 impl Bin {
     pub fn path(&self) -> &'static str {
-        static PATH: OnceLock<String> = OnceLock::new();
-        PATH.get_or_init(|| {
-            std::env::var("EGRESSMON_BIN")
-                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_egressmon").to_string())
-        })
+        static AGENT_PATH: OnceLock<String> = OnceLock::new();
+        static GEN_PATH: OnceLock<String> = OnceLock::new();
+        match self {
+            Bin::Agent => AGENT_PATH.get_or_init(|| {
+                std::env::var("EGRESSMON_BIN")
+                    .unwrap_or_else(|_| env!("CARGO_BIN_EXE_egressmon").to_string())
+            }),
+            Bin::Gen => GEN_PATH.get_or_init(|| {
+                std::env::var("EGRESSMON_GEN_BIN")
+                    .unwrap_or_else(|_| env!("CARGO_BIN_EXE_egressmon-gen").to_string())
+            }),
+        }
     }
 }
 
@@ -129,12 +145,12 @@ impl Drop for Proc {
     }
 }
 
-/// `egressmon gen serve` in the server namespace.
+/// `egressmon-gen serve` in the server namespace.
 pub fn start_sink(net: &NetPair, tcp: &[SocketAddr], udp: &[SocketAddr]) -> Proc {
     start_dns_sink(net, None, &[], tcp, udp)
 }
 
-/// `egressmon gen serve` in the server namespace, also answering DNS on
+/// `egressmon-gen serve` in the server namespace, also answering DNS on
 /// `dns` with every name in `zone` pointing at the server.
 pub fn start_dns_sink(
     net: &NetPair,
@@ -143,8 +159,8 @@ pub fn start_dns_sink(
     tcp: &[SocketAddr],
     udp: &[SocketAddr],
 ) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["gen", "--netns", &NetPair::path(&net.server), "serve"]);
+    let mut cmd = Command::new(GEN);
+    cmd.args(["--netns", &NetPair::path(&net.server), "serve"]);
     if let Some(dns) = dns {
         cmd.args(["--dns", dns]);
     }
@@ -163,33 +179,33 @@ pub fn start_dns_sink(
 /// A listener in the server namespace that never accepts, with a backlog of
 /// 0: one connection fills its queue, later SYNs go unanswered.
 pub fn start_stalled_listener(net: &NetPair, at: SocketAddr) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["gen", "--netns", &NetPair::path(&net.server), "serve"])
+    let mut cmd = Command::new(GEN);
+    cmd.args(["--netns", &NetPair::path(&net.server), "serve"])
         .args(["--tcp-stalled", &at.to_string()]);
     serving(cmd, "stalled listener")
 }
 
-/// `egressmon gen serve ARGS` in network namespace `ns` (a name), e.g. on
+/// `egressmon-gen serve ARGS` in network namespace `ns` (a name), e.g. on
 /// the client namespace's own loopback.
 pub fn start_serve_in(ns: &str, args: &[&str]) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["gen", "--netns", &NetPair::path(ns), "serve"])
+    let mut cmd = Command::new(GEN);
+    cmd.args(["--netns", &NetPair::path(ns), "serve"])
         .args(args);
     serving(cmd, "server")
 }
 
-/// `egressmon gen serve ARGS` as `uid` in the test cgroup and the client
+/// `egressmon-gen serve ARGS` as `uid` in the test cgroup and the client
 /// namespace: a socket of that uid that receives without having sent.
 pub fn start_serve_as(net: &NetPair, cgroup: &Path, uid: u32, args: &[&str]) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["gen", "--netns", &NetPair::path(&net.client), "--cgroup"])
+    let mut cmd = Command::new(GEN);
+    cmd.args(["--netns", &NetPair::path(&net.client), "--cgroup"])
         .arg(cgroup)
         .args(["--uid", &uid.to_string(), "serve"])
         .args(args);
     serving(cmd, "server")
 }
 
-/// Starts `egressmon gen serve` and waits for its "ready" line.
+/// Starts `egressmon-gen serve` and waits for its "ready" line.
 fn serving(mut cmd: Command, what: &str) -> Proc {
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -440,10 +456,10 @@ pub fn tag(name: &str) -> String {
     )
 }
 
-/// Runs `egressmon gen` as `uid` inside the test cgroup and client netns.
+/// Runs `egressmon-gen` as `uid` inside the test cgroup and client netns.
 pub fn gen(net: &NetPair, cgroup: &Path, uid: u32, args: &[&str]) -> u32 {
-    let child = Command::new(BIN)
-        .args(["gen", "--netns", &NetPair::path(&net.client), "--cgroup"])
+    let child = Command::new(GEN)
+        .args(["--netns", &NetPair::path(&net.client), "--cgroup"])
         .arg(cgroup)
         .args(["--uid", &uid.to_string()])
         .args(args)
@@ -513,6 +529,8 @@ pub fn copy_tree(from: &Path, to: &Path) {
 pub struct BinForAnyUid {
     dir: PathBuf,
     pub path: PathBuf,
+    /// The same for `egressmon-gen` ([`GEN`]).
+    pub gen: PathBuf,
 }
 
 impl BinForAnyUid {
@@ -523,11 +541,14 @@ impl BinForAnyUid {
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let copy = BinForAnyUid {
             path: dir.join("egressmon"),
+            gen: dir.join("egressmon-gen"),
             dir,
         };
         std::fs::set_permissions(&copy.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::copy(BIN, &copy.path).expect("copying the binary under test");
-        std::fs::set_permissions(&copy.path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for (from, to) in [(BIN, &copy.path), (GEN, &copy.gen)] {
+            std::fs::copy(from, to).unwrap_or_else(|e| panic!("copying {from}: {e}"));
+            std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         copy
     }
 }

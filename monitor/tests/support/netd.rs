@@ -4,58 +4,21 @@
 //! bytes per uid into a stats map of netd's layout, as netd's does. Detached
 //! on drop. `Device` puts together what each Android release holds.
 
-use egressmon::bpf_sys::{self, sys_bpf};
-use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use egressmon::bpf_sys;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-const BPF_PROG_LOAD: u32 = 5;
-const BPF_PROG_ATTACH: u32 = 8;
-const BPF_PROG_DETACH: u32 = 9;
-pub const PROG_TYPE_CGROUP_SKB: u32 = 8;
-pub const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
-pub const PROG_TYPE_CGROUP_SOCK: u32 = 9;
+pub const PROG_TYPE_CGROUP_SKB: u32 = bpf_sys::BPF_PROG_TYPE_CGROUP_SKB;
+pub const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = bpf_sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR;
+pub const PROG_TYPE_CGROUP_SOCK: u32 = bpf_sys::BPF_PROG_TYPE_CGROUP_SOCK;
 pub const ATTACH_INET_SOCK_CREATE: u32 = 2;
 pub const ATTACH_UDP4_RECVMSG: u32 = 19;
 pub const ATTACH_UDP6_RECVMSG: u32 = 20;
 
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct ProgAttachAttr {
-    target_fd: u32,
-    attach_bpf_fd: u32,
-    attach_type: u32,
-    attach_flags: u32,
-    replace_bpf_fd: u32,
-    _pad: u32,
-}
-
 /// `r0 = 1; exit`: allow everything.
 fn load_allow(prog_type: u32, attach_type: u32, name: &str) -> OwnedFd {
-    let insns: [u64; 2] = [
-        // code 0xb7 (mov64 imm), dst r0, imm 1
-        0xb7 | (1u64 << 32),
-        // code 0x95 (exit)
-        0x95,
-    ];
-    load(prog_type, attach_type, name, &insns)
+    bpf_sys::prog_load_allow(prog_type, attach_type, name)
+        .unwrap_or_else(|e| panic!("loading the netd stand-in {name}: {e}"))
 }
 
 /// One eBPF instruction.
@@ -136,28 +99,9 @@ fn load_netd_egress(stats_map: i32, name: &str) -> OwnedFd {
 }
 
 fn load(prog_type: u32, attach_type: u32, name: &str, insns: &[u64]) -> OwnedFd {
-    let license = CString::new("GPL").unwrap();
-    let mut log = vec![0u8; 64 * 1024];
-    let mut attr = ProgLoadAttr {
-        prog_type,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        log_level: 1,
-        log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
-        license: license.as_ptr() as u64,
-        expected_attach_type: attach_type,
-        ..Default::default()
-    };
-    attr.prog_name[..name.len()].copy_from_slice(name.as_bytes());
-    let fd = unsafe { sys_bpf(BPF_PROG_LOAD, &mut attr) }.unwrap_or_else(|e| {
-        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-        panic!(
-            "loading the netd stand-in {name}: {e}\n{}",
-            String::from_utf8_lossy(&log[..end])
-        )
-    });
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    // On a refusal the error carries the verifier's log.
+    bpf_sys::prog_load(prog_type, attach_type, name, insns)
+        .unwrap_or_else(|e| panic!("loading the netd stand-in {name}: {e}"))
 }
 
 /// One exclusive attachment, removed on drop.
@@ -181,14 +125,8 @@ impl ExclusiveProgram {
 
     fn attach_loaded(cgroup: &Path, prog: OwnedFd, attach_type: u32) -> ExclusiveProgram {
         let dir = std::fs::File::open(cgroup).unwrap();
-        let mut attr = ProgAttachAttr {
-            target_fd: dir.as_raw_fd() as u32,
-            attach_bpf_fd: prog.as_raw_fd() as u32,
-            attach_type,
-            attach_flags: 0,
-            ..Default::default()
-        };
-        unsafe { sys_bpf(BPF_PROG_ATTACH, &mut attr) }.expect("BPF_PROG_ATTACH flags 0");
+        bpf_sys::prog_attach(dir.as_fd(), prog.as_fd(), attach_type, 0)
+            .expect("BPF_PROG_ATTACH flags 0");
         ExclusiveProgram {
             cgroup: cgroup.to_path_buf(),
             attach_type,
@@ -206,13 +144,7 @@ impl ExclusiveProgram {
 impl Drop for ExclusiveProgram {
     fn drop(&mut self) {
         if let Ok(dir) = std::fs::File::open(&self.cgroup) {
-            let mut attr = ProgAttachAttr {
-                target_fd: dir.as_raw_fd() as u32,
-                attach_bpf_fd: self.prog.as_raw_fd() as u32,
-                attach_type: self.attach_type,
-                ..Default::default()
-            };
-            let _ = unsafe { sys_bpf(BPF_PROG_DETACH, &mut attr) };
+            let _ = bpf_sys::prog_detach(dir.as_fd(), self.prog.as_fd(), self.attach_type);
         }
     }
 }

@@ -4,29 +4,14 @@
 //! packet into the live map, flip the selector, drain (clear) a map. The pins
 //! and the directory are removed on drop, also when the test fails.
 
-use egressmon::bpf_sys::{sys_bpf, RawMap, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH};
+use egressmon::bpf_sys::{self, RawMap, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH};
 use egressmon::netd_stats::{
     StatsKey, StatsValue, APP_UID_STATS_MAP, CONFIGURATION_MAP,
     CURRENT_STATS_MAP_CONFIGURATION_KEY, SELECT_MAP_A, SELECT_MAP_B, STATS_MAP_A, STATS_MAP_B,
 };
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-const BPF_MAP_CREATE: u32 = 0;
 const BPF_ANY: u64 = 0;
-
-#[repr(C)]
-#[derive(Default)]
-struct MapCreateAttr {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-    inner_map_fd: u32,
-    numa_node: u32,
-    map_name: [u8; 16],
-}
 
 /// BPF_MAP_CREATE (names are cut to the kernel's 15 bytes).
 pub fn create_map(
@@ -36,22 +21,14 @@ pub fn create_map(
     max_entries: u32,
     name: &str,
 ) -> RawMap {
-    let mut attr = MapCreateAttr {
-        map_type,
-        key_size,
-        value_size,
-        max_entries,
-        ..Default::default()
-    };
-    let short: Vec<u8> = name
-        .bytes()
-        .filter(|b| b.is_ascii_alphanumeric() || *b == b'_')
+    let short: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
         .take(15)
         .collect();
-    attr.map_name[..short.len()].copy_from_slice(&short);
-    let fd = unsafe { sys_bpf(BPF_MAP_CREATE, &mut attr) }
+    let fd = bpf_sys::map_create(map_type, key_size, value_size, max_entries, &short)
         .unwrap_or_else(|e| panic!("BPF_MAP_CREATE {name}: {e}"));
-    RawMap::from_fd(unsafe { OwnedFd::from_raw_fd(fd as i32) }).expect("map info")
+    RawMap::from_fd(fd).expect("map info")
 }
 
 /// A directory on bpffs for one test's pins; removed with everything in it
@@ -78,7 +55,7 @@ impl PinDir {
         max_entries: u32,
     ) -> RawMap {
         let map = create_map(map_type, key_size, value_size, max_entries, name);
-        egressmon::bpf_sys::obj_pin(map.fd(), &self.path.join(name))
+        bpf_sys::obj_pin(map.fd(), &self.path.join(name))
             .unwrap_or_else(|e| panic!("pinning {name}: {e}"));
         map
     }

@@ -1,32 +1,27 @@
-//! System plumbing for `cargo xtask bench`: raw bpf(2) calls (load an empty
-//! "allow" program, attach it with a cgroup link, list and read the programs
-//! on a cgroup with their run-time statistics), and guards that undo every
+//! System plumbing for `cargo xtask bench`: bpf(2) calls through the
+//! agent's raw bpf(2) layer, egressmon-bpf-sys (load an empty "allow"
+//! program, attach it with a cgroup link, list and read the programs on a
+//! cgroup with their run-time statistics), and guards that undo every
 //! change they make when dropped — the bench's network namespace, cgroup,
 //! sysctls and child processes — so a failed or interrupted run leaves the
 //! machine as it found it.
 
 use anyhow::{bail, Context, Result};
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-// ---- bpf(2) ------------------------------------------------------------------
+// ---- bpf(2), through the one raw bpf(2) layer (egressmon-bpf-sys) -------------
 
-const BPF_PROG_LOAD: u32 = 5;
-const BPF_PROG_GET_FD_BY_ID: u32 = 13;
-const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
-const BPF_PROG_QUERY: u32 = 16;
-const BPF_LINK_CREATE: u32 = 28;
-const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+pub use bpf_sys::ProgStats;
 
-pub const PROG_TYPE_CGROUP_SKB: u32 = 8;
-pub const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+pub const PROG_TYPE_CGROUP_SKB: u32 = bpf_sys::BPF_PROG_TYPE_CGROUP_SKB;
+pub const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = bpf_sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR;
 
 /// `enum bpf_attach_type` values of the cgroup hooks the bench looks at.
 pub const ATTACH_INGRESS: u32 = 0;
@@ -58,189 +53,41 @@ pub const PATH_ATTACH_TYPES: [u32; 7] = [
     ATTACH_SENDMSG6,
 ];
 
-fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
-    // SAFETY: every caller passes the attribute struct laid out for `cmd`
-    // (union bpf_attr); pointers inside it outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *mut T as *mut libc::c_void,
-            std::mem::size_of::<T>() as libc::c_long,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn owned(fd: i64) -> OwnedFd {
-    // SAFETY: the kernel just returned this new descriptor to us.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
 /// Loads `r0 = 1; exit` (allow, count nothing): the cost of the hook itself.
 pub fn load_allow(prog_type: u32, attach_type: u32, name: &str) -> Result<OwnedFd> {
-    let insns: [u64; 2] = [
-        0xb7 | (1u64 << 32), // BPF_ALU64 | BPF_MOV | BPF_K: r0 = 1
-        0x95,                // BPF_JMP | BPF_EXIT
-    ];
-    let license = CString::new("GPL").expect("no NUL");
-    let mut attr = ProgLoadAttr {
-        prog_type,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        expected_attach_type: attach_type,
-        ..Default::default()
-    };
-    let len = name.len().min(15);
-    attr.prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
-    let fd = sys_bpf(BPF_PROG_LOAD, &mut attr)
-        .with_context(|| format!("BPF_PROG_LOAD of the empty program {name}"))?;
-    Ok(owned(fd))
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
+    bpf_sys::prog_load_allow(prog_type, attach_type, name)
+        .with_context(|| format!("BPF_PROG_LOAD of the empty program {name}"))
 }
 
 /// BPF_LINK_CREATE on a cgroup. The link is not pinned: closing the returned
 /// descriptor (or the process ending) detaches it.
 pub fn link_create(prog: &OwnedFd, cgroup: &Path, attach_type: u32) -> Result<OwnedFd> {
     let dir = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
-    let mut attr = LinkCreateAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        target_fd: dir.as_raw_fd() as u32,
-        attach_type,
-        flags: 0,
-    };
-    let fd = sys_bpf(BPF_LINK_CREATE, &mut attr)
-        .with_context(|| format!("BPF_LINK_CREATE (attach type {attach_type})"))?;
-    Ok(owned(fd))
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct ProgQueryAttr {
-    target_fd: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    _pad: u32,
+    bpf_sys::link_create(prog.as_fd(), dir.as_fd(), attach_type)
+        .with_context(|| format!("BPF_LINK_CREATE (attach type {attach_type})"))
 }
 
 /// Program ids attached to `cgroup` for `attach_type`: at the cgroup itself,
 /// or (`effective`) every program that runs for it, ancestors included.
 pub fn prog_ids(cgroup: &Path, attach_type: u32, effective: bool) -> Result<Vec<u32>> {
     let dir = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
-    let mut ids = vec![0u32; 64];
-    let mut attr = ProgQueryAttr {
-        target_fd: dir.as_raw_fd() as u32,
-        attach_type,
-        query_flags: if effective { BPF_F_QUERY_EFFECTIVE } else { 0 },
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        ..Default::default()
+    let query = if effective {
+        bpf_sys::prog_query_effective
+    } else {
+        bpf_sys::prog_query
     };
-    match sys_bpf(BPF_PROG_QUERY, &mut attr) {
-        Ok(_) => {}
+    match query(dir.as_fd(), attach_type) {
+        Ok(attached) => Ok(attached.prog_ids),
         // A kernel without this attach type has nothing attached there.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Vec::new()),
-        Err(e) => return Err(e).context("BPF_PROG_QUERY"),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Vec::new()),
+        Err(e) => Err(e).context("BPF_PROG_QUERY"),
     }
-    ids.truncate(attr.prog_cnt.min(64) as usize);
-    Ok(ids)
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct GetFdByIdAttr {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// Size of `struct bpf_prog_info` up to `attach_btf_id` (kernel 5.x-6.x),
-/// and the offsets of the fields read from it.
-const PROG_INFO_LEN: usize = 232;
-const OFF_ID: usize = 4;
-const OFF_NAME: usize = 64;
-const OFF_RUN_TIME_NS: usize = 192;
-const OFF_RUN_CNT: usize = 200;
-
-/// One program's identity and bpf_stats counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProgStats {
-    pub id: u32,
-    pub name: String,
-    pub run_time_ns: u64,
-    pub run_cnt: u64,
-}
-
-/// BPF_PROG_GET_FD_BY_ID + BPF_OBJ_GET_INFO_BY_FD: name, run_time_ns and
-/// run_cnt (counted while kernel.bpf_stats_enabled is 1).
+/// Name, run_time_ns and run_cnt of program `id` (counted while
+/// kernel.bpf_stats_enabled is 1).
 pub fn prog_stats(id: u32) -> Result<ProgStats> {
-    let mut attr = GetFdByIdAttr {
-        id,
-        ..Default::default()
-    };
-    let fd = owned(sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).context("BPF_PROG_GET_FD_BY_ID")?);
-    let mut info = [0u8; PROG_INFO_LEN];
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: PROG_INFO_LEN as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
-    Ok(parse_prog_info(&info))
-}
-
-fn parse_prog_info(info: &[u8; PROG_INFO_LEN]) -> ProgStats {
-    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
-    let u64_at = |o: usize| u64::from_ne_bytes(info[o..o + 8].try_into().expect("8 bytes"));
-    let name = &info[OFF_NAME..OFF_NAME + 16];
-    let end = name.iter().position(|&b| b == 0).unwrap_or(16);
-    ProgStats {
-        id: u32_at(OFF_ID),
-        name: String::from_utf8_lossy(&name[..end]).into_owned(),
-        run_time_ns: u64_at(OFF_RUN_TIME_NS),
-        run_cnt: u64_at(OFF_RUN_CNT),
-    }
+    bpf_sys::prog_stats(id).with_context(|| format!("reading program {id}'s statistics"))
 }
 
 /// Statistics of every program attached directly at `cgroup` on the hooks
@@ -720,24 +567,5 @@ mod tests {
         let stat = "1234 (egress mon) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 9 0";
         assert_eq!(parse_stat_ticks(stat), Some(325));
         assert_eq!(parse_stat_ticks("garbage"), None);
-    }
-
-    #[test]
-    fn prog_info_fields() {
-        let mut info = [0u8; PROG_INFO_LEN];
-        info[OFF_ID..OFF_ID + 4].copy_from_slice(&42u32.to_ne_bytes());
-        info[OFF_NAME..OFF_NAME + 8].copy_from_slice(b"connect4");
-        info[OFF_RUN_TIME_NS..OFF_RUN_TIME_NS + 8].copy_from_slice(&5000u64.to_ne_bytes());
-        info[OFF_RUN_CNT..OFF_RUN_CNT + 8].copy_from_slice(&25u64.to_ne_bytes());
-        let s = parse_prog_info(&info);
-        assert_eq!(
-            s,
-            ProgStats {
-                id: 42,
-                name: "connect4".into(),
-                run_time_ns: 5000,
-                run_cnt: 25
-            }
-        );
     }
 }

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 const TESTS: &str = "/bin/kernel-tests";
 const AGENT: &str = "/bin/egressmon";
+/// The tests' traffic generator and sink.
+const GEN: &str = "/bin/egressmon-gen";
 const MODULES: &str = "/lib/modules";
 /// One test may take this long under software emulation before it is killed.
 const TEST_TIMEOUT: Duration = Duration::from_secs(1200);
@@ -206,6 +208,7 @@ fn run_one(name: &str) -> (&'static str, f64) {
     let spawned = Command::new(TESTS)
         .args(["--exact", name, "--test-threads=1", "--nocapture"])
         .env("EGRESSMON_BIN", AGENT)
+        .env("EGRESSMON_GEN_BIN", GEN)
         .env("RUST_BACKTRACE", "1")
         .env("PATH", "/bin")
         .env("HOME", "/tmp")
@@ -264,9 +267,11 @@ fn main() {
         say(&format!("EGRESSMON-SETUP-FAILED {e}"));
         power_off();
     }
-    if !Path::new(AGENT).exists() {
-        say(&format!("EGRESSMON-SETUP-FAILED {AGENT} missing"));
-        power_off();
+    for needed in [AGENT, GEN] {
+        if !Path::new(needed).exists() {
+            say(&format!("EGRESSMON-SETUP-FAILED {needed} missing"));
+            power_off();
+        }
     }
     let tests = match list_tests() {
         Ok(t) => t,

@@ -1,10 +1,20 @@
-//! Raw bpf(2) commands that aya 0.14 does not expose: querying what is
-//! attached to a cgroup, creating cgroup links we can pin, adopting and
-//! updating pinned links, reading a link's target, and reading maps that
-//! other programs pinned (`RawMap`: Android netd's counters, without BTF).
+//! egressmon's one raw bpf(2) layer: every bpf(2) command that egressmon's
+//! code issues itself rather than through aya 0.14, each with its own
+//! `#[repr(C)]` attribute struct laid out as in `union bpf_attr`
+//! (include/uapi/linux/bpf.h; unused trailing bytes stay zero), all through
+//! one syscall wrapper that also copes with pre-5.11 memlock charging.
 //!
-//! Each command has its own `#[repr(C)]` attribute struct laid out as in
-//! `union bpf_attr` (include/uapi/linux/bpf.h); unused trailing bytes stay zero.
+//! Owns: querying what is attached to a cgroup (at it, or in effect for it),
+//! loading small programs from raw instructions (the tests' stand-ins for
+//! netd, the bench's empty programs), attaching them with BPF_PROG_ATTACH or
+//! with cgroup and TCX links, pinning and adopting objects, updating and
+//! detaching links, reading link, map and program info (a program's maps,
+//! its run-time statistics), creating maps, and reading maps that other
+//! programs pinned (`RawMap`: Android netd's counters, without BTF).
+//!
+//! Used by the agent (as `egressmon::bpf_sys`), by `cargo xtask bench`, and
+//! by the agent's integration tests. Depends on libc only, so it builds for
+//! every target the agent does and without the agent's eBPF object.
 
 use std::ffi::CString;
 use std::io;
@@ -37,7 +47,7 @@ pub const BPF_F_RDONLY: u32 = 1 << 3;
 /// # Safety
 /// `attr` must be a valid attribute struct for `cmd`, with any pointers in it
 /// valid for the kernel to read or write.
-pub unsafe fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
+unsafe fn sys_bpf<T>(cmd: u32, attr: &mut T) -> io::Result<i64> {
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -85,7 +95,7 @@ fn owned_fd(ret: i64) -> OwnedFd {
 
 /// What a BPF file descriptor (e.g. from a pin) refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ObjKind {
+pub enum ObjKind {
     Map,
     Prog,
     Link,
@@ -95,7 +105,7 @@ pub(crate) enum ObjKind {
 /// The kind of object behind `fd`, from the name of its anonymous inode.
 /// BPF_OBJ_GET_INFO_BY_FD answers for maps, programs and links alike, each
 /// in its own layout, so its answer alone cannot tell them apart.
-pub(crate) fn obj_kind(fd: BorrowedFd<'_>) -> io::Result<ObjKind> {
+pub fn obj_kind(fd: BorrowedFd<'_>) -> io::Result<ObjKind> {
     let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     Ok(match target.to_str() {
         Some("anon_inode:bpf-map") => ObjKind::Map,
@@ -154,12 +164,31 @@ impl Attached {
     }
 }
 
+/// `BPF_F_QUERY_EFFECTIVE`: BPF_PROG_QUERY flag for every program that runs
+/// for a cgroup, its ancestors' included.
+const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+
 /// BPF_PROG_QUERY on `cgroup` (programs attached at that cgroup itself).
 pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Attached> {
+    prog_query_flags(cgroup, attach_type, 0)
+}
+
+/// BPF_PROG_QUERY with `BPF_F_QUERY_EFFECTIVE`: every program that runs for
+/// `cgroup`, those attached at its ancestors included.
+pub fn prog_query_effective(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Attached> {
+    prog_query_flags(cgroup, attach_type, BPF_F_QUERY_EFFECTIVE)
+}
+
+fn prog_query_flags(
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+    query_flags: u32,
+) -> io::Result<Attached> {
     let mut ids = vec![0u32; 64];
     let mut attr = ProgQueryAttr {
         target_fd: cgroup.as_raw_fd() as u32,
         attach_type,
+        query_flags,
         prog_ids: ids.as_mut_ptr() as u64,
         prog_cnt: ids.len() as u32,
         ..Default::default()
@@ -171,6 +200,137 @@ pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Attach
         flags: attr.attach_flags,
         prog_ids: ids,
     })
+}
+
+/// `BPF_PROG_TYPE_*` values of the cgroup programs loaded through
+/// [`prog_load`].
+pub const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+pub const BPF_PROG_TYPE_CGROUP_SOCK: u32 = 9;
+pub const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// BPF_PROG_LOAD of raw instructions (GPL, so every helper is allowed),
+/// named `name` (kept to the kernel's 15 bytes). When the kernel refuses
+/// the program, the error carries the verifier's log.
+pub fn prog_load(
+    prog_type: u32,
+    expected_attach_type: u32,
+    name: &str,
+    insns: &[u64],
+) -> io::Result<OwnedFd> {
+    let license = c"GPL";
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        expected_attach_type,
+        ..Default::default()
+    };
+    let len = name.len().min(15);
+    attr.prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
+    // SAFETY: attr matches BPF_PROG_LOAD; `insns` and `license` outlive it.
+    let refused = match unsafe { sys_bpf(BPF_PROG_LOAD, &mut attr) } {
+        Ok(fd) => return Ok(owned_fd(fd)),
+        Err(e) => e,
+    };
+    // Once more with the verifier's log, to say why.
+    let mut log = vec![0u8; 64 * 1024];
+    attr.log_level = 1;
+    attr.log_size = log.len() as u32;
+    attr.log_buf = log.as_mut_ptr() as u64;
+    // SAFETY: as above; `log` outlives the call and has `log_size` bytes.
+    if let Ok(fd) = unsafe { sys_bpf(BPF_PROG_LOAD, &mut attr) } {
+        return Ok(owned_fd(fd));
+    }
+    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+    let text = String::from_utf8_lossy(&log[..end]);
+    if text.trim().is_empty() {
+        return Err(refused);
+    }
+    Err(io::Error::new(
+        refused.kind(),
+        format!("{refused}; the verifier says:\n{}", text.trim_end()),
+    ))
+}
+
+/// Loads `r0 = 1; exit`: a program that allows everything and counts
+/// nothing.
+pub fn prog_load_allow(
+    prog_type: u32,
+    expected_attach_type: u32,
+    name: &str,
+) -> io::Result<OwnedFd> {
+    let insns: [u64; 2] = [
+        0xb7 | (1u64 << 32), // BPF_ALU64 | BPF_MOV | BPF_K: r0 = 1
+        0x95,                // BPF_JMP | BPF_EXIT
+    ];
+    prog_load(prog_type, expected_attach_type, name, &insns)
+}
+
+const BPF_PROG_ATTACH: u32 = 8;
+const BPF_PROG_DETACH: u32 = 9;
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    _pad: u32,
+}
+
+/// BPF_PROG_ATTACH of `prog` to `cgroup` with `BPF_F_ALLOW_*` `flags`
+/// (0: exclusive, as Android netd attaches its programs).
+pub fn prog_attach(
+    cgroup: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+    flags: u32,
+) -> io::Result<()> {
+    let mut attr = ProgAttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        attach_flags: flags,
+        ..Default::default()
+    };
+    // SAFETY: attr matches BPF_PROG_ATTACH.
+    unsafe { sys_bpf(BPF_PROG_ATTACH, &mut attr) }.map(drop)
+}
+
+/// BPF_PROG_DETACH of `prog` from `cgroup`.
+pub fn prog_detach(
+    cgroup: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    let mut attr = ProgAttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    // SAFETY: attr matches BPF_PROG_DETACH.
+    unsafe { sys_bpf(BPF_PROG_DETACH, &mut attr) }.map(drop)
 }
 
 #[repr(C)]
@@ -657,16 +817,21 @@ struct ProgInfoHead {
     map_ids: u64,
 }
 
+/// BPF_PROG_GET_FD_BY_ID: a descriptor of the loaded program `id`.
+fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = GetByIdAttr {
+        id,
+        ..Default::default()
+    };
+    // SAFETY: attr matches BPF_PROG_GET_FD_BY_ID.
+    unsafe { sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) }.map(owned_fd)
+}
+
 /// The ids of the maps program `prog_id` uses (BPF_PROG_GET_FD_BY_ID, then
 /// BPF_OBJ_GET_INFO_BY_FD): how a program is told to be egressmon's, since
 /// its programs use egressmon's pinned maps.
 pub fn prog_map_ids(prog_id: u32) -> io::Result<Vec<u32>> {
-    let mut attr = GetByIdAttr {
-        id: prog_id,
-        ..Default::default()
-    };
-    // SAFETY: attr matches BPF_PROG_GET_FD_BY_ID.
-    let prog = unsafe { sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) }.map(owned_fd)?;
+    let prog = prog_fd_by_id(prog_id)?;
     let mut ids = vec![0u32; 64];
     loop {
         let mut info = ProgInfoHead {
@@ -688,5 +853,85 @@ pub fn prog_map_ids(prog_id: u32) -> io::Result<Vec<u32>> {
             return Ok(ids);
         }
         ids = vec![0u32; used];
+    }
+}
+
+/// Size of `struct bpf_prog_info` up to `attach_btf_id` (kernel 5.x-6.x),
+/// and the offsets of the fields [`prog_stats`] reads from it.
+const PROG_INFO_LEN: usize = 232;
+const OFF_ID: usize = 4;
+const OFF_NAME: usize = 64;
+const OFF_RUN_TIME_NS: usize = 192;
+const OFF_RUN_CNT: usize = 200;
+
+/// One program's identity and bpf_stats counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProgStats {
+    pub id: u32,
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+/// BPF_PROG_GET_FD_BY_ID + BPF_OBJ_GET_INFO_BY_FD: name, run_time_ns and
+/// run_cnt (counted while kernel.bpf_stats_enabled is 1) of program `id`.
+pub fn prog_stats(id: u32) -> io::Result<ProgStats> {
+    let fd = prog_fd_by_id(id)?;
+    let mut info = [0u8; PROG_INFO_LEN];
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: PROG_INFO_LEN as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr matches BPF_OBJ_GET_INFO_BY_FD; `info` has `info_len`
+    // bytes and outlives the call.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+    Ok(parse_prog_info(&info))
+}
+
+fn parse_prog_info(info: &[u8; PROG_INFO_LEN]) -> ProgStats {
+    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_ne_bytes(info[o..o + 8].try_into().expect("8 bytes"));
+    let name = &info[OFF_NAME..OFF_NAME + 16];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(16);
+    ProgStats {
+        id: u32_at(OFF_ID),
+        name: String::from_utf8_lossy(&name[..end]).into_owned(),
+        run_time_ns: u64_at(OFF_RUN_TIME_NS),
+        run_cnt: u64_at(OFF_RUN_CNT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prog_info_fields() {
+        let mut info = [0u8; PROG_INFO_LEN];
+        info[OFF_ID..OFF_ID + 4].copy_from_slice(&42u32.to_ne_bytes());
+        info[OFF_NAME..OFF_NAME + 8].copy_from_slice(b"connect4");
+        info[OFF_RUN_TIME_NS..OFF_RUN_TIME_NS + 8].copy_from_slice(&5000u64.to_ne_bytes());
+        info[OFF_RUN_CNT..OFF_RUN_CNT + 8].copy_from_slice(&25u64.to_ne_bytes());
+        let s = parse_prog_info(&info);
+        assert_eq!(
+            s,
+            ProgStats {
+                id: 42,
+                name: "connect4".into(),
+                run_time_ns: 5000,
+                run_cnt: 25
+            }
+        );
+    }
+
+    #[test]
+    fn attr_layouts_match_union_bpf_attr() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<ProgLoadAttr>(), 72);
+        assert_eq!(size_of::<ProgAttachAttr>(), 24);
+        assert_eq!(size_of::<ProgQueryAttr>(), 32);
+        assert_eq!(size_of::<MapCreateAttr>(), 44);
+        assert_eq!(size_of::<ProgInfoHead>(), 64);
     }
 }

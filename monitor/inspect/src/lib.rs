@@ -4,16 +4,22 @@
 //! `http`, `dns`, `cleartext`, `unknown`), [`host_from_payload`] (the
 //! contract's `host` with `host_source` `sni` or `http`; `dns` names come
 //! from [`dns::DnsCache`]), and the host-name rules shared by the parsers.
-//! One file per protocol: [`dns`], [`tls`], [`http`], [`quic`]; [`fuzz`]
-//! holds the entry points of their fuzz targets.
+//! One file per protocol: [`dns`], [`tls`], [`http`], [`quic`]; `fuzz`
+//! (cargo feature `fuzz`, and the unit tests, which replay its seed
+//! corpora) holds the entry points of their fuzz targets.
 //!
 //! Every function here is pure: bytes in, answer out. The bytes are the
 //! first payload of a flow as the kernel copied it (at most 512 bytes of
 //! L4 payload), shaped by whoever is on the network, so each parser reads
 //! only what is there and never panics; each has a fuzz target under
 //! `monitor/fuzz`.
+//!
+//! A crate of its own (egressmon-inspect) so the fuzz targets build it
+//! without the agent and its eBPF object; the agent reaches it as
+//! `egressmon::inspect`.
 
 pub mod dns;
+#[cfg(any(feature = "fuzz", test))]
 pub mod fuzz;
 pub mod http;
 pub mod quic;

@@ -460,7 +460,7 @@ pub(crate) mod build {
 mod tests {
     use super::build::*;
     use super::*;
-    use crate::inspect::tls::build as hello;
+    use crate::tls::build as hello;
 
     /// RFC 9001 Appendix A.2: the client Initial (DCID 0x8394c8f03e515708,
     /// packet number 2) carrying a ClientHello for "example.com".

@@ -1,17 +1,34 @@
-//! `egressmon gen`: a small traffic generator and sink used by the test suite
-//! and benchmarks (and handy to check a setup by hand). It can enter a
-//! network namespace and a cgroup and drop to a uid before sending, so the
-//! traffic is attributed exactly as a real app's would be.
+//! `egressmon-gen`: a small traffic generator and sink used by the test suite
+//! (and handy to check a setup by hand). It can enter a network namespace and
+//! a cgroup and drop to a uid before sending, so the traffic is attributed
+//! exactly as a real app's would be. A binary of its own, beside `egressmon`:
+//! the agent that `cargo xtask dist` ships does not carry it.
 
 mod dns;
 mod hello;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+
+/// Generate test traffic, or serve as its sink (used by the test suite).
+#[derive(Parser, Debug)]
+#[command(name = "egressmon-gen")]
+struct Cli {
+    #[command(flatten)]
+    args: GenArgs,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(err) = run(cli.args) {
+        eprintln!("egressmon-gen: {err:#}");
+        std::process::exit(1);
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct GenArgs {

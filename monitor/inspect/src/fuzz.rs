@@ -143,7 +143,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     fn corpus_root() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus")
     }
 
     /// Every file of every seed corpus (and whatever a fuzzing run found
@@ -203,9 +203,9 @@ mod tests {
     /// `EGRESSMON_WRITE_FIXTURES=1 cargo test -p monitor --lib seed_corpora`.
     #[test]
     fn seed_corpora_match_their_builders() {
-        use crate::inspect::dns::build as d;
-        use crate::inspect::quic::build as q;
-        use crate::inspect::tls::build as t;
+        use crate::dns::build as d;
+        use crate::quic::build as q;
+        use crate::tls::build as t;
         let rewrite = std::env::var_os("EGRESSMON_WRITE_FIXTURES").is_some();
         let write = |target: &str, name: &str, bytes: &[u8]| {
             let dir = corpus_root().join(target);
