@@ -138,9 +138,9 @@ impl Destinations {
         let ip = destination(key);
         let info = self.flows.get(key);
         record.payload = match info {
-            Some(i) => i.payload.as_str().to_string(),
-            None if key.port == 53 => Payload::Dns.as_str().to_string(),
-            None => Payload::Unknown.as_str().to_string(),
+            Some(i) => i.payload,
+            None if key.port == 53 => Payload::Dns,
+            None => Payload::Unknown,
         };
         if let Some((host, source)) = info.and_then(|i| i.host.clone()) {
             record.host = Some(host);

@@ -5,7 +5,7 @@ use crate::events::FlowMeta;
 use crate::owners::Owner;
 use crate::system::rfc3339;
 use crate::text::escape;
-use crate::vocab::{Direction, Origin, Proto};
+use crate::vocab::{Direction, Origin, Payload, Proto};
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -43,7 +43,7 @@ pub struct FlowRecord {
     pub host_source: Option<String>,
     pub country: Option<String>,
     pub asn: Option<u32>,
-    pub payload: String,
+    pub payload: Payload,
     /// `outbound`, or `inbound` for a local service's replies: then `dst`
     /// is the client and `port` the service's own local port.
     #[serde(default)]
@@ -121,7 +121,7 @@ pub fn record(
         host_source: None,
         country: None,
         asn: None,
-        payload: "unknown".into(),
+        payload: Payload::Unknown,
         direction: if is_inbound(key) {
             Direction::Inbound
         } else {

@@ -366,7 +366,7 @@ impl Rule {
             && check(&self.asn, |c| flow.asn.is_some_and(|a| c.any(|x| *x == a)))
             && check(&self.port, |c| c.any(|p| *p == flow.port))
             && check(&self.proto, |c| c.any(|p| *p == flow.proto))
-            && check(&self.payload, |c| c.any(|p| p.as_str() == flow.payload))
+            && check(&self.payload, |c| c.any(|p| *p == flow.payload))
             && check(&self.new_country, |n| *n == new_country)
             && self.scope.admits(flow.scope)
     }
@@ -593,7 +593,7 @@ mod tests {
             host_source: Some("dns".into()),
             country: Some("CN".into()),
             asn: Some(4134),
-            payload: "http".into(),
+            payload: crate::vocab::Payload::Http,
             direction: crate::vocab::Direction::Outbound,
             scope: Scope::Remote,
             alerts: Vec::new(),
@@ -608,7 +608,7 @@ mod tests {
             packages: vec!["org.example.app".into()],
             origin: crate::vocab::Origin::App,
             firmware: false,
-            payload: "tls".into(),
+            payload: crate::vocab::Payload::Tls,
             direction: crate::vocab::Direction::Outbound,
             host: Some("api.example.org".into()),
             host_source: Some("sni".into()),
@@ -634,7 +634,7 @@ mod tests {
         // Another owner reaching CN for the first time is new.
         let other = FlowRecord {
             owner: "com.vendor.activation".into(),
-            payload: "tls".into(),
+            payload: crate::vocab::Payload::Tls,
             direction: crate::vocab::Direction::Outbound,
             origin: crate::vocab::Origin::Preinstalled,
             ..flow()
@@ -642,7 +642,7 @@ mod tests {
         assert_eq!(rules.evaluate(&other), ["firmware-new-country"]);
         // A user app: nothing, even in cleartext to a new country.
         let app = FlowRecord {
-            payload: "cleartext".into(),
+            payload: crate::vocab::Payload::Cleartext,
             direction: crate::vocab::Direction::Outbound,
             country: Some("RU".into()),
             ..app_flow()
@@ -652,7 +652,7 @@ mod tests {
         // No country: never new.
         let nowhere = FlowRecord {
             country: None,
-            payload: "tls".into(),
+            payload: crate::vocab::Payload::Tls,
             direction: crate::vocab::Direction::Outbound,
             ..flow()
         };
@@ -763,7 +763,7 @@ scope = "local"
         let mut rules = Rules::defaults();
         rules.learn_country("system", "cn");
         let f = FlowRecord {
-            payload: "tls".into(),
+            payload: crate::vocab::Payload::Tls,
             direction: crate::vocab::Direction::Outbound,
             ..flow()
         };
@@ -857,7 +857,7 @@ new_country = true
                 ..flow()
             },
             FlowRecord {
-                payload: "tls".into(),
+                payload: crate::vocab::Payload::Tls,
                 direction: crate::vocab::Direction::Outbound,
                 ..flow()
             },

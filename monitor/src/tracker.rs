@@ -17,6 +17,7 @@ use crate::flows::FlowRecord;
 use crate::jsonl::{self, Deltas, EndReason, LogEvent};
 use crate::owners::Owner;
 use crate::rules::Rules;
+use crate::vocab::Payload;
 use monitor_common::{FlowKey, FlowValue};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -632,7 +633,7 @@ impl Tracker {
     /// Counts a cleartext flow once and raises each matching rule's alert
     /// once per flow.
     fn judge(&mut self, r: &FlowRecord, tracked: &mut Tracked, events: &mut Sink<'_>) {
-        if !tracked.cleartext && matches!(r.payload.as_str(), "cleartext" | "http") {
+        if !tracked.cleartext && matches!(r.payload, Payload::Cleartext | Payload::Http) {
             tracked.cleartext = true;
             self.dirty = true;
             *self

@@ -365,7 +365,7 @@ mod tests {
             host_source: None,
             country: None,
             asn: None,
-            payload: "unknown".into(),
+            payload: crate::vocab::Payload::Unknown,
             direction: crate::vocab::Direction::Outbound,
             scope: Default::default(),
             alerts: Vec::new(),

@@ -1112,7 +1112,7 @@ fn a_payload_lost_to_a_full_ring_is_captured_from_a_later_packet() {
             .flows()
             .into_iter()
             .find(|f| f.dst == SERVER4 && f.port == 9010)
-            .map(|f| f.payload)
+            .map(|f| f.payload.to_string())
     };
     assert!(eventually(Duration::from_secs(5), || flow_payload(&agent).is_some()));
     assert_eq!(

@@ -82,6 +82,18 @@ impl fmt::Display for Payload {
     }
 }
 
+impl PartialEq<str> for Payload {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Payload {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 impl FromStr for Payload {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
