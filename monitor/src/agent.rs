@@ -3,17 +3,17 @@
 //! change) and the flow tracker; produces what the API serves (flows,
 //! status, metrics) and writes the `--log` JSON lines.
 
-use crate::destinations::{Destinations, SharedDestinations};
-use crate::events::{self, MetaTable};
-use crate::flows::{self, FlowRecord};
-use crate::geoip::GeoIp;
-use crate::hooks::{Conflict, Hook};
-use crate::jsonl::JsonlLog;
-use crate::kernel::{Kernel, LoadOptions};
-use crate::owners::OwnerResolver;
-use crate::rules::Rules;
-use crate::state::{PassState, PayloadRearm, ScrapeState, Scraped};
-use crate::tracker::{Tracker, TrackerOptions};
+use crate::bpf::hooks::{Conflict, Hook};
+use crate::bpf::kernel::{Kernel, LoadOptions};
+use crate::enrich::destinations::{Destinations, SharedDestinations};
+use crate::enrich::geoip::GeoIp;
+use crate::identity::events::{self, MetaTable};
+use crate::identity::owners::OwnerResolver;
+use crate::pipeline::flows::{self, FlowRecord};
+use crate::pipeline::rules::Rules;
+use crate::pipeline::tracker::{Tracker, TrackerOptions};
+use crate::serve::jsonl::JsonlLog;
+use crate::serve::state::{PassState, PayloadRearm, ScrapeState, Scraped};
 use anyhow::{Context, Result};
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
@@ -64,7 +64,7 @@ impl Default for AgentOptions {
             geoip: Vec::new(),
             rules: None,
             netd_bpf_root: None,
-            state_dir: Some(crate::state::default_dir()),
+            state_dir: Some(crate::serve::state::default_dir()),
         }
     }
 }
@@ -73,7 +73,7 @@ pub struct Agent {
     kernel: Mutex<Kernel>,
     /// The kernel's per-uid totals and health counters, read without the
     /// kernel's lock (which a pass holds for its walk of the flow map).
-    counters: crate::kernel::Counters,
+    counters: crate::bpf::kernel::Counters,
     /// What the latest pass knew, for scrapes and `status`: they never wait
     /// for a pass.
     facts: Mutex<Option<Arc<PassFacts>>>,
@@ -97,11 +97,11 @@ pub struct Agent {
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Android netd's own per-uid counters, where they exist.
-    pub netd: Option<Mutex<crate::netd_stats::NetdStats>>,
+    pub netd: Option<Mutex<crate::bpf::netd_stats::NetdStats>>,
     netd_uids: AtomicU64,
     /// The kernel programs' diagnostics (aya-log), drained once a pass.
-    kernel_log: crate::kernel_log::KernelLog,
-    kernel_log_reader: Mutex<aya_log::EbpfLogger<crate::kernel_log::KernelLog>>,
+    kernel_log: crate::bpf::kernel_log::KernelLog,
+    kernel_log_reader: Mutex<aya_log::EbpfLogger<crate::bpf::kernel_log::KernelLog>>,
     /// The restart state of passes (taken with the tracker) and of scrapes.
     pass_state: Mutex<Option<PassState>>,
     scrape_state: Option<ScrapeState>,
@@ -131,10 +131,10 @@ fn states_in(
     let flows = kernel
         .loaded_map_fd(MAP_FLOWS)
         .context("FLOWS map missing")?;
-    let place = crate::state::Place {
+    let place = crate::serve::state::Place {
         dir,
         pin_dir: &kernel.options.pin_dir,
-        identity: crate::state::Identity::of_flows_map(flows)?,
+        identity: crate::serve::state::Identity::of_flows_map(flows)?,
     };
     place.prepare()?;
     Ok((
@@ -168,7 +168,7 @@ fn restore_passes(
 fn restore_scrapes(
     state: &ScrapeState,
     labelled: &mut BTreeSet<u32>,
-    netd: Option<&mut crate::netd_stats::NetdStats>,
+    netd: Option<&mut crate::bpf::netd_stats::NetdStats>,
 ) {
     let scraped = match state.restore() {
         Ok(Some(scraped)) => scraped,
@@ -186,8 +186,8 @@ fn restore_scrapes(
 /// netd's counters: those under an explicit root must be there and
 /// readable; the default places are optional (a damaged or unreadable set
 /// there is reported and skipped: our own counters do not depend on it).
-fn open_netd_stats(root: Option<&Path>) -> Result<Option<crate::netd_stats::NetdStats>> {
-    use crate::netd_stats::NetdStats;
+fn open_netd_stats(root: Option<&Path>) -> Result<Option<crate::bpf::netd_stats::NetdStats>> {
+    use crate::bpf::netd_stats::NetdStats;
     let opened = match root {
         Some(root) => {
             let stats = NetdStats::open(root)?;
@@ -196,7 +196,7 @@ fn open_netd_stats(root: Option<&Path>) -> Result<Option<crate::netd_stats::Netd
                     "--netd-bpf-root {}: no netd stats maps there (map_netd_stats_map_A/B, \
                      map_netd_configuration_map); on a phone they are under {}",
                     root.display(),
-                    crate::netd_stats::NETD_BPF_ROOT
+                    crate::bpf::netd_stats::NETD_BPF_ROOT
                 );
             }
             stats
@@ -258,9 +258,9 @@ pub struct PassFacts {
     attached: Vec<Hook>,
     load: LoadOptions,
     /// Bytes per (origin, firmware, country).
-    pub bytes_by_country: Vec<(crate::tracker::CountryKey, u64)>,
+    pub bytes_by_country: Vec<(crate::pipeline::tracker::CountryKey, u64)>,
     /// Cleartext flows per (uid, owner, origin, firmware).
-    pub cleartext_flows: Vec<(crate::tracker::OwnerKey, u64)>,
+    pub cleartext_flows: Vec<(crate::pipeline::tracker::OwnerKey, u64)>,
     /// Matches per alert rule.
     pub alerts: Vec<(String, u64)>,
 }
@@ -320,7 +320,7 @@ pub struct Status {
     pub rules: Vec<String>,
     /// The kernel programs' own diagnostics (aya-log, rare paths only).
     #[serde(default)]
-    pub kernel_diagnostics: crate::kernel_log::KernelDiagnostics,
+    pub kernel_diagnostics: crate::bpf::kernel_log::KernelDiagnostics,
 }
 
 /// Flows one pass walks per poll interval. A pass costs about 0.5 µs per
@@ -359,12 +359,12 @@ struct Describer<'a> {
     /// Identities the event reader recorded, not yet taken by the tracker.
     pending: std::cell::RefCell<&'a mut events::Identities>,
     resolver: &'a OwnerResolver,
-    owners: std::cell::RefCell<HashMap<u32, crate::owners::Owner>>,
+    owners: std::cell::RefCell<HashMap<u32, crate::identity::owners::Owner>>,
     destinations: std::cell::RefCell<std::sync::MutexGuard<'a, Destinations>>,
     now: Instant,
 }
 
-impl crate::tracker::Describe for Describer<'_> {
+impl crate::pipeline::tracker::Describe for Describer<'_> {
     fn record(
         &self,
         key: &FlowKey,
@@ -379,7 +379,7 @@ impl crate::tracker::Describe for Describer<'_> {
         record
     }
 
-    fn owner(&self, uid: u32) -> crate::owners::Owner {
+    fn owner(&self, uid: u32) -> crate::identity::owners::Owner {
         self.owners
             .borrow_mut()
             .entry(uid)
@@ -447,7 +447,7 @@ impl Agent {
         }
         let ring = kernel.take_events()?;
         let payload_ring = kernel.take_payloads()?;
-        let kernel_log = crate::kernel_log::KernelLog::default();
+        let kernel_log = crate::bpf::kernel_log::KernelLog::default();
         let kernel_log_reader = Mutex::new(kernel.take_log(kernel_log.clone())?);
         let meta_limit = events::meta_limit(capacity as u32);
         let meta: MetaTable = events::meta_table();
@@ -462,7 +462,7 @@ impl Agent {
         );
         let destinations: SharedDestinations = Arc::new(Mutex::new(destinations));
         let payloads_received = Arc::new(AtomicU64::new(0));
-        let payload_reader = crate::destinations::spawn_reader(
+        let payload_reader = crate::enrich::destinations::spawn_reader(
             payload_ring,
             destinations.clone(),
             stop.clone(),
@@ -558,7 +558,7 @@ impl Agent {
             now: Instant::now(),
         };
         let mut log = self.log.lock().unwrap();
-        let mut write = |event: crate::jsonl::LogEvent| {
+        let mut write = |event: crate::serve::jsonl::LogEvent| {
             if let Some(log) = log.as_mut() {
                 if let Err(e) = log.write(&event) {
                     self.log_errors.fetch_add(1, Ordering::Relaxed);
@@ -693,7 +693,7 @@ impl Agent {
     /// netd's per-uid totals (monotonic), if this is Android.
     pub fn netd_totals(
         &self,
-    ) -> Option<Result<std::collections::BTreeMap<u32, crate::netd_stats::UidTraffic>>> {
+    ) -> Option<Result<std::collections::BTreeMap<u32, crate::bpf::netd_stats::UidTraffic>>> {
         let netd = self.netd.as_ref()?;
         let totals = netd.lock().unwrap().totals_by_uid();
         if let Ok(t) = &totals {
@@ -772,7 +772,7 @@ impl Agent {
     pub fn status(&self) -> Result<Status> {
         let facts = self.facts();
         let resolver = self.resolver();
-        let mut backends = crate::hooks::backends(&facts.attached);
+        let mut backends = crate::bpf::hooks::backends(&facts.attached);
         let netd_stats = self.netd.as_ref().map(|n| {
             let n = n.lock().unwrap();
             NetdStatus {
@@ -793,7 +793,7 @@ impl Agent {
         let o = &facts.load;
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").into(),
-            kernel: crate::system::kernel_release(),
+            kernel: crate::bpf::system::kernel_release(),
             cgroup: o.cgroup.clone(),
             pin_dir: o.pin_dir.clone(),
             pid: std::process::id(),

@@ -4,33 +4,12 @@
 //! into flows with owners.
 
 pub mod agent;
-pub mod api;
+pub mod bpf;
 pub mod cli;
-pub mod client;
-pub mod destinations;
-pub mod events;
-pub mod flows;
-pub mod geoip;
-pub mod hooks;
-pub mod jsonl;
-pub mod kernel;
-pub mod kernel_log;
-pub mod metrics;
-pub mod netd_stats;
-pub mod owners;
-pub mod peer;
-pub mod private_fs;
-pub mod process;
-pub mod rules;
-pub mod state;
-pub mod system;
-pub mod tc;
-pub mod text;
-pub mod top;
-pub mod tracker;
-pub mod tui;
-pub mod vocab;
-pub mod web_config;
+pub mod enrich;
+pub mod identity;
+pub mod pipeline;
+pub mod serve;
 
 /// The raw bpf(2) layer (the egressmon-bpf-sys crate), under its old path.
 pub use bpf_sys;

@@ -9,7 +9,7 @@
 
 mod support;
 
-use egressmon::flows::FlowRecord;
+use egressmon::pipeline::flows::FlowRecord;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -165,12 +165,13 @@ fn firmware_cleartext_to_china_is_named_located_and_alerted() {
         &["tls", "--host", APP_HOST, "--resolver", &resolver],
     );
 
-    let flow = |flows: &[egressmon::flows::FlowRecord], uid: u32, proto: &str, port: u16| {
-        flows
-            .iter()
-            .find(|f| f.uid == uid && f.proto == proto && f.port == port)
-            .cloned()
-    };
+    let flow =
+        |flows: &[egressmon::pipeline::flows::FlowRecord], uid: u32, proto: &str, port: u16| {
+            flows
+                .iter()
+                .find(|f| f.uid == uid && f.proto == proto && f.port == port)
+                .cloned()
+        };
     let mut flows = Vec::new();
     assert!(
         eventually(Duration::from_secs(10), || {
@@ -384,7 +385,7 @@ fn loopback_cleartext_is_counted_but_alerted_only_by_a_rule_that_opts_in() {
             &["http-post", "--host", host, "--resolver", resolver],
         )
     };
-    let http_flow = |flows: &[egressmon::flows::FlowRecord], dst: &str| {
+    let http_flow = |flows: &[egressmon::pipeline::flows::FlowRecord], dst: &str| {
         flows
             .iter()
             .find(|f| f.uid == 1001 && f.dst == dst && f.port == 80 && f.payload == "http")
@@ -420,8 +421,8 @@ fn loopback_cleartext_is_counted_but_alerted_only_by_a_rule_that_opts_in() {
     let flows = agent.flows();
     let local = http_flow(&flows, "127.0.0.1").expect("the loopback POST");
     let remote = http_flow(&flows, SERVER4).expect("the remote POST");
-    assert_eq!(local.scope, egressmon::rules::Scope::Loopback);
-    assert_eq!(remote.scope, egressmon::rules::Scope::Remote);
+    assert_eq!(local.scope, egressmon::pipeline::rules::Scope::Loopback);
+    assert_eq!(remote.scope, egressmon::pipeline::rules::Scope::Remote);
     assert!(local.tx_bytes > 256, "counted: {local:#?}");
     let metrics = http_get(&agent.listen, "/metrics").unwrap();
     assert_eq!(

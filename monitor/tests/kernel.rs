@@ -6,8 +6,8 @@
 
 mod support;
 
+use egressmon::bpf::hooks::Hook;
 use egressmon::bpf_sys;
-use egressmon::hooks::Hook;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -766,7 +766,7 @@ fn device_case(device: Device) {
             .filter(|e| e.file_name().to_string_lossy().starts_with("link_tc_"))
             .count();
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-        let tcx = egressmon::system::parse_kernel_version(&release).unwrap() >= (6, 6);
+        let tcx = egressmon::bpf::system::parse_kernel_version(&release).unwrap() >= (6, 6);
         assert_eq!(links > 0, tcx, "{device:?} on {release}: TCX links {links}");
     }
     assert_eq!(
@@ -999,7 +999,7 @@ fn every_hook_loads_and_attaches() {
         &["--hooks", &all.join(",")],
     );
     let status = agent.status();
-    let kernel = egressmon::system::kernel_release();
+    let kernel = egressmon::bpf::system::kernel_release();
     let mut refused = Vec::new();
     for name in &all {
         let hook = status["hooks"]

@@ -1,4 +1,4 @@
-//! egressmon::netd_stats against maps of exactly Android netd's layout,
+//! egressmon::bpf::netd_stats against maps of exactly Android netd's layout,
 //! pinned on bpffs by the test (support::netd_maps) and moved as netd and
 //! system server move them: packets counted into the live map, the selector
 //! flipped, the inactive map drained. Totals must be exact and never go
@@ -9,11 +9,11 @@
 
 mod support;
 
-use egressmon::bpf_sys::{BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH};
-use egressmon::netd_stats::{
+use egressmon::bpf::netd_stats::{
     NetdStats, Source, StatsKey, StatsValue, TagAccounting, UidTraffic, APP_UID_STATS_MAP,
     CONFIGURATION_MAP, STATS_MAP_A, STATS_MAP_B,
 };
+use egressmon::bpf_sys::{BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH};
 use std::collections::BTreeMap;
 use std::path::Path;
 use support::netd_maps::{NetdMaps, PinDir, Release, Which};

@@ -4,11 +4,11 @@
 
 mod support;
 
+use egressmon::bpf::hooks::Hook;
 use egressmon::bpf_sys::{
     RawMap, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH,
     BPF_MAP_TYPE_PERCPU_ARRAY,
 };
-use egressmon::hooks::Hook;
 use monitor_common::{PIN_LAYOUT_VERSION, TC_FILTER_SLOTS};
 use std::os::fd::AsFd;
 use std::path::Path;

@@ -12,8 +12,8 @@
 
 mod support;
 
-use egressmon::flows::FlowRecord;
-use egressmon::netd_stats::{StatsKey, StatsValue};
+use egressmon::bpf::netd_stats::{StatsKey, StatsValue};
+use egressmon::pipeline::flows::FlowRecord;
 use monitor_common::{FlowKey, FlowValue, FAMILY_IPV4, PROTO_UDP};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -38,7 +38,7 @@ struct StateFiles(PathBuf);
 
 impl Drop for StateFiles {
     fn drop(&mut self) {
-        egressmon::state::remove(&egressmon::state::default_dir(), &self.0);
+        egressmon::serve::state::remove(&egressmon::serve::state::default_dir(), &self.0);
     }
 }
 
@@ -463,8 +463,8 @@ fn a_flow_whose_payload_the_new_agent_never_saw_is_classified_again() {
     // A pass has saved it; then the state is lost with the agent.
     std::thread::sleep(Duration::from_secs(2));
     agent.kill();
-    let dir = egressmon::state::default_dir();
-    assert!(!egressmon::state::remove(&dir, &pin_dir).is_empty());
+    let dir = egressmon::serve::state::default_dir();
+    assert!(!egressmon::serve::state::remove(&dir, &pin_dir).is_empty());
     agent.spawn(&world.cgroup.path, &args(&agent_args));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(post(&agent.flows()).payload, "unknown", "nothing known");

@@ -135,7 +135,7 @@ fn agent_pid(agent: &AgentProc) -> u32 {
 
 fn still_running(agent: &AgentProc) {
     assert!(
-        egressmon::process::alive(agent_pid(agent)),
+        egressmon::identity::process::alive(agent_pid(agent)),
         "the agent must keep running"
     );
     let flows = agent.flows();
@@ -282,7 +282,7 @@ fn on_an_android_layout_only_root_and_shell_may_scrape() {
     assert_eq!(shell.status, 200, "adb forward (shell) scrapes: {shell:?}");
     let root = curl_as(0, &[&url]);
     assert_eq!(root.status, 200);
-    assert!(egressmon::process::alive(agent_pid(&agent)));
+    assert!(egressmon::identity::process::alive(agent_pid(&agent)));
 }
 
 #[test]
@@ -401,7 +401,7 @@ fn idle_and_slowloris_floods_do_not_lock_out_root_or_prometheus() {
         during < before + 32 * 1024,
         "RSS grew from {before} to {during} KiB under the flood"
     );
-    assert!(egressmon::process::alive(pid));
+    assert!(egressmon::identity::process::alive(pid));
 }
 
 #[test]

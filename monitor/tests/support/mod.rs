@@ -14,7 +14,7 @@ pub mod pins;
 #[allow(unused_imports)]
 pub use net::{Capture, NetPair, CLIENT4, CLIENT6, SERVER4, SERVER6};
 
-use egressmon::flows::FlowRecord;
+use egressmon::pipeline::flows::FlowRecord;
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -107,7 +107,7 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 }
 
 pub fn cgroup2_root() -> PathBuf {
-    egressmon::system::cgroup2_root().expect("cgroup2 mounted")
+    egressmon::bpf::system::cgroup2_root().expect("cgroup2 mounted")
 }
 
 /// A cgroup made for one test, removed on drop (after its processes exit).
@@ -310,8 +310,8 @@ impl AgentProc {
     }
 
     /// The agent's control socket.
-    pub fn endpoint(&self) -> egressmon::client::Endpoint {
-        egressmon::client::Endpoint::new(&self.run_dir(), self.listen.parse().unwrap())
+    pub fn endpoint(&self) -> egressmon::cli::client::Endpoint {
+        egressmon::cli::client::Endpoint::new(&self.run_dir(), self.listen.parse().unwrap())
     }
 
     /// GET `path` from the agent's control socket.

@@ -1,14 +1,14 @@
 //! A stand-in for Android netd's per-uid counter maps: maps of exactly netd's
-//! layout (see egressmon::netd_stats), pinned in a directory made on bpffs for
+//! layout (see egressmon::bpf::netd_stats), pinned in a directory made on bpffs for
 //! one test, and the moves netd and system server make on them: count a
 //! packet into the live map, flip the selector, drain (clear) a map. The pins
 //! and the directory are removed on drop, also when the test fails.
 
-use egressmon::bpf_sys::{self, RawMap, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH};
-use egressmon::netd_stats::{
+use egressmon::bpf::netd_stats::{
     StatsKey, StatsValue, APP_UID_STATS_MAP, CONFIGURATION_MAP,
     CURRENT_STATS_MAP_CONFIGURATION_KEY, SELECT_MAP_A, SELECT_MAP_B, STATS_MAP_A, STATS_MAP_B,
 };
+use egressmon::bpf_sys::{self, RawMap, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH};
 use std::path::{Path, PathBuf};
 
 const BPF_ANY: u64 = 0;
@@ -41,7 +41,7 @@ impl PinDir {
     pub fn new(tag: &str) -> PinDir {
         let path = Path::new("/sys/fs/bpf").join(tag);
         let dir = PinDir { path };
-        egressmon::system::ensure_pin_dir(&dir.path).expect("pin directory on bpffs");
+        egressmon::bpf::system::ensure_pin_dir(&dir.path).expect("pin directory on bpffs");
         dir
     }
 

@@ -363,7 +363,7 @@ impl NetdStats {
     }
 }
 
-/// netd's totals as the restart state keeps them (see `crate::state`).
+/// netd's totals as the restart state keeps them (see `crate::serve::state`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct NetdSnapshot {
     pub root: PathBuf,

@@ -68,7 +68,7 @@ const RESCAN_EVERY: Duration = Duration::from_secs(5);
 impl CgroupNames {
     pub fn new() -> CgroupNames {
         CgroupNames {
-            root: crate::system::cgroup2_root().ok(),
+            root: crate::bpf::system::cgroup2_root().ok(),
             ids: HashMap::new(),
             last_scan: None,
         }

@@ -6,10 +6,10 @@
 //! and rotation happens only between lines, so no reader ever sees a torn
 //! line and no line is split across files.
 
-use crate::flows::FlowRecord;
-use crate::owners::Owner;
-use crate::private_fs::{create_private_append, identity, open_private_append};
-use crate::vocab::Origin;
+use crate::identity::owners::Owner;
+use crate::pipeline::flows::FlowRecord;
+use crate::pipeline::vocab::Origin;
+use crate::serve::private_fs::{create_private_append, identity, open_private_append};
 use serde::Serialize;
 use std::fs::File;
 use std::io::{self, Write};

@@ -222,7 +222,7 @@ pub struct HookPlan {
 /// else, since the kernel locks the socket around sendmsg programs; the tc
 /// programs only where the skb hook they stand in for is held).
 pub fn plan(explicit: Option<&[Hook]>, cgroup: &Path) -> Result<Vec<HookPlan>> {
-    let lineage = crate::system::cgroup_lineage(cgroup)?;
+    let lineage = crate::bpf::system::cgroup_lineage(cgroup)?;
     let mut conflicts = Vec::new();
     for hook in Hook::ALL {
         conflicts.push((hook, netd_conflicts(hook, &lineage)?));

@@ -135,7 +135,7 @@ fn make_room(table: &mut Identities, want: usize) {
 /// after the process that had it before.
 struct Senders {
     entries: HashMap<SenderKey, (Instant, Arc<Sender>), foldhash::fast::RandomState>,
-    cgroups: crate::process::CgroupNames,
+    cgroups: crate::identity::process::CgroupNames,
 }
 
 /// (tgid, comm, cgroup id)
@@ -148,7 +148,7 @@ impl Senders {
     fn new() -> Senders {
         Senders {
             entries: HashMap::default(),
-            cgroups: crate::process::CgroupNames::new(),
+            cgroups: crate::identity::process::CgroupNames::new(),
         }
     }
 
@@ -174,8 +174,12 @@ impl Senders {
             comm: event.comm,
             cgroup_id: event.cgroup_id,
             cgroup: self.cgroups.path(event.cgroup_id),
-            exe: live.then(|| crate::process::exe(event.tgid)).flatten(),
-            cmdline: live.then(|| crate::process::cmdline(event.tgid)).flatten(),
+            exe: live
+                .then(|| crate::identity::process::exe(event.tgid))
+                .flatten(),
+            cmdline: live
+                .then(|| crate::identity::process::cmdline(event.tgid))
+                .flatten(),
         });
         self.entries.insert(key, (now, sender.clone()));
         sender

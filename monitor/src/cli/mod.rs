@@ -1,12 +1,22 @@
-//! Command-line interface: `egressmon run|flows|owners|top|status|detach`.
+//! Command-line interface: `egressmon run|flows|owners|top|status|detach`,
+//! the client that reaches a running agent over its control socket, and the
+//! renderers (plain tables, the live table, escaping of names).
+//!
+//! May call: `agent` (for `run`), `bpf` (for `detach`), `identity::owners`
+//! (for `owners`), `pipeline::flows` (the rows it prints).
+
+pub mod client;
+pub mod text;
+pub mod top;
+pub mod tui;
 
 use crate::agent::{Agent, AgentOptions, Status};
-use crate::api::{ApiOptions, MetricsAccess};
-use crate::client::Endpoint;
-use crate::hooks;
-use crate::kernel::{self, LoadOptions};
-use crate::owners::OwnerResolver;
-use crate::{flows, system};
+use crate::bpf::hooks;
+use crate::bpf::kernel::{self, LoadOptions};
+use crate::cli::client::Endpoint;
+use crate::identity::owners::OwnerResolver;
+use crate::serve::api::{ApiOptions, MetricsAccess};
+use crate::{bpf::system, pipeline::flows};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use monitor_common::*;
@@ -86,7 +96,7 @@ fn on_android() -> bool {
 }
 
 fn default_run_dir() -> PathBuf {
-    crate::state::default_dir()
+    crate::serve::state::default_dir()
 }
 
 #[derive(Subcommand, Debug)]
@@ -237,7 +247,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Detach { target } => detach(target),
-        Command::Top { once, target } => crate::top::run(&target.agent()?, once),
+        Command::Top { once, target } => crate::cli::top::run(&target.agent()?, once),
     }
 }
 
@@ -325,7 +335,7 @@ fn api_options(args: &RunArgs) -> Result<ApiOptions> {
         control_uids,
         metrics: metrics_access(&args.metrics_allow_uid, args.android_root.is_some())?,
         web: Arc::new(match &args.web_config_file {
-            Some(path) => crate::web_config::WebConfig::load(path)?,
+            Some(path) => crate::serve::web_config::WebConfig::load(path)?,
             None => Default::default(),
         }),
         own_mark: 0,
@@ -360,7 +370,7 @@ fn metrics_access(allow: &[String], android_layout: bool) -> Result<MetricsAcces
 /// one else can write.
 fn prepare_run_dir(dir: &Path, open_to_others: bool) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    crate::private_fs::ensure_private_dir(dir)
+    crate::serve::private_fs::ensure_private_dir(dir)
         .with_context(|| format!("the run directory {} (--run-dir)", dir.display()))?;
     let mode = if open_to_others { 0o711 } else { 0o700 };
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
@@ -369,7 +379,7 @@ fn prepare_run_dir(dir: &Path, open_to_others: bool) -> Result<()> {
 
 async fn serve_until_stopped(api: ApiOptions, agent: Arc<Agent>) -> Result<()> {
     let shutdown = Arc::new(tokio::sync::Notify::new());
-    let _socket = crate::api::serve(api, agent, shutdown.clone()).await?;
+    let _socket = crate::serve::api::serve(api, agent, shutdown.clone()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => log::info!("interrupted"),
@@ -396,7 +406,7 @@ fn owners(json: bool, android_root: Option<PathBuf>) -> Result<()> {
             let packages = if o.packages.is_empty() || o.packages == [o.owner.clone()] {
                 String::new()
             } else {
-                format!(" [{}]", crate::text::escape(&o.packages.join(", ")))
+                format!(" [{}]", crate::cli::text::escape(&o.packages.join(", ")))
             };
             out.push_str(&format!(
                 "{:>8} {:>5} {:>6} {:<12} {:<3} {}{packages}\n",
@@ -405,7 +415,7 @@ fn owners(json: bool, android_root: Option<PathBuf>) -> Result<()> {
                 o.app_id,
                 o.origin,
                 if o.firmware { "yes" } else { "" },
-                crate::text::escape(&o.owner)
+                crate::cli::text::escape(&o.owner)
             ));
         }
     }
@@ -441,7 +451,7 @@ fn detach(target: Target) -> Result<()> {
         }
     }
     stop_agent(&target);
-    for removed in crate::state::remove(&target.run_dir(), &target.pin_dir()) {
+    for removed in crate::serve::state::remove(&target.run_dir(), &target.pin_dir()) {
         println!("removed the agent's state {}", removed.display());
     }
     let report = kernel::detach(&target.pin_dir()).with_context(|| {
@@ -470,7 +480,7 @@ fn detach(target: Target) -> Result<()> {
     if !report.foreign.is_empty() {
         println!(
             "left {dir}: it holds pins egressmon did not make: {}",
-            crate::text::escape(&report.foreign.join(", "))
+            crate::cli::text::escape(&report.foreign.join(", "))
         );
     }
     Ok(())
@@ -507,7 +517,7 @@ fn stop_agent(target: &Target) {
         return;
     }
     let deadline = std::time::Instant::now() + AGENT_EXIT_TIMEOUT;
-    while crate::process::alive(status.pid) {
+    while crate::identity::process::alive(status.pid) {
         if std::time::Instant::now() > deadline {
             println!(
                 "agent pid {} did not exit within {}s; detaching anyway",
@@ -528,8 +538,8 @@ pub fn render_status(s: &Status) -> String {
         s.kernel,
         s.pid,
         s.uptime_seconds,
-        crate::text::escape(&s.cgroup.to_string_lossy()),
-        crate::text::escape(&s.pin_dir.to_string_lossy())
+        crate::cli::text::escape(&s.cgroup.to_string_lossy()),
+        crate::cli::text::escape(&s.pin_dir.to_string_lossy())
     );
     for h in &s.hooks {
         let state = if h.attached {
@@ -545,8 +555,8 @@ pub fn render_status(s: &Status) -> String {
         out.push_str(&format!(
             "  {:<11} {}{}\n",
             h.hook,
-            crate::text::escape(&state),
-            crate::text::escape(&on)
+            crate::cli::text::escape(&state),
+            crate::cli::text::escape(&on)
         ));
     }
     out.push_str("\nmaps:\n");
@@ -562,7 +572,7 @@ pub fn render_status(s: &Status) -> String {
         out.push_str(&format!(
             "kernel diagnostics: {} (latest: {})\n",
             diagnostics.count,
-            crate::text::escape(latest)
+            crate::cli::text::escape(latest)
         ));
     }
     out

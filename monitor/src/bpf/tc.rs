@@ -30,8 +30,8 @@
 
 mod netlink;
 
+use crate::bpf::hooks::Hook;
 use crate::bpf_sys;
-use crate::hooks::Hook;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::HashMap as BpfHashMap;
 use aya::maps::{Array, Map, MapData};
@@ -184,7 +184,7 @@ pub fn use_tcx() -> bool {
     if std::env::var("EGRESSMON_TC_NETLINK").is_ok_and(|v| v == "1") {
         return false;
     }
-    crate::system::kernel_version().is_some_and(|v| v >= (6, 6))
+    crate::bpf::system::kernel_version().is_some_and(|v| v >= (6, 6))
 }
 
 const TC_HOOKS: [Hook; 2] = [Hook::TcEgress, Hook::TcIngress];
@@ -218,7 +218,7 @@ pub fn load(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
     if program.fd().is_err() {
         program
             .load()
-            .map_err(|e| crate::kernel::verifier_error(hook, e))?;
+            .map_err(|e| crate::bpf::kernel::verifier_error(hook, e))?;
     }
     Ok(())
 }

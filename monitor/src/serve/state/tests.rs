@@ -3,13 +3,13 @@
 //! tracker taking both back.
 
 use super::*;
-use crate::destinations::FlowInfo;
-use crate::flows::{record, FlowRecord};
-use crate::geoip::GeoIp;
+use crate::enrich::destinations::FlowInfo;
+use crate::enrich::geoip::GeoIp;
 use crate::inspect::{HostSource, Payload};
-use crate::jsonl::JsonlLog;
-use crate::rules::Rules;
-use crate::tracker::{Describe, TrackerOptions};
+use crate::pipeline::flows::{record, FlowRecord};
+use crate::pipeline::rules::Rules;
+use crate::pipeline::tracker::{Describe, TrackerOptions};
+use crate::serve::jsonl::JsonlLog;
 use monitor_common::{FlowKey, FlowValue, FAMILY_IPV4, PROTO_TCP};
 use serde_json::Value;
 use std::cell::RefCell;
@@ -53,7 +53,7 @@ impl Describe for Describer<'_> {
             app_id: uid,
             owner: format!("owner{uid}"),
             packages: vec![],
-            origin: crate::vocab::Origin::parse(origin).unwrap(),
+            origin: crate::pipeline::vocab::Origin::parse(origin).unwrap(),
             firmware: uid < 10000,
         }
     }
@@ -341,7 +341,7 @@ fn log_lines_name_the_flows_they_were_written_for() {
         app_id: 10123,
         owner: "app".into(),
         packages: vec![],
-        origin: crate::vocab::Origin::App,
+        origin: crate::pipeline::vocab::Origin::App,
         firmware: false,
     };
     let v6 = FlowKey {
@@ -366,7 +366,7 @@ fn log_lines_name_the_flows_they_were_written_for() {
         let mut line = serde_json::to_value(record(&key, &value, &owner, None)).unwrap();
         line["event"] = "flow_start".into();
         match log_tail::parse(&line.to_string()) {
-            Some(crate::tracker::Logged::Start(parsed, counters)) => {
+            Some(crate::pipeline::tracker::Logged::Start(parsed, counters)) => {
                 assert_eq!((parsed, counters.tx_bytes), (key, 5))
             }
             _ => panic!("{line}"),

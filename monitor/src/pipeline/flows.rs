@@ -1,11 +1,11 @@
 //! The flow table users see: kernel counters joined with the sender's
 //! identity and owner, in the field names of the product contract.
 
-use crate::events::FlowMeta;
-use crate::owners::Owner;
-use crate::system::rfc3339;
-use crate::text::escape;
-use crate::vocab::{Direction, Origin, Payload, Proto};
+use crate::bpf::system::rfc3339;
+use crate::cli::text::escape;
+use crate::identity::events::FlowMeta;
+use crate::identity::owners::Owner;
+use crate::pipeline::vocab::{Direction, Origin, Payload, Proto};
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -51,7 +51,7 @@ pub struct FlowRecord {
     /// Remote, or a destination that stays on this host or its link
     /// (counted, but left alone by rules unless they ask for it).
     #[serde(default)]
-    pub scope: crate::rules::Scope,
+    pub scope: crate::pipeline::rules::Scope,
     /// Alert rules that fired on this flow (empty in log lines, where each
     /// alert has a line of its own).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -98,7 +98,7 @@ pub fn record(
         cgroup: sender.and_then(|s| s.cgroup.as_deref()).map(str::to_string),
         unit: sender
             .and_then(|s| s.cgroup.as_deref())
-            .and_then(crate::process::unit_of)
+            .and_then(crate::identity::process::unit_of)
             .map(str::to_string),
         exe: known.and_then(|s| s.exe.as_deref()).map(str::to_string),
         cmdline: known.and_then(|s| s.cmdline.as_deref()).map(str::to_string),
@@ -127,7 +127,7 @@ pub fn record(
         } else {
             Direction::Outbound
         },
-        scope: crate::rules::Scope::of(destination(key)),
+        scope: crate::pipeline::rules::Scope::of(destination(key)),
         alerts: Vec::new(),
     }
 }

@@ -29,12 +29,12 @@ mod rearm;
 
 pub(crate) use rearm::PayloadRearm;
 
-use crate::destinations::{Destinations, FlowInfo};
-use crate::events::{FlowMeta, Sender};
-use crate::netd_stats::{NetdSnapshot, StatsKey, StatsValue, UidTraffic};
-use crate::owners::Owner;
-use crate::tracker::{Counters, SavedFlow, SavedTotals, Tracker};
-use crate::vocab::Origin;
+use crate::bpf::netd_stats::{NetdSnapshot, StatsKey, StatsValue, UidTraffic};
+use crate::enrich::destinations::{Destinations, FlowInfo};
+use crate::identity::events::{FlowMeta, Sender};
+use crate::identity::owners::Owner;
+use crate::pipeline::tracker::{Counters, SavedFlow, SavedTotals, Tracker};
+use crate::pipeline::vocab::Origin;
 use anyhow::{bail, Context, Result};
 use codec::{Dec, Enc};
 use log_tail::LogPosition;
@@ -164,7 +164,7 @@ fn remove_stale(dir: &Path) {
             .or_else(|| rest.strip_suffix(SCRAPE_SUFFIX));
         let stale = stem
             .and_then(unescape)
-            .is_some_and(|pin_dir| !crate::kernel::has_pins(&pin_dir));
+            .is_some_and(|pin_dir| !crate::bpf::kernel::has_pins(&pin_dir));
         if stale && std::fs::remove_file(entry.path()).is_ok() {
             log::debug!("removed stale state {}", entry.path().display());
         }
@@ -231,7 +231,7 @@ fn write_header(e: &mut Enc<&mut File>, identity: &Identity) -> io::Result<()> {
     e.u64(FORMAT)?;
     e.str(&identity.boot_id)?;
     e.u32(identity.flows_map_id)?;
-    e.u64(crate::system::clocks_now().0)
+    e.u64(crate::bpf::system::clocks_now().0)
 }
 
 /// Reads a header; `Ok(None)` when the state is of other pins (or format).
@@ -250,7 +250,7 @@ fn read_header<R: BufRead>(d: &mut Dec<R>, identity: &Identity) -> io::Result<Op
     if saved != *identity {
         return Ok(None);
     }
-    let now = crate::system::clocks_now().0;
+    let now = crate::bpf::system::clocks_now().0;
     Ok(Some(Duration::from_nanos(now.saturating_sub(saved_at))))
 }
 
@@ -283,7 +283,7 @@ pub(crate) struct Place<'a> {
 impl Place<'_> {
     /// Checks the directory (root's, private) and clears stale states.
     pub fn prepare(&self) -> Result<()> {
-        crate::private_fs::check_private_dir(self.dir).with_context(|| {
+        crate::serve::private_fs::check_private_dir(self.dir).with_context(|| {
             format!(
                 "the state directory {} (the agent's --run-dir)",
                 self.dir.display()

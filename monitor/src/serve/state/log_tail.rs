@@ -5,10 +5,10 @@
 //! and handed to the tracker, which then neither writes them again nor
 //! counts their alerts twice.
 
-use crate::flows::FlowRecord;
-use crate::owners::Owner;
-use crate::tracker::{Counters, Logged, Tracker};
-use crate::vocab::Origin;
+use crate::identity::owners::Owner;
+use crate::pipeline::flows::FlowRecord;
+use crate::pipeline::tracker::{Counters, Logged, Tracker};
+use crate::pipeline::vocab::Origin;
 use monitor_common::{FlowKey, FlowValue, FAMILY_INBOUND, FAMILY_IPV4, FAMILY_IPV6};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -193,7 +193,8 @@ fn renders_as(key: &FlowKey, v: &Value) -> bool {
         origin: Origin::Unknown,
         firmware: false,
     };
-    let record: FlowRecord = crate::flows::record(key, &FlowValue::default(), &owner, None);
+    let record: FlowRecord =
+        crate::pipeline::flows::record(key, &FlowValue::default(), &owner, None);
     let Ok(rendered) = serde_json::to_value(record) else {
         return false;
     };

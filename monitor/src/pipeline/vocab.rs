@@ -11,7 +11,7 @@ use monitor_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
-pub use crate::hooks::Hook;
+pub use crate::bpf::hooks::Hook;
 pub use crate::inspect::Payload;
 
 /// Implements Display, string comparisons and string serde for a word type

@@ -13,8 +13,8 @@
 //! Assignment is sticky (first come), so every series stays monotonic.
 
 use crate::agent::Agent;
-use crate::owners::OwnerResolver;
-use crate::vocab::Proto;
+use crate::identity::owners::OwnerResolver;
+use crate::pipeline::vocab::Proto;
 use anyhow::Result;
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::collections::BTreeMap;
@@ -311,7 +311,7 @@ mod tests {
     /// The shipped Grafana dashboard only queries metrics this module exports.
     #[test]
     fn dashboard_uses_exported_metrics() {
-        let text = include_str!("../dashboards/egressmon.json");
+        let text = include_str!("../../dashboards/egressmon.json");
         let dashboard: serde_json::Value = serde_json::from_str(text).expect("dashboard is JSON");
         let exported = [
             "egressmon_tx_bytes_total",

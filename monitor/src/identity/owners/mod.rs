@@ -43,7 +43,7 @@ use std::time::Duration;
 use aids::AppIdClass;
 use monitor_common::KERNEL_UID;
 
-pub use crate::vocab::Origin;
+pub use crate::pipeline::vocab::Origin;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Owner {

@@ -2,10 +2,10 @@
 //! second. Keys: ↑/↓ select, Enter expand/collapse an owner's flows,
 //! s cycle sort, f firmware only, q quit. Fits an 80x24 adb shell.
 
-use crate::client::Endpoint;
-use crate::flows::FlowRecord;
-use crate::text::{escape, escape_opt};
-use crate::top::{self, OwnerRow};
+use crate::cli::client::Endpoint;
+use crate::cli::text::{escape, escape_opt};
+use crate::cli::top::{self, OwnerRow};
+use crate::pipeline::flows::FlowRecord;
 use anyhow::Result;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
 use ratatui::layout::{Constraint, Layout};
@@ -339,9 +339,9 @@ mod tests {
             owner: owner.into(),
             packages: vec![],
             origin: if firmware {
-                crate::vocab::Origin::Platform
+                crate::pipeline::vocab::Origin::Platform
             } else {
-                crate::vocab::Origin::App
+                crate::pipeline::vocab::Origin::App
             },
             firmware,
             comm: Some("curl".into()),
@@ -351,7 +351,7 @@ mod tests {
             unit: None,
             exe: None,
             cmdline: None,
-            proto: crate::vocab::Proto::Tcp,
+            proto: crate::pipeline::vocab::Proto::Tcp,
             family: "ipv4".into(),
             dst: "203.0.113.7".into(),
             port: 80,
@@ -365,8 +365,8 @@ mod tests {
             host_source: None,
             country: None,
             asn: None,
-            payload: crate::vocab::Payload::Unknown,
-            direction: crate::vocab::Direction::Outbound,
+            payload: crate::pipeline::vocab::Payload::Unknown,
+            direction: crate::pipeline::vocab::Direction::Outbound,
             scope: Default::default(),
             alerts: Vec::new(),
         }
@@ -398,7 +398,7 @@ mod tests {
         let local = FlowRecord {
             dst: "127.0.0.1".into(),
             port: 9864,
-            scope: crate::rules::Scope::Loopback,
+            scope: crate::pipeline::rules::Scope::Loopback,
             ..flow(0, "root", true, 90_000)
         };
         let alerted = FlowRecord {

@@ -53,7 +53,7 @@ impl log::Log for KernelLog {
 
     fn log(&self, record: &log::Record) {
         let message = record.args().to_string();
-        log::debug!(target: "egressmon::kernel_log", "kernel: {message}");
+        log::debug!(target: "egressmon::bpf::kernel_log", "kernel: {message}");
         self.keep(message);
     }
 

@@ -68,7 +68,7 @@ pub struct ApiOptions {
     pub control_uids: BTreeSet<u32>,
     pub metrics: MetricsAccess,
     /// `--web-config-file`: basic auth for scrapes.
-    pub web: Arc<crate::web_config::WebConfig>,
+    pub web: Arc<crate::serve::web_config::WebConfig>,
     /// Marked on a loopback listener (and so on every answer it sends):
     /// the kernel programs leave the agent's own packets uncounted.
     pub own_mark: u32,
@@ -94,7 +94,7 @@ struct Shared {
     renders: Semaphore,
     shutdown: Arc<Notify>,
     listen: SocketAddr,
-    web: Arc<crate::web_config::WebConfig>,
+    web: Arc<crate::serve::web_config::WebConfig>,
 }
 
 impl Shared {
@@ -124,7 +124,7 @@ impl Shared {
     }
 
     async fn metrics(&self) -> Reply {
-        match self.render(crate::metrics::render).await {
+        match self.render(crate::serve::metrics::render).await {
             Ok(body) => reply(StatusCode::OK, "text/plain; version=0.0.4", body),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
         }
@@ -483,7 +483,8 @@ async fn may_scrape(
     let Ok(local) = stream.local_addr() else {
         return false;
     };
-    let lookup = tokio::task::spawn_blocking(move || crate::peer::tcp_client_uid(local, peer));
+    let lookup =
+        tokio::task::spawn_blocking(move || crate::serve::peer::tcp_client_uid(local, peer));
     match lookup.await {
         Ok(Ok(Some(uid))) => uids.contains(&uid),
         Ok(Ok(None)) => remote_ok,

@@ -12,8 +12,8 @@
 //! start, and only if it is still without a verdict two passes after the
 //! agent started (the payload ring's backlog is read by then).
 
-use crate::destinations::Destinations;
-use crate::tracker::Tracker;
+use crate::enrich::destinations::Destinations;
+use crate::pipeline::tracker::Tracker;
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
 use monitor_common::{FlowKey, FlowValue, MAP_FLOWS, MAP_FLOW_SEEN};
@@ -36,7 +36,7 @@ pub(crate) struct PayloadRearm {
     pub rearmed: u64,
 }
 
-fn owned(kernel: &crate::kernel::Kernel, name: &str) -> Result<MapData> {
+fn owned(kernel: &crate::bpf::kernel::Kernel, name: &str) -> Result<MapData> {
     let fd = kernel
         .loaded_map_fd(name)
         .with_context(|| format!("{name} map missing"))?
@@ -45,7 +45,7 @@ fn owned(kernel: &crate::kernel::Kernel, name: &str) -> Result<MapData> {
 }
 
 impl PayloadRearm {
-    pub fn new(kernel: &crate::kernel::Kernel) -> Result<PayloadRearm> {
+    pub fn new(kernel: &crate::bpf::kernel::Kernel) -> Result<PayloadRearm> {
         Ok(PayloadRearm {
             flows: PerCpuHashMap::try_from(Map::PerCpuLruHashMap(owned(kernel, MAP_FLOWS)?))?,
             seen: HashMap::try_from(Map::LruHashMap(owned(kernel, MAP_FLOW_SEEN)?))?,

@@ -12,12 +12,12 @@
 //! plain hash map at half load would take twice that); full records are
 //! built only for the flows it logs.
 
-use crate::events::FlowMeta;
-use crate::flows::FlowRecord;
-use crate::jsonl::{self, Deltas, EndReason, LogEvent};
-use crate::owners::Owner;
-use crate::rules::Rules;
-use crate::vocab::Payload;
+use crate::identity::events::FlowMeta;
+use crate::identity::owners::Owner;
+use crate::pipeline::flows::FlowRecord;
+use crate::pipeline::rules::Rules;
+use crate::pipeline::vocab::Payload;
+use crate::serve::jsonl::{self, Deltas, EndReason, LogEvent};
 use monitor_common::{FlowKey, FlowValue};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -58,7 +58,7 @@ impl Tracked {
             .record
             .get_or_insert_with(|| describe.record(key, value, meta.as_ref()))
             .clone();
-        crate::flows::set_counters(&mut record, value);
+        crate::pipeline::flows::set_counters(&mut record, value);
         record
     }
 }
@@ -180,7 +180,7 @@ struct Announced {
 }
 
 /// A tracked flow as a state file keeps it over an agent restart (see
-/// `crate::state`).
+/// `crate::serve::state`).
 pub(crate) struct SavedFlow {
     pub key: FlowKey,
     /// The kernel's counters as of the last pass: its bytes up to here are
@@ -298,7 +298,7 @@ impl Tracker {
             .values()
             .filter_map(|tracked| {
                 let mut record = tracked.record.clone()?;
-                crate::flows::set_counters(&mut record, &tracked.current);
+                crate::pipeline::flows::set_counters(&mut record, &tracked.current);
                 record.alerts = self
                     .rule_names
                     .iter()
@@ -401,7 +401,7 @@ impl Tracker {
             now,
             generation: self.generation,
             secs: now.saturating_duration_since(self.epoch).as_secs() as u32,
-            boot_now: crate::system::clocks_now().0,
+            boot_now: crate::bpf::system::clocks_now().0,
         }
     }
 
@@ -652,11 +652,11 @@ impl Tracker {
             log::warn!(
                 "alert {rule}: uid {} ({}, {}) -> {}:{} host {} country {} payload {}",
                 r.uid,
-                crate::text::escape(&r.owner),
+                crate::cli::text::escape(&r.owner),
                 r.origin,
                 r.dst,
                 r.port,
-                crate::text::escape(r.host.as_deref().unwrap_or("?")),
+                crate::cli::text::escape(r.host.as_deref().unwrap_or("?")),
                 r.country.as_deref().unwrap_or("?"),
                 r.payload
             );
@@ -918,7 +918,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flows::record;
+    use crate::pipeline::flows::record;
     use monitor_common::{FAMILY_IPV4, PROTO_TCP};
     use std::cell::RefCell;
 
@@ -939,7 +939,7 @@ mod tests {
             app_id: 10123,
             owner: name.into(),
             packages: vec![],
-            origin: crate::vocab::Origin::parse(origin).unwrap(),
+            origin: crate::pipeline::vocab::Origin::parse(origin).unwrap(),
             firmware: origin != "app",
         }
     }

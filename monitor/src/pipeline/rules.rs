@@ -48,8 +48,8 @@
 //! country for its owner, so a second evaluation of the same flow no longer
 //! sees it as new.
 
-use crate::flows::FlowRecord;
-use crate::vocab::{Origin, Payload, Proto};
+use crate::pipeline::flows::FlowRecord;
+use crate::pipeline::vocab::{Origin, Payload, Proto};
 use anyhow::{anyhow, Context, Result};
 use serde::de::{self, Deserializer, IntoDeserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -570,7 +570,7 @@ mod tests {
             app_id: 1000,
             owner: "system".into(),
             packages: vec!["android".into(), "com.android.settings".into()],
-            origin: crate::vocab::Origin::Platform,
+            origin: crate::pipeline::vocab::Origin::Platform,
             firmware: true,
             comm: None,
             pid: None,
@@ -579,7 +579,7 @@ mod tests {
             unit: None,
             exe: None,
             cmdline: None,
-            proto: crate::vocab::Proto::Tcp,
+            proto: crate::pipeline::vocab::Proto::Tcp,
             family: "ipv4".into(),
             dst: "203.0.113.7".into(),
             port: 80,
@@ -593,8 +593,8 @@ mod tests {
             host_source: Some("dns".into()),
             country: Some("CN".into()),
             asn: Some(4134),
-            payload: crate::vocab::Payload::Http,
-            direction: crate::vocab::Direction::Outbound,
+            payload: crate::pipeline::vocab::Payload::Http,
+            direction: crate::pipeline::vocab::Direction::Outbound,
             scope: Scope::Remote,
             alerts: Vec::new(),
         }
@@ -606,10 +606,10 @@ mod tests {
             app_id: 10123,
             owner: "org.example.app".into(),
             packages: vec!["org.example.app".into()],
-            origin: crate::vocab::Origin::App,
+            origin: crate::pipeline::vocab::Origin::App,
             firmware: false,
-            payload: crate::vocab::Payload::Tls,
-            direction: crate::vocab::Direction::Outbound,
+            payload: crate::pipeline::vocab::Payload::Tls,
+            direction: crate::pipeline::vocab::Direction::Outbound,
             host: Some("api.example.org".into()),
             host_source: Some("sni".into()),
             port: 443,
@@ -634,16 +634,16 @@ mod tests {
         // Another owner reaching CN for the first time is new.
         let other = FlowRecord {
             owner: "com.vendor.activation".into(),
-            payload: crate::vocab::Payload::Tls,
-            direction: crate::vocab::Direction::Outbound,
-            origin: crate::vocab::Origin::Preinstalled,
+            payload: crate::pipeline::vocab::Payload::Tls,
+            direction: crate::pipeline::vocab::Direction::Outbound,
+            origin: crate::pipeline::vocab::Origin::Preinstalled,
             ..flow()
         };
         assert_eq!(rules.evaluate(&other), ["firmware-new-country"]);
         // A user app: nothing, even in cleartext to a new country.
         let app = FlowRecord {
-            payload: crate::vocab::Payload::Cleartext,
-            direction: crate::vocab::Direction::Outbound,
+            payload: crate::pipeline::vocab::Payload::Cleartext,
+            direction: crate::pipeline::vocab::Direction::Outbound,
             country: Some("RU".into()),
             ..app_flow()
         };
@@ -652,8 +652,8 @@ mod tests {
         // No country: never new.
         let nowhere = FlowRecord {
             country: None,
-            payload: crate::vocab::Payload::Tls,
-            direction: crate::vocab::Direction::Outbound,
+            payload: crate::pipeline::vocab::Payload::Tls,
+            direction: crate::pipeline::vocab::Direction::Outbound,
             ..flow()
         };
         assert!(rules.evaluate(&nowhere).is_empty());
@@ -763,8 +763,8 @@ scope = "local"
         let mut rules = Rules::defaults();
         rules.learn_country("system", "cn");
         let f = FlowRecord {
-            payload: crate::vocab::Payload::Tls,
-            direction: crate::vocab::Direction::Outbound,
+            payload: crate::pipeline::vocab::Payload::Tls,
+            direction: crate::pipeline::vocab::Direction::Outbound,
             ..flow()
         };
         assert!(rules.evaluate(&f).is_empty());
@@ -817,7 +817,7 @@ new_country = true
                 ..flow()
             },
             FlowRecord {
-                origin: crate::vocab::Origin::App,
+                origin: crate::pipeline::vocab::Origin::App,
                 ..flow()
             },
             FlowRecord {
@@ -853,12 +853,12 @@ new_country = true
                 ..flow()
             },
             FlowRecord {
-                proto: crate::vocab::Proto::Udp,
+                proto: crate::pipeline::vocab::Proto::Udp,
                 ..flow()
             },
             FlowRecord {
-                payload: crate::vocab::Payload::Tls,
-                direction: crate::vocab::Direction::Outbound,
+                payload: crate::pipeline::vocab::Payload::Tls,
+                direction: crate::pipeline::vocab::Direction::Outbound,
                 ..flow()
             },
         ];
@@ -1007,7 +1007,7 @@ country = "RU"
     fn state_can_move_between_threads() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Rules>();
-        send_sync::<crate::geoip::GeoIp>();
+        send_sync::<crate::enrich::geoip::GeoIp>();
         send_sync::<crate::inspect::dns::DnsCache>();
     }
 

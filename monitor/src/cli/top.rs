@@ -3,9 +3,9 @@
 //! traffic gets rows of its own, after the others; alerts are marked on
 //! their owner's row (`!N`).
 
-use crate::client::Endpoint;
-use crate::flows::FlowRecord;
-use crate::text::escape;
+use crate::cli::client::Endpoint;
+use crate::cli::text::escape;
+use crate::pipeline::flows::FlowRecord;
 use anyhow::Result;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -173,7 +173,7 @@ pub fn run(agent: &Endpoint, once: bool) -> Result<()> {
         print!("{}", render_plain(&group(&fetch(agent)?)));
         return Ok(());
     }
-    crate::tui::run(agent)
+    crate::cli::tui::run(agent)
 }
 
 pub fn sample(agent: &Endpoint) -> Result<Vec<FlowRecord>> {
@@ -191,7 +191,7 @@ pub fn now() -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::Scope;
+    use crate::pipeline::rules::Scope;
 
     fn flow(uid: u32, dst: &str, bytes: u64, alerts: &[&str]) -> FlowRecord {
         let record = serde_json::json!({

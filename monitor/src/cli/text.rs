@@ -98,7 +98,7 @@ mod tests {
     }
 
     /// A flow whose owner and sender name try to retitle the terminal.
-    fn hostile_flow() -> crate::flows::FlowRecord {
+    fn hostile_flow() -> crate::pipeline::flows::FlowRecord {
         serde_json::from_value(serde_json::json!({
             "uid": 10123, "user": 0, "app_id": 10123,
             "owner": "\x1b]0;pwned\x07", "packages": ["com.example.app"],
@@ -123,10 +123,10 @@ mod tests {
     #[test]
     fn flows_text_and_top_once_show_names_escaped() {
         let flows = [hostile_flow()];
-        assert_clean("flows", &crate::flows::render_text(&flows));
+        assert_clean("flows", &crate::pipeline::flows::render_text(&flows));
         assert_clean(
             "top --once",
-            &crate::top::render_plain(&crate::top::group(&flows)),
+            &crate::cli::top::render_plain(&crate::cli::top::group(&flows)),
         );
     }
 
@@ -134,7 +134,7 @@ mod tests {
     fn the_live_table_shows_names_escaped() {
         use ratatui::backend::TestBackend;
         use ratatui::crossterm::event::KeyCode;
-        let mut view = crate::tui::View::new();
+        let mut view = crate::cli::tui::View::new();
         view.update(
             vec![hostile_flow()],
             &Default::default(),

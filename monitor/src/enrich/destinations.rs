@@ -7,10 +7,10 @@
 //! Host), then from the DNS answers the same uid received for its
 //! destination, then from anyone's answer for that address.
 
-use crate::flows::{destination, FlowRecord};
-use crate::geoip::GeoIp;
+use crate::enrich::geoip::GeoIp;
 use crate::inspect::dns::DnsCache;
 use crate::inspect::{self, HostSource, Payload};
+use crate::pipeline::flows::{destination, FlowRecord};
 use monitor_common::{FlowKey, PayloadEvent, PAYLOAD_DNS_RESPONSE, PAYLOAD_FIRST_EGRESS};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -10,9 +10,9 @@
 //! Nothing else may be in the directory: `run` refuses it, `detach` leaves
 //! it.
 
+use crate::bpf::hooks::{self, Hook, HookPlan};
+use crate::bpf::system;
 use crate::bpf_sys::{self, MapInfo, ObjKind, RawMap};
-use crate::hooks::{self, Hook, HookPlan};
-use crate::system;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{CgroupSkb, CgroupSockAddr, ProgramError};
@@ -63,7 +63,7 @@ pub struct Kernel {
     pub plans: Vec<HookPlan>,
     pub options: LoadOptions,
     /// Where the tc hooks are attached, by interface index.
-    tc: crate::tc::Attachments,
+    tc: crate::bpf::tc::Attachments,
     /// The programs skip packets with this mark: the agent's own.
     own_mark: u32,
 }
@@ -145,7 +145,7 @@ impl Kernel {
         let mut kernel = Kernel {
             ebpf,
             plans,
-            tc: crate::tc::Attachments::new(&options.pin_dir),
+            tc: crate::bpf::tc::Attachments::new(&options.pin_dir),
             options,
             own_mark,
         };
@@ -307,8 +307,8 @@ impl Kernel {
     /// counts as attached if at least one took it.
     fn attach_tc(&mut self, i: usize) {
         let hook = self.plans[i].hook;
-        let result = crate::tc::interfaces(self.options.tc_ifaces.as_deref())
-            .and_then(|ifaces| crate::tc::load(&mut self.ebpf, hook).map(|()| ifaces));
+        let result = crate::bpf::tc::interfaces(self.options.tc_ifaces.as_deref())
+            .and_then(|ifaces| crate::bpf::tc::load(&mut self.ebpf, hook).map(|()| ifaces));
         let ifaces = match result {
             Ok(ifaces) => ifaces,
             Err(err) => {
@@ -344,7 +344,7 @@ impl Kernel {
         if !self.plans.iter().any(|p| p.hook.is_tc() && p.attach) {
             return;
         }
-        let present = match crate::tc::present(self.options.tc_ifaces.as_deref()) {
+        let present = match crate::bpf::tc::present(self.options.tc_ifaces.as_deref()) {
             Ok(present) => present,
             Err(err) => {
                 log::warn!("tc hooks: {err:#}");
@@ -455,8 +455,8 @@ impl Kernel {
     /// `flush` (taken once, by the agent).
     pub fn take_log(
         &mut self,
-        logger: crate::kernel_log::KernelLog,
-    ) -> Result<aya_log::EbpfLogger<crate::kernel_log::KernelLog>> {
+        logger: crate::bpf::kernel_log::KernelLog,
+    ) -> Result<aya_log::EbpfLogger<crate::bpf::kernel_log::KernelLog>> {
         aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
             .context("opening the kernel programs' log ring (AYA_LOGS)")
     }
@@ -945,7 +945,7 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport> {
             .push(name.trim_start_matches("link_").to_string());
     }
     if contents.maps.iter().any(|m| m == MAP_TC_FILTERS) && tc_filters_are_ours(pin_dir) {
-        report.links.extend(crate::tc::remove_filters(pin_dir));
+        report.links.extend(crate::bpf::tc::remove_filters(pin_dir));
     }
     for name in contents.links.iter().chain(&contents.maps) {
         let pin = pin_dir.join(name);

@@ -1,0 +1,9 @@
+//! Where a flow went: host names (SNI, Host header, DNS answers to the uid
+//! that asked), the payload class, country and ASN, from the kernel's
+//! payload ring through the `inspect` parsers and GeoIP.
+//!
+//! May call: `inspect`, `bpf` (ring buffers), `pipeline::flows` (to fill a
+//! record's destination fields).
+
+pub mod destinations;
+pub mod geoip;
