@@ -272,7 +272,7 @@ fn counts_every_uid_protocol_and_family_exactly() {
         eventually(Duration::from_secs(3), || {
             let flows = agent.flows();
             let f = find(&flows, last_uid, "tcp", SERVER4, 8080);
-            f.pid == Some(tcp4_pid) && f.comm.as_deref() == Some("egressmon")
+            f.pid == Some(tcp4_pid) && f.comm.as_deref() == Some("egressmon-gen")
         }),
         "pid and comm of the connecting process"
     );
@@ -280,13 +280,13 @@ fn counts_every_uid_protocol_and_family_exactly() {
     let flows = agent.flows();
     let f = find(&flows, last_uid, "tcp", SERVER4, 8080);
     assert!(
-        f.exe.as_deref().is_some_and(|e| e.ends_with("egressmon")),
+        f.exe.as_deref().is_some_and(|e| e.ends_with("egressmon-gen")),
         "{f:?}"
     );
     assert!(
         f.cmdline
             .as_deref()
-            .is_some_and(|c| c.contains(" gen ") && c.contains("--dst")),
+            .is_some_and(|c| c.contains("egressmon-gen --netns") && c.contains("--dst")),
         "{f:?}"
     );
     let cgroup_name = cgroup.path.file_name().unwrap().to_str().unwrap();
