@@ -280,7 +280,9 @@ fn counts_every_uid_protocol_and_family_exactly() {
     let flows = agent.flows();
     let f = find(&flows, last_uid, "tcp", SERVER4, 8080);
     assert!(
-        f.exe.as_deref().is_some_and(|e| e.ends_with("egressmon-gen")),
+        f.exe
+            .as_deref()
+            .is_some_and(|e| e.ends_with("egressmon-gen")),
         "{f:?}"
     );
     assert!(
