@@ -40,7 +40,7 @@ pub struct FlowKey {
     pub addr: [u8; 16],
 }
 
-/// Counters of one flow on one CPU (the flow map is per-CPU; the agent sums).
+/// Counters of one flow, shared by all CPUs (atomic adds).
 ///
 /// Times are `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`).
 #[repr(C)]
@@ -57,8 +57,8 @@ pub struct FlowValue {
     pub tx_bytes: u64,
     pub first_seen: u64,
     pub last_seen: u64,
-    /// Non-zero once this CPU has seen payload on the flow (the first
-    /// payload is captured once per flow, see [`PayloadEvent`]).
+    /// Non-zero once the flow's first payload was handed to the agent
+    /// (captured once per flow, see [`PayloadEvent`]).
     pub captured: u64,
 }
 
@@ -70,6 +70,27 @@ pub struct UidKey {
     pub uid: u32,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+/// Uids below this have direct slots for TCP and UDP in `UID_DIRECT` (an
+/// array index per packet instead of a hash lookup): Linux's system and
+/// first users, Android's system uids and user 0's apps (10000-19999).
+pub const DIRECT_UIDS: u32 = 20_000;
+/// Size of `UID_DIRECT`: a TCP and a UDP slot per direct uid.
+pub const DIRECT_UID_SLOTS: u32 = DIRECT_UIDS * 2;
+
+/// A uid's direct slot for `proto`, if it has one (TCP or UDP, uid below
+/// [`DIRECT_UIDS`]); everything else counts in `UID_TOTALS`.
+#[inline(always)]
+pub const fn direct_uid_slot(uid: u32, proto: u8) -> Option<u32> {
+    if uid >= DIRECT_UIDS {
+        return None;
+    }
+    match proto {
+        PROTO_TCP => Some(uid * 2),
+        PROTO_UDP => Some(uid * 2 + 1),
+        _ => None,
+    }
 }
 
 /// Per-uid totals, kept in a plain hash map that destination churn cannot
@@ -181,8 +202,8 @@ pub const MAP_CONFIG: &str = "CONFIG";
 
 /// Map names as they appear in the object file and under the pin directory.
 pub const MAP_FLOWS: &str = "FLOWS";
-pub const MAP_FLOW_SEEN: &str = "FLOW_SEEN";
 pub const MAP_UID_TOTALS: &str = "UID_TOTALS";
+pub const MAP_UID_DIRECT: &str = "UID_DIRECT";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_PAYLOADS: &str = "PAYLOADS";
@@ -246,7 +267,9 @@ pub const MAP_LAYOUT_VERSION: &str = "LAYOUT_VERSION";
 /// The layout of the pinned maps' keys and values above. Bump it whenever
 /// one changes, even at the same size, so that no agent adopts maps an
 /// egressmon of another layout left pinned.
-pub const PIN_LAYOUT_VERSION: u32 = 1;
+/// 2: FLOWS shared by all CPUs (was per CPU, with FLOW_SEEN beside it),
+/// UID_DIRECT added.
+pub const PIN_LAYOUT_VERSION: u32 = 2;
 
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 65_536;
@@ -285,5 +308,17 @@ mod tests {
         assert_eq!(size_of::<UidTotals>(), 32);
         assert_eq!(size_of::<UidKey>(), 8);
         assert_eq!(size_of::<FlowEvent>(), 24 + 8 + 8 + 4 + 4 + 16 + 8);
+    }
+
+    #[test]
+    fn direct_slots_are_distinct_and_in_range() {
+        assert_eq!(direct_uid_slot(0, PROTO_TCP), Some(0));
+        assert_eq!(direct_uid_slot(0, PROTO_UDP), Some(1));
+        assert_eq!(direct_uid_slot(10123, PROTO_UDP), Some(20247));
+        let last = direct_uid_slot(DIRECT_UIDS - 1, PROTO_UDP).unwrap();
+        assert_eq!(last, DIRECT_UID_SLOTS - 1);
+        assert_eq!(direct_uid_slot(DIRECT_UIDS, PROTO_TCP), None);
+        assert_eq!(direct_uid_slot(1000, PROTO_ICMP), None);
+        assert_eq!(direct_uid_slot(KERNEL_UID, PROTO_TCP), None);
     }
 }

@@ -29,7 +29,7 @@ use aya_ebpf::{
         generated::{bpf_sk_fullsock, bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_tcp_sock},
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{sk_buff::SkBuff, SkBuffContext, SockAddrContext, TcContext},
 };
 use aya_log_ebpf::debug;
@@ -39,18 +39,21 @@ use monitor_common::*;
 // agent opens them by the `MAP_*` names of monitor-common: the agent's test
 // `map_names_agree_with_the_object` checks that the two agree.
 
-/// Flow counters, per CPU so concurrent senders never contend on a line;
-/// increments are atomic adds so a softirq on the same CPU cannot lose one.
+/// Flow counters, one entry per flow for all CPUs (a flow is one socket's
+/// traffic, sent from one CPU at a time): the insert that makes an entry is
+/// also the flow's one "new flow" moment, and the payload mark is seen by
+/// every CPU. Increments are atomic adds (other CPUs, softirqs, preemption).
 #[map]
-static FLOWS: LruPerCpuHashMap<FlowKey, FlowValue> =
-    LruPerCpuHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
+static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
 
-/// Keys already announced over `EVENTS`: makes "new flow" a single event per
-/// flow across CPUs (the per-CPU flow map alone would announce once per CPU).
+/// Per-uid totals of TCP and UDP for uids below [`DIRECT_UIDS`], per CPU, at
+/// [`direct_uid_slot`]: an index, not a hash lookup, on every packet.
 #[map]
-static FLOW_SEEN: LruHashMap<FlowKey, u64> = LruHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
+static UID_DIRECT: PerCpuArray<UidTotals> = PerCpuArray::pinned(DIRECT_UID_SLOTS, 0);
 
-/// Per-uid totals: one entry per uid, so destination churn cannot evict them.
+/// Per-uid totals of everything else, and the list of every (uid, protocol)
+/// counted at all (a direct slot's first use on a CPU enters its key here):
+/// one entry per uid and protocol, so destination churn cannot evict them.
 #[map]
 static UID_TOTALS: PerCpuHashMap<UidKey, UidTotals> = PerCpuHashMap::pinned(DEFAULT_UID_ENTRIES, 0);
 
@@ -99,6 +102,12 @@ static EPHEMERAL_LAST: u32 = 60999;
 #[unsafe(no_mangle)]
 static OWN_MARK: u32 = 0;
 
+/// Unread bytes in the new-flow ring past which an event wakes the agent
+/// (a quarter of the ring, set by the loader), so a burst of new flows does
+/// not overrun the ring between two of its polls.
+#[unsafe(no_mangle)]
+static EVENTS_WAKE_BYTES: u64 = DEFAULT_RINGBUF_BYTES as u64 / 4;
+
 const ALLOW: i32 = 1;
 /// tc: no verdict, run the next filter (netd's, if any) as usual.
 const TC_ACT_UNSPEC: i32 = -1;
@@ -106,8 +115,12 @@ const TC_ACT_UNSPEC: i32 = -1;
 const MAX_L3_OFFSET: u32 = 22;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-/// The agent polls the ring buffer in batches: no wakeup per event.
+/// The agent polls the ring buffer in batches: no wakeup per event...
 const BPF_RB_NO_WAKEUP: u64 = 1;
+/// ...unless the ring is filling up (see [`EVENTS_WAKE_BYTES`]).
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// `bpf_ringbuf_query`: bytes written and not yet read.
+const BPF_RB_AVAIL_DATA: u64 = 0;
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
 
@@ -179,19 +192,42 @@ fn add_to_flow(value: &mut FlowValue, delta: &Delta) {
 }
 
 #[inline(always)]
+fn add_to_totals(totals: &mut UidTotals, delta: &Delta) {
+    add(&mut totals.connects, delta.connects);
+    add(&mut totals.udp_sends, delta.udp_sends);
+    add(&mut totals.tx_packets, delta.packets);
+    add(&mut totals.tx_bytes, delta.bytes);
+}
+
+/// Adds to the uid's totals: its direct slot where it has one (an array
+/// index), else its hash entry (made on first use).
+#[inline(always)]
 fn add_to_uid(uid: u32, proto: u8, delta: &Delta) {
     let key = UidKey {
         uid,
         proto,
         _pad: [0; 3],
     };
+    if let Some(slot) = direct_uid_slot(uid, proto) {
+        let Some(totals) = UID_DIRECT.get_ptr_mut(slot) else {
+            return;
+        };
+        // SAFETY: per-CPU array slot, present for every index below its size.
+        let totals = unsafe { &mut *totals };
+        if totals.tx_packets == 0 && totals.connects == 0 && totals.udp_sends == 0 {
+            // First use on this CPU: list the key for the agent (it reads
+            // direct slots of the keys it finds in UID_TOTALS).
+            let _ = UID_TOTALS.insert(key, UidTotals::default(), BPF_NOEXIST as u64);
+            if unsafe { UID_TOTALS.get(key) }.is_none() {
+                trouble(STAT_UID_UPDATE_FAILED);
+            }
+        }
+        add_to_totals(totals, delta);
+        return;
+    }
     if let Some(totals) = UID_TOTALS.get_ptr_mut(key) {
         // SAFETY: map value pointer from a successful lookup.
-        let totals = unsafe { &mut *totals };
-        add(&mut totals.connects, delta.connects);
-        add(&mut totals.udp_sends, delta.udp_sends);
-        add(&mut totals.tx_packets, delta.packets);
-        add(&mut totals.tx_bytes, delta.bytes);
+        add_to_totals(unsafe { &mut *totals }, delta);
         return;
     }
     let fresh = UidTotals {
@@ -203,25 +239,22 @@ fn add_to_uid(uid: u32, proto: u8, delta: &Delta) {
     if UID_TOTALS.insert(key, fresh, BPF_NOEXIST as u64).is_err() {
         // Lost a race with a same-CPU insert, or the map is full.
         match UID_TOTALS.get_ptr_mut(key) {
-            Some(totals) => {
-                let totals = unsafe { &mut *totals };
-                add(&mut totals.connects, delta.connects);
-                add(&mut totals.udp_sends, delta.udp_sends);
-                add(&mut totals.tx_packets, delta.packets);
-                add(&mut totals.tx_bytes, delta.bytes);
-            }
+            Some(totals) => add_to_totals(unsafe { &mut *totals }, delta),
             None => trouble(STAT_UID_UPDATE_FAILED),
         }
     }
 }
 
-/// The one accounting path shared by every hook. Hot path: two per-CPU
-/// lookups (flow, uid) and a few local atomic adds, no clock read; the slow
-/// path (first packet of a flow on this CPU) inserts and, once per flow,
-/// emits an event.
+/// The one accounting path shared by every hook. Hot path: one flow
+/// lookup, one uid slot (an array index for most uids) and a few local
+/// atomic adds, no clock read. The slow path (a flow's first packet)
+/// inserts and emits the flow's one event. Returns the flow's value when
+/// `skb` is given (the caller captures payload through it).
 #[inline(always)]
 fn account(key: &FlowKey, delta: Delta, hook: u8, skb: Option<&SkBuff>) -> Option<*mut FlowValue> {
-    add_to_uid(key.uid, key.proto, &delta);
+    if delta.connects | delta.udp_sends | delta.packets != 0 {
+        add_to_uid(key.uid, key.proto, &delta);
+    }
     if let Some(value) = FLOWS.get_ptr_mut(key) {
         add_to_flow(unsafe { &mut *value }, &delta);
         return Some(value);
@@ -236,21 +269,19 @@ fn account(key: &FlowKey, delta: Delta, hook: u8, skb: Option<&SkBuff>) -> Optio
         last_seen: now,
         captured: 0,
     };
-    if FLOWS.insert(key, fresh, BPF_NOEXIST as u64).is_err() {
-        match FLOWS.get_ptr_mut(key) {
-            Some(value) => add_to_flow(unsafe { &mut *value }, &delta),
-            None => {
-                if FLOWS.insert(key, fresh, BPF_ANY as u64).is_err() {
-                    trouble(STAT_FLOW_UPDATE_FAILED);
-                }
-            }
-        }
-    }
-    // Bit 0 of the value marks "payload captured"; keep it clear here.
-    if FLOW_SEEN.insert(key, now & !1, BPF_NOEXIST as u64).is_ok() {
+    if FLOWS.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
         bump_stat(STAT_FLOWS_CREATED);
         emit_new_flow(key, now, hook, skb);
+    } else if let Some(value) = FLOWS.get_ptr_mut(key) {
+        // Another CPU made it first: its event names the flow.
+        add_to_flow(unsafe { &mut *value }, &delta);
+        return Some(value);
+    } else {
+        trouble(STAT_FLOW_UPDATE_FAILED);
+        return None;
     }
+    // The value just inserted, for payload capture (skb hooks only).
+    skb?;
     FLOWS.get_ptr_mut(key)
 }
 
@@ -282,7 +313,14 @@ fn emit_new_flow(key: &FlowKey, now: u64, hook: u8, skb: Option<&SkBuff>) {
             (*event).cgroup_id = bpf_get_current_cgroup_id();
         }
     }
-    entry.submit(BPF_RB_NO_WAKEUP);
+    // SAFETY: a read-only global the loader set.
+    let wake_at = unsafe { core::ptr::read_volatile(&EVENTS_WAKE_BYTES) };
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) > wake_at {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags);
 }
 
 // ---- sock_addr hooks -------------------------------------------------------
@@ -596,10 +634,10 @@ fn payload_offset(skb: &SkBuff, proto: u8, l4_offset: usize, len: u32) -> Option
     (offset < len as usize).then_some(offset)
 }
 
-/// Copies a flow's first payload once: per CPU the flow value's flag stops
-/// further tries; across CPUs bit 0 of the `FLOW_SEEN` value does. Both are
-/// set only once the payload is in the ring: when the ring is full the next
-/// packet tries again, so a flood cannot leave a flow unclassified for good.
+/// Copies a flow's first payload once: the flow value's mark, shared by
+/// every CPU, stops further tries. It is set only once the payload is in
+/// the ring: when the ring is full the next packet tries again, so a flood
+/// cannot leave a flow unclassified for good.
 #[inline(always)]
 fn capture_first_payload(
     skb: &SkBuff,
@@ -611,22 +649,9 @@ fn capture_first_payload(
     let Some(offset) = payload_offset(skb, key.proto, l4_offset, len) else {
         return;
     };
-    let seen = FLOW_SEEN.get_ptr_mut(key);
-    if let Some(seen) = seen {
-        // SAFETY: map value from a successful lookup.
-        if unsafe { *seen } & 1 != 0 {
-            unsafe { (*value).captured = 1 };
-            return;
-        }
-    }
     if emit_payload(skb, key, PAYLOAD_FIRST_EGRESS, offset, len) {
-        // SAFETY: map value pointers from successful lookups.
-        unsafe {
-            (*value).captured = 1;
-            if let Some(seen) = seen {
-                *seen |= 1;
-            }
-        }
+        // SAFETY: map value pointer from a successful lookup.
+        unsafe { (*value).captured = 1 };
     }
 }
 
@@ -672,8 +697,54 @@ fn emit_payload(skb: &SkBuff, key: &FlowKey, kind: u8, offset: usize, len: u32) 
 
 #[cgroup_skb(ingress)]
 pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
-    dns_response(&ctx.skb, 0, false);
+    if may_be_dns_answer(&ctx.skb) {
+        dns_response(&ctx.skb, 0, false);
+    }
     ALLOW
+}
+
+/// Every received packet passes skb ingress, so it is turned away from the
+/// headers read in place (no helper call): false for a TCP or UDP packet
+/// whose source port is not 53, and for other protocols. Packets whose
+/// headers are not where this looks (IPv4 options, IPv6 extension headers,
+/// short linear data) go to the full parse.
+#[inline(always)]
+fn may_be_dns_answer(skb: &SkBuff) -> bool {
+    // SAFETY: the context fields the verifier rewrites into packet pointers.
+    let (data, end, protocol) = unsafe {
+        let sk_buff = &*skb.skb;
+        (
+            sk_buff.data as usize,
+            sk_buff.data_end as usize,
+            sk_buff.protocol,
+        )
+    };
+    let (proto, sport) = match u16::from_be(protocol as u16) as u32 {
+        ETH_P_IP => {
+            if data + 22 > end {
+                return true;
+            }
+            // SAFETY: bounds checked against data_end just above.
+            let header = unsafe { &*(data as *const [u8; 22]) };
+            if header[0] & 0x0f != 5 {
+                return true;
+            }
+            (header[9], [header[20], header[21]])
+        }
+        ETH_P_IPV6 => {
+            if data + 42 > end {
+                return true;
+            }
+            // SAFETY: bounds checked against data_end just above.
+            let header = unsafe { &*(data as *const [u8; 42]) };
+            if is_ipv6_extension(header[6]) {
+                return true;
+            }
+            (header[6], [header[40], header[41]])
+        }
+        _ => return false,
+    };
+    (proto == PROTO_UDP || proto == PROTO_TCP) && u16::from_be_bytes(sport) == 53
 }
 
 #[classifier]

@@ -6,8 +6,7 @@ mod support;
 
 use egressmon::bpf::hooks::Hook;
 use egressmon::bpf_sys::{
-    RawMap, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH,
-    BPF_MAP_TYPE_PERCPU_ARRAY,
+    RawMap, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
 };
 use monitor_common::{PIN_LAYOUT_VERSION, TC_FILTER_SLOTS};
 use std::os::fd::AsFd;
@@ -17,7 +16,7 @@ use support::*;
 
 /// The shape of egressmon's FLOWS with 1024 entries, but `value_size`.
 fn flows_shape(value_size: u32) -> MapShape {
-    (BPF_MAP_TYPE_LRU_PERCPU_HASH, 24, value_size, 1024)
+    (BPF_MAP_TYPE_LRU_HASH, 24, value_size, 1024)
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -123,7 +122,7 @@ fn planted_map_with_a_wrong_value_size_is_refused() {
         // A plain hash map of 8-byte values.
         (
             (BPF_MAP_TYPE_HASH, 24, 8, 1024),
-            "type 1, expected 10, value size 8, expected 56",
+            "type 1, expected 9, value size 8, expected 56",
         ),
     ];
     for (shape, difference) in plants {

@@ -78,7 +78,7 @@ fn kill_9_and_restart_lose_nothing_and_detach_leaves_nothing_bpftool_sees() {
     let _sink = start_sink(&net, &[addr(&tcp)], &[addr(&dst)]);
     let mut agent = AgentProc::start(&cgroup.path, &tag, &[]);
     let pins = agent.pin_dir.clone();
-    let maps: Vec<u64> = ["FLOWS", "FLOW_SEEN", "UID_TOTALS", "EVENTS", "STATS"]
+    let maps: Vec<u64> = ["FLOWS", "UID_TOTALS", "UID_DIRECT", "EVENTS", "STATS"]
         .iter()
         .map(|m| pinned_id("map", &pins.join(m)))
         .collect();
@@ -247,9 +247,13 @@ fn a_million_destinations_through_a_65536_flow_map() {
         status["flows_evicted"].as_u64().unwrap() >= created - 65_536,
         "{status:#}"
     );
+    // The kernel wakes the agent once a quarter of the ring is unread, so
+    // even this burst (far more new flows a second than any device makes)
+    // loses few of their senders.
+    let lost = status["events_lost"].as_u64().unwrap();
     assert!(
-        status["events_lost"].as_u64().unwrap() > 0,
-        "a 256 KiB ring cannot hold a million events"
+        lost * 20 < created,
+        "{lost} of {created} new-flow events lost: more than 5%"
     );
 
     // Per-uid totals are exact despite the churn.

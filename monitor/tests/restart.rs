@@ -246,10 +246,10 @@ fn background(world: &Arc<World>) -> (Arc<AtomicBool>, std::thread::JoinHandle<(
 
 /// Drops a flow from the pinned flow map, as the kernel's LRU would.
 fn evict(pin_dir: &Path, flow: &FlowRecord) {
-    use aya::maps::{Map, MapData, PerCpuHashMap};
+    use aya::maps::{HashMap, Map, MapData};
     let data = MapData::from_pin(pin_dir.join("FLOWS")).expect("the pinned flow map");
-    let mut map: PerCpuHashMap<MapData, FlowKey, FlowValue> =
-        PerCpuHashMap::try_from(Map::PerCpuLruHashMap(data)).unwrap();
+    let mut map: HashMap<MapData, FlowKey, FlowValue> =
+        HashMap::try_from(Map::LruHashMap(data)).unwrap();
     let ip: std::net::Ipv4Addr = flow.dst.parse().unwrap();
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&ip.octets());

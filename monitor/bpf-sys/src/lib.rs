@@ -740,6 +740,15 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// Reads a whole hash map (one value per key) with BPF_MAP_LOOKUP_BATCH
+/// (5.6+); see [`percpu_lookup_batch`].
+pub fn lookup_batch<K: Copy + Default, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    mut each: impl FnMut(K, V),
+) -> io::Result<()> {
+    percpu_lookup_batch::<K, V>(map, 1, |k, v| each(k, v[0]))
+}
+
 /// Reads a whole per-CPU hash map with BPF_MAP_LOOKUP_BATCH (5.6+): a few
 /// syscalls for thousands of entries instead of two per entry. Each value
 /// comes back as one `V` per possible CPU. `V`'s size must be a multiple of 8

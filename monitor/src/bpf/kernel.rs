@@ -3,7 +3,7 @@
 //! agent left pinned, reads the maps, and removes everything on `detach`.
 //!
 //! Pin directory layout: one file per pinned map (`PINNED_MAPS`: `FLOWS`,
-//! `FLOW_SEEN`, `UID_TOTALS`, `EVENTS`, `PAYLOADS`, `STATS`, the list of
+//! `UID_TOTALS`, `UID_DIRECT`, `EVENTS`, `PAYLOADS`, `STATS`, the list of
 //! netlink tc filters `TC_FILTERS` and the pin layout version
 //! `LAYOUT_VERSION`), one per attached cgroup hook (`link_<hook>`), and one
 //! per tc hook and interface on TCX kernels (`link_<hook>_<interface>`).
@@ -14,7 +14,7 @@ use crate::bpf::hooks::{self, Hook, HookPlan};
 use crate::bpf::system;
 use crate::bpf_sys::{self, MapInfo, ObjKind, RawMap};
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{CgroupSkb, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 use monitor_common::*;
@@ -123,9 +123,9 @@ impl Kernel {
             .override_global("EPHEMERAL_FIRST", &ephemeral_first, true)
             .override_global("EPHEMERAL_LAST", &ephemeral_last, true)
             .override_global("OWN_MARK", &own_mark, true)
+            .override_global("EVENTS_WAKE_BYTES", &events_wake_bytes(&options), true)
             .default_map_pin_directory(&options.pin_dir)
             .map_max_entries(MAP_FLOWS, options.flow_entries)
-            .map_max_entries(MAP_FLOW_SEEN, options.flow_entries)
             .map_max_entries(MAP_UID_TOTALS, options.uid_entries)
             .map_max_entries(MAP_EVENTS, options.ringbuf_bytes)
             .load(crate::EBPF_OBJECT)
@@ -367,21 +367,21 @@ impl Kernel {
             .collect()
     }
 
-    fn flows_map(&self) -> Result<PerCpuHashMap<&MapData, FlowKey, FlowValue>> {
-        Ok(PerCpuHashMap::try_from(
+    fn flows_map(&self) -> Result<BpfHashMap<&MapData, FlowKey, FlowValue>> {
+        Ok(BpfHashMap::try_from(
             self.ebpf.map(MAP_FLOWS).context("FLOWS map missing")?,
         )?)
     }
 
-    /// Every flow in the kernel map, counters summed over CPUs.
+    /// Every flow in the kernel map.
     pub fn flows(&self) -> Result<Vec<FlowEntry>> {
         let mut out = Vec::new();
         self.flows_in_chunks(|chunk| out.extend_from_slice(chunk))?;
         Ok(out)
     }
 
-    /// Walks the flow map, handing its flows (counters summed over CPUs) to
-    /// `each` a few thousand at a time, so a pass over a full map never holds
+    /// Walks the flow map, handing its flows to `each` a few thousand at a
+    /// time, so a pass over a full map never holds
     /// all of it at once; returns how many were read. Uses batched lookups;
     /// falls back to per-key lookups where the kernel lacks them.
     pub fn flows_in_chunks(&self, mut each: impl FnMut(&[FlowEntry])) -> Result<u64> {
@@ -391,13 +391,10 @@ impl Kernel {
             each: &mut each,
         };
         let mut batched = false;
-        if let Some(aya::maps::Map::PerCpuLruHashMap(data)) = self.ebpf.map(MAP_FLOWS) {
-            let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-            let walk = bpf_sys::percpu_lookup_batch::<FlowKey, FlowValue>(
-                data.fd().as_fd(),
-                cpus,
-                |k, v| chunks.push(k, sum_flow(&k, v.iter())),
-            );
+        if let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(MAP_FLOWS) {
+            let walk = bpf_sys::lookup_batch::<FlowKey, FlowValue>(data.fd().as_fd(), |k, v| {
+                chunks.push(k, flow_totals(&k, v))
+            });
             match walk {
                 Ok(()) => batched = true,
                 // Nothing was read: the kernel has no batched lookups.
@@ -408,8 +405,8 @@ impl Kernel {
         if !batched {
             let map = self.flows_map()?;
             for item in map.iter() {
-                let Ok((key, per_cpu)) = item else { continue };
-                chunks.push(key, sum_flow(&key, per_cpu.iter()));
+                let Ok((key, value)) = item else { continue };
+                chunks.push(key, flow_totals(&key, value));
             }
         }
         Ok(chunks.finish())
@@ -433,6 +430,7 @@ impl Kernel {
             uid_totals: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(own(
                 MAP_UID_TOTALS,
             )?))?,
+            uid_direct: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(own(MAP_UID_DIRECT)?))?,
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(own(MAP_STATS)?))?,
         })
     }
@@ -476,7 +474,7 @@ impl Kernel {
     }
 }
 
-/// A flow as read from the kernel, counters summed over CPUs.
+/// A flow as read from the kernel.
 pub type FlowEntry = (FlowKey, FlowValue);
 
 /// Hands flows on to a consumer a few thousand at a time.
@@ -510,21 +508,24 @@ impl Chunks<'_> {
 /// The kernel's per-uid totals and health counters (see [`Kernel::counters`]).
 pub struct Counters {
     uid_totals: PerCpuHashMap<MapData, UidKey, UidTotals>,
+    uid_direct: PerCpuArray<MapData, UidTotals>,
     stats: PerCpuArray<MapData, u64>,
 }
 
 impl Counters {
-    /// Per-uid totals (not subject to flow eviction), summed over CPUs.
+    /// Per-uid totals (not subject to flow eviction), summed over CPUs:
+    /// every key `UID_TOTALS` lists, with its direct slot's counts where it
+    /// has one.
     pub fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
         let mut out = HashMap::new();
         for item in self.uid_totals.iter() {
             let Ok((uid, per_cpu)) = item else { continue };
             let mut t = UidTotals::default();
-            for v in per_cpu.iter() {
-                t.connects += v.connects;
-                t.udp_sends += v.udp_sends;
-                t.tx_packets += v.tx_packets;
-                t.tx_bytes += v.tx_bytes;
+            per_cpu.iter().for_each(|v| add_totals(&mut t, v));
+            if let Some(slot) = direct_uid_slot(uid.uid, uid.proto) {
+                if let Ok(direct) = self.uid_direct.get(&slot, 0) {
+                    direct.iter().for_each(|v| add_totals(&mut t, v));
+                }
             }
             t.udp_sends = udp_datagrams(uid.proto, t.udp_sends, t.tx_packets);
             out.insert(uid, t);
@@ -544,24 +545,26 @@ impl Counters {
     }
 }
 
-/// Sums per-CPU flow values: counters add, first_seen is the earliest
-/// non-zero stamp, last_seen the latest; `udp_sends` becomes the flow's
+fn add_totals(total: &mut UidTotals, v: &UidTotals) {
+    total.connects += v.connects;
+    total.udp_sends += v.udp_sends;
+    total.tx_packets += v.tx_packets;
+    total.tx_bytes += v.tx_bytes;
+}
+
+/// A flow's value as the agent reads it: `udp_sends` becomes the flow's
 /// datagrams ([`udp_datagrams`]).
-pub fn sum_flow<'a>(key: &FlowKey, values: impl Iterator<Item = &'a FlowValue>) -> FlowValue {
-    let mut total = FlowValue::default();
-    for v in values {
-        total.connects += v.connects;
-        total.udp_sends += v.udp_sends;
-        total.tx_packets += v.tx_packets;
-        total.tx_bytes += v.tx_bytes;
-        if v.first_seen != 0 && (total.first_seen == 0 || v.first_seen < total.first_seen) {
-            total.first_seen = v.first_seen;
-        }
-        total.last_seen = total.last_seen.max(v.last_seen);
-        total.captured |= v.captured;
+pub fn flow_totals(key: &FlowKey, value: FlowValue) -> FlowValue {
+    FlowValue {
+        udp_sends: udp_datagrams(key.proto, value.udp_sends, value.tx_packets),
+        ..value
     }
-    total.udp_sends = udp_datagrams(key.proto, total.udp_sends, total.tx_packets);
-    total
+}
+
+/// Unread bytes in the new-flow ring past which the kernel wakes the event
+/// reader: a quarter of the ring.
+fn events_wake_bytes(options: &LoadOptions) -> u64 {
+    u64::from(ring_bytes(options.ringbuf_bytes)) / 4
 }
 
 /// How one pinned map must look for this build to use it: the agent reads
@@ -614,8 +617,8 @@ const LAYOUT_VERSION_SPEC: MapSpec =
 /// foreign when the next agent starts.
 const PINNED_MAPS: [&str; 8] = [
     MAP_FLOWS,
-    MAP_FLOW_SEEN,
     MAP_UID_TOTALS,
+    MAP_UID_DIRECT,
     MAP_EVENTS,
     MAP_PAYLOADS,
     MAP_STATS,
@@ -632,17 +635,9 @@ fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 8] {
     [
         MapSpec::new(
             MAP_FLOWS,
-            BPF_MAP_TYPE_LRU_PERCPU_HASH,
-            size_of::<FlowKey>(),
-            size_of::<FlowValue>(),
-            flows,
-        )
-        .set_by("--flow-entries"),
-        MapSpec::new(
-            MAP_FLOW_SEEN,
             BPF_MAP_TYPE_LRU_HASH,
             size_of::<FlowKey>(),
-            size_of::<u64>(),
+            size_of::<FlowValue>(),
             flows,
         )
         .set_by("--flow-entries"),
@@ -654,6 +649,13 @@ fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 8] {
             options.uid_entries,
         )
         .set_by("--uid-entries"),
+        MapSpec::new(
+            MAP_UID_DIRECT,
+            BPF_MAP_TYPE_PERCPU_ARRAY,
+            size_of::<u32>(),
+            size_of::<UidTotals>(),
+            DIRECT_UID_SLOTS,
+        ),
         MapSpec::new(MAP_EVENTS, BPF_MAP_TYPE_RINGBUF, 0, 0, ring).set_by("--ringbuf-bytes"),
         MapSpec::new(
             MAP_PAYLOADS,

@@ -262,8 +262,8 @@ impl Ownership {
     pub(crate) fn of_pins(pin_dir: &Path) -> Ownership {
         let pinned = [
             MAP_FLOWS,
-            MAP_FLOW_SEEN,
             MAP_UID_TOTALS,
+            MAP_UID_DIRECT,
             MAP_EVENTS,
             MAP_PAYLOADS,
             MAP_STATS,

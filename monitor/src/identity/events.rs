@@ -1,9 +1,12 @@
 //! Drains the new-flow ring buffer. The kernel submits events without waking
 //! us (BPF_RB_NO_WAKEUP), so the reader polls in batches on a short timer:
-//! one wakeup per interval, not per flow.
+//! one wakeup per interval, not per flow. Once a quarter of the ring is
+//! unread the kernel does wake us (BPF_RB_FORCE_WAKEUP), so a burst of new
+//! flows is drained as it comes instead of overrunning the ring.
 
 use monitor_common::{hook_in_task, FlowEvent, FlowKey};
 use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -186,6 +189,61 @@ impl Senders {
     }
 }
 
+/// The kernel's wakeups of the ring, edge-triggered: `wait` returns when the
+/// kernel woke the ring since the last wait (it does only when the ring
+/// fills up), or after the timeout; events submitted without a wakeup do not
+/// end it, though they are readable.
+struct Wakeups(Option<OwnedFd>);
+
+impl Wakeups {
+    fn new(ring: BorrowedFd<'_>) -> Wakeups {
+        // SAFETY: epoll_create1 has no preconditions; the descriptor it
+        // returns is ours.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            log::warn!(
+                "epoll_create1: {}; the event reader polls on its timer only",
+                std::io::Error::last_os_error()
+            );
+            return Wakeups(None);
+        }
+        // SAFETY: a descriptor epoll_create1 just returned.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let mut interest = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        // SAFETY: valid descriptors and event struct.
+        let added = unsafe {
+            libc::epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                ring.as_raw_fd(),
+                &mut interest,
+            )
+        };
+        if added < 0 {
+            log::warn!(
+                "watching the new-flow ring: {}; the event reader polls on its timer only",
+                std::io::Error::last_os_error()
+            );
+            return Wakeups(None);
+        }
+        Wakeups(Some(epoll))
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let Some(epoll) = &self.0 else {
+            std::thread::sleep(timeout);
+            return;
+        };
+        let mut ready = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: room for one event; EINTR and errors end the wait early,
+        // which only means an earlier drain.
+        unsafe { libc::epoll_wait(epoll.as_raw_fd(), &mut ready, 1, timeout.as_millis() as i32) };
+    }
+}
+
 /// Most events held while the identity table is busy (the flow poller holds
 /// it during a pass); beyond this the oldest pending identities are dropped.
 const MAX_PENDING: usize = 1 << 17;
@@ -203,6 +261,7 @@ pub fn spawn_reader(
     std::thread::Builder::new()
         .name("egressmon-events".into())
         .spawn(move || {
+            let wakeups = Wakeups::new(ring.as_fd());
             let mut pending: Vec<FlowEvent> = Vec::new();
             let mut senders = Senders::new();
             let mut batch = 0u32;
@@ -246,7 +305,7 @@ pub fn spawn_reader(
                 if pending.capacity() > 4096 && pending.is_empty() {
                     pending.shrink_to(4096);
                 }
-                std::thread::sleep(POLL_INTERVAL);
+                wakeups.wait(POLL_INTERVAL);
             }
         })
         .expect("spawning the event reader thread")

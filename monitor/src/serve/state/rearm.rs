@@ -2,10 +2,10 @@
 //! ran (or none ran), and that this agent has no verdict for: their
 //! "captured" marks are set, so the kernel would never copy a payload of
 //! theirs again and they would stay unclassified. The agent clears the
-//! marks (bit 0 of the flow's `FLOW_SEEN` value, the per-CPU `captured` of
-//! its `FLOWS` value) so the next packet with payload is copied.
+//! mark (`captured` in the flow's `FLOWS` value) so the next packet with
+//! payload is copied.
 //!
-//! Clearing `captured` rewrites the flow's per-CPU value: a packet the
+//! Clearing `captured` rewrites the flow's value: a packet the
 //! kernel counts in the microseconds between that read and that write
 //! would be lost from the flow's counters (never from the per-uid totals).
 //! So a flow is re-armed only after a pass found it quiet, once per agent
@@ -15,8 +15,8 @@
 use crate::enrich::destinations::Destinations;
 use crate::pipeline::tracker::Tracker;
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
-use monitor_common::{FlowKey, FlowValue, MAP_FLOWS, MAP_FLOW_SEEN};
+use aya::maps::{HashMap, Map, MapData};
+use monitor_common::{FlowKey, FlowValue, MAP_FLOWS};
 use std::collections::HashSet;
 
 /// Passes after which flows still without a verdict are re-armed.
@@ -27,8 +27,7 @@ const PASSES_BEFORE_REARM: u32 = 3;
 const BPF_EXIST: u64 = 2;
 
 pub(crate) struct PayloadRearm {
-    flows: PerCpuHashMap<MapData, FlowKey, FlowValue>,
-    seen: HashMap<MapData, FlowKey, u64>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
     passes: u32,
     /// Flows present at start with a payload taken and no verdict.
     waiting: HashSet<FlowKey>,
@@ -47,8 +46,7 @@ fn owned(kernel: &crate::bpf::kernel::Kernel, name: &str) -> Result<MapData> {
 impl PayloadRearm {
     pub fn new(kernel: &crate::bpf::kernel::Kernel) -> Result<PayloadRearm> {
         Ok(PayloadRearm {
-            flows: PerCpuHashMap::try_from(Map::PerCpuLruHashMap(owned(kernel, MAP_FLOWS)?))?,
-            seen: HashMap::try_from(Map::LruHashMap(owned(kernel, MAP_FLOW_SEEN)?))?,
+            flows: HashMap::try_from(Map::LruHashMap(owned(kernel, MAP_FLOWS)?))?,
             passes: 0,
             waiting: HashSet::new(),
             rearmed: 0,
@@ -87,27 +85,19 @@ impl PayloadRearm {
         }
     }
 
-    /// Clears the flow's capture marks; false if it had none (or is gone).
+    /// Clears the flow's capture mark; false if it had none (or is gone).
     fn rearm(&mut self, key: &FlowKey) -> Result<bool> {
-        // FLOW_SEEN first: while its bit is set, a CPU whose own mark is
-        // clear sets that mark again without copying anything.
-        if let Ok(seen) = self.seen.get(key, 0) {
-            if seen & 1 != 0 {
-                self.seen.insert(key, seen & !1, BPF_EXIST)?;
-            }
-        }
-        let Ok(values) = self.flows.get(key, 0) else {
+        let Ok(value) = self.flows.get(key, 0) else {
             return Ok(false);
         };
-        if values.iter().all(|v| v.captured == 0) {
+        if value.captured == 0 {
             return Ok(false);
         }
-        let cleared: Vec<FlowValue> = values
-            .iter()
-            .map(|v| FlowValue { captured: 0, ..*v })
-            .collect();
-        self.flows
-            .insert(key, PerCpuValues::try_from(cleared)?, BPF_EXIST)?;
+        let cleared = FlowValue {
+            captured: 0,
+            ..value
+        };
+        self.flows.insert(key, cleared, BPF_EXIST)?;
         Ok(true)
     }
 }
