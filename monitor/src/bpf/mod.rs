@@ -10,5 +10,6 @@ pub mod hooks;
 pub mod kernel;
 pub mod kernel_log;
 pub mod netd_stats;
+pub mod pins;
 pub mod system;
 pub mod tc;

@@ -12,7 +12,8 @@ pub mod tui;
 
 use crate::agent::{Agent, AgentOptions, Status};
 use crate::bpf::hooks;
-use crate::bpf::kernel::{self, LoadOptions};
+use crate::bpf::kernel::LoadOptions;
+use crate::bpf::pins::PinDir;
 use crate::cli::client::Endpoint;
 use crate::identity::owners::OwnerResolver;
 use crate::serve::api::{ApiOptions, MetricsAccess};
@@ -454,7 +455,7 @@ fn detach(target: Target) -> Result<()> {
     for removed in crate::serve::state::remove(&target.run_dir(), &target.pin_dir()) {
         println!("removed the agent's state {}", removed.display());
     }
-    let report = kernel::detach(&target.pin_dir()).with_context(|| {
+    let report = PinDir::new(&target.pin_dir()).detach().with_context(|| {
         format!(
             "detaching what egressmon pinned under {}",
             target.pin_dir().display()

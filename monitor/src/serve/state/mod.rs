@@ -164,7 +164,7 @@ fn remove_stale(dir: &Path) {
             .or_else(|| rest.strip_suffix(SCRAPE_SUFFIX));
         let stale = stem
             .and_then(unescape)
-            .is_some_and(|pin_dir| !crate::bpf::kernel::has_pins(&pin_dir));
+            .is_some_and(|pin_dir| !crate::bpf::pins::PinDir::new(&pin_dir).has_pins());
         if stale && std::fs::remove_file(entry.path()).is_ok() {
             log::debug!("removed stale state {}", entry.path().display());
         }
