@@ -333,17 +333,19 @@ mod tests {
 
     fn flow(uid: u32, owner: &str, firmware: bool, bytes: u64) -> FlowRecord {
         FlowRecord {
-            uid,
-            user: 0,
-            app_id: uid,
-            owner: owner.into(),
-            packages: vec![],
-            origin: if firmware {
-                crate::pipeline::vocab::Origin::Platform
-            } else {
-                crate::pipeline::vocab::Origin::App
+            uid_owner: crate::identity::owners::Owner {
+                uid,
+                user: 0,
+                app_id: uid,
+                owner: owner.into(),
+                packages: vec![],
+                origin: if firmware {
+                    crate::pipeline::vocab::Origin::Platform
+                } else {
+                    crate::pipeline::vocab::Origin::App
+                },
+                firmware,
             },
-            firmware,
             comm: Some("curl".into()),
             pid: Some(1),
             cgroup_id: None,

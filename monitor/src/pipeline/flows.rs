@@ -5,7 +5,7 @@ use crate::bpf::system::rfc3339;
 use crate::cli::text::escape;
 use crate::identity::events::FlowMeta;
 use crate::identity::owners::Owner;
-use crate::pipeline::vocab::{Direction, Origin, Payload, Proto};
+use crate::pipeline::vocab::{Direction, Payload, Proto};
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -13,13 +13,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// One row of `egressmon flows --json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FlowRecord {
-    pub uid: u32,
-    pub user: u32,
-    pub app_id: u32,
-    pub owner: String,
-    pub packages: Vec<String>,
-    pub origin: Origin,
-    pub firmware: bool,
+    /// The flow's uid and who owns it (`uid`, `user`, `app_id`, `owner`,
+    /// `packages`, `origin`, `firmware`), as the owner resolver describes
+    /// it and `owners --json` lists it.
+    #[serde(flatten)]
+    pub uid_owner: Owner,
     pub comm: Option<String>,
     pub pid: Option<u32>,
     pub cgroup_id: Option<u64>,
@@ -58,6 +56,15 @@ pub struct FlowRecord {
     pub alerts: Vec<String>,
 }
 
+/// A flow reads as its owner: `flow.uid`, `flow.owner`, `flow.origin`.
+impl std::ops::Deref for FlowRecord {
+    type Target = Owner;
+
+    fn deref(&self) -> &Owner {
+        &self.uid_owner
+    }
+}
+
 /// Whether the flow is a local service's replies (see [`FAMILY_INBOUND`]).
 pub fn is_inbound(key: &FlowKey) -> bool {
     key.family & FAMILY_INBOUND != 0
@@ -85,13 +92,10 @@ pub fn record(
     let sender = meta.map(|m| &*m.sender);
     let known = sender.filter(|s| s.tgid != 0);
     FlowRecord {
-        uid: key.uid,
-        user: owner.user,
-        app_id: owner.app_id,
-        owner: owner.owner.clone(),
-        packages: owner.packages.clone(),
-        origin: owner.origin,
-        firmware: owner.firmware,
+        uid_owner: Owner {
+            uid: key.uid,
+            ..owner.clone()
+        },
         comm: known.map(|s| s.comm()),
         pid: known.map(|s| s.tgid),
         cgroup_id: sender.map(|s| s.cgroup_id).filter(|&id| id != 0),

@@ -562,16 +562,19 @@ fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::owners::Owner;
 
     fn flow() -> FlowRecord {
         FlowRecord {
-            uid: 1000,
-            user: 0,
-            app_id: 1000,
-            owner: "system".into(),
-            packages: vec!["android".into(), "com.android.settings".into()],
-            origin: crate::pipeline::vocab::Origin::Platform,
-            firmware: true,
+            uid_owner: Owner {
+                uid: 1000,
+                user: 0,
+                app_id: 1000,
+                owner: "system".into(),
+                packages: vec!["android".into(), "com.android.settings".into()],
+                origin: crate::pipeline::vocab::Origin::Platform,
+                firmware: true,
+            },
             comm: None,
             pid: None,
             cgroup_id: None,
@@ -600,14 +603,24 @@ mod tests {
         }
     }
 
+    /// `flow()` with its owner changed by `change`.
+    fn flow_owned(change: impl FnOnce(&mut Owner)) -> FlowRecord {
+        let mut f = flow();
+        change(&mut f.uid_owner);
+        f
+    }
+
     fn app_flow() -> FlowRecord {
         FlowRecord {
-            uid: 10123,
-            app_id: 10123,
-            owner: "org.example.app".into(),
-            packages: vec!["org.example.app".into()],
-            origin: crate::pipeline::vocab::Origin::App,
-            firmware: false,
+            uid_owner: Owner {
+                uid: 10123,
+                app_id: 10123,
+                owner: "org.example.app".into(),
+                packages: vec!["org.example.app".into()],
+                origin: crate::pipeline::vocab::Origin::App,
+                firmware: false,
+                ..flow().uid_owner
+            },
             payload: crate::pipeline::vocab::Payload::Tls,
             direction: crate::pipeline::vocab::Direction::Outbound,
             host: Some("api.example.org".into()),
@@ -633,11 +646,12 @@ mod tests {
         assert_eq!(rules.evaluate(&f), ["firmware-cleartext"]);
         // Another owner reaching CN for the first time is new.
         let other = FlowRecord {
-            owner: "com.vendor.activation".into(),
             payload: crate::pipeline::vocab::Payload::Tls,
             direction: crate::pipeline::vocab::Direction::Outbound,
-            origin: crate::pipeline::vocab::Origin::Preinstalled,
-            ..flow()
+            ..flow_owned(|o| {
+                o.owner = "com.vendor.activation".into();
+                o.origin = crate::pipeline::vocab::Origin::Preinstalled;
+            })
         };
         assert_eq!(rules.evaluate(&other), ["firmware-new-country"]);
         // A user app: nothing, even in cleartext to a new country.
@@ -803,27 +817,14 @@ new_country = true
         assert!(rule.matches(&f, true));
         assert!(!rule.matches(&f, false), "new_country");
         let fails = [
-            FlowRecord {
-                uid: 1002,
-                ..flow()
-            },
-            FlowRecord {
-                owner: "root".into(),
-                packages: vec!["com.android.x".into()],
-                ..flow()
-            },
-            FlowRecord {
-                packages: vec!["org.other".into()],
-                ..flow()
-            },
-            FlowRecord {
-                origin: crate::pipeline::vocab::Origin::App,
-                ..flow()
-            },
-            FlowRecord {
-                firmware: false,
-                ..flow()
-            },
+            flow_owned(|o| o.uid = 1002),
+            flow_owned(|o| {
+                o.owner = "root".into();
+                o.packages = vec!["com.android.x".into()];
+            }),
+            flow_owned(|o| o.packages = vec!["org.other".into()]),
+            flow_owned(|o| o.origin = crate::pipeline::vocab::Origin::App),
+            flow_owned(|o| o.firmware = false),
             FlowRecord {
                 host: Some("example.com".into()),
                 ..flow()
@@ -866,11 +867,10 @@ new_country = true
             assert!(!rule.matches(f, true), "case {i}");
         }
         // owner also matches through a package.
-        let via_package = FlowRecord {
-            owner: "shared:android.uid.system".into(),
-            packages: vec!["system_server".into(), "com.android.phone".into()],
-            ..flow()
-        };
+        let via_package = flow_owned(|o| {
+            o.owner = "shared:android.uid.system".into();
+            o.packages = vec!["system_server".into(), "com.android.phone".into()];
+        });
         let owner_rule = Rules::parse(
             "defaults = false\n[[rule]]\nname = \"o\"\nowner = \"system_*\"\n",
             "t",

@@ -35,7 +35,7 @@ pub mod packages_xml;
 pub mod pm;
 
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -45,7 +45,9 @@ use monitor_common::KERNEL_UID;
 
 pub use crate::pipeline::vocab::Origin;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Who a uid is: the owner description every output shows of it (owners,
+/// flows, log lines, metric labels).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     pub uid: u32,
     pub user: u32,
