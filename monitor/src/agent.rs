@@ -7,7 +7,7 @@ use crate::bpf::hooks::{Conflict, Hook};
 use crate::bpf::kernel::{Kernel, LoadOptions};
 use crate::enrich::destinations::{Destinations, SharedDestinations};
 use crate::enrich::geoip::GeoIp;
-use crate::identity::events::{self, MetaTable};
+use crate::identity::events::{self, Identified};
 use crate::identity::owners::OwnerResolver;
 use crate::pipeline::flows::{self, FlowRecord};
 use crate::pipeline::rules::Rules;
@@ -77,7 +77,8 @@ pub struct Agent {
     /// What the latest pass knew, for scrapes and `status`: they never wait
     /// for a pass.
     facts: Mutex<Option<Arc<PassFacts>>>,
-    meta: MetaTable,
+    /// Senders the event reader identified, on their way to the tracker.
+    identified: Mutex<std::sync::mpsc::Receiver<Identified>>,
     resolver: RwLock<Arc<OwnerResolver>>,
     sources_stamp: Mutex<Vec<Option<SystemTime>>>,
     pub tracker: Mutex<Tracker>,
@@ -356,8 +357,6 @@ fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
 
 /// Builds records for the tracker, resolving each uid once per pass.
 struct Describer<'a> {
-    /// Identities the event reader recorded, not yet taken by the tracker.
-    pending: std::cell::RefCell<&'a mut events::Identities>,
     resolver: &'a OwnerResolver,
     owners: std::cell::RefCell<HashMap<u32, crate::identity::owners::Owner>>,
     destinations: std::cell::RefCell<std::sync::MutexGuard<'a, Destinations>>,
@@ -393,10 +392,6 @@ impl crate::pipeline::tracker::Describe for Describer<'_> {
 
     fn has_name(&self, key: &FlowKey) -> bool {
         self.destinations.borrow_mut().has_name(key, self.now)
-    }
-
-    fn take_identity(&self, key: &FlowKey) -> Option<events::FlowMeta> {
-        self.pending.borrow_mut().remove(key)
     }
 }
 
@@ -449,17 +444,10 @@ impl Agent {
         let payload_ring = kernel.take_payloads()?;
         let kernel_log = crate::bpf::kernel_log::KernelLog::default();
         let kernel_log_reader = Mutex::new(kernel.take_log(kernel_log.clone())?);
-        let meta_limit = events::meta_limit(capacity as u32);
-        let meta: MetaTable = events::meta_table();
         let stop = Arc::new(AtomicBool::new(false));
         let events_received = Arc::new(AtomicU64::new(0));
-        let reader = events::spawn_reader(
-            ring,
-            meta.clone(),
-            meta_limit,
-            stop.clone(),
-            events_received.clone(),
-        );
+        let (reader, identified) =
+            events::spawn_reader(ring, stop.clone(), events_received.clone());
         let destinations: SharedDestinations = Arc::new(Mutex::new(destinations));
         let payloads_received = Arc::new(AtomicU64::new(0));
         let payload_reader = crate::enrich::destinations::spawn_reader(
@@ -475,7 +463,7 @@ impl Agent {
             kernel: Mutex::new(kernel),
             counters,
             facts: Mutex::new(None),
-            meta,
+            identified: Mutex::new(identified),
             resolver: RwLock::new(Arc::new(resolver)),
             sources_stamp: Mutex::new(sources_stamp),
             tracker: Mutex::new(tracker),
@@ -536,22 +524,20 @@ impl Agent {
     }
 
     /// One tracker pass: the kernel's flows, a chunk at a time, then events
-    /// and log lines. Locks in this order: kernel, identities,
-    /// destinations, log, tracker (others take the kernel alone).
+    /// and log lines. Locks in this order: kernel, destinations, log,
+    /// tracker, then the reader's channel (others take the kernel alone).
     pub fn tick(&self) -> Result<()> {
         let mut kernel = self.kernel.lock().unwrap();
         if self.ticks.load(Ordering::Relaxed).is_multiple_of(5) {
             kernel.refresh_tc();
         }
         let resolver = self.resolver();
-        let mut meta = self.meta.lock().unwrap();
         let destinations = self.destinations.lock().unwrap();
         let prune = self
             .ticks
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(10);
         let describe = Describer {
-            pending: std::cell::RefCell::new(&mut meta),
             resolver: &resolver,
             owners: Default::default(),
             destinations: std::cell::RefCell::new(destinations),
@@ -567,6 +553,7 @@ impl Agent {
             }
         };
         let mut tracker = self.tracker.lock().unwrap();
+        tracker.receive(self.identified.lock().unwrap().try_iter().flatten());
         let pass = tracker.begin_pass(Instant::now());
         let read = kernel.flows_in_chunks(|chunk| {
             tracker.take(&pass, chunk, &describe, &mut write);
@@ -575,7 +562,6 @@ impl Agent {
         let read = read?;
         self.last_flow_count.store(read, Ordering::Relaxed);
         tracker.end_pass(pass, &describe, &mut write);
-        events::drop_stale(&mut describe.pending.borrow_mut());
         if prune {
             // What the kernel no longer holds, the tracker just dropped too.
             describe
@@ -587,7 +573,6 @@ impl Agent {
         drop(tracker);
         drop(describe);
         drop(log);
-        drop(meta);
         self.publish_facts();
         // Big passes leave freed memory in malloc's arenas; hand it back.
         #[cfg(target_env = "gnu")]
@@ -713,10 +698,7 @@ impl Agent {
 
     /// Gathers what the pass knows (locks in the poller's order).
     fn gather_facts(&self) -> PassFacts {
-        let mut agent_tables = AgentTables {
-            identities: self.meta.lock().unwrap().len() as u64,
-            ..Default::default()
-        };
+        let mut agent_tables = AgentTables::default();
         let (dns_responses, geoip) = {
             let d = self.destinations.lock().unwrap();
             (agent_tables.payload_infos, agent_tables.dns_names) = d.sizes();
@@ -729,7 +711,7 @@ impl Agent {
         };
         let t = self.tracker.lock().unwrap();
         agent_tables.tracked_flows = t.tracked() as u64;
-        agent_tables.identities += t.identities() as u64;
+        agent_tables.identities = t.identities() as u64;
         PassFacts {
             agent_tables,
             dns_responses,

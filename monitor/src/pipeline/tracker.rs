@@ -12,7 +12,7 @@
 //! plain hash map at half load would take twice that); full records are
 //! built only for the flows it logs.
 
-use crate::identity::events::FlowMeta;
+use crate::identity::events::{FlowMeta, Identities};
 use crate::identity::owners::Owner;
 use crate::pipeline::flows::FlowRecord;
 use crate::pipeline::rules::Rules;
@@ -26,7 +26,7 @@ struct Tracked {
     current: FlowValue,
     /// Totals at the last flow_start/flow_update line.
     logged: Counters,
-    /// Who opened the flow, taken over from the event reader.
+    /// Who opened the flow, as the event reader identified it.
     meta: Option<FlowMeta>,
     /// Seconds after `Tracker::epoch` the counters last moved.
     last_change: u32,
@@ -117,11 +117,6 @@ pub type OwnerKey = (u32, String, String, bool);
 pub trait Describe {
     /// The full record of a flow (owner, identity, destination details).
     fn record(&self, key: &FlowKey, value: &FlowValue, meta: Option<&FlowMeta>) -> FlowRecord;
-    /// The identity the event reader recorded for a flow, handed over once
-    /// (the tracker keeps it from then on).
-    fn take_identity(&self, _key: &FlowKey) -> Option<FlowMeta> {
-        None
-    }
     /// The owner of a uid as the resolver sees it now.
     fn owner(&self, uid: u32) -> Owner;
     /// Changes when what `record` shows of the flow's destination or payload
@@ -170,6 +165,9 @@ pub struct Tracker {
     dirty: bool,
     /// `Pass::secs` of the latest pass.
     last_secs: u32,
+    /// Identities the event reader handed over whose flows no pass has
+    /// found yet (see [`Tracker::receive`]).
+    unclaimed: Identities,
 }
 
 /// What a previous agent logged of a flow it had not saved yet.
@@ -311,9 +309,19 @@ impl Tracker {
             .collect()
     }
 
-    /// Tracked flows that know their sender.
+    /// Identities the tracker holds: of tracked flows, and of flows no pass
+    /// has found yet.
     pub fn identities(&self) -> usize {
-        self.flows.values().filter(|t| t.meta.is_some()).count()
+        self.flows.values().filter(|t| t.meta.is_some()).count() + self.unclaimed.len()
+    }
+
+    /// Takes over the identities the event reader found: each goes to its
+    /// flow when a pass finds it (one found already without its sender is
+    /// described again with it), or leaves when none does in time.
+    pub fn receive(&mut self, identified: impl IntoIterator<Item = (FlowKey, FlowMeta)>) {
+        for (key, meta) in identified {
+            self.unclaimed.record(key, meta);
+        }
     }
 
     pub fn new(options: TrackerOptions) -> Tracker {
@@ -341,6 +349,7 @@ impl Tracker {
             announced: HashMap::default(),
             dirty: false,
             last_secs: 0,
+            unclaimed: Identities::new(capacity),
         }
     }
 
@@ -447,7 +456,7 @@ impl Tracker {
         events: &mut Sink<'_>,
     ) {
         self.dirty = true;
-        let meta = describe.take_identity(key);
+        let meta = self.unclaimed.take(key);
         let record = describe.record(key, value, meta.as_ref());
         let class = self.class_of(&record);
         self.add_bytes(class, value.tx_bytes);
@@ -490,7 +499,7 @@ impl Tracker {
         let tracked = &mut self.flows[index];
         if tracked.meta.is_none() {
             // Its event was read after the snapshot that found it.
-            tracked.meta = describe.take_identity(key);
+            tracked.meta = self.unclaimed.take(key);
             if tracked.meta.is_some() {
                 tracked.record = None;
             }
@@ -577,6 +586,7 @@ impl Tracker {
         });
         self.flows_evicted += (before - self.flows.len()) as u64;
         self.end_unmet_announced(describe, &mut events);
+        self.unclaimed.drop_stale();
         self.dirty |= self.flows.len() != before;
         // Idle flows end; the kernel entry stays and new traffic restarts it.
         let idle_secs = self.idle_secs();
@@ -997,6 +1007,42 @@ mod tests {
         assert_eq!(names, ["flow_start", "flow_start"]);
         assert_eq!((t.tracked(), t.flows_evicted), (2, 0));
         assert_eq!(t.bytes_by_country().values().sum::<u64>(), 300);
+    }
+
+    #[test]
+    fn a_sender_handed_over_before_or_after_its_flow_is_found_is_shown() {
+        let mut t = Tracker::new(TrackerOptions {
+            capacity: 16,
+            update_every: Duration::from_secs(10),
+            idle_after: Duration::from_secs(30),
+            emit: false,
+            rules: Rules::none(),
+        });
+        let d = Fixed(RefCell::new(owner("com.example.app", "app")));
+        let sender = |tgid: u32| FlowMeta {
+            sender: std::sync::Arc::new(crate::identity::events::Sender {
+                tgid,
+                comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+                ..Default::default()
+            }),
+            batch: 1,
+            from_task: true,
+        };
+        let early = snap(100);
+        let mut late = snap(100);
+        late[0].0.port = 443;
+        // The first flow's event arrives before a pass finds it.
+        t.receive([(early[0].0, sender(7))]);
+        let both = [early[0], late[0]];
+        t.tick(Instant::now(), &both, &d, &mut |_| {});
+        // The second's arrives after.
+        t.receive([(late[0].0, sender(8))]);
+        t.tick(Instant::now(), &both, &d, &mut |_| {});
+        let mut pids: Vec<(u16, Option<u32>)> =
+            t.records().iter().map(|r| (r.port, r.pid)).collect();
+        pids.sort_unstable();
+        assert_eq!(pids, [(80, Some(7)), (443, Some(8))]);
+        assert_eq!(t.identities(), 2);
     }
 
     #[test]
