@@ -18,15 +18,15 @@ use std::path::PathBuf;
 
 /// Load-time options.
 #[derive(Debug, Clone)]
-pub struct LoadOptions {
-    pub cgroup: PathBuf,
-    pub pin_dir: PathBuf,
-    pub hooks: Option<Vec<Hook>>,
-    pub flow_entries: u32,
-    pub uid_entries: u32,
-    pub ringbuf_bytes: u32,
+pub(crate) struct LoadOptions {
+    pub(crate) cgroup: PathBuf,
+    pub(crate) pin_dir: PathBuf,
+    pub(crate) hooks: Option<Vec<Hook>>,
+    pub(crate) flow_entries: u32,
+    pub(crate) uid_entries: u32,
+    pub(crate) ringbuf_bytes: u32,
     /// Interfaces for the tc hooks (default: all but loopback).
-    pub tc_ifaces: Option<Vec<String>>,
+    pub(crate) tc_ifaces: Option<Vec<String>>,
 }
 
 /// Fault injection for the reliability tests: hooks named in
@@ -48,13 +48,10 @@ fn simulated_missing_hook(_hook: Hook) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Summed (over CPUs) counters of one flow.
-pub type FlowTotals = FlowValue;
-
-pub struct Kernel {
+pub(crate) struct Kernel {
     ebpf: Ebpf,
-    pub plans: Vec<HookPlan>,
-    pub options: LoadOptions,
+    pub(crate) plans: Vec<HookPlan>,
+    pub(crate) options: LoadOptions,
     /// Where its pins are.
     pins: PinDir,
     /// Where the tc hooks are attached, by interface index.
@@ -76,7 +73,7 @@ pub(crate) fn verifier_error(hook: Hook, err: ProgramError) -> anyhow::Error {
 }
 
 impl Kernel {
-    pub fn load(options: LoadOptions) -> Result<Kernel> {
+    pub(crate) fn load(options: LoadOptions) -> Result<Kernel> {
         system::require_kernel()?;
         if !options.ringbuf_bytes.is_power_of_two() || options.ringbuf_bytes < 4096 {
             bail!(
@@ -300,7 +297,7 @@ impl Kernel {
     /// wlan0 and tun0 come and go): attaches to new ones and to ones made
     /// again under an old name, frees what listed those that went away, and
     /// puts back a filter or link someone removed.
-    pub fn refresh_tc(&mut self) {
+    pub(crate) fn refresh_tc(&mut self) {
         if !self.plans.iter().any(|p| p.hook.is_tc() && p.attach) {
             return;
         }
@@ -319,7 +316,7 @@ impl Kernel {
         self.tc.prune_l3_offsets(&mut self.ebpf);
     }
 
-    pub fn attached(&self) -> Vec<Hook> {
+    pub(crate) fn attached(&self) -> Vec<Hook> {
         self.plans
             .iter()
             .filter(|p| p.attach)
@@ -333,18 +330,11 @@ impl Kernel {
         )?)
     }
 
-    /// Every flow in the kernel map, counters summed over CPUs.
-    pub fn flows(&self) -> Result<Vec<FlowEntry>> {
-        let mut out = Vec::new();
-        self.flows_in_chunks(|chunk| out.extend_from_slice(chunk))?;
-        Ok(out)
-    }
-
     /// Walks the flow map, handing its flows (counters summed over CPUs) to
     /// `each` a few thousand at a time, so a pass over a full map never holds
     /// all of it at once; returns how many were read. Uses batched lookups;
     /// falls back to per-key lookups where the kernel lacks them.
-    pub fn flows_in_chunks(&self, mut each: impl FnMut(&[FlowEntry])) -> Result<u64> {
+    pub(crate) fn flows_in_chunks(&self, mut each: impl FnMut(&[FlowEntry])) -> Result<u64> {
         let mut chunks = Chunks {
             buf: Vec::with_capacity(Chunks::SIZE),
             read: 0,
@@ -378,7 +368,7 @@ impl Kernel {
     /// A reader of the per-uid totals and health counters on descriptors of
     /// its own: scrapes and `status` read them without waiting for a pass
     /// (which holds the kernel for its walk of the flow map).
-    pub fn counters(&self) -> Result<Counters> {
+    pub(crate) fn counters(&self) -> Result<Counters> {
         let own = |name: &str| -> Result<MapData> {
             let map = self
                 .ebpf
@@ -397,7 +387,7 @@ impl Kernel {
         })
     }
 
-    pub fn take_payloads(&mut self) -> Result<RingBuf<MapData>> {
+    pub(crate) fn take_payloads(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
             .take_map(MAP_PAYLOADS)
@@ -413,7 +403,7 @@ impl Kernel {
 
     /// The kernel programs' aya-log records, handed to `logger` at each
     /// `flush` (taken once, by the agent).
-    pub fn take_log(
+    pub(crate) fn take_log(
         &mut self,
         logger: crate::bpf::kernel_log::KernelLog,
     ) -> Result<aya_log::EbpfLogger<crate::bpf::kernel_log::KernelLog>> {
@@ -422,12 +412,12 @@ impl Kernel {
     }
 
     /// The mark the programs leave uncounted (for the agent's own sockets).
-    pub fn own_mark(&self) -> u32 {
+    pub(crate) fn own_mark(&self) -> u32 {
         self.own_mark
     }
 
     /// The new-flow event ring (taken once by the event reader).
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+    pub(crate) fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
             .take_map(MAP_EVENTS)
@@ -437,7 +427,7 @@ impl Kernel {
 }
 
 /// A flow as read from the kernel, counters summed over CPUs.
-pub type FlowEntry = (FlowKey, FlowValue);
+pub(crate) type FlowEntry = (FlowKey, FlowValue);
 
 /// Hands flows on to a consumer a few thousand at a time.
 struct Chunks<'a> {
@@ -468,14 +458,14 @@ impl Chunks<'_> {
 }
 
 /// The kernel's per-uid totals and health counters (see [`Kernel::counters`]).
-pub struct Counters {
+pub(crate) struct Counters {
     uid_totals: PerCpuHashMap<MapData, UidKey, UidTotals>,
     stats: PerCpuArray<MapData, u64>,
 }
 
 impl Counters {
     /// Per-uid totals (not subject to flow eviction), summed over CPUs.
-    pub fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
+    pub(crate) fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
         let mut out = HashMap::new();
         for item in self.uid_totals.iter() {
             let Ok((uid, per_cpu)) = item else { continue };
@@ -493,7 +483,7 @@ impl Counters {
     }
 
     /// Health counters summed over CPUs, indexed by `STAT_*`.
-    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
+    pub(crate) fn stats(&self) -> Result<[u64; STAT_COUNT as usize]> {
         let mut out = [0u64; STAT_COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             if let Ok(values) = self.stats.get(&(i as u32), 0) {
@@ -507,7 +497,10 @@ impl Counters {
 /// Sums per-CPU flow values: counters add, first_seen is the earliest
 /// non-zero stamp, last_seen the latest; `udp_sends` becomes the flow's
 /// datagrams ([`udp_datagrams`]).
-pub fn sum_flow<'a>(key: &FlowKey, values: impl Iterator<Item = &'a FlowValue>) -> FlowValue {
+pub(crate) fn sum_flow<'a>(
+    key: &FlowKey,
+    values: impl Iterator<Item = &'a FlowValue>,
+) -> FlowValue {
     let mut total = FlowValue::default();
     for v in values {
         total.connects += v.connects;

@@ -10,9 +10,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// Oldest kernel with everything egressmon uses: cgroup links (5.7),
 /// BPF ring buffer and `bpf_ktime_get_boot_ns` (5.8).
-pub const MIN_KERNEL: (u32, u32) = (5, 8);
+pub(crate) const MIN_KERNEL: (u32, u32) = (5, 8);
 
-pub fn require_root(what: &str) -> Result<()> {
+pub(crate) fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -31,7 +31,7 @@ pub fn kernel_release() -> String {
 }
 
 /// The running kernel's (major, minor).
-pub fn kernel_version() -> Option<(u32, u32)> {
+pub(crate) fn kernel_version() -> Option<(u32, u32)> {
     parse_kernel_version(&kernel_release())
 }
 
@@ -43,7 +43,7 @@ pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-pub fn require_kernel() -> Result<()> {
+pub(crate) fn require_kernel() -> Result<()> {
     check_kernel(&kernel_release())
 }
 
@@ -98,7 +98,7 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 }
 
 /// Resolves `--cgroup` (absolute path or relative to the cgroup2 root).
-pub fn resolve_cgroup(arg: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn resolve_cgroup(arg: Option<&Path>) -> Result<PathBuf> {
     let root = cgroup2_root()?;
     let path = match arg {
         None => root.clone(),
@@ -117,14 +117,14 @@ pub fn resolve_cgroup(arg: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// The cgroup id the kernel reports for a cgroup2 directory (its inode).
-pub fn cgroup_id(path: &Path) -> Result<u64> {
+pub(crate) fn cgroup_id(path: &Path) -> Result<u64> {
     Ok(std::fs::metadata(path)
         .with_context(|| format!("stat {}", path.display()))?
         .ino())
 }
 
 /// `path` and each ancestor up to and including the cgroup2 mount root.
-pub fn cgroup_lineage(path: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn cgroup_lineage(path: &Path) -> Result<Vec<PathBuf>> {
     let root = cgroup2_root()?;
     let mut lineage = vec![path.to_path_buf()];
     let mut current = path;
@@ -270,7 +270,7 @@ fn mount_bpffs(at: &Path) -> Result<()> {
 }
 
 /// CLOCK_BOOTTIME and CLOCK_REALTIME now, in nanoseconds.
-pub fn clocks_now() -> (u64, u64) {
+pub(crate) fn clocks_now() -> (u64, u64) {
     fn read(clock: libc::clockid_t) -> u64 {
         // SAFETY: clock_gettime writes into a struct we own.
         unsafe {
@@ -286,7 +286,7 @@ pub fn clocks_now() -> (u64, u64) {
 /// between the two clocks moves only when the wall clock is set or slewed,
 /// so each thread reads it again at most every 100 ms instead of twice per
 /// stamp (the agent converts two stamps per new flow).
-pub fn boot_ns_to_system_time(boot_ns: u64) -> std::time::SystemTime {
+pub(crate) fn boot_ns_to_system_time(boot_ns: u64) -> std::time::SystemTime {
     use std::cell::Cell;
     use std::time::{Duration, Instant};
     thread_local! {
@@ -306,7 +306,7 @@ pub fn boot_ns_to_system_time(boot_ns: u64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + Duration::from_nanos(wall_ns)
 }
 
-pub fn rfc3339(boot_ns: u64) -> Option<String> {
+pub(crate) fn rfc3339(boot_ns: u64) -> Option<String> {
     (boot_ns != 0)
         .then(|| humantime::format_rfc3339_millis(boot_ns_to_system_time(boot_ns)).to_string())
 }
@@ -314,7 +314,7 @@ pub fn rfc3339(boot_ns: u64) -> Option<String> {
 /// The ephemeral port range of this network namespace
 /// (`net.ipv4.ip_local_port_range`, which IPv6 shares); Linux's default when
 /// unreadable.
-pub fn ephemeral_ports() -> (u32, u32) {
+pub(crate) fn ephemeral_ports() -> (u32, u32) {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|text| parse_port_range(&text))
@@ -329,7 +329,7 @@ fn parse_port_range(text: &str) -> Option<(u32, u32)> {
 
 /// A random non-zero socket mark, new at every load (for the agent's own
 /// sockets, which the kernel programs then leave uncounted).
-pub fn random_mark() -> u32 {
+pub(crate) fn random_mark() -> u32 {
     let mut bytes = [0u8; 4];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into our buffer.
     let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };

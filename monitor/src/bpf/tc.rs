@@ -53,11 +53,11 @@ const ARPHRD_NONE: u16 = 0xfffe;
 
 /// An interface the tc programs watch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Interface {
-    pub name: String,
-    pub index: u32,
+pub(crate) struct Interface {
+    pub(crate) name: String,
+    pub(crate) index: u32,
     /// Bytes of link header before the IP header.
-    pub l3_offset: u32,
+    pub(crate) l3_offset: u32,
 }
 
 /// The link header length for an ARPHRD type, for the types whose packets
@@ -144,7 +144,7 @@ fn describe(name: &str, index: u32, named: bool) -> Result<Interface> {
 /// Interfaces of the agent's network namespace to watch: `only` if given
 /// (each must exist and have a known link layer), else every interface but
 /// loopback with a known link layer.
-pub fn interfaces(only: Option<&[String]>) -> Result<Vec<Interface>> {
+pub(crate) fn interfaces(only: Option<&[String]>) -> Result<Vec<Interface>> {
     let found = list()?;
     let Some(only) = only else {
         return Ok(present_of(&found, None));
@@ -180,7 +180,7 @@ fn present_of(found: &[(String, u32)], only: Option<&[String]>) -> Vec<Interface
 
 /// Whether to attach through TCX links (6.6+) or netlink filters.
 /// `EGRESSMON_TC_NETLINK=1` forces netlink (the tests cover both paths).
-pub fn use_tcx() -> bool {
+pub(crate) fn use_tcx() -> bool {
     if std::env::var("EGRESSMON_TC_NETLINK").is_ok_and(|v| v == "1") {
         return false;
     }
@@ -197,7 +197,7 @@ fn side(hook: Hook) -> Side {
 }
 
 /// Loads `hook`'s schedcls program once.
-pub fn load(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
+pub(crate) fn load(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
     let program: &mut SchedClassifier = ebpf
         .program_mut(hook.program())
         .with_context(|| format!("program {} missing from the object", hook.program()))?

@@ -16,30 +16,30 @@ use std::time::{Duration, Instant};
 /// Who sent a flow's first packet. Shared (one allocation per sending
 /// process and cgroup) by all the flows it opened.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Sender {
-    pub tgid: u32,
+pub(crate) struct Sender {
+    pub(crate) tgid: u32,
     /// Task name as the kernel reports it (NUL padded).
-    pub comm: [u8; 16],
-    pub cgroup_id: u64,
+    pub(crate) comm: [u8; 16],
+    pub(crate) cgroup_id: u64,
     /// Cgroup path under the cgroup2 mount.
-    pub cgroup: Option<Arc<str>>,
+    pub(crate) cgroup: Option<Arc<str>>,
     /// Best effort, read from /proc when the sender's first event arrived.
-    pub exe: Option<Box<str>>,
-    pub cmdline: Option<Box<str>>,
+    pub(crate) exe: Option<Box<str>>,
+    pub(crate) cmdline: Option<Box<str>>,
 }
 
 /// Identity of a flow: 16 bytes, since the tracker keeps one per flow.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FlowMeta {
-    pub sender: Arc<Sender>,
+pub(crate) struct FlowMeta {
+    pub(crate) sender: Arc<Sender>,
     /// Reader batch that recorded it: the oldest make room first.
-    pub batch: u32,
+    pub(crate) batch: u32,
     /// Reported by a sock_addr hook (the calling task is the sender).
-    pub from_task: bool,
+    pub(crate) from_task: bool,
 }
 
 /// Identities the reader hands over, one batch of the ring at a time.
-pub type Identified = Vec<(FlowKey, FlowMeta)>;
+pub(crate) type Identified = Vec<(FlowKey, FlowMeta)>;
 
 /// Identities the tracker holds for flows no pass has found yet (foldhash:
 /// fast, and seeded per process). At most `limit` of them: a burst can
@@ -119,7 +119,7 @@ impl Identities {
     }
 }
 
-pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 fn decode(bytes: &[u8]) -> Option<FlowEvent> {
     if bytes.len() < std::mem::size_of::<FlowEvent>() {
@@ -130,7 +130,7 @@ fn decode(bytes: &[u8]) -> Option<FlowEvent> {
 }
 
 impl Sender {
-    pub fn comm(&self) -> String {
+    pub(crate) fn comm(&self) -> String {
         let end = self.comm.iter().position(|&b| b == 0).unwrap_or(16);
         String::from_utf8_lossy(&self.comm[..end]).into_owned()
     }
@@ -222,7 +222,7 @@ const HANDOVER_BATCHES: usize = PENDING_BATCHES as usize;
 /// gone. The ring is drained every interval whatever the tracker does, so a
 /// long pass over the flow map never makes the kernel drop events; each
 /// interval's identities go out as one batch on the returned channel.
-pub fn spawn_reader(
+pub(crate) fn spawn_reader(
     mut ring: aya::maps::RingBuf<aya::maps::MapData>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     received: Arc<std::sync::atomic::AtomicU64>,

@@ -66,11 +66,11 @@ impl std::ops::Deref for FlowRecord {
 }
 
 /// Whether the flow is a local service's replies (see [`FAMILY_INBOUND`]).
-pub fn is_inbound(key: &FlowKey) -> bool {
+pub(crate) fn is_inbound(key: &FlowKey) -> bool {
     key.family & FAMILY_INBOUND != 0
 }
 
-pub fn destination(key: &FlowKey) -> IpAddr {
+pub(crate) fn destination(key: &FlowKey) -> IpAddr {
     if key.family & !FAMILY_INBOUND == FAMILY_IPV4 {
         IpAddr::V4(Ipv4Addr::new(
             key.addr[0],
@@ -83,7 +83,7 @@ pub fn destination(key: &FlowKey) -> IpAddr {
     }
 }
 
-pub fn record(
+pub(crate) fn record(
     key: &FlowKey,
     value: &FlowValue,
     owner: &Owner,
@@ -137,7 +137,7 @@ pub fn record(
 }
 
 /// Sets a described flow's counters and times to `value`'s.
-pub fn set_counters(record: &mut FlowRecord, value: &FlowValue) {
+pub(crate) fn set_counters(record: &mut FlowRecord, value: &FlowValue) {
     record.connects = value.connects;
     record.udp_sends = value.udp_sends;
     record.tx_packets = value.tx_packets;
@@ -146,7 +146,7 @@ pub fn set_counters(record: &mut FlowRecord, value: &FlowValue) {
     record.last_seen = rfc3339(value.last_seen);
 }
 
-pub fn sort_busiest_first(rows: &mut [FlowRecord]) {
+pub(crate) fn sort_busiest_first(rows: &mut [FlowRecord]) {
     rows.sort_by(|a, b| {
         b.tx_bytes
             .cmp(&a.tx_bytes)
@@ -155,7 +155,7 @@ pub fn sort_busiest_first(rows: &mut [FlowRecord]) {
 }
 
 /// Plain-text table for terminals, names escaped (see `text::escape`).
-pub fn render_text(rows: &[FlowRecord]) -> String {
+pub(crate) fn render_text(rows: &[FlowRecord]) -> String {
     let mut out = format!(
         "{:>8} {:<16} {:<9} {:<5} {:<40} {:>8} {:>8} {:>8} {:>12}\n",
         "UID", "OWNER", "ORIGIN", "PROTO", "DESTINATION", "CONNECTS", "UDP", "PACKETS", "BYTES"
