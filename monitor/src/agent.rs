@@ -7,7 +7,7 @@ use crate::bpf::hooks::{Conflict, Hook};
 use crate::bpf::kernel::{Kernel, LoadOptions};
 use crate::enrich::destinations::{Destinations, SharedDestinations};
 use crate::enrich::geoip::GeoIp;
-use crate::identity::events::{self, MetaTable};
+use crate::identity::events::{self, Identified};
 use crate::identity::owners::OwnerResolver;
 use crate::pipeline::flows::{self, FlowRecord};
 use crate::pipeline::rules::Rules;
@@ -25,29 +25,29 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// User-space options of `egressmon run`.
 #[derive(Debug, Clone)]
-pub struct AgentOptions {
-    pub android_root: Option<PathBuf>,
+pub(crate) struct AgentOptions {
+    pub(crate) android_root: Option<PathBuf>,
     /// `--log`: a path, or `-` for stdout.
-    pub log: Option<String>,
-    pub log_max_bytes: u64,
-    pub log_keep: usize,
-    pub log_interval: Duration,
-    pub flow_idle: Duration,
+    pub(crate) log: Option<String>,
+    pub(crate) log_max_bytes: u64,
+    pub(crate) log_keep: usize,
+    pub(crate) log_interval: Duration,
+    pub(crate) flow_idle: Duration,
     /// How often the flow map is read for the tracker.
-    pub poll_interval: Duration,
+    pub(crate) poll_interval: Duration,
     /// Uids that get their own metric series; later ones fold into `other`.
-    pub metrics_max_uids: usize,
+    pub(crate) metrics_max_uids: usize,
     /// `--geoip` files (MaxMind DB or start,end,country CSV).
-    pub geoip: Vec<PathBuf>,
+    pub(crate) geoip: Vec<PathBuf>,
     /// `--rules` file; the shipped rules when absent.
-    pub rules: Option<PathBuf>,
+    pub(crate) rules: Option<PathBuf>,
     /// `--netd-bpf-root`: where netd's pinned stats maps are (they must be
     /// there); without it they are looked for where Android keeps them.
-    pub netd_bpf_root: Option<PathBuf>,
+    pub(crate) netd_bpf_root: Option<PathBuf>,
     /// Root-only directory (the `--run-dir`) where what the agent derives
     /// (per-country bytes, alerts, what each flow was accounted for) is kept
     /// across its restarts; `None`: nothing is kept.
-    pub state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -69,7 +69,7 @@ impl Default for AgentOptions {
     }
 }
 
-pub struct Agent {
+pub(crate) struct Agent {
     kernel: Mutex<Kernel>,
     /// The kernel's per-uid totals and health counters, read without the
     /// kernel's lock (which a pass holds for its walk of the flow map).
@@ -77,14 +77,15 @@ pub struct Agent {
     /// What the latest pass knew, for scrapes and `status`: they never wait
     /// for a pass.
     facts: Mutex<Option<Arc<PassFacts>>>,
-    meta: MetaTable,
+    /// Senders the event reader identified, on their way to the tracker.
+    identified: Mutex<std::sync::mpsc::Receiver<Identified>>,
     resolver: RwLock<Arc<OwnerResolver>>,
     sources_stamp: Mutex<Vec<Option<SystemTime>>>,
-    pub tracker: Mutex<Tracker>,
+    pub(crate) tracker: Mutex<Tracker>,
     log: Mutex<Option<JsonlLog>>,
-    pub options: AgentOptions,
+    pub(crate) options: AgentOptions,
     /// Uids given their own metric series, in order of first appearance.
-    pub labelled_uids: Mutex<BTreeSet<u32>>,
+    pub(crate) labelled_uids: Mutex<BTreeSet<u32>>,
     last_flow_count: AtomicU64,
     destinations: SharedDestinations,
     payloads_received: Arc<AtomicU64>,
@@ -97,7 +98,7 @@ pub struct Agent {
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Android netd's own per-uid counters, where they exist.
-    pub netd: Option<Mutex<crate::bpf::netd_stats::NetdStats>>,
+    pub(crate) netd: Option<Mutex<crate::bpf::netd_stats::NetdStats>>,
     netd_uids: AtomicU64,
     /// The kernel programs' diagnostics (aya-log), drained once a pass.
     kernel_log: crate::bpf::kernel_log::KernelLog,
@@ -218,37 +219,37 @@ fn open_netd_stats(root: Option<&Path>) -> Result<Option<crate::bpf::netd_stats:
 
 /// What `status` says about netd's counters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NetdStatus {
-    pub root: PathBuf,
-    pub source: String,
-    pub uids: u64,
+pub(crate) struct NetdStatus {
+    pub(crate) root: PathBuf,
+    pub(crate) source: String,
+    pub(crate) uids: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HookStatus {
-    pub hook: String,
-    pub attached: bool,
-    pub reason: Option<String>,
-    pub held_by: Option<Conflict>,
+pub(crate) struct HookStatus {
+    pub(crate) hook: String,
+    pub(crate) attached: bool,
+    pub(crate) reason: Option<String>,
+    pub(crate) held_by: Option<Conflict>,
     /// Interfaces a tc hook watches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub interfaces: Vec<String>,
+    pub(crate) interfaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MapStatus {
-    pub map: String,
+pub(crate) struct MapStatus {
+    pub(crate) map: String,
     /// Entries seen by the agent's last walk of the map. A walk is not
     /// atomic: under heavy churn it can also meet keys that replaced ones it
     /// had already read, so it may briefly exceed `capacity` by a few.
-    pub entries: u64,
-    pub capacity: u64,
+    pub(crate) entries: u64,
+    pub(crate) capacity: u64,
 }
 
 /// What a pass knows that `status` and `/metrics` show, published when the
 /// pass ends.
 #[derive(Debug, Clone)]
-pub struct PassFacts {
+pub(crate) struct PassFacts {
     agent_tables: AgentTables,
     dns_responses: u64,
     geoip: Vec<String>,
@@ -258,69 +259,69 @@ pub struct PassFacts {
     attached: Vec<Hook>,
     load: LoadOptions,
     /// Bytes per (origin, firmware, country).
-    pub bytes_by_country: Vec<(crate::pipeline::tracker::CountryKey, u64)>,
+    pub(crate) bytes_by_country: Vec<(crate::pipeline::tracker::CountryKey, u64)>,
     /// Cleartext flows per (uid, owner, origin, firmware).
-    pub cleartext_flows: Vec<(crate::pipeline::tracker::OwnerKey, u64)>,
+    pub(crate) cleartext_flows: Vec<(crate::pipeline::tracker::OwnerKey, u64)>,
     /// Matches per alert rule.
-    pub alerts: Vec<(String, u64)>,
+    pub(crate) alerts: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct AgentTables {
-    pub identities: u64,
-    pub payload_infos: u64,
-    pub dns_names: u64,
-    pub tracked_flows: u64,
+pub(crate) struct AgentTables {
+    pub(crate) identities: u64,
+    pub(crate) payload_infos: u64,
+    pub(crate) dns_names: u64,
+    pub(crate) tracked_flows: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub version: String,
-    pub kernel: String,
-    pub cgroup: PathBuf,
-    pub pin_dir: PathBuf,
-    pub pid: u32,
-    pub uptime_seconds: u64,
-    pub hooks: Vec<HookStatus>,
+pub(crate) struct Status {
+    pub(crate) version: String,
+    pub(crate) kernel: String,
+    pub(crate) cgroup: PathBuf,
+    pub(crate) pin_dir: PathBuf,
+    pub(crate) pid: u32,
+    pub(crate) uptime_seconds: u64,
+    pub(crate) hooks: Vec<HookStatus>,
     /// Per counter, the hooks that feed it.
-    pub backends: std::collections::BTreeMap<String, Vec<String>>,
+    pub(crate) backends: std::collections::BTreeMap<String, Vec<String>>,
     /// netd's per-uid counters, read alongside ours (Android).
     #[serde(default)]
-    pub netd_stats: Option<NetdStatus>,
-    pub maps: Vec<MapStatus>,
-    pub events_lost: u64,
-    pub flow_update_failures: u64,
-    pub uid_update_failures: u64,
-    pub unparsed_packets: u64,
-    pub kernel_packets: u64,
+    pub(crate) netd_stats: Option<NetdStatus>,
+    pub(crate) maps: Vec<MapStatus>,
+    pub(crate) events_lost: u64,
+    pub(crate) flow_update_failures: u64,
+    pub(crate) uid_update_failures: u64,
+    pub(crate) unparsed_packets: u64,
+    pub(crate) kernel_packets: u64,
     /// Distinct flows the kernel announced since its maps were created.
-    pub flows_created: u64,
+    pub(crate) flows_created: u64,
     /// Flows no longer in the map: created minus present (or the evictions
     /// the tracker saw, if higher).
-    pub flows_evicted: u64,
+    pub(crate) flows_evicted: u64,
     /// New-flow events this agent read from the ring buffer.
-    pub events_received: u64,
-    pub log_write_errors: u64,
+    pub(crate) events_received: u64,
+    pub(crate) log_write_errors: u64,
     /// Owner sources reread after a change, and rereads refused because the
     /// files were damaged (the last good owners stay in use).
-    pub owner_reloads: u64,
-    pub owner_reloads_rejected: u64,
+    pub(crate) owner_reloads: u64,
+    pub(crate) owner_reloads_rejected: u64,
     /// Problems found in the owner sources in use (skipped lines, ...).
-    pub owner_warnings: Vec<String>,
+    pub(crate) owner_warnings: Vec<String>,
     /// Payload events read (first payloads and DNS responses), and those the
     /// kernel dropped because the payload ring was full.
-    pub payloads_received: u64,
-    pub payloads_lost: u64,
-    pub dns_responses: u64,
+    pub(crate) payloads_received: u64,
+    pub(crate) payloads_lost: u64,
+    pub(crate) dns_responses: u64,
     /// `--geoip` sources in use.
-    pub geoip: Vec<String>,
+    pub(crate) geoip: Vec<String>,
     /// Entries in the agent's own tables (each bounded by the flow map).
-    pub agent_tables: AgentTables,
+    pub(crate) agent_tables: AgentTables,
     /// Alert rules in force.
-    pub rules: Vec<String>,
+    pub(crate) rules: Vec<String>,
     /// The kernel programs' own diagnostics (aya-log, rare paths only).
     #[serde(default)]
-    pub kernel_diagnostics: crate::bpf::kernel_log::KernelDiagnostics,
+    pub(crate) kernel_diagnostics: crate::bpf::kernel_log::KernelDiagnostics,
 }
 
 /// Flows one pass walks per poll interval. A pass costs about 0.5 µs per
@@ -356,8 +357,6 @@ fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
 
 /// Builds records for the tracker, resolving each uid once per pass.
 struct Describer<'a> {
-    /// Identities the event reader recorded, not yet taken by the tracker.
-    pending: std::cell::RefCell<&'a mut events::Identities>,
     resolver: &'a OwnerResolver,
     owners: std::cell::RefCell<HashMap<u32, crate::identity::owners::Owner>>,
     destinations: std::cell::RefCell<std::sync::MutexGuard<'a, Destinations>>,
@@ -394,14 +393,10 @@ impl crate::pipeline::tracker::Describe for Describer<'_> {
     fn has_name(&self, key: &FlowKey) -> bool {
         self.destinations.borrow_mut().has_name(key, self.now)
     }
-
-    fn take_identity(&self, key: &FlowKey) -> Option<events::FlowMeta> {
-        self.pending.borrow_mut().remove(key)
-    }
 }
 
 impl Agent {
-    pub fn start(load: LoadOptions, options: AgentOptions) -> Result<Arc<Agent>> {
+    pub(crate) fn start(load: LoadOptions, options: AgentOptions) -> Result<Arc<Agent>> {
         let log = match &options.log {
             Some(target) => Some(
                 JsonlLog::open(target, options.log_max_bytes, options.log_keep)
@@ -449,17 +444,10 @@ impl Agent {
         let payload_ring = kernel.take_payloads()?;
         let kernel_log = crate::bpf::kernel_log::KernelLog::default();
         let kernel_log_reader = Mutex::new(kernel.take_log(kernel_log.clone())?);
-        let meta_limit = events::meta_limit(capacity as u32);
-        let meta: MetaTable = events::meta_table();
         let stop = Arc::new(AtomicBool::new(false));
         let events_received = Arc::new(AtomicU64::new(0));
-        let reader = events::spawn_reader(
-            ring,
-            meta.clone(),
-            meta_limit,
-            stop.clone(),
-            events_received.clone(),
-        );
+        let (reader, identified) =
+            events::spawn_reader(ring, stop.clone(), events_received.clone());
         let destinations: SharedDestinations = Arc::new(Mutex::new(destinations));
         let payloads_received = Arc::new(AtomicU64::new(0));
         let payload_reader = crate::enrich::destinations::spawn_reader(
@@ -475,7 +463,7 @@ impl Agent {
             kernel: Mutex::new(kernel),
             counters,
             facts: Mutex::new(None),
-            meta,
+            identified: Mutex::new(identified),
             resolver: RwLock::new(Arc::new(resolver)),
             sources_stamp: Mutex::new(sources_stamp),
             tracker: Mutex::new(tracker),
@@ -536,22 +524,20 @@ impl Agent {
     }
 
     /// One tracker pass: the kernel's flows, a chunk at a time, then events
-    /// and log lines. Locks in this order: kernel, identities,
-    /// destinations, log, tracker (others take the kernel alone).
-    pub fn tick(&self) -> Result<()> {
+    /// and log lines. Locks in this order: kernel, destinations, log,
+    /// tracker, then the reader's channel (others take the kernel alone).
+    pub(crate) fn tick(&self) -> Result<()> {
         let mut kernel = self.kernel.lock().unwrap();
         if self.ticks.load(Ordering::Relaxed).is_multiple_of(5) {
             kernel.refresh_tc();
         }
         let resolver = self.resolver();
-        let mut meta = self.meta.lock().unwrap();
         let destinations = self.destinations.lock().unwrap();
         let prune = self
             .ticks
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(10);
         let describe = Describer {
-            pending: std::cell::RefCell::new(&mut meta),
             resolver: &resolver,
             owners: Default::default(),
             destinations: std::cell::RefCell::new(destinations),
@@ -567,6 +553,7 @@ impl Agent {
             }
         };
         let mut tracker = self.tracker.lock().unwrap();
+        tracker.receive(self.identified.lock().unwrap().try_iter().flatten());
         let pass = tracker.begin_pass(Instant::now());
         let read = kernel.flows_in_chunks(|chunk| {
             tracker.take(&pass, chunk, &describe, &mut write);
@@ -575,7 +562,6 @@ impl Agent {
         let read = read?;
         self.last_flow_count.store(read, Ordering::Relaxed);
         tracker.end_pass(pass, &describe, &mut write);
-        events::drop_stale(&mut describe.pending.borrow_mut());
         if prune {
             // What the kernel no longer holds, the tracker just dropped too.
             describe
@@ -587,7 +573,6 @@ impl Agent {
         drop(tracker);
         drop(describe);
         drop(log);
-        drop(meta);
         self.publish_facts();
         // Big passes leave freed memory in malloc's arenas; hand it back.
         #[cfg(target_env = "gnu")]
@@ -614,7 +599,7 @@ impl Agent {
 
     /// Keeps what a scrape hands out beyond the kernel's counters (uids with
     /// series of their own, netd's totals): call it before answering.
-    pub fn save_scrape_state(&self) {
+    pub(crate) fn save_scrape_state(&self) {
         let Some(state) = &self.scrape_state else {
             return;
         };
@@ -625,7 +610,7 @@ impl Agent {
     }
 
     /// Rebuilds the resolver when one of its files changed.
-    pub fn reload_owners_if_changed(&self) {
+    pub(crate) fn reload_owners_if_changed(&self) {
         let now = stamps(&owner_sources(self.options.android_root.as_deref()));
         let mut last = self.sources_stamp.lock().unwrap();
         if *last == now {
@@ -657,15 +642,11 @@ impl Agent {
         }
     }
 
-    pub fn resolver(&self) -> Arc<OwnerResolver> {
+    pub(crate) fn resolver(&self) -> Arc<OwnerResolver> {
         self.resolver.read().unwrap().clone()
     }
 
-    pub fn attached(&self) -> Vec<Hook> {
-        self.kernel.lock().unwrap().attached()
-    }
-
-    pub fn hook_report(&self) -> Vec<HookStatus> {
+    pub(crate) fn hook_report(&self) -> Vec<HookStatus> {
         let kernel = self.kernel.lock().unwrap();
         kernel
             .plans
@@ -683,7 +664,7 @@ impl Agent {
     /// The flow table, busiest first: a pass brings the tracker's model up
     /// to the kernel's counters, then the model is read (nothing is
     /// described a second time).
-    pub fn flows(&self) -> Result<Vec<FlowRecord>> {
+    pub(crate) fn flows(&self) -> Result<Vec<FlowRecord>> {
         self.tick()?;
         let mut rows = self.tracker.lock().unwrap().records();
         flows::sort_busiest_first(&mut rows);
@@ -691,7 +672,7 @@ impl Agent {
     }
 
     /// netd's per-uid totals (monotonic), if this is Android.
-    pub fn netd_totals(
+    pub(crate) fn netd_totals(
         &self,
     ) -> Option<Result<std::collections::BTreeMap<u32, crate::bpf::netd_stats::UidTraffic>>> {
         let netd = self.netd.as_ref()?;
@@ -703,20 +684,17 @@ impl Agent {
     }
 
     /// The mark that keeps the agent's own packets out of the counts.
-    pub fn own_mark(&self) -> u32 {
+    pub(crate) fn own_mark(&self) -> u32 {
         self.kernel.lock().unwrap().own_mark()
     }
 
-    pub fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
+    pub(crate) fn uid_totals(&self) -> Result<HashMap<UidKey, UidTotals>> {
         self.counters.uid_totals()
     }
 
     /// Gathers what the pass knows (locks in the poller's order).
     fn gather_facts(&self) -> PassFacts {
-        let mut agent_tables = AgentTables {
-            identities: self.meta.lock().unwrap().len() as u64,
-            ..Default::default()
-        };
+        let mut agent_tables = AgentTables::default();
         let (dns_responses, geoip) = {
             let d = self.destinations.lock().unwrap();
             (agent_tables.payload_infos, agent_tables.dns_names) = d.sizes();
@@ -729,7 +707,7 @@ impl Agent {
         };
         let t = self.tracker.lock().unwrap();
         agent_tables.tracked_flows = t.tracked() as u64;
-        agent_tables.identities += t.identities() as u64;
+        agent_tables.identities = t.identities() as u64;
         PassFacts {
             agent_tables,
             dns_responses,
@@ -760,7 +738,7 @@ impl Agent {
     }
 
     /// What the latest pass knew (gathered now if no pass has ended yet).
-    pub fn facts(&self) -> Arc<PassFacts> {
+    pub(crate) fn facts(&self) -> Arc<PassFacts> {
         if let Some(facts) = self.facts.lock().unwrap().clone() {
             return facts;
         }
@@ -769,7 +747,7 @@ impl Agent {
 
     /// The agent's status: the latest pass's facts with the kernel's health
     /// counters as they are now; waits for no pass.
-    pub fn status(&self) -> Result<Status> {
+    pub(crate) fn status(&self) -> Result<Status> {
         let facts = self.facts();
         let resolver = self.resolver();
         let mut backends = crate::bpf::hooks::backends(&facts.attached);
@@ -840,7 +818,7 @@ impl Agent {
     /// Stops the background threads after a last tracker step. Programs stay
     /// attached through their pinned links: the kernel keeps counting until
     /// `egressmon detach`.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
         for handle in self.threads.lock().unwrap().drain(..) {
             let _ = handle.join();

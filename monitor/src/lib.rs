@@ -2,11 +2,16 @@
 //! device, and to whom. Kernel programs count every connect, datagram and byte
 //! per uid and destination; this library loads them and turns the counters
 //! into flows with owners.
+//!
+//! Everything is `pub(crate)` unless the `egressmon` binary (`cli`) or the
+//! integration tests (monitor/tests) use it: the flow record and its words,
+//! the control socket's client, the host facts and pin directory the tests
+//! set up, netd's counters, and the state files `detach` removes.
 
-pub mod agent;
+pub(crate) mod agent;
 pub mod bpf;
 pub mod cli;
-pub mod enrich;
+pub(crate) mod enrich;
 pub mod identity;
 pub mod pipeline;
 pub mod serve;
@@ -14,8 +19,6 @@ pub mod serve;
 /// The raw bpf(2) layer (the egressmon-bpf-sys crate), under its old path.
 pub use bpf_sys;
 
-/// The payload parsers (the egressmon-inspect crate), under their old path.
-pub use inspect;
-
 /// The eBPF object built from monitor-ebpf by build.rs.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));

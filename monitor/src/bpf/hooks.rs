@@ -51,7 +51,7 @@ impl Hook {
     }
 
     /// Program (function) name in the eBPF object (the same as the hook's).
-    pub fn program(self) -> &'static str {
+    pub(crate) fn program(self) -> &'static str {
         self.name()
     }
 
@@ -70,7 +70,7 @@ impl Hook {
         }
     }
 
-    pub fn parse(name: &str) -> Result<Hook> {
+    pub(crate) fn parse(name: &str) -> Result<Hook> {
         Hook::ALL
             .into_iter()
             .find(|h| h.name() == name)
@@ -80,11 +80,7 @@ impl Hook {
             })
     }
 
-    pub fn is_skb(self) -> bool {
-        matches!(self, Hook::SkbEgress | Hook::SkbIngress)
-    }
-
-    pub fn is_sendmsg(self) -> bool {
+    pub(crate) fn is_sendmsg(self) -> bool {
         matches!(self, Hook::Sendmsg4 | Hook::Sendmsg6)
     }
 
@@ -94,7 +90,7 @@ impl Hook {
     }
 
     /// The cgroup hook a tc hook stands in for.
-    pub fn replaces(self) -> Option<Hook> {
+    pub(crate) fn replaces(self) -> Option<Hook> {
         match self {
             Hook::TcEgress => Some(Hook::SkbEgress),
             Hook::TcIngress => Some(Hook::SkbIngress),
@@ -110,7 +106,7 @@ impl fmt::Display for Hook {
 }
 
 /// Parses `--hooks a,b,c`.
-pub fn parse_list(list: &str) -> Result<Vec<Hook>> {
+pub(crate) fn parse_list(list: &str) -> Result<Vec<Hook>> {
     let mut hooks = Vec::new();
     for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let hook = Hook::parse(name)?;
@@ -130,11 +126,11 @@ pub fn parse_list(list: &str) -> Result<Vec<Hook>> {
 
 /// Someone else's exclusive program on a hook we wanted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Conflict {
-    pub cgroup: PathBuf,
-    pub prog_ids: Vec<u32>,
-    pub prog_names: Vec<String>,
-    pub flags: u32,
+pub(crate) struct Conflict {
+    pub(crate) cgroup: PathBuf,
+    pub(crate) prog_ids: Vec<u32>,
+    pub(crate) prog_names: Vec<String>,
+    pub(crate) flags: u32,
 }
 
 impl fmt::Display for Conflict {
@@ -175,7 +171,7 @@ fn program_name(id: u32) -> String {
 /// Checks `cgroup` and each ancestor for a program attached to `hook`'s type
 /// without BPF_F_ALLOW_MULTI. Attaching below such a program would either be
 /// refused by the kernel or (for override mode) hide it from this subtree.
-pub fn netd_conflicts(hook: Hook, lineage: &[PathBuf]) -> Result<Option<Conflict>> {
+pub(crate) fn netd_conflicts(hook: Hook, lineage: &[PathBuf]) -> Result<Option<Conflict>> {
     if hook.is_tc() {
         return Ok(None);
     }
@@ -206,22 +202,22 @@ pub fn netd_conflicts(hook: Hook, lineage: &[PathBuf]) -> Result<Option<Conflict
 
 /// What to do with each hook at start.
 #[derive(Debug, Clone, Serialize)]
-pub struct HookPlan {
-    pub hook: Hook,
-    pub attach: bool,
+pub(crate) struct HookPlan {
+    pub(crate) hook: Hook,
+    pub(crate) attach: bool,
     /// Why a hook is not attached (skipped, or not selected).
-    pub reason: Option<String>,
-    pub conflict: Option<Conflict>,
+    pub(crate) reason: Option<String>,
+    pub(crate) conflict: Option<Conflict>,
     /// Interfaces a tc hook is attached to.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub interfaces: Vec<String>,
+    pub(crate) interfaces: Vec<String>,
 }
 
 /// Chooses hooks: explicit `--hooks`, or the default set (connect4/6, skb
 /// egress and ingress; sendmsg4/6 only when skb egress is held by someone
 /// else, since the kernel locks the socket around sendmsg programs; the tc
 /// programs only where the skb hook they stand in for is held).
-pub fn plan(explicit: Option<&[Hook]>, cgroup: &Path) -> Result<Vec<HookPlan>> {
+pub(crate) fn plan(explicit: Option<&[Hook]>, cgroup: &Path) -> Result<Vec<HookPlan>> {
     let lineage = crate::bpf::system::cgroup_lineage(cgroup)?;
     let mut conflicts = Vec::new();
     for hook in Hook::ALL {
@@ -281,7 +277,7 @@ pub fn plan(explicit: Option<&[Hook]>, cgroup: &Path) -> Result<Vec<HookPlan>> {
 /// Which attached hooks feed each counter (status `backends`, metric
 /// `egressmon_backend`). A counter no attached hook feeds maps to
 /// an empty list: it stays 0.
-pub fn backends(attached: &[Hook]) -> std::collections::BTreeMap<String, Vec<String>> {
+pub(crate) fn backends(attached: &[Hook]) -> std::collections::BTreeMap<String, Vec<String>> {
     let pick = |candidates: &[Hook]| -> Vec<String> {
         candidates
             .iter()

@@ -13,22 +13,22 @@ const KEPT: usize = 16;
 
 /// What `status` shows of the kernel's diagnostics.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct KernelDiagnostics {
+pub(crate) struct KernelDiagnostics {
     /// Records received since the agent started.
-    pub count: u64,
+    pub(crate) count: u64,
     /// The latest ones, oldest first.
-    pub recent: Vec<String>,
+    pub(crate) recent: Vec<String>,
 }
 
 /// A `log::Log` for aya-log's records: forwards each to the agent's log at
 /// debug level and keeps the last [`KEPT`].
 #[derive(Clone, Default)]
-pub struct KernelLog {
+pub(crate) struct KernelLog {
     kept: Arc<Mutex<(u64, VecDeque<String>)>>,
 }
 
 impl KernelLog {
-    pub fn diagnostics(&self) -> KernelDiagnostics {
+    pub(crate) fn diagnostics(&self) -> KernelDiagnostics {
         let kept = self.kept.lock().unwrap();
         KernelDiagnostics {
             count: kept.0,

@@ -7,8 +7,9 @@
 //! nothing of owners, destinations or outputs.
 
 pub mod hooks;
-pub mod kernel;
-pub mod kernel_log;
+pub(crate) mod kernel;
+pub(crate) mod kernel_log;
 pub mod netd_stats;
+pub(crate) mod pins;
 pub mod system;
-pub mod tc;
+pub(crate) mod tc;

@@ -84,9 +84,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Where netd pins its maps since Android 13 (the Connectivity module).
-pub const NETD_BPF_ROOT: &str = "/sys/fs/bpf/netd_shared";
+pub(crate) const NETD_BPF_ROOT: &str = "/sys/fs/bpf/netd_shared";
 /// Where netd pinned them before Android 13.
-pub const LEGACY_NETD_BPF_ROOT: &str = "/sys/fs/bpf";
+pub(crate) const LEGACY_NETD_BPF_ROOT: &str = "/sys/fs/bpf";
 
 pub const STATS_MAP_A: &str = "map_netd_stats_map_A";
 pub const STATS_MAP_B: &str = "map_netd_stats_map_B";
@@ -100,8 +100,8 @@ pub const CURRENT_STATS_MAP_CONFIGURATION_KEY: u32 = 1;
 pub const SELECT_MAP_A: u32 = 0;
 pub const SELECT_MAP_B: u32 = 1;
 
-pub const STATS_KEY_SIZE: u32 = 16;
-pub const STATS_VALUE_SIZE: u32 = 32;
+pub(crate) const STATS_KEY_SIZE: u32 = 16;
+pub(crate) const STATS_VALUE_SIZE: u32 = 32;
 const VALUE_SIZE: usize = STATS_VALUE_SIZE as usize;
 
 /// netd's `StatsKey`, in host byte order as the maps hold it.
@@ -305,7 +305,7 @@ impl NetdStats {
     }
 
     /// `open` on `NETD_BPF_ROOT`, then on `LEGACY_NETD_BPF_ROOT`.
-    pub fn open_default() -> Result<Option<NetdStats>> {
+    pub(crate) fn open_default() -> Result<Option<NetdStats>> {
         match NetdStats::open(Path::new(NETD_BPF_ROOT))? {
             Some(stats) => Ok(Some(stats)),
             None => NetdStats::open(Path::new(LEGACY_NETD_BPF_ROOT)),
@@ -313,7 +313,7 @@ impl NetdStats {
     }
 
     /// The directory the maps were opened in.
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
@@ -366,12 +366,12 @@ impl NetdStats {
 /// netd's totals as the restart state keeps them (see `crate::serve::state`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct NetdSnapshot {
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// Ids of the maps the rows were read from.
-    pub map_ids: Vec<u32>,
+    pub(crate) map_ids: Vec<u32>,
     /// Rows as last read: (0 = A or the app-uid map, 1 = B; key; value).
-    pub rows: Vec<(u8, StatsKey, StatsValue)>,
-    pub by_uid: BTreeMap<u32, UidTraffic>,
+    pub(crate) rows: Vec<(u8, StatsKey, StatsValue)>,
+    pub(crate) by_uid: BTreeMap<u32, UidTraffic>,
 }
 
 impl NetdStats {

@@ -3,16 +3,16 @@
 
 use anyhow::{bail, Context, Result};
 use std::ffi::CString;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// Oldest kernel with everything egressmon uses: cgroup links (5.7),
 /// BPF ring buffer and `bpf_ktime_get_boot_ns` (5.8).
-pub const MIN_KERNEL: (u32, u32) = (5, 8);
+pub(crate) const MIN_KERNEL: (u32, u32) = (5, 8);
 
-pub fn require_root(what: &str) -> Result<()> {
+pub(crate) fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -31,7 +31,7 @@ pub fn kernel_release() -> String {
 }
 
 /// The running kernel's (major, minor).
-pub fn kernel_version() -> Option<(u32, u32)> {
+pub(crate) fn kernel_version() -> Option<(u32, u32)> {
     parse_kernel_version(&kernel_release())
 }
 
@@ -43,7 +43,7 @@ pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-pub fn require_kernel() -> Result<()> {
+pub(crate) fn require_kernel() -> Result<()> {
     check_kernel(&kernel_release())
 }
 
@@ -98,7 +98,7 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 }
 
 /// Resolves `--cgroup` (absolute path or relative to the cgroup2 root).
-pub fn resolve_cgroup(arg: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn resolve_cgroup(arg: Option<&Path>) -> Result<PathBuf> {
     let root = cgroup2_root()?;
     let path = match arg {
         None => root.clone(),
@@ -117,14 +117,14 @@ pub fn resolve_cgroup(arg: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// The cgroup id the kernel reports for a cgroup2 directory (its inode).
-pub fn cgroup_id(path: &Path) -> Result<u64> {
+pub(crate) fn cgroup_id(path: &Path) -> Result<u64> {
     Ok(std::fs::metadata(path)
         .with_context(|| format!("stat {}", path.display()))?
         .ino())
 }
 
 /// `path` and each ancestor up to and including the cgroup2 mount root.
-pub fn cgroup_lineage(path: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn cgroup_lineage(path: &Path) -> Result<Vec<PathBuf>> {
     let root = cgroup2_root()?;
     let mut lineage = vec![path.to_path_buf()];
     let mut current = path;
@@ -152,11 +152,15 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 /// Makes sure `pin_dir` is a directory only root controls on a mounted
-/// bpffs, mounting /sys/fs/bpf (root only) if needed and creating `pin_dir`
-/// (0700) if missing. Pins hold every app's counters and the programs' links:
-/// a directory someone else controls could feed the agent planted maps or
-/// take egressmon's pins away.
+/// bpffs (see [`crate::bpf::pins::PinDir::prepare`]).
 pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
+    crate::bpf::pins::PinDir::new(pin_dir).prepare()
+}
+
+/// Makes sure the parent of `pin_dir` is a bpffs directory only root
+/// controls, mounting /sys/fs/bpf (root only) if needed: the pin directory
+/// itself is `PinDir`'s to make and check.
+pub(crate) fn prepare_bpffs_for(pin_dir: &Path) -> Result<()> {
     if !pin_dir.is_absolute() {
         bail!(
             "--pin-dir must be an absolute path, got {}",
@@ -186,9 +190,7 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
         }
     }
     check_real_path(parent)?;
-    check_parent_dir(parent)?;
-    create_pin_dir(pin_dir)?;
-    check_pin_dir(pin_dir, PinDirUse::Run)
+    check_parent_dir(parent)
 }
 
 /// Refuses `dir` unless it is its own real path (no symbolic link or `..`
@@ -225,85 +227,8 @@ fn check_parent_dir(parent: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Creates `pin_dir` with mode 0700 if it is missing. Only the last
-/// component is ever created: its parent is on bpffs already.
-fn create_pin_dir(pin_dir: &Path) -> Result<()> {
-    match std::fs::DirBuilder::new().mode(0o700).create(pin_dir) {
-        // The umask may have taken bits away: exactly 0700, on the
-        // directory just made (never through a link).
-        Ok(()) => open_dir_no_follow(pin_dir)?
-            .set_permissions(std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("restricting {} to root", pin_dir.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("creating pin directory {}", pin_dir.display())),
-    }
-}
-
-fn open_dir_no_follow(dir: &Path) -> Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(dir)
-        .with_context(|| format!("opening {}", dir.display()))
-}
-
-const GROUP_OR_OTHER_WRITE: u32 = 0o022;
-
-/// What a pin directory is checked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PinDirUse {
-    /// Pinning and adopting maps: only root may add anything to it.
-    Run,
-    /// Removing root's own pins by name: others may add entries where the
-    /// sticky bit keeps them from renaming or removing root's (as in
-    /// /sys/fs/bpf itself); what they add is not root's, so it stays.
-    Detach,
-}
-
-/// Checks that `pin_dir` is a real directory (lstat: a symbolic link is
-/// refused, never followed), owned by root and, for `run`, not writable by
-/// group or others; the error says what is wrong and what to do.
-pub(crate) fn check_pin_dir(pin_dir: &Path, used_for: PinDirUse) -> Result<()> {
-    let meta = std::fs::symlink_metadata(pin_dir)
-        .with_context(|| format!("checking pin directory {}", pin_dir.display()))?;
-    match pin_dir_problem(meta.mode(), meta.uid(), used_for) {
-        Some(problem) => bail!("pin directory {}: {problem}", pin_dir.display()),
-        None => Ok(()),
-    }
-}
-
-/// What is wrong with a pin directory of this lstat mode and owner, with
-/// what to do about it.
-fn pin_dir_problem(mode: u32, uid: u32, used_for: PinDirUse) -> Option<String> {
-    match mode & libc::S_IFMT {
-        libc::S_IFDIR => {}
-        libc::S_IFLNK => {
-            return Some(
-                "is a symbolic link: egressmon does not follow links for its pins (whoever made \
-                 the link would choose where root's pins go); remove the link or pass the real \
-                 directory in --pin-dir"
-                    .into(),
-            )
-        }
-        _ => return Some("is not a directory: remove it or choose another --pin-dir".into()),
-    }
-    if uid != 0 {
-        return Some(format!(
-            "is owned by uid {uid}, not root: its owner could plant maps for the agent or take \
-             egressmon's pins away; remove it (egressmon makes it again, owned by root, mode \
-             0700) or choose another --pin-dir"
-        ));
-    }
-    let sticky_is_enough = used_for == PinDirUse::Detach && mode & libc::S_ISVTX != 0;
-    if mode & GROUP_OR_OTHER_WRITE != 0 && !sticky_is_enough {
-        return Some(format!(
-            "is writable by group or others (mode {:03o}): they could plant maps for the agent \
-             or take egressmon's pins away; `chmod 700` it or choose another --pin-dir",
-            mode & 0o7777
-        ));
-    }
-    None
-}
+/// Mode bits that let group or others write.
+pub(crate) const GROUP_OR_OTHER_WRITE: u32 = 0o022;
 
 /// Whether `dir` is the root of a mount (a directory egressmon never
 /// removes, e.g. /sys/fs/bpf itself).
@@ -345,7 +270,7 @@ fn mount_bpffs(at: &Path) -> Result<()> {
 }
 
 /// CLOCK_BOOTTIME and CLOCK_REALTIME now, in nanoseconds.
-pub fn clocks_now() -> (u64, u64) {
+pub(crate) fn clocks_now() -> (u64, u64) {
     fn read(clock: libc::clockid_t) -> u64 {
         // SAFETY: clock_gettime writes into a struct we own.
         unsafe {
@@ -361,7 +286,7 @@ pub fn clocks_now() -> (u64, u64) {
 /// between the two clocks moves only when the wall clock is set or slewed,
 /// so each thread reads it again at most every 100 ms instead of twice per
 /// stamp (the agent converts two stamps per new flow).
-pub fn boot_ns_to_system_time(boot_ns: u64) -> std::time::SystemTime {
+pub(crate) fn boot_ns_to_system_time(boot_ns: u64) -> std::time::SystemTime {
     use std::cell::Cell;
     use std::time::{Duration, Instant};
     thread_local! {
@@ -381,7 +306,7 @@ pub fn boot_ns_to_system_time(boot_ns: u64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + Duration::from_nanos(wall_ns)
 }
 
-pub fn rfc3339(boot_ns: u64) -> Option<String> {
+pub(crate) fn rfc3339(boot_ns: u64) -> Option<String> {
     (boot_ns != 0)
         .then(|| humantime::format_rfc3339_millis(boot_ns_to_system_time(boot_ns)).to_string())
 }
@@ -389,7 +314,7 @@ pub fn rfc3339(boot_ns: u64) -> Option<String> {
 /// The ephemeral port range of this network namespace
 /// (`net.ipv4.ip_local_port_range`, which IPv6 shares); Linux's default when
 /// unreadable.
-pub fn ephemeral_ports() -> (u32, u32) {
+pub(crate) fn ephemeral_ports() -> (u32, u32) {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|text| parse_port_range(&text))
@@ -404,7 +329,7 @@ fn parse_port_range(text: &str) -> Option<(u32, u32)> {
 
 /// A random non-zero socket mark, new at every load (for the agent's own
 /// sockets, which the kernel programs then leave uncounted).
-pub fn random_mark() -> u32 {
+pub(crate) fn random_mark() -> u32 {
     let mut bytes = [0u8; 4];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into our buffer.
     let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
@@ -442,41 +367,6 @@ mod tests {
         assert!(check_kernel("4.19.191-android").is_err());
         assert!(check_kernel("5.10.198-android12-9").is_ok());
         assert!(check_kernel("6.1.0-57-arm64").is_ok());
-    }
-
-    #[test]
-    fn pin_dirs_only_root_controls_pass() {
-        for used_for in [PinDirUse::Run, PinDirUse::Detach] {
-            for mode in [0o700, 0o755, 0o1700] {
-                assert_eq!(pin_dir_problem(libc::S_IFDIR | mode, 0, used_for), None);
-            }
-        }
-    }
-
-    #[test]
-    fn pin_dir_problems_say_what_is_wrong() {
-        let problem = |mode, uid| pin_dir_problem(mode, uid, PinDirUse::Run).unwrap();
-        assert!(problem(libc::S_IFLNK | 0o777, 0).starts_with("is a symbolic link"));
-        assert!(problem(libc::S_IFREG | 0o600, 0).starts_with("is not a directory"));
-        let owner = problem(libc::S_IFDIR | 0o700, 65534);
-        assert!(
-            owner.starts_with("is owned by uid 65534, not root"),
-            "{owner}"
-        );
-        for mode in [0o770, 0o702, 0o1777] {
-            let writable = problem(libc::S_IFDIR | mode, 0);
-            let expected = format!("is writable by group or others (mode {mode:03o})");
-            assert!(writable.starts_with(&expected), "{writable}");
-        }
-    }
-
-    #[test]
-    fn detach_accepts_a_sticky_directory_only_root_owns() {
-        let detach = |mode, uid| pin_dir_problem(libc::S_IFDIR | mode, uid, PinDirUse::Detach);
-        assert_eq!(detach(0o1777, 0), None);
-        assert!(detach(0o777, 0).is_some());
-        assert!(detach(0o1777, 1000).is_some());
-        assert!(pin_dir_problem(libc::S_IFLNK | 0o1777, 0, PinDirUse::Detach).is_some());
     }
 
     #[test]

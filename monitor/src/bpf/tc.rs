@@ -31,6 +31,7 @@
 mod netlink;
 
 use crate::bpf::hooks::Hook;
+use crate::bpf::pins::PinDir;
 use crate::bpf_sys;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::HashMap as BpfHashMap;
@@ -43,7 +44,6 @@ use serde::Serialize;
 use std::borrow::BorrowMut;
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
 
 const ARPHRD_ETHER: u16 = 1;
 const ARPHRD_PPP: u16 = 512;
@@ -53,11 +53,11 @@ const ARPHRD_NONE: u16 = 0xfffe;
 
 /// An interface the tc programs watch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Interface {
-    pub name: String,
-    pub index: u32,
+pub(crate) struct Interface {
+    pub(crate) name: String,
+    pub(crate) index: u32,
     /// Bytes of link header before the IP header.
-    pub l3_offset: u32,
+    pub(crate) l3_offset: u32,
 }
 
 /// The link header length for an ARPHRD type, for the types whose packets
@@ -144,7 +144,7 @@ fn describe(name: &str, index: u32, named: bool) -> Result<Interface> {
 /// Interfaces of the agent's network namespace to watch: `only` if given
 /// (each must exist and have a known link layer), else every interface but
 /// loopback with a known link layer.
-pub fn interfaces(only: Option<&[String]>) -> Result<Vec<Interface>> {
+pub(crate) fn interfaces(only: Option<&[String]>) -> Result<Vec<Interface>> {
     let found = list()?;
     let Some(only) = only else {
         return Ok(present_of(&found, None));
@@ -180,7 +180,7 @@ fn present_of(found: &[(String, u32)], only: Option<&[String]>) -> Vec<Interface
 
 /// Whether to attach through TCX links (6.6+) or netlink filters.
 /// `EGRESSMON_TC_NETLINK=1` forces netlink (the tests cover both paths).
-pub fn use_tcx() -> bool {
+pub(crate) fn use_tcx() -> bool {
     if std::env::var("EGRESSMON_TC_NETLINK").is_ok_and(|v| v == "1") {
         return false;
     }
@@ -196,21 +196,8 @@ fn side(hook: Hook) -> Side {
     }
 }
 
-fn link_pin(pin_dir: &Path, hook: Hook, iface: &str) -> PathBuf {
-    pin_dir.join(format!("link_{}_{}", hook.name(), iface))
-}
-
-/// The tc hook and interface name a TCX link pin is named after.
-fn parse_link_pin(file_name: &str) -> Option<(Hook, &str)> {
-    let rest = file_name.strip_prefix("link_")?;
-    TC_HOOKS.into_iter().find_map(|hook| {
-        let name = rest.strip_prefix(hook.name())?.strip_prefix('_')?;
-        (!name.is_empty()).then_some((hook, name))
-    })
-}
-
 /// Loads `hook`'s schedcls program once.
-pub fn load(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
+pub(crate) fn load(ebpf: &mut Ebpf, hook: Hook) -> Result<()> {
     let program: &mut SchedClassifier = ebpf
         .program_mut(hook.program())
         .with_context(|| format!("program {} missing from the object", hook.program()))?
@@ -259,22 +246,10 @@ pub(crate) struct Ownership {
 }
 
 impl Ownership {
-    pub(crate) fn of_pins(pin_dir: &Path) -> Ownership {
-        let pinned = [
-            MAP_FLOWS,
-            MAP_UID_TOTALS,
-            MAP_UID_DIRECT,
-            MAP_EVENTS,
-            MAP_PAYLOADS,
-            MAP_STATS,
-        ];
-        let map_ids = pinned
-            .iter()
-            .filter_map(|name| bpf_sys::obj_get(&pin_dir.join(name)).ok())
-            .filter_map(|fd| bpf_sys::map_info(fd.as_fd()).ok())
-            .map(|info| info.id)
-            .collect();
-        Ownership { map_ids }
+    pub(crate) fn of_pins(pins: &PinDir) -> Ownership {
+        Ownership {
+            map_ids: pins.program_map_ids(),
+        }
     }
 
     /// Whether `filter` runs egressmon's `hook` program: this agent's
@@ -306,9 +281,9 @@ fn table(ebpf: &mut Ebpf) -> Result<FilterTable<&mut MapData>> {
     })
 }
 
-/// The pinned list under `pin_dir`, if there is one.
-fn pinned_table(pin_dir: &Path) -> Option<FilterTable<MapData>> {
-    let data = MapData::from_pin(pin_dir.join(MAP_TC_FILTERS)).ok()?;
+/// The pinned list under `pins`, if there is one.
+fn pinned_table(pins: &PinDir) -> Option<FilterTable<MapData>> {
+    let data = MapData::from_pin(pins.map(MAP_TC_FILTERS)).ok()?;
     let map = Array::try_from(Map::Array(data)).ok()?;
     Some(FilterTable { map })
 }
@@ -561,20 +536,20 @@ fn remove_filters_except<T: BorrowMut<MapData>>(
 /// an interface and ours) and empties the list: for `detach`. TCX links are
 /// pins, removed with the others. Returns what it removed, as
 /// `hook/interface`.
-pub fn remove_filters(pin_dir: &Path) -> Vec<String> {
-    let Some(mut table) = pinned_table(pin_dir) else {
+pub(crate) fn remove_filters(pins: &PinDir) -> Vec<String> {
+    let Some(mut table) = pinned_table(pins) else {
         return Vec::new();
     };
-    remove_filters_except(&mut table, &Ownership::of_pins(pin_dir), |_, _| false)
+    remove_filters_except(&mut table, &Ownership::of_pins(pins), |_, _| false)
 }
 
 /// Makes sure `hook`'s program (loaded) runs on `iface` through the TCX link
 /// pinned for it: adopts the pinned link (swapping its program atomically),
 /// or makes one when there is none or it belongs to an interface that went
 /// away.
-fn ensure_link(ebpf: &Ebpf, hook: Hook, iface: &Interface, pin_dir: &Path) -> Result<()> {
+fn ensure_link(ebpf: &Ebpf, hook: Hook, iface: &Interface, pins: &PinDir) -> Result<()> {
     let (prog, prog_id) = program(ebpf, hook)?;
-    let pin = link_pin(pin_dir, hook, &iface.name);
+    let pin = pins.tc_link(hook, &iface.name);
     if pin.exists() {
         let link = bpf_sys::obj_get(&pin).with_context(|| format!("opening {}", pin.display()))?;
         let info = bpf_sys::link_info(link.as_fd())?;
@@ -601,8 +576,8 @@ fn ensure_link(ebpf: &Ebpf, hook: Hook, iface: &Interface, pin_dir: &Path) -> Re
 
 /// Removes the pinned TCX link of `hook` on `iface` (gone), unless the pin
 /// now holds the link of another interface that took the name.
-fn remove_link_of(pin_dir: &Path, hook: Hook, iface: &Interface) {
-    let pin = link_pin(pin_dir, hook, &iface.name);
+fn remove_link_of(pins: &PinDir, hook: Hook, iface: &Interface) {
+    let pin = pins.tc_link(hook, &iface.name);
     let Ok(link) = bpf_sys::obj_get(&pin) else {
         return;
     };
@@ -623,10 +598,10 @@ pub(crate) struct Attachments {
 }
 
 impl Attachments {
-    /// For the agent whose maps are pinned under `pin_dir`.
-    pub(crate) fn new(pin_dir: &Path) -> Attachments {
+    /// For the agent whose maps are pinned in `pins`.
+    pub(crate) fn new(pins: &PinDir) -> Attachments {
         Attachments {
-            ownership: Ownership::of_pins(pin_dir),
+            ownership: Ownership::of_pins(pins),
             ..Attachments::default()
         }
     }
@@ -646,11 +621,11 @@ impl Attachments {
         ebpf: &mut Ebpf,
         hook: Hook,
         ifaces: &[Interface],
-        pin_dir: &Path,
+        pins: &PinDir,
     ) -> Vec<String> {
         let mut errors = Vec::new();
         for iface in ifaces {
-            if let Err(e) = self.ensure(ebpf, hook, iface, pin_dir) {
+            if let Err(e) = self.ensure(ebpf, hook, iface, pins) {
                 // Logged by the caller: refreshes stay quiet until it works.
                 self.failing.insert((hook, iface.index));
                 errors.push(format!("{e:#}"));
@@ -667,7 +642,7 @@ impl Attachments {
         ebpf: &mut Ebpf,
         hook: Hook,
         present: &[Interface],
-        pin_dir: &Path,
+        pins: &PinDir,
     ) {
         let gone: Vec<Interface> = self
             .attached
@@ -676,11 +651,11 @@ impl Attachments {
             .map(|(_, iface)| iface.clone())
             .collect();
         for iface in &gone {
-            self.forget(ebpf, hook, iface, pin_dir);
+            self.forget(ebpf, hook, iface, pins);
         }
         for iface in present {
             let key = (hook, iface.index);
-            match self.ensure(ebpf, hook, iface, pin_dir) {
+            match self.ensure(ebpf, hook, iface, pins) {
                 Ok(()) => {
                     if self.failing.remove(&key) {
                         log::info!("hook {hook}: attached to {} now", iface.name);
@@ -702,7 +677,7 @@ impl Attachments {
         ebpf: &mut Ebpf,
         hook: Hook,
         iface: &Interface,
-        pin_dir: &Path,
+        pins: &PinDir,
     ) -> Result<()> {
         let key = (hook, iface.index);
         set_l3_offset(ebpf, iface)?;
@@ -710,11 +685,11 @@ impl Attachments {
             if let Some(old) = self.attached.get(&key).filter(|old| old.name != iface.name) {
                 // Renamed: the pin follows, so its link is adopted, not doubled.
                 let _ = std::fs::rename(
-                    link_pin(pin_dir, hook, &old.name),
-                    link_pin(pin_dir, hook, &iface.name),
+                    pins.tc_link(hook, &old.name),
+                    pins.tc_link(hook, &iface.name),
                 );
             }
-            ensure_link(ebpf, hook, iface, pin_dir)
+            ensure_link(ebpf, hook, iface, pins)
         } else {
             ensure_filter(ebpf, hook, iface, &self.ownership)
         };
@@ -727,10 +702,10 @@ impl Attachments {
 
     /// `iface` went away, and its filters or links with it: frees what
     /// listed them.
-    fn forget(&mut self, ebpf: &mut Ebpf, hook: Hook, iface: &Interface, pin_dir: &Path) {
+    fn forget(&mut self, ebpf: &mut Ebpf, hook: Hook, iface: &Interface, pins: &PinDir) {
         self.attached.remove(&(hook, iface.index));
         if use_tcx() {
-            remove_link_of(pin_dir, hook, iface);
+            remove_link_of(pins, hook, iface);
         } else if let Ok(mut table) = table(ebpf) {
             for (slot, _) in table.of(iface.index, hook) {
                 table.free(slot);
@@ -757,9 +732,9 @@ impl Attachments {
     /// Once this run has attached: removes what earlier runs left that it
     /// did not take over (hooks not planned now, interfaces no longer
     /// watched or gone, the other attach method), so nothing counts twice.
-    pub(crate) fn sweep(&self, ebpf: &mut Ebpf, pin_dir: &Path) {
+    pub(crate) fn sweep(&self, ebpf: &mut Ebpf, pins: &PinDir) {
         let tcx = use_tcx();
-        for (hook, name, pin) in tc_link_pins(pin_dir) {
+        for (hook, name, pin) in pins.tc_links() {
             let taken = tcx
                 && self
                     .attached
@@ -768,10 +743,7 @@ impl Attachments {
             if taken {
                 continue;
             }
-            if let Ok(link) = bpf_sys::obj_get(&pin) {
-                let _ = bpf_sys::link_detach(link.as_fd());
-            }
-            let _ = std::fs::remove_file(&pin);
+            crate::bpf::pins::remove_link(&pin);
             log::info!("removed the {hook} link of an earlier run on {name}");
         }
         let Ok(mut table) = table(ebpf) else {
@@ -782,21 +754,6 @@ impl Attachments {
             log::info!("removed the tc filter {removed} of an earlier run");
         }
     }
-}
-
-/// The TCX link pins under `pin_dir`: hook, interface name, path.
-fn tc_link_pins(pin_dir: &Path) -> Vec<(Hook, String, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(pin_dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let file_name = entry.file_name().to_string_lossy().into_owned();
-            let (hook, name) = parse_link_pin(&file_name)?;
-            Some((hook, name.to_string(), entry.path()))
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -810,21 +767,6 @@ mod tests {
         assert_eq!(l3_offset(ARPHRD_NONE), Some(0));
         assert_eq!(l3_offset(ARPHRD_LOOPBACK), None);
         assert_eq!(l3_offset(778), None);
-    }
-
-    #[test]
-    fn link_pins_name_hook_and_interface() {
-        let pin = link_pin(Path::new("/p"), Hook::TcIngress, "rmnet_data0");
-        let name = pin.file_name().unwrap().to_str().unwrap();
-        assert_eq!(parse_link_pin(name), Some((Hook::TcIngress, "rmnet_data0")));
-        assert_eq!(
-            parse_link_pin("link_tc_egress_wlan0"),
-            Some((Hook::TcEgress, "wlan0"))
-        );
-        assert_eq!(parse_link_pin("link_tc_egress"), None);
-        assert_eq!(parse_link_pin("link_tc_egress_"), None);
-        assert_eq!(parse_link_pin("link_skb_egress"), None);
-        assert_eq!(parse_link_pin("FLOWS"), None);
     }
 
     #[test]

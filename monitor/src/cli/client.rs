@@ -35,12 +35,12 @@ impl Endpoint {
     }
 
     /// POST `path`, returning the body.
-    pub fn post(&self, path: &str) -> Result<String> {
+    pub(crate) fn post(&self, path: &str) -> Result<String> {
         runtime()?.block_on(self.call(Method::POST, path))
     }
 
     /// Sends one request and returns the body of a successful answer.
-    pub async fn call(&self, method: Method, path: &str) -> Result<String> {
+    pub(crate) async fn call(&self, method: Method, path: &str) -> Result<String> {
         tokio::time::timeout(CALL_TIMEOUT, self.exchange(method, path))
             .await
             .map_err(|_| {

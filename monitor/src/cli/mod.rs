@@ -6,13 +6,14 @@
 //! (for `owners`), `pipeline::flows` (the rows it prints).
 
 pub mod client;
-pub mod text;
-pub mod top;
-pub mod tui;
+pub(crate) mod text;
+pub(crate) mod top;
+pub(crate) mod tui;
 
 use crate::agent::{Agent, AgentOptions, Status};
 use crate::bpf::hooks;
-use crate::bpf::kernel::{self, LoadOptions};
+use crate::bpf::kernel::LoadOptions;
+use crate::bpf::pins::PinDir;
 use crate::cli::client::Endpoint;
 use crate::identity::owners::OwnerResolver;
 use crate::serve::api::{ApiOptions, MetricsAccess};
@@ -24,36 +25,36 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9864";
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egressmon";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:9864";
+pub(crate) const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egressmon";
 
 #[derive(Parser, Debug)]
 #[command(name = "egressmon", version, about = "Which app, or which part of the firmware, is sending data off this device, and to whom?", long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// How to reach one agent (its pins, its control socket, its /metrics).
 #[derive(Args, Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     /// bpffs directory holding the agent's pinned maps and links (default
     /// /sys/fs/bpf/egressmon). `flows`, `top` and `status` check that the
     /// agent they reach uses it.
     #[arg(long)]
-    pub pin_dir: Option<PathBuf>,
+    pub(crate) pin_dir: Option<PathBuf>,
     /// The agent's TCP address for /metrics; its control socket is named
     /// after it.
     #[arg(long, default_value = DEFAULT_LISTEN)]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Root-only directory of the agent's control socket (default
     /// /run/egressmon, on Android /data/adb/egressmon).
     #[arg(long, env = "EGRESSMON_RUN_DIR")]
-    pub run_dir: Option<PathBuf>,
+    pub(crate) run_dir: Option<PathBuf>,
 }
 
 impl Target {
-    pub fn pin_dir(&self) -> PathBuf {
+    pub(crate) fn pin_dir(&self) -> PathBuf {
         self.pin_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR))
@@ -61,7 +62,7 @@ impl Target {
 
     /// The control socket of the agent these flags name, checked, when
     /// `--pin-dir` is given, to belong to the agent that uses those pins.
-    pub fn agent(&self) -> Result<Endpoint> {
+    pub(crate) fn agent(&self) -> Result<Endpoint> {
         let endpoint = self.endpoint();
         if let Some(pin_dir) = &self.pin_dir {
             let status: Status = serde_json::from_str(&endpoint.get("/status")?)?;
@@ -79,12 +80,12 @@ impl Target {
         Ok(endpoint)
     }
 
-    pub fn run_dir(&self) -> PathBuf {
+    pub(crate) fn run_dir(&self) -> PathBuf {
         self.run_dir.clone().unwrap_or_else(default_run_dir)
     }
 
     /// The control socket of the agent these flags name.
-    pub fn endpoint(&self) -> Endpoint {
+    pub(crate) fn endpoint(&self) -> Endpoint {
         Endpoint::new(&self.run_dir(), self.listen)
     }
 }
@@ -100,7 +101,7 @@ fn default_run_dir() -> PathBuf {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Attach the kernel programs and serve flows, status and /metrics.
     Run(Box<RunArgs>),
     /// Print the running agent's flow table.
@@ -142,84 +143,84 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// cgroup v2 directory to watch (default: the cgroup2 root, i.e. everything).
     #[arg(long)]
-    pub cgroup: Option<PathBuf>,
+    pub(crate) cgroup: Option<PathBuf>,
     #[command(flatten)]
-    pub target: Target,
+    pub(crate) target: Target,
     /// Hooks to attach, comma separated (connect4, connect6, sendmsg4,
     /// sendmsg6, skb_egress, skb_ingress, tc_egress, tc_ingress). Default:
     /// connect4, connect6, skb_egress, skb_ingress; where another program
     /// holds the skb hooks (Android's netd), sendmsg4/6 and the tc programs
     /// on the network interfaces instead.
     #[arg(long)]
-    pub hooks: Option<String>,
+    pub(crate) hooks: Option<String>,
     /// Interfaces for the tc hooks, comma separated (default: every
     /// interface but loopback, including ones that appear later).
     #[arg(long, value_delimiter = ',')]
-    pub tc_ifaces: Option<Vec<String>>,
+    pub(crate) tc_ifaces: Option<Vec<String>>,
     /// Directory of Android netd's pinned stats maps, read for exact per-uid
     /// byte totals (default: /sys/fs/bpf/netd_shared, else /sys/fs/bpf, when
     /// they are there).
     #[arg(long)]
-    pub netd_bpf_root: Option<PathBuf>,
+    pub(crate) netd_bpf_root: Option<PathBuf>,
     /// Device layout to resolve owners from (DIR/data/system/packages.list and
     /// packages.xml), e.g. files pulled from a phone; default: this machine.
     #[arg(long)]
-    pub android_root: Option<PathBuf>,
+    pub(crate) android_root: Option<PathBuf>,
     /// Write JSON lines (flow_start, flow_update, flow_end, owner_change,
     /// alert) to this file, or `-` for stdout.
     #[arg(long)]
-    pub log: Option<String>,
+    pub(crate) log: Option<String>,
     /// Rotate the --log file when the next line would make it larger than this.
     #[arg(long, default_value_t = 10 << 20)]
-    pub log_max_bytes: u64,
+    pub(crate) log_max_bytes: u64,
     /// Rotated --log files to keep (FILE.1 ... FILE.N).
     #[arg(long, default_value_t = 5)]
-    pub log_keep: usize,
+    pub(crate) log_keep: usize,
     /// Seconds between flow_update lines for flows that changed.
     #[arg(long, default_value_t = 60)]
-    pub log_interval: u64,
+    pub(crate) log_interval: u64,
     /// Seconds without traffic after which a flow_end line is written.
     #[arg(long, default_value_t = 300)]
-    pub flow_idle: u64,
+    pub(crate) flow_idle: u64,
     /// GeoIP data for destination countries and networks: MaxMind DB files
     /// (country, ASN) or CSV files of start_ip,end_ip,country ranges.
     /// Repeatable.
     #[arg(long)]
-    pub geoip: Vec<PathBuf>,
+    pub(crate) geoip: Vec<PathBuf>,
     /// Alert rules (TOML); without it the shipped rules apply (firmware
     /// sending cleartext, firmware reaching a new country).
     #[arg(long)]
-    pub rules: Option<PathBuf>,
+    pub(crate) rules: Option<PathBuf>,
     /// Uids besides root that may use the control socket (flows, status,
     /// top, detach), e.g. 2000 for `adb shell` without su. Comma separated.
     #[arg(long, value_delimiter = ',')]
-    pub api_allow_uid: Vec<u32>,
+    pub(crate) api_allow_uid: Vec<u32>,
     /// Who may scrape /metrics over TCP: uids of local peers, comma
     /// separated, or `any`. Default: any on Linux; 0,2000 (root and adb
     /// forward) on Android and with --android-root.
     #[arg(long, value_delimiter = ',')]
-    pub metrics_allow_uid: Vec<String>,
+    pub(crate) metrics_allow_uid: Vec<String>,
     /// TLS and basic auth for /metrics, in the Prometheus exporter-toolkit
     /// layout (`tls_server_config: {cert_file, key_file}`,
     /// `basic_auth_users: {user: bcrypt hash}`); with a password or client
     /// certificates, peers on other hosts may scrape.
     #[arg(long)]
-    pub web_config_file: Option<PathBuf>,
+    pub(crate) web_config_file: Option<PathBuf>,
     /// Uids that get their own metric series; later uids fold into uid="other".
     #[arg(long, default_value_t = 1000)]
-    pub metrics_max_uids: usize,
+    pub(crate) metrics_max_uids: usize,
     /// Flow map capacity (LRU: least recently used flows are evicted).
     #[arg(long, default_value_t = DEFAULT_FLOW_ENTRIES)]
-    pub flow_entries: u32,
+    pub(crate) flow_entries: u32,
     /// Per-uid totals map capacity.
     #[arg(long, default_value_t = DEFAULT_UID_ENTRIES)]
-    pub uid_entries: u32,
+    pub(crate) uid_entries: u32,
     /// New-flow event ring buffer size in bytes (power of two).
     #[arg(long, default_value_t = DEFAULT_RINGBUF_BYTES)]
-    pub ringbuf_bytes: u32,
+    pub(crate) ringbuf_bytes: u32,
 }
 
 pub fn main_with(cli: Cli) -> Result<()> {
@@ -454,7 +455,7 @@ fn detach(target: Target) -> Result<()> {
     for removed in crate::serve::state::remove(&target.run_dir(), &target.pin_dir()) {
         println!("removed the agent's state {}", removed.display());
     }
-    let report = kernel::detach(&target.pin_dir()).with_context(|| {
+    let report = PinDir::new(&target.pin_dir()).detach().with_context(|| {
         format!(
             "detaching what egressmon pinned under {}",
             target.pin_dir().display()
@@ -531,7 +532,7 @@ fn stop_agent(target: &Target) {
     println!("stopped agent pid {}", status.pid);
 }
 
-pub fn render_status(s: &Status) -> String {
+pub(crate) fn render_status(s: &Status) -> String {
     let mut out = format!(
         "egressmon {} on kernel {}, pid {}, up {}s\ncgroup  {}\npins    {}\n\nhooks:\n",
         s.version,

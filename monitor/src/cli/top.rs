@@ -8,39 +8,39 @@ use crate::cli::text::escape;
 use crate::pipeline::flows::FlowRecord;
 use anyhow::Result;
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One owner's traffic.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct OwnerRow {
-    pub uid: u32,
-    pub owner: String,
-    pub origin: String,
-    pub firmware: bool,
-    pub tx_bytes: u64,
-    pub tx_packets: u64,
-    pub connects: u64,
-    pub udp_sends: u64,
-    pub destinations: usize,
+pub(crate) struct OwnerRow {
+    pub(crate) uid: u32,
+    pub(crate) owner: String,
+    pub(crate) origin: String,
+    pub(crate) firmware: bool,
+    pub(crate) tx_bytes: u64,
+    pub(crate) tx_packets: u64,
+    pub(crate) connects: u64,
+    pub(crate) udp_sends: u64,
+    pub(crate) destinations: usize,
     /// Busiest destinations by bytes, "addr:port".
-    pub top_destinations: Vec<String>,
-    pub rate_bps: f64,
+    pub(crate) top_destinations: Vec<String>,
+    pub(crate) rate_bps: f64,
     /// Loopback and link-local traffic, in rows of its own after the others.
-    pub local: bool,
+    pub(crate) local: bool,
     /// Alerts raised on these flows.
-    pub alerts: u64,
+    pub(crate) alerts: u64,
 }
 
 /// Rows are per uid and per scope (remote, or local).
-pub type RowKey = (u32, bool);
+pub(crate) type RowKey = (u32, bool);
 
 impl OwnerRow {
-    pub fn key(&self) -> RowKey {
+    pub(crate) fn key(&self) -> RowKey {
         (self.uid, self.local)
     }
 }
 
-pub fn group(flows: &[FlowRecord]) -> Vec<OwnerRow> {
+pub(crate) fn group(flows: &[FlowRecord]) -> Vec<OwnerRow> {
     let mut by_uid: HashMap<RowKey, (OwnerRow, Vec<(u64, String)>)> = HashMap::new();
     for f in flows {
         let local = f.scope.is_local();
@@ -86,7 +86,7 @@ pub fn group(flows: &[FlowRecord]) -> Vec<OwnerRow> {
     rows
 }
 
-pub fn human_bytes(n: f64) -> String {
+pub(crate) fn human_bytes(n: f64) -> String {
     const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
     let mut value = n;
     let mut unit = 0;
@@ -102,7 +102,7 @@ pub fn human_bytes(n: f64) -> String {
 }
 
 /// `!N ` before an owner with N alerts, so they stand out in any terminal.
-pub fn alert_mark(row: &OwnerRow) -> String {
+pub(crate) fn alert_mark(row: &OwnerRow) -> String {
     if row.alerts == 0 {
         String::new()
     } else {
@@ -111,10 +111,10 @@ pub fn alert_mark(row: &OwnerRow) -> String {
 }
 
 /// Heads the local rows: what they are and why they are apart.
-pub const LOCAL_HEADING: &str = "local (loopback, link-local: stays on this host or link)";
+pub(crate) const LOCAL_HEADING: &str = "local (loopback, link-local: stays on this host or link)";
 
 /// Plain table that fits 80 columns (the busiest destination is cut to fit).
-pub fn render_plain(rows: &[OwnerRow]) -> String {
+pub(crate) fn render_plain(rows: &[OwnerRow]) -> String {
     let mut out = format!(
         "{:>7} {:<16} {:<11} {:>7} {:>7} {:>5} {:>4} {}\n",
         "UID", "OWNER", "ORIGIN", "RATE/s", "TOTAL", "CONN", "DSTS", "BUSIEST"
@@ -154,7 +154,7 @@ fn fetch(agent: &Endpoint) -> Result<Vec<FlowRecord>> {
 }
 
 /// Adds send rates from the previous sample.
-pub fn with_rates(
+pub(crate) fn with_rates(
     mut rows: Vec<OwnerRow>,
     previous: &HashMap<RowKey, u64>,
     elapsed: Duration,
@@ -168,7 +168,7 @@ pub fn with_rates(
     rows
 }
 
-pub fn run(agent: &Endpoint, once: bool) -> Result<()> {
+pub(crate) fn run(agent: &Endpoint, once: bool) -> Result<()> {
     if once {
         print!("{}", render_plain(&group(&fetch(agent)?)));
         return Ok(());
@@ -176,16 +176,12 @@ pub fn run(agent: &Endpoint, once: bool) -> Result<()> {
     crate::cli::tui::run(agent)
 }
 
-pub fn sample(agent: &Endpoint) -> Result<Vec<FlowRecord>> {
+pub(crate) fn sample(agent: &Endpoint) -> Result<Vec<FlowRecord>> {
     fetch(agent)
 }
 
-pub fn totals(rows: &[OwnerRow]) -> HashMap<RowKey, u64> {
+pub(crate) fn totals(rows: &[OwnerRow]) -> HashMap<RowKey, u64> {
     rows.iter().map(|r| (r.key(), r.tx_bytes)).collect()
-}
-
-pub fn now() -> Instant {
-    Instant::now()
 }
 
 #[cfg(test)]

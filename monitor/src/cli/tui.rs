@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum SortKey {
+pub(crate) enum SortKey {
     Bytes,
     Rate,
     Connects,
@@ -44,25 +44,25 @@ impl SortKey {
 }
 
 /// Screen state, independent of the terminal (unit tested).
-pub struct View {
-    pub rows: Vec<OwnerRow>,
-    pub flows: Vec<FlowRecord>,
-    pub sort: SortKey,
-    pub firmware_only: bool,
-    pub expanded: Option<u32>,
-    pub selected: usize,
-    pub error: Option<String>,
+pub(crate) struct View {
+    pub(crate) rows: Vec<OwnerRow>,
+    pub(crate) flows: Vec<FlowRecord>,
+    pub(crate) sort: SortKey,
+    pub(crate) firmware_only: bool,
+    pub(crate) expanded: Option<u32>,
+    pub(crate) selected: usize,
+    pub(crate) error: Option<String>,
     /// Where the agent's own log goes, shown in the footer (set by whoever
     /// started the agent beside this table: see [`AGENT_LOG_ENV`]).
-    pub agent_log: Option<String>,
+    pub(crate) agent_log: Option<String>,
 }
 
 /// Environment variable naming the file the agent's log goes to, so its
 /// lines are never drawn over the table (`cargo xtask run` sets it).
-pub const AGENT_LOG_ENV: &str = "EGRESSMON_AGENT_LOG";
+pub(crate) const AGENT_LOG_ENV: &str = "EGRESSMON_AGENT_LOG";
 
 impl View {
-    pub fn new() -> View {
+    pub(crate) fn new() -> View {
         View {
             rows: Vec::new(),
             flows: Vec::new(),
@@ -75,7 +75,7 @@ impl View {
         }
     }
 
-    pub fn visible(&self) -> Vec<&OwnerRow> {
+    pub(crate) fn visible(&self) -> Vec<&OwnerRow> {
         let mut rows: Vec<&OwnerRow> = self
             .rows
             .iter()
@@ -93,7 +93,7 @@ impl View {
     }
 
     /// Applies one key; returns false to quit.
-    pub fn key(&mut self, code: KeyCode) -> bool {
+    pub(crate) fn key(&mut self, code: KeyCode) -> bool {
         let count = self.visible().len();
         match code {
             KeyCode::Char('q') | KeyCode::Esc => return false,
@@ -115,7 +115,7 @@ impl View {
         true
     }
 
-    pub fn draw(&self, frame: &mut Frame) {
+    pub(crate) fn draw(&self, frame: &mut Frame) {
         let footer_lines = if self.agent_log.is_some() { 2 } else { 1 };
         let [header, body, footer] = Layout::vertical([
             Constraint::Length(1),
@@ -267,7 +267,7 @@ impl View {
         None
     }
 
-    pub fn update(
+    pub(crate) fn update(
         &mut self,
         flows: Vec<FlowRecord>,
         previous: &HashMap<top::RowKey, u64>,
@@ -287,7 +287,7 @@ impl Default for View {
     }
 }
 
-pub fn run(agent: &Endpoint) -> Result<()> {
+pub(crate) fn run(agent: &Endpoint) -> Result<()> {
     let mut terminal = ratatui::init();
     let result = event_loop(&mut terminal, agent);
     ratatui::restore();
@@ -333,17 +333,19 @@ mod tests {
 
     fn flow(uid: u32, owner: &str, firmware: bool, bytes: u64) -> FlowRecord {
         FlowRecord {
-            uid,
-            user: 0,
-            app_id: uid,
-            owner: owner.into(),
-            packages: vec![],
-            origin: if firmware {
-                crate::pipeline::vocab::Origin::Platform
-            } else {
-                crate::pipeline::vocab::Origin::App
+            uid_owner: crate::identity::owners::Owner {
+                uid,
+                user: 0,
+                app_id: uid,
+                owner: owner.into(),
+                packages: vec![],
+                origin: if firmware {
+                    crate::pipeline::vocab::Origin::Platform
+                } else {
+                    crate::pipeline::vocab::Origin::App
+                },
+                firmware,
             },
-            firmware,
             comm: Some("curl".into()),
             pid: Some(1),
             cgroup_id: None,

@@ -8,9 +8,9 @@
 //! destination, then from anyone's answer for that address.
 
 use crate::enrich::geoip::GeoIp;
-use crate::inspect::dns::DnsCache;
-use crate::inspect::{self, HostSource, Payload};
 use crate::pipeline::flows::{destination, FlowRecord};
+use inspect::dns::DnsCache;
+use inspect::{self, HostSource, Payload};
 use monitor_common::{FlowKey, PayloadEvent, PAYLOAD_DNS_RESPONSE, PAYLOAD_FIRST_EGRESS};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,24 +19,24 @@ use std::time::{Duration, Instant};
 
 /// What a flow's first payload said.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FlowInfo {
-    pub payload: Payload,
-    pub host: Option<(String, HostSource)>,
+pub(crate) struct FlowInfo {
+    pub(crate) payload: Payload,
+    pub(crate) host: Option<(String, HostSource)>,
 }
 
-pub struct Destinations {
+pub(crate) struct Destinations {
     flows: HashMap<FlowKey, FlowInfo, foldhash::fast::RandomState>,
     capacity: usize,
     dns: DnsCache,
     geoip: GeoIp,
     /// Bumped whenever something a record shows may have changed.
-    pub version: u64,
-    pub dns_responses: u64,
-    pub payloads_seen: u64,
+    pub(crate) version: u64,
+    pub(crate) dns_responses: u64,
+    pub(crate) payloads_seen: u64,
 }
 
 impl Destinations {
-    pub fn new(geoip: GeoIp, capacity: usize) -> Destinations {
+    pub(crate) fn new(geoip: GeoIp, capacity: usize) -> Destinations {
         Destinations {
             flows: HashMap::default(),
             capacity,
@@ -48,7 +48,7 @@ impl Destinations {
         }
     }
 
-    pub fn on_event(&mut self, event: &PayloadEvent, now: Instant) {
+    pub(crate) fn on_event(&mut self, event: &PayloadEvent, now: Instant) {
         let captured = (event.captured as usize).min(event.data.len());
         let data = &event.data[..captured];
         match event.kind {
@@ -103,7 +103,7 @@ impl Destinations {
     }
 
     /// Drops what belongs to flows the kernel no longer holds.
-    pub fn retain_live(&mut self, live: &dyn Fn(&FlowKey) -> bool, now: Instant) {
+    pub(crate) fn retain_live(&mut self, live: &dyn Fn(&FlowKey) -> bool, now: Instant) {
         self.flows.retain(|k, _| live(k));
         self.dns.purge_expired(now);
     }
@@ -111,7 +111,7 @@ impl Destinations {
     /// A per-flow stamp that changes when the flow's own payload arrives
     /// (names from DNS answers precede the connection they name, so they
     /// are in place when the flow is first described).
-    pub fn stamp(&self, key: &FlowKey) -> u64 {
+    pub(crate) fn stamp(&self, key: &FlowKey) -> u64 {
         self.flows
             .get(key)
             .map(|i| 1 + i.host.is_some() as u64)
@@ -119,22 +119,22 @@ impl Destinations {
     }
 
     /// Whether a DNS answer to the flow's uid names its destination now.
-    pub fn has_name(&mut self, key: &FlowKey, now: Instant) -> bool {
+    pub(crate) fn has_name(&mut self, key: &FlowKey, now: Instant) -> bool {
         self.dns.lookup(key.uid, destination(key), now).is_some()
     }
 
     /// (payload infos, DNS names) held.
-    pub fn sizes(&self) -> (u64, u64) {
+    pub(crate) fn sizes(&self) -> (u64, u64) {
         (self.flows.len() as u64, self.dns.len() as u64)
     }
 
     /// The GeoIP sources in use, described for `status`.
-    pub fn geoip_sources(&self) -> Vec<String> {
+    pub(crate) fn geoip_sources(&self) -> Vec<String> {
         self.geoip.describe()
     }
 
     /// Fills `host`, `host_source`, `payload`, `country` and `asn`.
-    pub fn describe(&mut self, key: &FlowKey, record: &mut FlowRecord, now: Instant) {
+    pub(crate) fn describe(&mut self, key: &FlowKey, record: &mut FlowRecord, now: Instant) {
         let ip = destination(key);
         let info = self.flows.get(key);
         record.payload = match info {
@@ -160,7 +160,7 @@ impl Destinations {
     }
 }
 
-pub type SharedDestinations = Arc<Mutex<Destinations>>;
+pub(crate) type SharedDestinations = Arc<Mutex<Destinations>>;
 
 fn decode(bytes: &[u8]) -> Option<PayloadEvent> {
     if bytes.len() < std::mem::size_of::<PayloadEvent>() {
@@ -175,7 +175,7 @@ const MAX_PENDING: usize = 4096;
 
 /// Drains the payload ring every `interval` (events are submitted without
 /// wakeups), parsing outside the kernel's hot path.
-pub fn spawn_reader(
+pub(crate) fn spawn_reader(
     mut ring: aya::maps::RingBuf<aya::maps::MapData>,
     table: SharedDestinations,
     stop: Arc<AtomicBool>,

@@ -29,7 +29,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 /// The marker that starts the metadata section of a MaxMind DB file.
-pub const MMDB_METADATA_MARKER: &[u8] = b"\xab\xcd\xefMaxMind.com";
+pub(crate) const MMDB_METADATA_MARKER: &[u8] = b"\xab\xcd\xefMaxMind.com";
 /// The metadata section is within this many bytes of the end of the file.
 const MMDB_METADATA_MAX: usize = 128 * 1024;
 /// Addresses looked up when a MaxMind DB is opened, to catch a damaged
@@ -45,7 +45,7 @@ const PROBES: [&str; 6] = [
 
 /// The country and ASN sources named with `--geoip`.
 #[derive(Default)]
-pub struct GeoIp {
+pub(crate) struct GeoIp {
     sources: Vec<Source>,
 }
 
@@ -69,7 +69,7 @@ impl fmt::Debug for GeoIp {
 impl GeoIp {
     /// Opens every file, in order. The first one that cannot be read, is
     /// of neither kind or is damaged fails the whole call, naming the file.
-    pub fn open(paths: &[PathBuf]) -> Result<GeoIp> {
+    pub(crate) fn open(paths: &[PathBuf]) -> Result<GeoIp> {
         let sources = paths
             .iter()
             .map(|p| Source::open(p))
@@ -78,22 +78,23 @@ impl GeoIp {
     }
 
     /// No sources: every lookup answers (None, None).
-    pub fn empty() -> GeoIp {
+    pub(crate) fn empty() -> GeoIp {
         GeoIp::default()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.sources.is_empty()
     }
 
     /// One line per source, for logs and status: path, kind, what it gives.
-    pub fn describe(&self) -> Vec<String> {
+    pub(crate) fn describe(&self) -> Vec<String> {
         self.sources.iter().map(Source::describe).collect()
     }
 
     /// The country (ISO 3166-1 alpha-2, uppercase) and the autonomous
     /// system number of `ip`, each from the first source that knows it.
-    pub fn lookup(&self, ip: IpAddr) -> (Option<String>, Option<u32>) {
+    pub(crate) fn lookup(&self, ip: IpAddr) -> (Option<String>, Option<u32>) {
         let ip = ip.to_canonical();
         let mut country = None;
         let mut asn = None;
@@ -426,28 +427,28 @@ fn find<T: Ord + Copy>(ranges: &[(T, T, u32)], ip: T) -> Option<u32> {
 /// Specification 2.0: a binary search tree of 24-bit records, a 16-byte
 /// zero separator, the data section, then the metadata marker and the
 /// metadata map. No pointers or deduplication in the data section.
-pub mod testdb {
+#[cfg(test)]
+pub(crate) mod testdb {
     use std::net::IpAddr;
 
     /// A value of the MaxMind DB data section.
     #[derive(Debug, Clone, PartialEq)]
-    pub enum Value {
+    pub(crate) enum Value {
         Str(String),
         U16(u16),
         U32(u32),
         U64(u64),
-        Bool(bool),
         Map(Vec<(String, Value)>),
         Array(Vec<Value>),
     }
 
-    pub fn s(v: &str) -> Value {
+    pub(crate) fn s(v: &str) -> Value {
         Value::Str(v.to_string())
     }
 
     /// `{"country": {"iso_code": CODE, "names": {"en": NAME}}}` as in
     /// GeoLite2-Country.
-    pub fn country(code: &str, name: &str) -> Value {
+    pub(crate) fn country(code: &str, name: &str) -> Value {
         Value::Map(vec![(
             "country".into(),
             Value::Map(vec![
@@ -459,7 +460,7 @@ pub mod testdb {
 
     /// `{"autonomous_system_number": ASN, "autonomous_system_organization":
     /// ORG}` as in GeoLite2-ASN.
-    pub fn asn(number: u32, org: &str) -> Value {
+    pub(crate) fn asn(number: u32, org: &str) -> Value {
         Value::Map(vec![
             ("autonomous_system_number".into(), Value::U32(number)),
             ("autonomous_system_organization".into(), s(org)),
@@ -493,7 +494,7 @@ pub mod testdb {
     }
 
     /// Appends the encoding of `v`.
-    pub fn encode(out: &mut Vec<u8>, v: &Value) {
+    pub(crate) fn encode(out: &mut Vec<u8>, v: &Value) {
         match v {
             Value::Str(s) => {
                 control(out, 2, s.len());
@@ -502,7 +503,6 @@ pub mod testdb {
             Value::U16(n) => uint(out, 5, u64::from(*n)),
             Value::U32(n) => uint(out, 6, u64::from(*n)),
             Value::U64(n) => uint(out, 9, *n),
-            Value::Bool(b) => control(out, 14, usize::from(*b)),
             Value::Map(entries) => {
                 control(out, 7, entries.len());
                 for (k, v) in entries {
@@ -529,7 +529,11 @@ pub mod testdb {
     /// A database of `database_type` whose search tree is for IPv4 (32
     /// bits) or IPv6 (128 bits; IPv4 networks then live under ::/96, as
     /// in MaxMind's files). `networks`: (address, prefix length, record).
-    pub fn mmdb(database_type: &str, ip_version: u16, networks: &[(IpAddr, u8, Value)]) -> Vec<u8> {
+    pub(crate) fn mmdb(
+        database_type: &str,
+        ip_version: u16,
+        networks: &[(IpAddr, u8, Value)],
+    ) -> Vec<u8> {
         let bits = if ip_version == 4 { 32 } else { 128 };
         let mut nodes: Vec<[Child; 2]> = vec![[Child::Empty; 2]];
         let mut data = Vec::new();

@@ -5,5 +5,5 @@
 //! May call: `inspect`, `bpf` (ring buffers), `pipeline::flows` (to fill a
 //! record's destination fields).
 
-pub mod destinations;
-pub mod geoip;
+pub(crate) mod destinations;
+pub(crate) mod geoip;

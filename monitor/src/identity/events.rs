@@ -3,53 +3,55 @@
 //! one wakeup per interval, not per flow. Once a quarter of the ring is
 //! unread the kernel does wake us (BPF_RB_FORCE_WAKEUP), so a burst of new
 //! flows is drained as it comes instead of overrunning the ring.
+//!
+//! Each event becomes a flow's identity (its sender), handed over once to
+//! the tracker through a channel ([`spawn_reader`]); from then on the tracker
+//! owns it: with its flow, or among its [`Identities`] until a pass finds
+//! the flow.
 
 use monitor_common::{hook_in_task, FlowEvent, FlowKey};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, TrySendError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Who sent a flow's first packet. Shared (one allocation per sending
 /// process and cgroup) by all the flows it opened.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Sender {
-    pub tgid: u32,
+pub(crate) struct Sender {
+    pub(crate) tgid: u32,
     /// Task name as the kernel reports it (NUL padded).
-    pub comm: [u8; 16],
-    pub cgroup_id: u64,
+    pub(crate) comm: [u8; 16],
+    pub(crate) cgroup_id: u64,
     /// Cgroup path under the cgroup2 mount.
-    pub cgroup: Option<Arc<str>>,
+    pub(crate) cgroup: Option<Arc<str>>,
     /// Best effort, read from /proc when the sender's first event arrived.
-    pub exe: Option<Box<str>>,
-    pub cmdline: Option<Box<str>>,
+    pub(crate) exe: Option<Box<str>>,
+    pub(crate) cmdline: Option<Box<str>>,
 }
 
 /// Identity of a flow: 16 bytes, since the tracker keeps one per flow.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FlowMeta {
-    pub sender: Arc<Sender>,
+pub(crate) struct FlowMeta {
+    pub(crate) sender: Arc<Sender>,
     /// Reader batch that recorded it: the oldest make room first.
-    pub batch: u32,
+    pub(crate) batch: u32,
     /// Reported by a sock_addr hook (the calling task is the sender).
-    pub from_task: bool,
+    pub(crate) from_task: bool,
 }
 
-/// Identities read from the ring and not yet taken over by the tracker
-/// (which does so on the first pass that finds their flow).
-pub type MetaTable = Arc<Mutex<Identities>>;
+/// Identities the reader hands over, one batch of the ring at a time.
+pub(crate) type Identified = Vec<(FlowKey, FlowMeta)>;
 
-/// Identities by flow (foldhash: fast, and seeded per process).
-pub type Identities = HashMap<FlowKey, FlowMeta, foldhash::fast::RandomState>;
-
-/// Most identities pending: a burst can announce as many flows as the kernel
-/// holds before a pass takes them; beyond that the oldest make room.
-pub fn meta_limit(flow_entries: u32) -> usize {
-    flow_entries as usize
-}
-
-pub fn meta_table() -> MetaTable {
-    Arc::new(Mutex::new(Identities::default()))
+/// Identities the tracker holds for flows no pass has found yet (foldhash:
+/// fast, and seeded per process). At most `limit` of them: a burst can
+/// announce as many flows as the kernel holds before a pass finds them;
+/// beyond that the oldest make room.
+#[derive(Debug, Default)]
+pub(crate) struct Identities {
+    by_flow: HashMap<FlowKey, FlowMeta, foldhash::fast::RandomState>,
+    limit: usize,
 }
 
 /// Reader batches (of `POLL_INTERVAL`) an identity waits for its flow to
@@ -57,15 +59,70 @@ pub fn meta_table() -> MetaTable {
 /// pass saw it.
 const PENDING_BATCHES: u32 = 50;
 
-/// Drops identities whose flows no pass is going to find.
-pub fn drop_stale(pending: &mut Identities) {
-    let Some(newest) = pending.values().map(|m| m.batch).max() else {
-        return;
-    };
-    pending.retain(|_, m| newest.wrapping_sub(m.batch) <= PENDING_BATCHES);
+impl Identities {
+    /// Holds at most `limit` identities (the flow map's size).
+    pub(crate) fn new(limit: usize) -> Identities {
+        Identities {
+            by_flow: HashMap::default(),
+            limit,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_flow.len()
+    }
+
+    /// The identity of `key`'s flow, now the caller's.
+    pub(crate) fn take(&mut self, key: &FlowKey) -> Option<FlowMeta> {
+        self.by_flow.remove(key)
+    }
+
+    /// Records an identity; a task-context identity is never replaced by an
+    /// skb-only one. At the limit the oldest identities make room first (the
+    /// kernel's LRU flow map drops the least recently used flows, under
+    /// churn mostly the oldest).
+    pub(crate) fn record(&mut self, key: FlowKey, meta: FlowMeta) {
+        match self.by_flow.get(&key) {
+            Some(existing) if existing.from_task && !meta.from_task => {}
+            Some(_) => {
+                self.by_flow.insert(key, meta);
+            }
+            None => {
+                if self.by_flow.len() >= self.limit {
+                    self.make_room(self.limit / 8);
+                }
+                self.by_flow.insert(key, meta);
+            }
+        }
+    }
+
+    /// Drops identities whose flows no pass is going to find.
+    pub(crate) fn drop_stale(&mut self) {
+        let Some(newest) = self.by_flow.values().map(|m| m.batch).max() else {
+            return;
+        };
+        self.by_flow
+            .retain(|_, m| newest.wrapping_sub(m.batch) <= PENDING_BATCHES);
+    }
+
+    /// Drops at least `want` (and at least one) of the oldest identities.
+    fn make_room(&mut self, want: usize) {
+        let table = &mut self.by_flow;
+        let want = want.max(1);
+        let (oldest, newest) = table.values().fold((u32::MAX, 0), |(lo, hi), m| {
+            (lo.min(m.batch), hi.max(m.batch))
+        });
+        let step = (newest.saturating_sub(oldest)) / 8 + 1;
+        let mut cutoff = oldest;
+        // Widen the cut a few batches at a time until enough would go.
+        while cutoff < newest && table.values().filter(|m| m.batch <= cutoff).count() < want {
+            cutoff = cutoff.saturating_add(step).min(newest);
+        }
+        table.retain(|_, m| m.batch > cutoff);
+    }
 }
 
-pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 fn decode(bytes: &[u8]) -> Option<FlowEvent> {
     if bytes.len() < std::mem::size_of::<FlowEvent>() {
@@ -76,7 +133,7 @@ fn decode(bytes: &[u8]) -> Option<FlowEvent> {
 }
 
 impl Sender {
-    pub fn comm(&self) -> String {
+    pub(crate) fn comm(&self) -> String {
         let end = self.comm.iter().position(|&b| b == 0).unwrap_or(16);
         String::from_utf8_lossy(&self.comm[..end]).into_owned()
     }
@@ -95,41 +152,7 @@ fn record(table: &mut Identities, event: &FlowEvent) {
         batch: 0,
         from_task: hook_in_task(event.hook),
     };
-    record_meta(table, event.key, meta, usize::MAX);
-}
-
-/// Records an identity; a task-context identity is never replaced by an
-/// skb-only one. At `limit` entries the oldest identities make room first
-/// (the kernel's LRU flow map drops the least recently used flows, under
-/// churn mostly the oldest).
-pub fn record_meta(table: &mut Identities, key: FlowKey, meta: FlowMeta, limit: usize) {
-    match table.get(&key) {
-        Some(existing) if existing.from_task && !meta.from_task => {}
-        Some(_) => {
-            table.insert(key, meta);
-        }
-        None => {
-            if table.len() >= limit {
-                make_room(table, limit / 8);
-            }
-            table.insert(key, meta);
-        }
-    }
-}
-
-/// Drops at least `want` (and at least one) of the oldest identities.
-fn make_room(table: &mut Identities, want: usize) {
-    let want = want.max(1);
-    let (oldest, newest) = table.values().fold((u32::MAX, 0), |(lo, hi), m| {
-        (lo.min(m.batch), hi.max(m.batch))
-    });
-    let step = (newest.saturating_sub(oldest)) / 8 + 1;
-    let mut cutoff = oldest;
-    // Widen the cut a few batches at a time until enough would go.
-    while cutoff < newest && table.values().filter(|m| m.batch <= cutoff).count() < want {
-        cutoff = cutoff.saturating_add(step).min(newest);
-    }
-    table.retain(|_, m| m.batch > cutoff);
+    table.record(event.key, meta);
 }
 
 /// Senders by (tgid, comm, cgroup), so a process opening thousands of flows
@@ -244,71 +267,69 @@ impl Wakeups {
     }
 }
 
-/// Most events held while the identity table is busy (the flow poller holds
-/// it during a pass); beyond this the oldest pending identities are dropped.
+/// Most identities the reader holds while the tracker has not taken the
+/// earlier ones (the channel is full); beyond this the oldest are dropped.
 const MAX_PENDING: usize = 1 << 17;
 
-/// Spawns the polling thread; it ends when `stop` is set. The ring is
-/// drained every interval even while the table is locked, so a long pass
-/// over the flow map never makes the kernel drop events.
-pub fn spawn_reader(
+/// Batches of identities in the channel at most: as many as an identity
+/// waits for its flow (older ones would be stale on arrival). Passes come
+/// sooner than that.
+const HANDOVER_BATCHES: usize = PENDING_BATCHES as usize;
+
+/// Spawns the polling thread; it ends when `stop` is set or the receiver is
+/// gone. The ring is drained every interval whatever the tracker does, so a
+/// long pass over the flow map never makes the kernel drop events; each
+/// interval's identities go out as one batch on the returned channel.
+pub(crate) fn spawn_reader(
     mut ring: aya::maps::RingBuf<aya::maps::MapData>,
-    table: MetaTable,
-    limit: usize,
     stop: Arc<std::sync::atomic::AtomicBool>,
     received: Arc<std::sync::atomic::AtomicU64>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
+) -> (std::thread::JoinHandle<()>, Receiver<Identified>) {
+    let (handover, identities) = std::sync::mpsc::sync_channel(HANDOVER_BATCHES);
+    let reader = std::thread::Builder::new()
         .name("egressmon-events".into())
         .spawn(move || {
             let wakeups = Wakeups::new(ring.as_fd());
-            let mut pending: Vec<FlowEvent> = Vec::new();
+            let mut ready: Identified = Vec::new();
             let mut senders = Senders::new();
             let mut batch = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let before = pending.len();
+                let mut events = Vec::new();
                 while let Some(item) = ring.next() {
                     if let Some(event) = decode(&item) {
-                        pending.push(event);
+                        events.push(event);
                     }
                 }
-                received.fetch_add(
-                    (pending.len() - before) as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                if pending.len() > MAX_PENDING {
-                    pending.drain(..pending.len() - MAX_PENDING);
-                }
-                if !pending.is_empty() {
-                    // /proc is read outside the table lock, while the
-                    // processes most likely still live.
+                received.fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if !events.is_empty() {
+                    // /proc is read now, while the processes most likely
+                    // still live.
                     let now = Instant::now();
                     batch = batch.wrapping_add(1);
-                    let enriched: Vec<(FlowKey, FlowMeta)> = pending
-                        .iter()
-                        .map(|e| {
-                            let meta = FlowMeta {
-                                sender: senders.get(e, now),
-                                batch,
-                                from_task: hook_in_task(e.hook),
-                            };
-                            (e.key, meta)
-                        })
-                        .collect();
-                    if let Ok(mut table) = table.try_lock() {
-                        for (key, meta) in enriched {
-                            record_meta(&mut table, key, meta, limit);
-                        }
-                        pending.clear();
-                    }
+                    ready.extend(events.iter().map(|e| {
+                        let meta = FlowMeta {
+                            sender: senders.get(e, now),
+                            batch,
+                            from_task: hook_in_task(e.hook),
+                        };
+                        (e.key, meta)
+                    }));
                 }
-                if pending.capacity() > 4096 && pending.is_empty() {
-                    pending.shrink_to(4096);
+                if ready.len() > MAX_PENDING {
+                    ready.drain(..ready.len() - MAX_PENDING);
+                }
+                if !ready.is_empty() {
+                    match handover.try_send(std::mem::take(&mut ready)) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(back)) => ready = back,
+                        Err(TrySendError::Disconnected(_)) => break,
+                    }
                 }
                 wakeups.wait(POLL_INTERVAL);
             }
         })
-        .expect("spawning the event reader thread")
+        .expect("spawning the event reader thread");
+    (reader, identities)
 }
 
 #[cfg(test)]
@@ -318,7 +339,7 @@ mod tests {
 
     #[test]
     fn task_identity_wins_over_skb() {
-        let mut table = Identities::default();
+        let mut table = Identities::new(usize::MAX);
         let mut ev = FlowEvent {
             hook: HOOK_CONNECT4,
             tgid: 42,
@@ -331,13 +352,14 @@ mod tests {
             ..Default::default()
         };
         record(&mut table, &skb);
-        assert_eq!(table[&ev.key].sender.comm(), "curl");
-        assert_eq!(table[&ev.key].sender.tgid, 42);
+        let meta = table.take(&ev.key).unwrap();
+        assert_eq!(meta.sender.comm(), "curl");
+        assert_eq!(meta.sender.tgid, 42);
     }
 
     #[test]
     fn stale_identities_go() {
-        let mut table = Identities::default();
+        let mut table = Identities::new(64);
         for batch in [1u32, 2, 100] {
             let key = FlowKey {
                 port: batch as u16,
@@ -347,15 +369,15 @@ mod tests {
                 batch,
                 ..Default::default()
             };
-            record_meta(&mut table, key, meta, 64);
+            table.record(key, meta);
         }
-        drop_stale(&mut table);
+        table.drop_stale();
         assert_eq!(table.len(), 1);
     }
 
     #[test]
     fn full_table_drops_the_oldest() {
-        let mut table = Identities::default();
+        let mut table = Identities::new(64);
         for port in 0..1000u16 {
             let key = FlowKey {
                 port,
@@ -365,17 +387,17 @@ mod tests {
                 batch: port as u32,
                 ..Default::default()
             };
-            record_meta(&mut table, key, meta, 64);
+            table.record(key, meta);
             assert!(table.len() <= 64);
         }
         assert!(
-            table.values().all(|m| m.batch >= 1000 - 64),
+            table.by_flow.values().all(|m| m.batch >= 1000 - 64),
             "only the oldest identities were dropped"
         );
         let last = FlowKey {
             port: 999,
             ..Default::default()
         };
-        assert!(table.contains_key(&last), "the newest identity is kept");
+        assert!(table.take(&last).is_some(), "the newest identity is kept");
     }
 }

@@ -5,6 +5,6 @@
 //! May call: `bpf` (ring buffers), `pipeline::vocab`. Knows nothing of
 //! destinations or outputs.
 
-pub mod events;
+pub(crate) mod events;
 pub mod owners;
 pub mod process;

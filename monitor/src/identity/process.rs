@@ -20,13 +20,13 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Best effort: None once the process has exited or /proc hides it.
-pub fn exe(tgid: u32) -> Option<Box<str>> {
+pub(crate) fn exe(tgid: u32) -> Option<Box<str>> {
     let path = std::fs::read_link(format!("/proc/{tgid}/exe")).ok()?;
     Some(path.to_string_lossy().into())
 }
 
 /// NUL-separated arguments joined by spaces, capped at 256 bytes.
-pub fn cmdline(tgid: u32) -> Option<Box<str>> {
+pub(crate) fn cmdline(tgid: u32) -> Option<Box<str>> {
     let raw = std::fs::read(format!("/proc/{tgid}/cmdline")).ok()?;
     let text: String = raw
         .split(|&b| b == 0)
@@ -46,7 +46,7 @@ pub fn cmdline(tgid: u32) -> Option<Box<str>> {
 
 /// The systemd unit (`*.service`, `*.scope`, `*.socket`) a cgroup path
 /// belongs to: its last such component.
-pub fn unit_of(path: &str) -> Option<&str> {
+pub(crate) fn unit_of(path: &str) -> Option<&str> {
     path.split('/')
         .rev()
         .find(|c| c.ends_with(".service") || c.ends_with(".scope") || c.ends_with(".socket"))
@@ -56,7 +56,7 @@ pub fn unit_of(path: &str) -> Option<&str> {
 /// reports them) to paths under the cgroup2 mount. Rescans the tree on a
 /// miss, at most once every few seconds, and never holds more than
 /// `MAX_CGROUPS` entries.
-pub struct CgroupNames {
+pub(crate) struct CgroupNames {
     root: Option<PathBuf>,
     ids: HashMap<u64, std::sync::Arc<str>>,
     last_scan: Option<Instant>,
@@ -66,7 +66,7 @@ const MAX_CGROUPS: usize = 65_536;
 const RESCAN_EVERY: Duration = Duration::from_secs(5);
 
 impl CgroupNames {
-    pub fn new() -> CgroupNames {
+    pub(crate) fn new() -> CgroupNames {
         CgroupNames {
             root: crate::bpf::system::cgroup2_root().ok(),
             ids: HashMap::new(),
@@ -74,7 +74,7 @@ impl CgroupNames {
         }
     }
 
-    pub fn path(&mut self, id: u64) -> Option<std::sync::Arc<str>> {
+    pub(crate) fn path(&mut self, id: u64) -> Option<std::sync::Arc<str>> {
         if id == 0 {
             return None;
         }

@@ -5,7 +5,7 @@ use crate::bpf::system::rfc3339;
 use crate::cli::text::escape;
 use crate::identity::events::FlowMeta;
 use crate::identity::owners::Owner;
-use crate::pipeline::vocab::{Direction, Origin, Payload, Proto};
+use crate::pipeline::vocab::{Direction, Payload, Proto};
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -13,13 +13,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// One row of `egressmon flows --json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FlowRecord {
-    pub uid: u32,
-    pub user: u32,
-    pub app_id: u32,
-    pub owner: String,
-    pub packages: Vec<String>,
-    pub origin: Origin,
-    pub firmware: bool,
+    /// The flow's uid and who owns it (`uid`, `user`, `app_id`, `owner`,
+    /// `packages`, `origin`, `firmware`), as the owner resolver describes
+    /// it and `owners --json` lists it.
+    #[serde(flatten)]
+    pub uid_owner: Owner,
     pub comm: Option<String>,
     pub pid: Option<u32>,
     pub cgroup_id: Option<u64>,
@@ -58,12 +56,21 @@ pub struct FlowRecord {
     pub alerts: Vec<String>,
 }
 
+/// A flow reads as its owner: `flow.uid`, `flow.owner`, `flow.origin`.
+impl std::ops::Deref for FlowRecord {
+    type Target = Owner;
+
+    fn deref(&self) -> &Owner {
+        &self.uid_owner
+    }
+}
+
 /// Whether the flow is a local service's replies (see [`FAMILY_INBOUND`]).
-pub fn is_inbound(key: &FlowKey) -> bool {
+pub(crate) fn is_inbound(key: &FlowKey) -> bool {
     key.family & FAMILY_INBOUND != 0
 }
 
-pub fn destination(key: &FlowKey) -> IpAddr {
+pub(crate) fn destination(key: &FlowKey) -> IpAddr {
     if key.family & !FAMILY_INBOUND == FAMILY_IPV4 {
         IpAddr::V4(Ipv4Addr::new(
             key.addr[0],
@@ -76,7 +83,7 @@ pub fn destination(key: &FlowKey) -> IpAddr {
     }
 }
 
-pub fn record(
+pub(crate) fn record(
     key: &FlowKey,
     value: &FlowValue,
     owner: &Owner,
@@ -85,13 +92,10 @@ pub fn record(
     let sender = meta.map(|m| &*m.sender);
     let known = sender.filter(|s| s.tgid != 0);
     FlowRecord {
-        uid: key.uid,
-        user: owner.user,
-        app_id: owner.app_id,
-        owner: owner.owner.clone(),
-        packages: owner.packages.clone(),
-        origin: owner.origin,
-        firmware: owner.firmware,
+        uid_owner: Owner {
+            uid: key.uid,
+            ..owner.clone()
+        },
         comm: known.map(|s| s.comm()),
         pid: known.map(|s| s.tgid),
         cgroup_id: sender.map(|s| s.cgroup_id).filter(|&id| id != 0),
@@ -133,7 +137,7 @@ pub fn record(
 }
 
 /// Sets a described flow's counters and times to `value`'s.
-pub fn set_counters(record: &mut FlowRecord, value: &FlowValue) {
+pub(crate) fn set_counters(record: &mut FlowRecord, value: &FlowValue) {
     record.connects = value.connects;
     record.udp_sends = value.udp_sends;
     record.tx_packets = value.tx_packets;
@@ -142,7 +146,7 @@ pub fn set_counters(record: &mut FlowRecord, value: &FlowValue) {
     record.last_seen = rfc3339(value.last_seen);
 }
 
-pub fn sort_busiest_first(rows: &mut [FlowRecord]) {
+pub(crate) fn sort_busiest_first(rows: &mut [FlowRecord]) {
     rows.sort_by(|a, b| {
         b.tx_bytes
             .cmp(&a.tx_bytes)
@@ -151,7 +155,7 @@ pub fn sort_busiest_first(rows: &mut [FlowRecord]) {
 }
 
 /// Plain-text table for terminals, names escaped (see `text::escape`).
-pub fn render_text(rows: &[FlowRecord]) -> String {
+pub(crate) fn render_text(rows: &[FlowRecord]) -> String {
     let mut out = format!(
         "{:>8} {:<16} {:<9} {:<5} {:<40} {:>8} {:>8} {:>8} {:>12}\n",
         "UID", "OWNER", "ORIGIN", "PROTO", "DESTINATION", "CONNECTS", "UDP", "PACKETS", "BYTES"

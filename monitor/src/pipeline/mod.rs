@@ -9,5 +9,5 @@
 
 pub mod flows;
 pub mod rules;
-pub mod tracker;
+pub(crate) mod tracker;
 pub mod vocab;

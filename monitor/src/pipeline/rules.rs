@@ -60,7 +60,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 /// The shipped rules, in the rules file format.
-pub const DEFAULT_RULES: &str = r#"
+pub(crate) const DEFAULT_RULES: &str = r#"
 [[rule]]
 name = "firmware-cleartext"
 firmware = true
@@ -78,10 +78,10 @@ const MAX_OWNERS_TRACKED: usize = 65_536;
 
 /// One value or a list of values; matches if any matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AnyOf<T>(pub Vec<T>);
+pub(crate) struct AnyOf<T>(pub(crate) Vec<T>);
 
 impl<T> AnyOf<T> {
-    pub fn any(&self, f: impl FnMut(&T) -> bool) -> bool {
+    pub(crate) fn any(&self, f: impl FnMut(&T) -> bool) -> bool {
         self.0.iter().any(f)
     }
 }
@@ -126,7 +126,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for AnyOf<T> {
 /// two of its extensions keep their old meaning: a run of `*` is one `*`
 /// (not a path wildcard), and braces are plain characters (no alternation).
 #[derive(Debug, Clone)]
-pub struct Glob {
+pub(crate) struct Glob {
     pattern: String,
     matcher: globset::GlobMatcher,
 }
@@ -140,7 +140,7 @@ impl PartialEq for Glob {
 impl Eq for Glob {}
 
 impl Glob {
-    pub fn new(pattern: &str) -> Result<Glob, String> {
+    pub(crate) fn new(pattern: &str) -> Result<Glob, String> {
         if pattern.is_empty() {
             return Err("empty glob: use \"*\" to match anything".into());
         }
@@ -188,12 +188,13 @@ impl Glob {
         })
     }
 
-    pub fn as_str(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn as_str(&self) -> &str {
         &self.pattern
     }
 
     /// Whether the whole of `text` matches (ASCII case ignored).
-    pub fn matches(&self, text: &str) -> bool {
+    pub(crate) fn matches(&self, text: &str) -> bool {
         self.matcher.is_match(text)
     }
 }
@@ -207,10 +208,10 @@ impl<'de> Deserialize<'de> for Glob {
 
 /// A country code: two ASCII letters, kept uppercase.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Country(String);
+pub(crate) struct Country(String);
 
 impl Country {
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -247,7 +248,7 @@ pub enum Scope {
 impl Scope {
     /// The scope of a destination; IPv4-mapped IPv6 addresses
     /// (::ffff:127.0.0.1) are judged as the IPv4 address they carry.
-    pub fn of(addr: IpAddr) -> Scope {
+    pub(crate) fn of(addr: IpAddr) -> Scope {
         match addr.to_canonical() {
             IpAddr::V4(a) if a.is_loopback() || a.is_unspecified() => Scope::Loopback,
             IpAddr::V4(a) if a.is_link_local() || a.octets()[..3] == [224, 0, 0] => {
@@ -264,16 +265,8 @@ impl Scope {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Remote => "remote",
-            Scope::Loopback => "loopback",
-            Scope::LinkLocal => "link_local",
-        }
-    }
-
     /// Traffic that stays on this host or its link.
-    pub fn is_local(self) -> bool {
+    pub(crate) fn is_local(self) -> bool {
         self != Scope::Remote
     }
 }
@@ -281,7 +274,7 @@ impl Scope {
 /// The destinations a rule looks at (`scope` in a rule).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RuleScope {
+pub(crate) enum RuleScope {
     /// Destinations beyond this host and its link (the default).
     #[default]
     Remote,
@@ -303,22 +296,22 @@ impl RuleScope {
 /// One `[[rule]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Rule {
-    pub name: String,
-    pub uid: Option<AnyOf<u32>>,
-    pub owner: Option<AnyOf<Glob>>,
-    pub package: Option<AnyOf<Glob>>,
-    pub origin: Option<AnyOf<Origin>>,
-    pub firmware: Option<bool>,
-    pub host: Option<AnyOf<Glob>>,
-    pub country: Option<AnyOf<Country>>,
-    pub asn: Option<AnyOf<u32>>,
-    pub port: Option<AnyOf<u16>>,
-    pub proto: Option<AnyOf<Proto>>,
-    pub payload: Option<AnyOf<Payload>>,
-    pub new_country: Option<bool>,
+pub(crate) struct Rule {
+    pub(crate) name: String,
+    pub(crate) uid: Option<AnyOf<u32>>,
+    pub(crate) owner: Option<AnyOf<Glob>>,
+    pub(crate) package: Option<AnyOf<Glob>>,
+    pub(crate) origin: Option<AnyOf<Origin>>,
+    pub(crate) firmware: Option<bool>,
+    pub(crate) host: Option<AnyOf<Glob>>,
+    pub(crate) country: Option<AnyOf<Country>>,
+    pub(crate) asn: Option<AnyOf<u32>>,
+    pub(crate) port: Option<AnyOf<u16>>,
+    pub(crate) proto: Option<AnyOf<Proto>>,
+    pub(crate) payload: Option<AnyOf<Payload>>,
+    pub(crate) new_country: Option<bool>,
     #[serde(default)]
-    pub scope: RuleScope,
+    pub(crate) scope: RuleScope,
 }
 
 impl Rule {
@@ -340,7 +333,7 @@ impl Rule {
 
     /// Whether `flow` meets every condition; `new_country` says whether the
     /// flow's country is new for its owner.
-    pub fn matches(&self, flow: &FlowRecord, new_country: bool) -> bool {
+    pub(crate) fn matches(&self, flow: &FlowRecord, new_country: bool) -> bool {
         fn check<T>(cond: &Option<T>, f: impl FnOnce(&T) -> bool) -> bool {
             cond.as_ref().is_none_or(f)
         }
@@ -395,7 +388,7 @@ struct NameOnly {
 
 /// The rules in force and the state they keep.
 #[derive(Debug, Clone, Default)]
-pub struct Rules {
+pub(crate) struct Rules {
     rules: Vec<Rule>,
     /// owner -> countries it has reached.
     reached: HashMap<String, BTreeSet<String>>,
@@ -403,7 +396,7 @@ pub struct Rules {
 
 impl Rules {
     /// The shipped rules alone.
-    pub fn defaults() -> Rules {
+    pub(crate) fn defaults() -> Rules {
         let (_, rules) =
             parse_rules(DEFAULT_RULES, "(shipped defaults)").expect("the shipped rules parse");
         Rules {
@@ -413,12 +406,13 @@ impl Rules {
     }
 
     /// No rules at all.
-    pub fn none() -> Rules {
+    #[cfg(test)]
+    pub(crate) fn none() -> Rules {
         Rules::default()
     }
 
     /// Reads a rules file (see the module documentation for its format).
-    pub fn load(path: &Path) -> Result<Rules> {
+    pub(crate) fn load(path: &Path) -> Result<Rules> {
         let text = std::fs::read_to_string(path).with_context(|| {
             format!(
                 "cannot read rules file {}: check the path and its permissions",
@@ -431,7 +425,7 @@ impl Rules {
     /// Parses rules from `text`; `origin` names it in errors. Unless the
     /// text says `defaults = false`, the shipped rules are added (after the
     /// file's, and only those whose names the file does not use).
-    pub fn parse(text: &str, origin: &str) -> Result<Rules> {
+    pub(crate) fn parse(text: &str, origin: &str) -> Result<Rules> {
         let (defaults, mut rules) = parse_rules(text, origin)?;
         if defaults {
             for default in Rules::defaults().rules {
@@ -446,18 +440,19 @@ impl Rules {
         })
     }
 
-    pub fn rules(&self) -> &[Rule] {
+    #[cfg(test)]
+    pub(crate) fn rules(&self) -> &[Rule] {
         &self.rules
     }
 
-    pub fn names(&self) -> Vec<&str> {
+    pub(crate) fn names(&self) -> Vec<&str> {
         self.rules.iter().map(|r| r.name.as_str()).collect()
     }
 
     /// The names of the rules `flow` matches, in the order of the rules.
     /// Records the flow's country as reached by its owner (see the module
     /// documentation on when to call this).
-    pub fn evaluate(&mut self, flow: &FlowRecord) -> Vec<String> {
+    pub(crate) fn evaluate(&mut self, flow: &FlowRecord) -> Vec<String> {
         let new_country = flow
             .country
             .as_deref()
@@ -475,7 +470,7 @@ impl Rules {
     }
 
     /// Whether `owner` is known to have reached `country`.
-    pub fn has_reached(&self, owner: &str, country: &str) -> bool {
+    pub(crate) fn has_reached(&self, owner: &str, country: &str) -> bool {
         self.reached
             .get(owner)
             .is_some_and(|set| set.contains(&country.to_ascii_uppercase()))
@@ -483,7 +478,7 @@ impl Rules {
 
     /// Records that `owner` has reached `country` (for example from a
     /// previous run), so it will not count as new.
-    pub fn learn_country(&mut self, owner: &str, country: &str) {
+    pub(crate) fn learn_country(&mut self, owner: &str, country: &str) {
         let country = country.to_ascii_uppercase();
         if let Some(set) = self.reached.get_mut(owner) {
             set.insert(country);
@@ -494,7 +489,7 @@ impl Rules {
     }
 
     /// Every owner and the countries it has reached.
-    pub fn countries_reached(&self) -> impl Iterator<Item = (&str, &BTreeSet<String>)> {
+    pub(crate) fn countries_reached(&self) -> impl Iterator<Item = (&str, &BTreeSet<String>)> {
         self.reached.iter().map(|(o, c)| (o.as_str(), c))
     }
 }
@@ -562,16 +557,19 @@ fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::owners::Owner;
 
     fn flow() -> FlowRecord {
         FlowRecord {
-            uid: 1000,
-            user: 0,
-            app_id: 1000,
-            owner: "system".into(),
-            packages: vec!["android".into(), "com.android.settings".into()],
-            origin: crate::pipeline::vocab::Origin::Platform,
-            firmware: true,
+            uid_owner: Owner {
+                uid: 1000,
+                user: 0,
+                app_id: 1000,
+                owner: "system".into(),
+                packages: vec!["android".into(), "com.android.settings".into()],
+                origin: crate::pipeline::vocab::Origin::Platform,
+                firmware: true,
+            },
             comm: None,
             pid: None,
             cgroup_id: None,
@@ -600,14 +598,24 @@ mod tests {
         }
     }
 
+    /// `flow()` with its owner changed by `change`.
+    fn flow_owned(change: impl FnOnce(&mut Owner)) -> FlowRecord {
+        let mut f = flow();
+        change(&mut f.uid_owner);
+        f
+    }
+
     fn app_flow() -> FlowRecord {
         FlowRecord {
-            uid: 10123,
-            app_id: 10123,
-            owner: "org.example.app".into(),
-            packages: vec!["org.example.app".into()],
-            origin: crate::pipeline::vocab::Origin::App,
-            firmware: false,
+            uid_owner: Owner {
+                uid: 10123,
+                app_id: 10123,
+                owner: "org.example.app".into(),
+                packages: vec!["org.example.app".into()],
+                origin: crate::pipeline::vocab::Origin::App,
+                firmware: false,
+                ..flow().uid_owner
+            },
             payload: crate::pipeline::vocab::Payload::Tls,
             direction: crate::pipeline::vocab::Direction::Outbound,
             host: Some("api.example.org".into()),
@@ -633,11 +641,12 @@ mod tests {
         assert_eq!(rules.evaluate(&f), ["firmware-cleartext"]);
         // Another owner reaching CN for the first time is new.
         let other = FlowRecord {
-            owner: "com.vendor.activation".into(),
             payload: crate::pipeline::vocab::Payload::Tls,
             direction: crate::pipeline::vocab::Direction::Outbound,
-            origin: crate::pipeline::vocab::Origin::Preinstalled,
-            ..flow()
+            ..flow_owned(|o| {
+                o.owner = "com.vendor.activation".into();
+                o.origin = crate::pipeline::vocab::Origin::Preinstalled;
+            })
         };
         assert_eq!(rules.evaluate(&other), ["firmware-new-country"]);
         // A user app: nothing, even in cleartext to a new country.
@@ -803,27 +812,14 @@ new_country = true
         assert!(rule.matches(&f, true));
         assert!(!rule.matches(&f, false), "new_country");
         let fails = [
-            FlowRecord {
-                uid: 1002,
-                ..flow()
-            },
-            FlowRecord {
-                owner: "root".into(),
-                packages: vec!["com.android.x".into()],
-                ..flow()
-            },
-            FlowRecord {
-                packages: vec!["org.other".into()],
-                ..flow()
-            },
-            FlowRecord {
-                origin: crate::pipeline::vocab::Origin::App,
-                ..flow()
-            },
-            FlowRecord {
-                firmware: false,
-                ..flow()
-            },
+            flow_owned(|o| o.uid = 1002),
+            flow_owned(|o| {
+                o.owner = "root".into();
+                o.packages = vec!["com.android.x".into()];
+            }),
+            flow_owned(|o| o.packages = vec!["org.other".into()]),
+            flow_owned(|o| o.origin = crate::pipeline::vocab::Origin::App),
+            flow_owned(|o| o.firmware = false),
             FlowRecord {
                 host: Some("example.com".into()),
                 ..flow()
@@ -866,11 +862,10 @@ new_country = true
             assert!(!rule.matches(f, true), "case {i}");
         }
         // owner also matches through a package.
-        let via_package = FlowRecord {
-            owner: "shared:android.uid.system".into(),
-            packages: vec!["system_server".into(), "com.android.phone".into()],
-            ..flow()
-        };
+        let via_package = flow_owned(|o| {
+            o.owner = "shared:android.uid.system".into();
+            o.packages = vec!["system_server".into(), "com.android.phone".into()];
+        });
         let owner_rule = Rules::parse(
             "defaults = false\n[[rule]]\nname = \"o\"\nowner = \"system_*\"\n",
             "t",
@@ -1008,7 +1003,7 @@ country = "RU"
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Rules>();
         send_sync::<crate::enrich::geoip::GeoIp>();
-        send_sync::<crate::inspect::dns::DnsCache>();
+        send_sync::<inspect::dns::DnsCache>();
     }
 
     #[test]

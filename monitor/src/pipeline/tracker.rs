@@ -12,7 +12,7 @@
 //! plain hash map at half load would take twice that); full records are
 //! built only for the flows it logs.
 
-use crate::identity::events::FlowMeta;
+use crate::identity::events::{FlowMeta, Identities};
 use crate::identity::owners::Owner;
 use crate::pipeline::flows::FlowRecord;
 use crate::pipeline::rules::Rules;
@@ -26,7 +26,7 @@ struct Tracked {
     current: FlowValue,
     /// Totals at the last flow_start/flow_update line.
     logged: Counters,
-    /// Who opened the flow, taken over from the event reader.
+    /// Who opened the flow, as the event reader identified it.
     meta: Option<FlowMeta>,
     /// Seconds after `Tracker::epoch` the counters last moved.
     last_change: u32,
@@ -66,10 +66,10 @@ impl Tracked {
 /// The counters of a flow value (what deltas are taken of).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Counters {
-    pub connects: u64,
-    pub udp_sends: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
+    pub(crate) connects: u64,
+    pub(crate) udp_sends: u64,
+    pub(crate) tx_packets: u64,
+    pub(crate) tx_bytes: u64,
 }
 
 impl Counters {
@@ -95,33 +95,28 @@ impl From<&FlowValue> for Counters {
     }
 }
 
-pub struct TrackerOptions {
+pub(crate) struct TrackerOptions {
     /// Flows the kernel map holds at most: reserved up front, so the table
     /// never doubles (and copies) while the agent runs.
-    pub capacity: usize,
-    pub update_every: Duration,
-    pub idle_after: Duration,
+    pub(crate) capacity: usize,
+    pub(crate) update_every: Duration,
+    pub(crate) idle_after: Duration,
     /// Build log events at all (false without `--log`: totals only).
-    pub emit: bool,
+    pub(crate) emit: bool,
     /// Alert rules judged on each flow when it starts and when its
     /// destination or payload becomes known.
-    pub rules: Rules,
+    pub(crate) rules: Rules,
 }
 
 /// (origin, firmware, country)
-pub type CountryKey = (String, bool, String);
+pub(crate) type CountryKey = (String, bool, String);
 /// (uid, owner, origin, firmware)
-pub type OwnerKey = (u32, String, String, bool);
+pub(crate) type OwnerKey = (u32, String, String, bool);
 
 /// How the tracker learns about flows it has to describe.
-pub trait Describe {
+pub(crate) trait Describe {
     /// The full record of a flow (owner, identity, destination details).
     fn record(&self, key: &FlowKey, value: &FlowValue, meta: Option<&FlowMeta>) -> FlowRecord;
-    /// The identity the event reader recorded for a flow, handed over once
-    /// (the tracker keeps it from then on).
-    fn take_identity(&self, _key: &FlowKey) -> Option<FlowMeta> {
-        None
-    }
     /// The owner of a uid as the resolver sees it now.
     fn owner(&self, uid: u32) -> Owner;
     /// Changes when what `record` shows of the flow's destination or payload
@@ -138,14 +133,14 @@ pub trait Describe {
 }
 
 /// One pass over the kernel's flow map (see [`Tracker::begin_pass`]).
-pub struct Pass {
+pub(crate) struct Pass {
     now: Instant,
     generation: u32,
     secs: u32,
     boot_now: u64,
 }
 
-pub struct Tracker {
+pub(crate) struct Tracker {
     options: TrackerOptions,
     flows: indexmap::IndexMap<FlowKey, Tracked, foldhash::fast::RandomState>,
     owners: HashMap<u32, Owner>,
@@ -156,11 +151,11 @@ pub struct Tracker {
     last_update: Option<Instant>,
     generation: u32,
     epoch: Instant,
-    pub cleartext_flows: BTreeMap<OwnerKey, u64>,
+    pub(crate) cleartext_flows: BTreeMap<OwnerKey, u64>,
     /// Matches per alert rule.
-    pub alerts: BTreeMap<String, u64>,
+    pub(crate) alerts: BTreeMap<String, u64>,
     /// Flows that vanished from the kernel map between two snapshots.
-    pub flows_evicted: u64,
+    pub(crate) flows_evicted: u64,
     /// The rules' names, in order (bit i of `Tracked::fired` is rule i).
     rule_names: Vec<String>,
     /// Flows whose flow_start a previous agent logged after its last save
@@ -170,6 +165,9 @@ pub struct Tracker {
     dirty: bool,
     /// `Pass::secs` of the latest pass.
     last_secs: u32,
+    /// Identities the event reader handed over whose flows no pass has
+    /// found yet (see [`Tracker::receive`]).
+    unclaimed: Identities,
 }
 
 /// What a previous agent logged of a flow it had not saved yet.
@@ -182,36 +180,36 @@ struct Announced {
 /// A tracked flow as a state file keeps it over an agent restart (see
 /// `crate::serve::state`).
 pub(crate) struct SavedFlow {
-    pub key: FlowKey,
+    pub(crate) key: FlowKey,
     /// The kernel's counters as of the last pass: its bytes up to here are
     /// in `class`'s total.
-    pub current: FlowValue,
-    pub logged: Counters,
+    pub(crate) current: FlowValue,
+    pub(crate) logged: Counters,
     /// Seconds since its counters last moved, as of the last pass.
-    pub idle_secs: u32,
-    pub ended: bool,
-    pub cleartext: bool,
-    pub class: u32,
+    pub(crate) idle_secs: u32,
+    pub(crate) ended: bool,
+    pub(crate) cleartext: bool,
+    pub(crate) class: u32,
     /// Rules that alerted on it, bit i for `SavedTotals::rule_names[i]`.
-    pub fired: u64,
-    pub stamp: u64,
-    pub meta: Option<FlowMeta>,
+    pub(crate) fired: u64,
+    pub(crate) stamp: u64,
+    pub(crate) meta: Option<FlowMeta>,
 }
 
 /// Everything else a state file keeps of the tracker.
 #[derive(Default)]
 pub(crate) struct SavedTotals {
-    pub rule_names: Vec<String>,
+    pub(crate) rule_names: Vec<String>,
     /// Bytes per class, in class index order.
-    pub classes: Vec<(CountryKey, u64)>,
-    pub cleartext_flows: BTreeMap<OwnerKey, u64>,
-    pub alerts: BTreeMap<String, u64>,
-    pub flows_evicted: u64,
-    pub owners: Vec<Owner>,
+    pub(crate) classes: Vec<(CountryKey, u64)>,
+    pub(crate) cleartext_flows: BTreeMap<OwnerKey, u64>,
+    pub(crate) alerts: BTreeMap<String, u64>,
+    pub(crate) flows_evicted: u64,
+    pub(crate) owners: Vec<Owner>,
     /// Countries each owner reached (for `new_country` rules).
-    pub countries_reached: Vec<(String, Vec<String>)>,
+    pub(crate) countries_reached: Vec<(String, Vec<String>)>,
     /// Seconds since the last flow_update round, as of the last pass.
-    pub since_update: Option<u32>,
+    pub(crate) since_update: Option<u32>,
 }
 
 /// How saved flows are brought back (see [`Tracker::restore_totals`]).
@@ -287,13 +285,13 @@ fn same_flow(tracked: &FlowValue, now: &FlowValue) -> bool {
 
 impl Tracker {
     /// When a pass last saw the flow's counters move (CLOCK_BOOTTIME ns).
-    pub fn contains(&self, key: &FlowKey) -> bool {
+    pub(crate) fn contains(&self, key: &FlowKey) -> bool {
         self.flows.contains_key(key)
     }
 
     /// The flow table as of the latest pass: each flow's description with
     /// its counters and the rules that alerted on it (`top` marks them).
-    pub fn records(&self) -> Vec<FlowRecord> {
+    pub(crate) fn records(&self) -> Vec<FlowRecord> {
         self.flows
             .values()
             .filter_map(|tracked| {
@@ -311,12 +309,22 @@ impl Tracker {
             .collect()
     }
 
-    /// Tracked flows that know their sender.
-    pub fn identities(&self) -> usize {
-        self.flows.values().filter(|t| t.meta.is_some()).count()
+    /// Identities the tracker holds: of tracked flows, and of flows no pass
+    /// has found yet.
+    pub(crate) fn identities(&self) -> usize {
+        self.flows.values().filter(|t| t.meta.is_some()).count() + self.unclaimed.len()
     }
 
-    pub fn new(options: TrackerOptions) -> Tracker {
+    /// Takes over the identities the event reader found: each goes to its
+    /// flow when a pass finds it (one found already without its sender is
+    /// described again with it), or leaves when none does in time.
+    pub(crate) fn receive(&mut self, identified: impl IntoIterator<Item = (FlowKey, FlowMeta)>) {
+        for (key, meta) in identified {
+            self.unclaimed.record(key, meta);
+        }
+    }
+
+    pub(crate) fn new(options: TrackerOptions) -> Tracker {
         let rule_names = options
             .rules
             .names()
@@ -341,6 +349,7 @@ impl Tracker {
             announced: HashMap::default(),
             dirty: false,
             last_secs: 0,
+            unclaimed: Identities::new(capacity),
         }
     }
 
@@ -369,7 +378,7 @@ impl Tracker {
 
     /// Bytes sent per (origin, firmware, country), for the classes that sent
     /// any; they only ever grow.
-    pub fn bytes_by_country(&self) -> BTreeMap<&CountryKey, u64> {
+    pub(crate) fn bytes_by_country(&self) -> BTreeMap<&CountryKey, u64> {
         self.classes
             .iter()
             .zip(&self.class_bytes)
@@ -380,7 +389,8 @@ impl Tracker {
 
     /// Consumes one snapshot and hands the log events it implies, in order,
     /// to `sink` (nothing is built when events are off).
-    pub fn tick(
+    #[cfg(test)]
+    pub(crate) fn tick(
         &mut self,
         now: Instant,
         snapshot: &[(FlowKey, FlowValue)],
@@ -395,7 +405,7 @@ impl Tracker {
     /// Starts a pass over the kernel map; its flows come in through
     /// [`Tracker::take`], one chunk at a time, and [`Tracker::end_pass`]
     /// settles what the pass did not find.
-    pub fn begin_pass(&mut self, now: Instant) -> Pass {
+    pub(crate) fn begin_pass(&mut self, now: Instant) -> Pass {
         self.generation = self.generation.wrapping_add(1);
         Pass {
             now,
@@ -406,7 +416,7 @@ impl Tracker {
     }
 
     /// Consumes one chunk of a pass.
-    pub fn take(
+    pub(crate) fn take(
         &mut self,
         pass: &Pass,
         snapshot: &[(FlowKey, FlowValue)],
@@ -447,7 +457,7 @@ impl Tracker {
         events: &mut Sink<'_>,
     ) {
         self.dirty = true;
-        let meta = describe.take_identity(key);
+        let meta = self.unclaimed.take(key);
         let record = describe.record(key, value, meta.as_ref());
         let class = self.class_of(&record);
         self.add_bytes(class, value.tx_bytes);
@@ -490,7 +500,7 @@ impl Tracker {
         let tracked = &mut self.flows[index];
         if tracked.meta.is_none() {
             // Its event was read after the snapshot that found it.
-            tracked.meta = describe.take_identity(key);
+            tracked.meta = self.unclaimed.take(key);
             if tracked.meta.is_some() {
                 tracked.record = None;
             }
@@ -552,7 +562,7 @@ impl Tracker {
 
     /// Ends a pass: flows it did not find were evicted, quiet ones go idle,
     /// and flow_update lines are due every `update_every`.
-    pub fn end_pass(
+    pub(crate) fn end_pass(
         &mut self,
         pass: Pass,
         describe: &dyn Describe,
@@ -577,6 +587,7 @@ impl Tracker {
         });
         self.flows_evicted += (before - self.flows.len()) as u64;
         self.end_unmet_announced(describe, &mut events);
+        self.unclaimed.drop_stale();
         self.dirty |= self.flows.len() != before;
         // Idle flows end; the kernel entry stays and new traffic restarts it.
         let idle_secs = self.idle_secs();
@@ -713,7 +724,7 @@ impl Tracker {
         }
     }
 
-    pub fn rule_names(&self) -> Vec<String> {
+    pub(crate) fn rule_names(&self) -> Vec<String> {
         self.rule_names.clone()
     }
 
@@ -723,7 +734,7 @@ impl Tracker {
         1 << index.unwrap_or(63).min(63)
     }
 
-    pub fn tracked(&self) -> usize {
+    pub(crate) fn tracked(&self) -> usize {
         self.flows.len()
     }
 
@@ -997,6 +1008,42 @@ mod tests {
         assert_eq!(names, ["flow_start", "flow_start"]);
         assert_eq!((t.tracked(), t.flows_evicted), (2, 0));
         assert_eq!(t.bytes_by_country().values().sum::<u64>(), 300);
+    }
+
+    #[test]
+    fn a_sender_handed_over_before_or_after_its_flow_is_found_is_shown() {
+        let mut t = Tracker::new(TrackerOptions {
+            capacity: 16,
+            update_every: Duration::from_secs(10),
+            idle_after: Duration::from_secs(30),
+            emit: false,
+            rules: Rules::none(),
+        });
+        let d = Fixed(RefCell::new(owner("com.example.app", "app")));
+        let sender = |tgid: u32| FlowMeta {
+            sender: std::sync::Arc::new(crate::identity::events::Sender {
+                tgid,
+                comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+                ..Default::default()
+            }),
+            batch: 1,
+            from_task: true,
+        };
+        let early = snap(100);
+        let mut late = snap(100);
+        late[0].0.port = 443;
+        // The first flow's event arrives before a pass finds it.
+        t.receive([(early[0].0, sender(7))]);
+        let both = [early[0], late[0]];
+        t.tick(Instant::now(), &both, &d, &mut |_| {});
+        // The second's arrives after.
+        t.receive([(late[0].0, sender(8))]);
+        t.tick(Instant::now(), &both, &d, &mut |_| {});
+        let mut pids: Vec<(u16, Option<u32>)> =
+            t.records().iter().map(|r| (r.port, r.pid)).collect();
+        pids.sort_unstable();
+        assert_eq!(pids, [(80, Some(7)), (443, Some(8))]);
+        assert_eq!(t.identities(), 2);
     }
 
     #[test]

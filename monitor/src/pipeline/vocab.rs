@@ -11,8 +11,7 @@ use monitor_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
-pub use crate::bpf::hooks::Hook;
-pub use crate::inspect::Payload;
+pub(crate) use inspect::Payload;
 
 /// Implements Display, string comparisons and string serde for a word type
 /// with `as_str` and `parse`.
@@ -67,7 +66,7 @@ pub enum Origin {
 impl Origin {
     const EXPECTED: &'static str = "app, preinstalled, platform, user, system or unknown";
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Origin::App => "app",
             Origin::Preinstalled => "preinstalled",
@@ -78,7 +77,7 @@ impl Origin {
         }
     }
 
-    pub fn parse(text: &str) -> Option<Origin> {
+    pub(crate) fn parse(text: &str) -> Option<Origin> {
         [
             Origin::App,
             Origin::Preinstalled,
@@ -93,7 +92,7 @@ impl Origin {
 
     /// Traffic from these origins was sent by the firmware, not by
     /// something the device's owner chose to install.
-    pub fn is_firmware(self) -> bool {
+    pub(crate) fn is_firmware(self) -> bool {
         matches!(
             self,
             Origin::Preinstalled | Origin::Platform | Origin::System
@@ -117,7 +116,7 @@ pub enum Proto {
 impl Proto {
     const EXPECTED: &'static str = "tcp, udp, icmp, icmpv6 or ipN (a protocol number)";
 
-    pub fn from_number(number: u8) -> Proto {
+    pub(crate) fn from_number(number: u8) -> Proto {
         match number {
             PROTO_TCP => Proto::Tcp,
             PROTO_UDP => Proto::Udp,
@@ -127,7 +126,8 @@ impl Proto {
         }
     }
 
-    pub fn number(self) -> u8 {
+    #[cfg(test)]
+    pub(crate) fn number(self) -> u8 {
         match self {
             Proto::Tcp => PROTO_TCP,
             Proto::Udp => PROTO_UDP,
@@ -137,7 +137,7 @@ impl Proto {
         }
     }
 
-    pub fn as_str(self) -> std::borrow::Cow<'static, str> {
+    pub(crate) fn as_str(self) -> std::borrow::Cow<'static, str> {
         match self {
             Proto::Tcp => "tcp".into(),
             Proto::Udp => "udp".into(),
@@ -147,7 +147,7 @@ impl Proto {
         }
     }
 
-    pub fn parse(text: &str) -> Option<Proto> {
+    pub(crate) fn parse(text: &str) -> Option<Proto> {
         match text {
             "tcp" => Some(Proto::Tcp),
             "udp" => Some(Proto::Udp),
@@ -184,7 +184,7 @@ impl Direction {
         }
     }
 
-    pub fn parse(text: &str) -> Option<Direction> {
+    pub(crate) fn parse(text: &str) -> Option<Direction> {
         match text {
             "outbound" => Some(Direction::Outbound),
             "inbound" => Some(Direction::Inbound),

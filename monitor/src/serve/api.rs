@@ -49,7 +49,7 @@ const RENDERS: usize = 2;
 
 /// Who may scrape `/metrics` over TCP.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MetricsAccess {
+pub(crate) enum MetricsAccess {
     /// Anyone who can reach the address (the Linux default, as
     /// node_exporter: the metrics carry no destination).
     Anyone,
@@ -60,18 +60,18 @@ pub enum MetricsAccess {
 
 /// Where and to whom the agent answers.
 #[derive(Debug, Clone)]
-pub struct ApiOptions {
-    pub listen: SocketAddr,
+pub(crate) struct ApiOptions {
+    pub(crate) listen: SocketAddr,
     /// The control socket (in a directory checked to be root's).
-    pub socket: PathBuf,
+    pub(crate) socket: PathBuf,
     /// Uids besides root that may use the control socket.
-    pub control_uids: BTreeSet<u32>,
-    pub metrics: MetricsAccess,
+    pub(crate) control_uids: BTreeSet<u32>,
+    pub(crate) metrics: MetricsAccess,
     /// `--web-config-file`: basic auth for scrapes.
-    pub web: Arc<crate::serve::web_config::WebConfig>,
+    pub(crate) web: Arc<crate::serve::web_config::WebConfig>,
     /// Marked on a loopback listener (and so on every answer it sends):
     /// the kernel programs leave the agent's own packets uncounted.
-    pub own_mark: u32,
+    pub(crate) own_mark: u32,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -354,7 +354,7 @@ async fn refuse(mut stream: impl AsyncRead + AsyncWrite + Unpin) {
 }
 
 /// Removes the control socket when the agent stops serving.
-pub struct ControlSocket(PathBuf);
+pub(crate) struct ControlSocket(PathBuf);
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
@@ -364,7 +364,7 @@ impl Drop for ControlSocket {
 
 /// Binds both endpoints (failing early with a clear message) and serves
 /// until the runtime stops. `shutdown` is notified by `POST /shutdown`.
-pub async fn serve(
+pub(crate) async fn serve(
     options: ApiOptions,
     agent: Arc<Agent>,
     shutdown: Arc<Notify>,

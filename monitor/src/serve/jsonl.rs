@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 /// `time` (RFC 3339, when the agent wrote it), then the event's fields.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
-pub enum LogEvent {
+pub(crate) enum LogEvent {
     /// A flow seen for the first time, or moving again after `flow_end`
     /// (then with the deltas since that end).
     FlowStart {
@@ -68,17 +68,17 @@ pub enum LogEvent {
 
 /// Counters moved since the flow's previous line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Deltas {
-    pub delta_connects: u64,
-    pub delta_udp_sends: u64,
-    pub delta_tx_packets: u64,
-    pub delta_tx_bytes: u64,
+pub(crate) struct Deltas {
+    pub(crate) delta_connects: u64,
+    pub(crate) delta_udp_sends: u64,
+    pub(crate) delta_tx_packets: u64,
+    pub(crate) delta_tx_bytes: u64,
 }
 
 /// Why a flow ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum EndReason {
+pub(crate) enum EndReason {
     /// No traffic for `--idle-after`; the kernel entry stays.
     Idle,
     /// The kernel's LRU map dropped it (or the maps went).
@@ -86,7 +86,7 @@ pub enum EndReason {
 }
 
 /// The time stamp of a line written now.
-pub fn now() -> String {
+pub(crate) fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
@@ -94,14 +94,14 @@ pub fn now() -> String {
 /// away from outside (one lstat; lines in between go to the open file).
 const PATH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-pub enum JsonlLog {
+pub(crate) enum JsonlLog {
     Stdout,
     File(RotatingFile),
 }
 
 /// The log file: root's own (see `private_fs`), reopened when rotated,
 /// deleted or replaced, always without following a link.
-pub struct RotatingFile {
+pub(crate) struct RotatingFile {
     path: PathBuf,
     file: File,
     /// Device and inode of `file`, to see when the path names another file.
@@ -134,7 +134,7 @@ impl JsonlLog {
     /// `-` is stdout; anything else a file, created 0600 or appended to if
     /// it is root's own (a link, another user's file or one others may
     /// write is refused with what to do about it).
-    pub fn open(target: &str, max_bytes: u64, keep: usize) -> anyhow::Result<JsonlLog> {
+    pub(crate) fn open(target: &str, max_bytes: u64, keep: usize) -> anyhow::Result<JsonlLog> {
         if target == "-" {
             return Ok(JsonlLog::Stdout);
         }
@@ -154,7 +154,7 @@ impl JsonlLog {
     }
 
     /// Writes one JSON object as one line.
-    pub fn write(&mut self, value: &impl Serialize) -> io::Result<()> {
+    pub(crate) fn write(&mut self, value: &impl Serialize) -> io::Result<()> {
         let mut line = serde_json::to_vec(value)?;
         line.push(b'\n');
         match self {

@@ -20,7 +20,7 @@ use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncode
 use std::collections::BTreeMap;
 
 const TRAFFIC_LABELS: [&str; 5] = ["uid", "owner", "origin", "firmware", "proto"];
-pub const OTHER: &str = "other";
+pub(crate) const OTHER: &str = "other";
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
@@ -84,7 +84,7 @@ impl UidLabels<'_> {
     }
 }
 
-pub fn render(agent: &Agent) -> Result<String> {
+pub(crate) fn render(agent: &Agent) -> Result<String> {
     let registry = Registry::new();
     let bytes = counter(
         &registry,

@@ -6,10 +6,10 @@
 //! May call: the `agent` (to read the flow table and counters),
 //! `pipeline`. Never walks the kernel maps itself.
 
-pub mod api;
-pub mod jsonl;
-pub mod metrics;
-pub mod peer;
-pub mod private_fs;
+pub(crate) mod api;
+pub(crate) mod jsonl;
+pub(crate) mod metrics;
+pub(crate) mod peer;
+pub(crate) mod private_fs;
 pub mod state;
-pub mod web_config;
+pub(crate) mod web_config;

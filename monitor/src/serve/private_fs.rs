@@ -23,7 +23,7 @@ fn euid() -> u32 {
 
 /// Checks that `path` is a real directory (not a symlink) owned by this
 /// process's user (root) and not writable by group or others.
-pub fn check_private_dir(path: &Path) -> Result<()> {
+pub(crate) fn check_private_dir(path: &Path) -> Result<()> {
     let meta = std::fs::symlink_metadata(path)
         .with_context(|| format!("checking directory {}", path.display()))?;
     if meta.file_type().is_symlink() {
@@ -41,7 +41,7 @@ pub fn check_private_dir(path: &Path) -> Result<()> {
 
 /// Creates `path` (mode 0700) when missing, its parents as usual, then
 /// checks it with [`check_private_dir`].
-pub fn ensure_private_dir(path: &Path) -> Result<()> {
+pub(crate) fn ensure_private_dir(path: &Path) -> Result<()> {
     match std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

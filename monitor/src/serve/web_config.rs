@@ -56,7 +56,7 @@ struct TlsFile {
 /// checked are remembered (as the exporter toolkit does), so bcrypt's cost
 /// is paid once per credential, not per scrape.
 #[derive(Default)]
-pub struct WebConfig {
+pub(crate) struct WebConfig {
     users: BTreeMap<String, String>,
     verified: Mutex<HashSet<String>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -74,7 +74,7 @@ impl std::fmt::Debug for WebConfig {
 }
 
 impl WebConfig {
-    pub fn load(path: &Path) -> Result<WebConfig> {
+    pub(crate) fn load(path: &Path) -> Result<WebConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading --web-config-file {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -113,24 +113,24 @@ impl WebConfig {
     }
 
     /// The TLS acceptor when `tls_server_config` is given.
-    pub fn tls(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+    pub(crate) fn tls(&self) -> Option<&tokio_rustls::TlsAcceptor> {
         self.tls.as_ref()
     }
 
     /// Whether scrapes must give a password.
-    pub fn requires_auth(&self) -> bool {
+    pub(crate) fn requires_auth(&self) -> bool {
         !self.users.is_empty()
     }
 
     /// Whether peers on other hosts may scrape: each authenticates, with a
     /// password or a client certificate the server verifies.
-    pub fn admits_remote(&self) -> bool {
+    pub(crate) fn admits_remote(&self) -> bool {
         self.requires_auth() || self.client_certs
     }
 
     /// Checks an `Authorization` header value; bcrypt runs on the caller's
     /// thread (call it from the blocking pool).
-    pub fn authorized(&self, header: Option<&str>) -> bool {
+    pub(crate) fn authorized(&self, header: Option<&str>) -> bool {
         if !self.requires_auth() {
             return true;
         }

@@ -65,14 +65,14 @@ impl Side {
 /// interface, side, priority, protocol and handle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BpfFilter {
-    pub priority: u16,
+    pub(crate) priority: u16,
     /// In network byte order, as in `tcm_info`.
-    pub protocol: u16,
-    pub handle: u32,
+    pub(crate) protocol: u16,
+    pub(crate) handle: u32,
     /// The name the filter was given (`TCA_BPF_NAME`).
-    pub name: String,
+    pub(crate) name: String,
     /// The id of the program it runs.
-    pub prog_id: u32,
+    pub(crate) prog_id: u32,
 }
 
 /// The header every tc request carries after the netlink header.

@@ -27,36 +27,36 @@
 
 use std::fmt;
 
-pub const MAGIC: [u8; 4] = *b"ABX\0";
+pub(crate) const MAGIC: [u8; 4] = *b"ABX\0";
 
-pub const START_DOCUMENT: u8 = 0;
-pub const END_DOCUMENT: u8 = 1;
-pub const START_TAG: u8 = 2;
-pub const END_TAG: u8 = 3;
-pub const TEXT: u8 = 4;
-pub const DOCDECL: u8 = 10;
-pub const ATTRIBUTE: u8 = 15;
+pub(crate) const START_DOCUMENT: u8 = 0;
+pub(crate) const END_DOCUMENT: u8 = 1;
+pub(crate) const START_TAG: u8 = 2;
+pub(crate) const END_TAG: u8 = 3;
+pub(crate) const TEXT: u8 = 4;
+pub(crate) const DOCDECL: u8 = 10;
+pub(crate) const ATTRIBUTE: u8 = 15;
 
-pub const TYPE_NULL: u8 = 1 << 4;
-pub const TYPE_STRING: u8 = 2 << 4;
-pub const TYPE_STRING_INTERNED: u8 = 3 << 4;
-pub const TYPE_BYTES_HEX: u8 = 4 << 4;
-pub const TYPE_BYTES_BASE64: u8 = 5 << 4;
-pub const TYPE_INT: u8 = 6 << 4;
-pub const TYPE_INT_HEX: u8 = 7 << 4;
-pub const TYPE_LONG: u8 = 8 << 4;
-pub const TYPE_LONG_HEX: u8 = 9 << 4;
-pub const TYPE_FLOAT: u8 = 10 << 4;
-pub const TYPE_DOUBLE: u8 = 11 << 4;
-pub const TYPE_BOOLEAN_TRUE: u8 = 12 << 4;
-pub const TYPE_BOOLEAN_FALSE: u8 = 13 << 4;
+pub(crate) const TYPE_NULL: u8 = 1 << 4;
+pub(crate) const TYPE_STRING: u8 = 2 << 4;
+pub(crate) const TYPE_STRING_INTERNED: u8 = 3 << 4;
+pub(crate) const TYPE_BYTES_HEX: u8 = 4 << 4;
+pub(crate) const TYPE_BYTES_BASE64: u8 = 5 << 4;
+pub(crate) const TYPE_INT: u8 = 6 << 4;
+pub(crate) const TYPE_INT_HEX: u8 = 7 << 4;
+pub(crate) const TYPE_LONG: u8 = 8 << 4;
+pub(crate) const TYPE_LONG_HEX: u8 = 9 << 4;
+pub(crate) const TYPE_FLOAT: u8 = 10 << 4;
+pub(crate) const TYPE_DOUBLE: u8 = 11 << 4;
+pub(crate) const TYPE_BOOLEAN_TRUE: u8 = 12 << 4;
+pub(crate) const TYPE_BOOLEAN_FALSE: u8 = 13 << 4;
 
 /// The interned-string marker: "a new string follows".
 const NEW_STRING: u16 = 0xFFFF;
 
 /// A typed attribute value.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Value {
+pub(crate) enum Value {
     Null,
     String(String),
     InternedString(String),
@@ -77,7 +77,7 @@ impl Value {
     /// hex types as signed lowercase hex without prefix, bytes as lowercase
     /// hex or padded base64. Floats use Rust's shortest round-trip form,
     /// which differs from Java's only in exponent notation.
-    pub fn to_text(&self) -> Option<String> {
+    pub(crate) fn to_text(&self) -> Option<String> {
         Some(match self {
             Value::Null => return None,
             Value::String(s) | Value::InternedString(s) => s.clone(),
@@ -95,7 +95,7 @@ impl Value {
 
     /// The value as an integer: typed ints directly, strings parsed as
     /// decimal (or hex with a `0x` prefix), as a text packages.xml has them.
-    pub fn as_i64(&self) -> Option<i64> {
+    pub(crate) fn as_i64(&self) -> Option<i64> {
         match self {
             Value::Int(v) | Value::IntHex(v) => Some(*v as i64),
             Value::Long(v) | Value::LongHex(v) => Some(*v),
@@ -150,7 +150,7 @@ fn base64(data: &[u8]) -> String {
 
 /// One event of the document.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Event {
+pub(crate) enum Event {
     /// A start tag with all its attributes; `offset` is its token byte.
     StartTag {
         name: String,
@@ -172,11 +172,11 @@ pub enum Event {
 
 /// Where and why a binary document could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AbxError {
+pub(crate) struct AbxError {
     /// Byte offset (from the start of the file) where reading stopped.
-    pub offset: usize,
-    pub expected: String,
-    pub found: String,
+    pub(crate) offset: usize,
+    pub(crate) expected: String,
+    pub(crate) found: String,
 }
 
 impl fmt::Display for AbxError {
@@ -192,7 +192,7 @@ impl fmt::Display for AbxError {
 impl std::error::Error for AbxError {}
 
 /// A pull reader over a whole ABX document held in memory.
-pub struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     data: &'a [u8],
     pos: usize,
     strings: Vec<String>,
@@ -202,7 +202,7 @@ pub struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     /// Checks the magic; the events follow from [`Reader::next_event`].
-    pub fn new(data: &'a [u8]) -> Result<Reader<'a>, AbxError> {
+    pub(crate) fn new(data: &'a [u8]) -> Result<Reader<'a>, AbxError> {
         if !data.starts_with(&MAGIC) {
             let head = &data[..data.len().min(4)];
             return Err(AbxError {
@@ -349,7 +349,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next event, or `None` at the end of the document.
-    pub fn next_event(&mut self) -> Result<Option<Event>, AbxError> {
+    pub(crate) fn next_event(&mut self) -> Result<Option<Event>, AbxError> {
         loop {
             if self.finished {
                 return Ok(None);
@@ -461,7 +461,7 @@ impl<'a> Reader<'a> {
 /// Decodes Java's modified UTF-8 (NUL as C0 80, characters beyond the BMP
 /// as two 3-byte surrogates); plain 4-byte UTF-8, which newer writers may
 /// emit, is accepted too. The error is the offset of the bad byte.
-pub fn decode_modified_utf8(bytes: &[u8]) -> Result<String, usize> {
+pub(crate) fn decode_modified_utf8(bytes: &[u8]) -> Result<String, usize> {
     if let Ok(s) = std::str::from_utf8(bytes) {
         return Ok(s.to_string());
     }
@@ -505,7 +505,8 @@ pub fn decode_modified_utf8(bytes: &[u8]) -> Result<String, usize> {
 }
 
 /// Reads a whole document into its events.
-pub fn read_all(data: &[u8]) -> Result<Vec<Event>, AbxError> {
+#[cfg(test)]
+pub(crate) fn read_all(data: &[u8]) -> Result<Vec<Event>, AbxError> {
     let mut reader = Reader::new(data)?;
     let mut events = Vec::new();
     while let Some(event) = reader.next_event()? {

@@ -6,13 +6,13 @@
 use super::abx::*;
 use std::collections::HashMap;
 
-pub struct Writer {
+pub(crate) struct Writer {
     out: Vec<u8>,
     interned: HashMap<String, u16>,
 }
 
 impl Writer {
-    pub fn new() -> Writer {
+    pub(crate) fn new() -> Writer {
         let mut out = MAGIC.to_vec();
         out.push(START_DOCUMENT | TYPE_NULL);
         Writer {
@@ -21,27 +21,27 @@ impl Writer {
         }
     }
 
-    pub fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         self.out.push(END_DOCUMENT | TYPE_NULL);
         self.out
     }
 
-    pub fn start_tag(&mut self, name: &str) {
+    pub(crate) fn start_tag(&mut self, name: &str) {
         self.out.push(START_TAG | TYPE_STRING_INTERNED);
         self.interned(name);
     }
 
-    pub fn end_tag(&mut self, name: &str) {
+    pub(crate) fn end_tag(&mut self, name: &str) {
         self.out.push(END_TAG | TYPE_STRING_INTERNED);
         self.interned(name);
     }
 
-    pub fn text(&mut self, text: &str) {
+    pub(crate) fn text(&mut self, text: &str) {
         self.out.push(TEXT | TYPE_STRING);
         self.utf(text);
     }
 
-    pub fn attribute(&mut self, name: &str, value: &Value) {
+    pub(crate) fn attribute(&mut self, name: &str, value: &Value) {
         let kind = match value {
             Value::Null => TYPE_NULL,
             Value::String(_) => TYPE_STRING,
@@ -136,7 +136,7 @@ fn typed(name: &str, text: &str) -> Value {
 /// A text packages.xml in Android Binary XML, attributes typed as the
 /// package manager types them. Comments and whitespace between elements
 /// are dropped, as Android's binary serializer never writes them.
-pub fn from_text_xml(text: &str) -> Vec<u8> {
+pub(crate) fn from_text_xml(text: &str) -> Vec<u8> {
     use quick_xml::events::{BytesStart, Event};
     let mut reader = quick_xml::Reader::from_str(text);
     let mut w = Writer::new();

@@ -13,21 +13,21 @@
 //! bionic/tests/grp_pwd_test.cpp checks them.
 
 /// uid = user * AID_USER_OFFSET + app id.
-pub const USER_OFFSET: u32 = 100_000;
-pub const APP_START: u32 = 10_000;
-pub const APP_END: u32 = 19_999;
-pub const SDK_SANDBOX_START: u32 = 20_000;
-pub const SDK_SANDBOX_END: u32 = 29_999;
+pub(crate) const USER_OFFSET: u32 = 100_000;
+pub(crate) const APP_START: u32 = 10_000;
+pub(crate) const APP_END: u32 = 19_999;
+pub(crate) const SDK_SANDBOX_START: u32 = 20_000;
+pub(crate) const SDK_SANDBOX_END: u32 = 29_999;
 /// On current releases the isolated range starts at 90000 (90000-98999 was
 /// first carved out for app-zygote isolated processes); releases before that
 /// used 99000-99999 only.
-pub const ISOLATED_START: u32 = 90_000;
-pub const ISOLATED_OLD_START: u32 = 99_000;
-pub const ISOLATED_END: u32 = 99_999;
-pub const OVERFLOW_UID: u32 = 65_534;
+pub(crate) const ISOLATED_START: u32 = 90_000;
+pub(crate) const ISOLATED_OLD_START: u32 = 99_000;
+pub(crate) const ISOLATED_END: u32 = 99_999;
+pub(crate) const OVERFLOW_UID: u32 = 65_534;
 
 /// Every platform AID with the name Android gives it.
-pub const AIDS: &[(u32, &str)] = &[
+pub(crate) const AIDS: &[(u32, &str)] = &[
     (0, "root"),
     // 1-3 exist for tests such as LTP; they are named all the same.
     (1, "daemon"),
@@ -166,7 +166,7 @@ pub const AIDS: &[(u32, &str)] = &[
 /// table. Their names come from the partition's own passwd file
 /// (`/vendor/etc/passwd`, ...); the OEM ranges also have the automatic names
 /// `oem_<n>`.
-pub const RESERVED_RANGES: &[(u32, u32, Reserved)] = &[
+pub(crate) const RESERVED_RANGES: &[(u32, u32, Reserved)] = &[
     (2900, 2999, Reserved::Oem),
     (5000, 5999, Reserved::Oem),
     (6000, 6499, Reserved::System),
@@ -176,7 +176,7 @@ pub const RESERVED_RANGES: &[(u32, u32, Reserved)] = &[
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reserved {
+pub(crate) enum Reserved {
     /// Vendor partition, historically called OEM.
     Oem,
     System,
@@ -199,7 +199,7 @@ impl Reserved {
 
 /// What an app id (uid % 100000) is, from its number alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AppIdClass {
+pub(crate) enum AppIdClass {
     /// A platform AID from [`AIDS`] (below 10000).
     Fixed(&'static str),
     /// A partition's reserved range.
@@ -229,17 +229,17 @@ pub enum AppIdClass {
     Unassigned,
 }
 
-pub fn split(uid: u32) -> (u32, u32) {
+pub(crate) fn split(uid: u32) -> (u32, u32) {
     (uid / USER_OFFSET, uid % USER_OFFSET)
 }
 
-pub fn aid_name(app_id: u32) -> Option<&'static str> {
+pub(crate) fn aid_name(app_id: u32) -> Option<&'static str> {
     AIDS.binary_search_by_key(&app_id, |(id, _)| *id)
         .ok()
         .map(|i| AIDS[i].1)
 }
 
-pub fn classify(app_id: u32) -> AppIdClass {
+pub(crate) fn classify(app_id: u32) -> AppIdClass {
     if let Some(name) = aid_name(app_id) {
         return if app_id == OVERFLOW_UID {
             AppIdClass::Overflow
@@ -275,13 +275,13 @@ pub fn classify(app_id: u32) -> AppIdClass {
 }
 
 /// The name a reserved-range id gets when no partition passwd names it.
-pub fn reserved_name(r: Reserved, app_id: u32) -> String {
+pub(crate) fn reserved_name(r: Reserved, app_id: u32) -> String {
     format!("{}_{app_id}", r.prefix())
 }
 
 /// bionic's name for a uid no table names: `u<user>_a<n>` for apps,
 /// `u<user>_i<n>` for isolated processes, `u<user>_<app id>` otherwise.
-pub fn generic_name(uid: u32) -> String {
+pub(crate) fn generic_name(uid: u32) -> String {
     let (user, app_id) = split(uid);
     match classify(app_id) {
         AppIdClass::App => format!("u{user}_a{}", app_id - APP_START),

@@ -5,19 +5,19 @@ use std::collections::HashMap;
 use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Account {
-    pub name: String,
+pub(crate) struct Account {
+    pub(crate) name: String,
     /// False for `nologin`, `false` or an empty shell: a service account.
-    pub login: bool,
+    pub(crate) login: bool,
 }
 
 /// The login.defs limits that separate people from services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// First uid `useradd` gives a person (default 1000).
-    pub uid_min: u32,
+    pub(crate) uid_min: u32,
     /// Last uid `useradd --system` gives a service, when the file says.
-    pub sys_uid_max: Option<u32>,
+    pub(crate) sys_uid_max: Option<u32>,
 }
 
 impl Default for Limits {
@@ -33,7 +33,7 @@ impl Limits {
     /// A login account at or above UID_MIN (and above SYS_UID_MAX) is a
     /// person; root, service accounts and anything without a login shell
     /// belong to the system.
-    pub fn is_person(&self, uid: u32, account: &Account) -> bool {
+    pub(crate) fn is_person(&self, uid: u32, account: &Account) -> bool {
         uid != 0
             && uid >= self.uid_min
             && self.sys_uid_max.is_none_or(|max| uid > max)
@@ -41,7 +41,7 @@ impl Limits {
     }
 }
 
-pub fn parse_passwd(text: &str) -> HashMap<u32, Account> {
+pub(crate) fn parse_passwd(text: &str) -> HashMap<u32, Account> {
     let mut out = HashMap::new();
     for line in text.lines() {
         if line.starts_with('#') {
@@ -65,7 +65,7 @@ pub fn parse_passwd(text: &str) -> HashMap<u32, Account> {
     out
 }
 
-pub fn parse_login_defs(text: &str) -> Limits {
+pub(crate) fn parse_login_defs(text: &str) -> Limits {
     let mut limits = Limits::default();
     for line in text.lines() {
         let mut it = line.split_whitespace();
@@ -79,7 +79,7 @@ pub fn parse_login_defs(text: &str) -> Limits {
 }
 
 /// Reads `etc/passwd` and `etc/login.defs` under `root` (`/` on a host).
-pub fn load(root: &Path) -> (HashMap<u32, Account>, Limits) {
+pub(crate) fn load(root: &Path) -> (HashMap<u32, Account>, Limits) {
     let passwd = root.join("etc/passwd");
     let accounts = match std::fs::read_to_string(&passwd) {
         Ok(text) => parse_passwd(&text),

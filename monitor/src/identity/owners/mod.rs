@@ -25,17 +25,17 @@
 //! id < 10000), `user` and `system` on Linux, and `unknown` when no source
 //! names the uid. `firmware` = preinstalled, platform or system.
 
-pub mod abx;
+pub(crate) mod abx;
 #[cfg(test)]
 mod abx_writer;
-pub mod aids;
-pub mod linux;
-pub mod packages_list;
-pub mod packages_xml;
-pub mod pm;
+pub(crate) mod aids;
+pub(crate) mod linux;
+pub(crate) mod packages_list;
+pub(crate) mod packages_xml;
+pub(crate) mod pm;
 
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -43,9 +43,11 @@ use std::time::Duration;
 use aids::AppIdClass;
 use monitor_common::KERNEL_UID;
 
-pub use crate::pipeline::vocab::Origin;
+pub(crate) use crate::pipeline::vocab::Origin;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Who a uid is: the owner description every output shows of it (owners,
+/// flows, log lines, metric labels).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     pub uid: u32,
     pub user: u32,
@@ -93,14 +95,14 @@ struct Android {
 
 /// The Android sources to read; tests point them at fixture files.
 #[derive(Debug, Default)]
-pub struct AndroidSources {
+pub(crate) struct AndroidSources {
     /// The device's root: DIR for `--android-root DIR`, `/` on the device.
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// Run this `pm` for the live package list (only on the device).
-    pub pm: Option<PathBuf>,
+    pub(crate) pm: Option<PathBuf>,
 }
 
-pub struct OwnerResolver {
+pub(crate) struct OwnerResolver {
     android: Option<Android>,
     accounts: HashMap<u32, linux::Account>,
     limits: linux::Limits,
@@ -114,7 +116,7 @@ impl OwnerResolver {
     /// Reads the owner sources: the device layout under `android_root`, or
     /// this machine's own (Android when it has /system/bin/pm or
     /// /data/system/packages.list, Linux otherwise).
-    pub fn new(android_root: Option<&Path>) -> Result<OwnerResolver> {
+    pub(crate) fn new(android_root: Option<&Path>) -> Result<OwnerResolver> {
         match android_root {
             Some(root) => {
                 if !root.is_dir() {
@@ -160,7 +162,7 @@ impl OwnerResolver {
     }
 
     /// A Linux host's accounts under `root` (`/etc/passwd`, `/etc/login.defs`).
-    pub fn linux(root: &Path) -> OwnerResolver {
+    pub(crate) fn linux(root: &Path) -> OwnerResolver {
         let (accounts, limits) = linux::load(root);
         OwnerResolver {
             android: None,
@@ -171,7 +173,7 @@ impl OwnerResolver {
     }
 
     /// An Android device's packages, read from `sources`.
-    pub fn android(sources: AndroidSources) -> OwnerResolver {
+    pub(crate) fn android(sources: AndroidSources) -> OwnerResolver {
         let mut warnings = Vec::new();
         let android = load_android(&sources, &mut warnings);
         for w in &warnings {
@@ -185,19 +187,20 @@ impl OwnerResolver {
         }
     }
 
-    pub fn is_android(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_android(&self) -> bool {
         self.android.is_some()
     }
 
     /// What was wrong with the sources (already logged): skipped lines and
     /// entries, unreadable or damaged files.
-    pub fn warnings(&self) -> &[String] {
+    pub(crate) fn warnings(&self) -> &[String] {
         &self.warnings
     }
 
     /// Every uid the sources name (packages, shared users, accounts) and,
     /// on Android, every fixed AID, for each Android user found.
-    pub fn known_owners(&self) -> Vec<Owner> {
+    pub(crate) fn known_owners(&self) -> Vec<Owner> {
         let mut uids: BTreeSet<u32> = self.accounts.keys().copied().collect();
         if let Some(a) = &self.android {
             for &user in &a.users {
@@ -218,7 +221,7 @@ impl OwnerResolver {
         uids.into_iter().map(|uid| self.resolve(uid)).collect()
     }
 
-    pub fn resolve(&self, uid: u32) -> Owner {
+    pub(crate) fn resolve(&self, uid: u32) -> Owner {
         let (user, app_id) = aids::split(uid);
         let mut owner = Owner {
             uid,

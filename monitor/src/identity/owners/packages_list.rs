@@ -24,24 +24,24 @@
 use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListEntry {
-    pub name: String,
-    pub uid: u32,
-    pub debuggable: bool,
-    pub data_dir: String,
-    pub seinfo: Option<String>,
-    pub gids: Vec<u32>,
-    pub profileable_from_shell: Option<bool>,
-    pub version_code: Option<i64>,
-    pub profileable: Option<bool>,
-    pub installer: Option<String>,
+pub(crate) struct ListEntry {
+    pub(crate) name: String,
+    pub(crate) uid: u32,
+    pub(crate) debuggable: bool,
+    pub(crate) data_dir: String,
+    pub(crate) seinfo: Option<String>,
+    pub(crate) gids: Vec<u32>,
+    pub(crate) profileable_from_shell: Option<bool>,
+    pub(crate) version_code: Option<i64>,
+    pub(crate) profileable: Option<bool>,
+    pub(crate) installer: Option<String>,
 }
 
 impl ListEntry {
     /// `@system` and `@product` mark packages that came with the system or
     /// product image. Only a last resort: packages.xml's code path is better
     /// evidence, and older releases do not write the field.
-    pub fn installed_with_image(&self) -> Option<bool> {
+    pub(crate) fn installed_with_image(&self) -> Option<bool> {
         self.installer
             .as_deref()
             .map(|i| matches!(i, "@system" | "@product"))
@@ -50,7 +50,7 @@ impl ListEntry {
 
 /// A package name as the package manager accepts it: dot-separated
 /// segments of letters, digits and underscores.
-pub fn valid_package_name(name: &str) -> bool {
+pub(crate) fn valid_package_name(name: &str) -> bool {
     !name.is_empty()
         && name.split('.').all(|seg| {
             !seg.is_empty() && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -66,7 +66,7 @@ fn flag(field: &str, what: &str) -> Result<bool, String> {
 }
 
 /// Parses one line; the error says which field is wrong.
-pub fn parse_line(line: &str) -> Result<ListEntry, String> {
+pub(crate) fn parse_line(line: &str) -> Result<ListEntry, String> {
     let f: Vec<&str> = line.split_whitespace().collect();
     if f.len() < 4 {
         return Err(format!(
@@ -117,7 +117,7 @@ pub fn parse_line(line: &str) -> Result<ListEntry, String> {
 /// Parses the whole file. A malformed line is skipped and reported (file
 /// and line number, and what is wrong) in the returned warnings; every other
 /// line is used.
-pub fn parse(text: &str, file: &Path) -> (Vec<ListEntry>, Vec<String>) {
+pub(crate) fn parse(text: &str, file: &Path) -> (Vec<ListEntry>, Vec<String>) {
     let mut out = Vec::new();
     let mut warnings = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -21,11 +21,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// ApplicationInfo.FLAG_SYSTEM: installed in the system image.
-pub const FLAG_SYSTEM: i64 = 1;
+pub(crate) const FLAG_SYSTEM: i64 = 1;
 
 /// Partitions of the system image. A package whose code lives under one of
 /// them came with the firmware. /oem is the pre-Treble OEM partition.
-pub const IMAGE_PARTITIONS: &[&str] = &[
+pub(crate) const IMAGE_PARTITIONS: &[&str] = &[
     "/system",
     "/system_ext",
     "/product",
@@ -37,7 +37,7 @@ pub const IMAGE_PARTITIONS: &[&str] = &[
 
 /// True when `path` lies in a system image partition, false otherwise
 /// (/data/app, adopted storage under /mnt/expand, ...).
-pub fn in_system_image(path: &str) -> bool {
+pub(crate) fn in_system_image(path: &str) -> bool {
     IMAGE_PARTITIONS.iter().any(|p| {
         path.strip_prefix(p)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
@@ -46,7 +46,7 @@ pub fn in_system_image(path: &str) -> bool {
 
 /// Where in a file something was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Position {
+pub(crate) enum Position {
     /// Byte offset in a binary (ABX) file.
     Byte(usize),
     /// 1-based line and column in a text file.
@@ -64,10 +64,10 @@ impl fmt::Display for Position {
 
 /// packages.xml could not be read: which file, where, and what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct XmlError {
-    pub file: PathBuf,
-    pub position: Position,
-    pub message: String,
+pub(crate) struct XmlError {
+    pub(crate) file: PathBuf,
+    pub(crate) position: Position,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for XmlError {
@@ -86,15 +86,15 @@ impl std::error::Error for XmlError {}
 
 /// A start tag with its attributes and its nesting depth (the root is 1).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Element {
-    pub name: String,
-    pub depth: usize,
-    pub attributes: Vec<(String, Value)>,
-    pub position: Position,
+pub(crate) struct Element {
+    pub(crate) name: String,
+    pub(crate) depth: usize,
+    pub(crate) attributes: Vec<(String, Value)>,
+    pub(crate) position: Position,
 }
 
 impl Element {
-    pub fn attr(&self, name: &str) -> Option<&Value> {
+    pub(crate) fn attr(&self, name: &str) -> Option<&Value> {
         self.attributes
             .iter()
             .find(|(n, _)| n == name)
@@ -112,7 +112,7 @@ impl Element {
 
 /// Every start tag of a packages.xml, text or binary (told apart by the ABX
 /// magic).
-pub fn elements(data: &[u8], file: &Path) -> Result<Vec<Element>, XmlError> {
+pub(crate) fn elements(data: &[u8], file: &Path) -> Result<Vec<Element>, XmlError> {
     if data.starts_with(&abx::MAGIC) {
         abx_elements(data, file)
     } else {
@@ -229,36 +229,36 @@ fn text_elements(data: &[u8], file: &Path) -> Result<Vec<Element>, XmlError> {
 
 /// One `<package>` (or `<updated-package>`) entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct XmlPackage {
-    pub name: String,
-    pub app_id: u32,
+pub(crate) struct XmlPackage {
+    pub(crate) name: String,
+    pub(crate) app_id: u32,
     /// Joined a shared uid (`sharedUserId=` rather than `userId=`).
-    pub shared: bool,
-    pub code_path: Option<String>,
-    pub flags: Option<i64>,
+    pub(crate) shared: bool,
+    pub(crate) code_path: Option<String>,
+    pub(crate) flags: Option<i64>,
 }
 
 impl XmlPackage {
     /// Came with the system image: flagged FLAG_SYSTEM or its code lives in
     /// an image partition.
-    pub fn preinstalled(&self) -> bool {
+    pub(crate) fn preinstalled(&self) -> bool {
         self.flags.is_some_and(|f| f & FLAG_SYSTEM != 0)
             || self.code_path.as_deref().is_some_and(in_system_image)
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SharedUser {
-    pub name: String,
-    pub app_id: u32,
+pub(crate) struct SharedUser {
+    pub(crate) name: String,
+    pub(crate) app_id: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PackagesXml {
-    pub packages: Vec<XmlPackage>,
-    pub shared_users: Vec<SharedUser>,
+pub(crate) struct PackagesXml {
+    pub(crate) packages: Vec<XmlPackage>,
+    pub(crate) shared_users: Vec<SharedUser>,
     /// Names of system packages that have been updated from the store.
-    pub updated: Vec<String>,
+    pub(crate) updated: Vec<String>,
 }
 
 fn app_id(el: &Element) -> Option<(u32, bool)> {
@@ -275,7 +275,7 @@ fn app_id(el: &Element) -> Option<(u32, bool)> {
 /// Interprets the elements of a packages.xml. An entry without the
 /// attributes we need is skipped with a warning; a document that is not a
 /// package list at all is an error.
-pub fn interpret(
+pub(crate) fn interpret(
     elements: &[Element],
     file: &Path,
 ) -> Result<(PackagesXml, Vec<String>), XmlError> {
@@ -349,7 +349,7 @@ pub fn interpret(
 
 /// The file Android itself would read under `system_dir` (packages-backup.xml
 /// first), if any.
-pub fn locate(system_dir: &Path) -> Option<PathBuf> {
+pub(crate) fn locate(system_dir: &Path) -> Option<PathBuf> {
     ["packages-backup.xml", "packages.xml"]
         .iter()
         .map(|f| system_dir.join(f))
@@ -357,7 +357,7 @@ pub fn locate(system_dir: &Path) -> Option<PathBuf> {
 }
 
 /// Reads and interprets one packages.xml file.
-pub fn load(file: &Path) -> Result<(PackagesXml, Vec<String>), XmlError> {
+pub(crate) fn load(file: &Path) -> Result<(PackagesXml, Vec<String>), XmlError> {
     let data = std::fs::read(file).map_err(|e| XmlError {
         file: file.to_path_buf(),
         position: Position::Byte(0),

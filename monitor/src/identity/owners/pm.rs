@@ -11,13 +11,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PmPackage {
-    pub name: String,
-    pub apk: String,
-    pub uids: Vec<u32>,
+pub(crate) struct PmPackage {
+    pub(crate) name: String,
+    pub(crate) apk: String,
+    pub(crate) uids: Vec<u32>,
 }
 
-pub fn parse_line(line: &str) -> Option<PmPackage> {
+pub(crate) fn parse_line(line: &str) -> Option<PmPackage> {
     let rest = line.trim().strip_prefix("package:")?;
     let (path_and_name, uids) = match rest.rsplit_once(" uid:") {
         Some((p, u)) => (p, u),
@@ -38,13 +38,13 @@ pub fn parse_line(line: &str) -> Option<PmPackage> {
     })
 }
 
-pub fn parse(text: &str) -> Vec<PmPackage> {
+pub(crate) fn parse(text: &str) -> Vec<PmPackage> {
     text.lines().filter_map(parse_line).collect()
 }
 
 /// Runs `pm` and parses its output. `pm` talks to system_server, which can
 /// hang; give it a bounded time and carry on without it.
-pub fn query(pm: &Path, timeout: Duration) -> Result<Vec<PmPackage>, String> {
+pub(crate) fn query(pm: &Path, timeout: Duration) -> Result<Vec<PmPackage>, String> {
     let mut child = Command::new(pm)
         .args(["list", "packages", "-U", "-f"])
         .stdin(Stdio::null())

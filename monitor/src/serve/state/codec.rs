@@ -16,7 +16,7 @@ pub(crate) struct Enc<W: Write> {
 const BLOCK: usize = 1 << 16;
 
 impl<W: Write> Enc<W> {
-    pub fn new(out: W) -> Enc<W> {
+    pub(crate) fn new(out: W) -> Enc<W> {
         Enc {
             out,
             buf: Vec::with_capacity(BLOCK + 64),
@@ -24,7 +24,7 @@ impl<W: Write> Enc<W> {
     }
 
     /// Writes what is buffered; returns the stream.
-    pub fn finish(mut self) -> io::Result<W> {
+    pub(crate) fn finish(mut self) -> io::Result<W> {
         self.out.write_all(&self.buf)?;
         self.out.flush()?;
         Ok(self.out)
@@ -39,12 +39,12 @@ impl<W: Write> Enc<W> {
     }
 
     /// Bytes as they are.
-    pub fn raw(&mut self, v: &[u8]) -> io::Result<()> {
+    pub(crate) fn raw(&mut self, v: &[u8]) -> io::Result<()> {
         self.buf.extend_from_slice(v);
         self.spill()
     }
 
-    pub fn u64(&mut self, mut v: u64) -> io::Result<()> {
+    pub(crate) fn u64(&mut self, mut v: u64) -> io::Result<()> {
         while v >= 0x80 {
             self.buf.push((v as u8) | 0x80);
             v >>= 7;
@@ -53,34 +53,34 @@ impl<W: Write> Enc<W> {
         self.spill()
     }
 
-    pub fn u32(&mut self, v: u32) -> io::Result<()> {
+    pub(crate) fn u32(&mut self, v: u32) -> io::Result<()> {
         self.u64(v.into())
     }
 
-    pub fn bool(&mut self, v: bool) -> io::Result<()> {
+    pub(crate) fn bool(&mut self, v: bool) -> io::Result<()> {
         self.u64(v.into())
     }
 
-    pub fn bytes(&mut self, v: &[u8]) -> io::Result<()> {
+    pub(crate) fn bytes(&mut self, v: &[u8]) -> io::Result<()> {
         self.u64(v.len() as u64)?;
         self.raw(v)
     }
 
-    pub fn str(&mut self, v: &str) -> io::Result<()> {
+    pub(crate) fn str(&mut self, v: &str) -> io::Result<()> {
         self.bytes(v.as_bytes())
     }
 
-    pub fn opt_str(&mut self, v: Option<&str>) -> io::Result<()> {
+    pub(crate) fn opt_str(&mut self, v: Option<&str>) -> io::Result<()> {
         self.bool(v.is_some())?;
         v.map_or(Ok(()), |s| self.str(s))
     }
 
-    pub fn strs<'a>(&mut self, v: impl ExactSizeIterator<Item = &'a str>) -> io::Result<()> {
+    pub(crate) fn strs<'a>(&mut self, v: impl ExactSizeIterator<Item = &'a str>) -> io::Result<()> {
         self.u64(v.len() as u64)?;
         v.into_iter().try_for_each(|s| self.str(s))
     }
 
-    pub fn key(&mut self, k: &FlowKey) -> io::Result<()> {
+    pub(crate) fn key(&mut self, k: &FlowKey) -> io::Result<()> {
         self.u32(k.uid)?;
         self.u32(k.port.into())?;
         self.u32(k.proto.into())?;
@@ -88,7 +88,7 @@ impl<W: Write> Enc<W> {
         self.raw(&k.addr)
     }
 
-    pub fn value(&mut self, v: &FlowValue) -> io::Result<()> {
+    pub(crate) fn value(&mut self, v: &FlowValue) -> io::Result<()> {
         for n in [
             v.connects,
             v.udp_sends,
@@ -105,7 +105,7 @@ impl<W: Write> Enc<W> {
 
 /// Reads what [`Enc`] wrote; anything short or malformed is an error (the
 /// caller then starts without state).
-pub(crate) struct Dec<R: BufRead>(pub R);
+pub(crate) struct Dec<R: BufRead>(pub(crate) R);
 
 fn bad(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
@@ -116,7 +116,7 @@ fn bad(what: &str) -> io::Error {
 const MAX_LEN: u64 = 1 << 20;
 
 impl<R: BufRead> Dec<R> {
-    pub fn u64(&mut self) -> io::Result<u64> {
+    pub(crate) fn u64(&mut self) -> io::Result<u64> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let mut byte = [0u8];
@@ -129,11 +129,11 @@ impl<R: BufRead> Dec<R> {
         Err(bad("integer too long"))
     }
 
-    pub fn u32(&mut self) -> io::Result<u32> {
+    pub(crate) fn u32(&mut self) -> io::Result<u32> {
         u32::try_from(self.u64()?).map_err(|_| bad("integer out of range"))
     }
 
-    pub fn bool(&mut self) -> io::Result<bool> {
+    pub(crate) fn bool(&mut self) -> io::Result<bool> {
         match self.u64()? {
             0 => Ok(false),
             1 => Ok(true),
@@ -142,7 +142,7 @@ impl<R: BufRead> Dec<R> {
     }
 
     /// A count of items that follow (bounded, see `MAX_LEN`).
-    pub fn len(&mut self) -> io::Result<usize> {
+    pub(crate) fn len(&mut self) -> io::Result<usize> {
         let n = self.u64()?;
         if n > MAX_LEN {
             return Err(bad("length out of range"));
@@ -150,17 +150,17 @@ impl<R: BufRead> Dec<R> {
         Ok(n as usize)
     }
 
-    pub fn bytes(&mut self) -> io::Result<Vec<u8>> {
+    pub(crate) fn bytes(&mut self) -> io::Result<Vec<u8>> {
         let mut v = vec![0u8; self.len()?];
         self.0.read_exact(&mut v)?;
         Ok(v)
     }
 
-    pub fn str(&mut self) -> io::Result<String> {
+    pub(crate) fn str(&mut self) -> io::Result<String> {
         String::from_utf8(self.bytes()?).map_err(|_| bad("not UTF-8"))
     }
 
-    pub fn opt_str(&mut self) -> io::Result<Option<String>> {
+    pub(crate) fn opt_str(&mut self) -> io::Result<Option<String>> {
         if self.bool()? {
             self.str().map(Some)
         } else {
@@ -168,11 +168,11 @@ impl<R: BufRead> Dec<R> {
         }
     }
 
-    pub fn strs(&mut self) -> io::Result<Vec<String>> {
+    pub(crate) fn strs(&mut self) -> io::Result<Vec<String>> {
         (0..self.len()?).map(|_| self.str()).collect()
     }
 
-    pub fn key(&mut self) -> io::Result<FlowKey> {
+    pub(crate) fn key(&mut self) -> io::Result<FlowKey> {
         let small = |v: u32, max: u32| {
             if v <= max {
                 Ok(v)
@@ -195,7 +195,7 @@ impl<R: BufRead> Dec<R> {
         })
     }
 
-    pub fn value(&mut self) -> io::Result<FlowValue> {
+    pub(crate) fn value(&mut self) -> io::Result<FlowValue> {
         Ok(FlowValue {
             connects: self.u64()?,
             udp_sends: self.u64()?,

@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 /// Where the log file stood when a state was saved: which file, how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LogPosition {
-    pub dev: u64,
-    pub ino: u64,
-    pub len: u64,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) len: u64,
 }
 
 /// Where the log at `path` stands now (never through a link).

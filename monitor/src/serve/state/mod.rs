@@ -56,12 +56,12 @@ const SCRAPE_SUFFIX: &str = ".scrape";
 /// Which kernel objects a state describes: the pinned flow map of one boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Identity {
-    pub boot_id: String,
-    pub flows_map_id: u32,
+    pub(crate) boot_id: String,
+    pub(crate) flows_map_id: u32,
 }
 
 impl Identity {
-    pub fn of_flows_map(map: std::os::fd::BorrowedFd<'_>) -> Result<Identity> {
+    pub(crate) fn of_flows_map(map: std::os::fd::BorrowedFd<'_>) -> Result<Identity> {
         let info = crate::bpf_sys::map_info(map).context("reading the flow map's id")?;
         Ok(Identity {
             boot_id: boot_id(),
@@ -164,7 +164,7 @@ fn remove_stale(dir: &Path) {
             .or_else(|| rest.strip_suffix(SCRAPE_SUFFIX));
         let stale = stem
             .and_then(unescape)
-            .is_some_and(|pin_dir| !crate::bpf::kernel::has_pins(&pin_dir));
+            .is_some_and(|pin_dir| !crate::bpf::pins::PinDir::new(&pin_dir).has_pins());
         if stale && std::fs::remove_file(entry.path()).is_ok() {
             log::debug!("removed stale state {}", entry.path().display());
         }
@@ -270,19 +270,19 @@ pub(crate) struct PassState {
     /// The `--log` file, whose lines written after a save are replayed.
     log: Option<PathBuf>,
     log_keep: usize,
-    pub save_failures: u64,
+    pub(crate) save_failures: u64,
 }
 
 /// Where a state file is kept and what it belongs to.
 pub(crate) struct Place<'a> {
-    pub dir: &'a Path,
-    pub pin_dir: &'a Path,
-    pub identity: Identity,
+    pub(crate) dir: &'a Path,
+    pub(crate) pin_dir: &'a Path,
+    pub(crate) identity: Identity,
 }
 
 impl Place<'_> {
     /// Checks the directory (root's, private) and clears stale states.
-    pub fn prepare(&self) -> Result<()> {
+    pub(crate) fn prepare(&self) -> Result<()> {
         crate::serve::private_fs::check_private_dir(self.dir).with_context(|| {
             format!(
                 "the state directory {} (the agent's --run-dir)",
@@ -297,7 +297,7 @@ impl Place<'_> {
 impl PassState {
     /// `log`: the `--log` target (`-` is stdout, whose lines cannot be
     /// read back).
-    pub fn new(place: &Place<'_>, log: Option<&str>, log_keep: usize) -> PassState {
+    pub(crate) fn new(place: &Place<'_>, log: Option<&str>, log_keep: usize) -> PassState {
         PassState {
             path: paths(place.dir, place.pin_dir)[0].clone(),
             identity: place.identity.clone(),
@@ -309,7 +309,7 @@ impl PassState {
 
     /// Writes the state after a pass (call it while the pass still holds
     /// the tracker and the verdicts, after its log lines are written).
-    pub fn save(&mut self, tracker: &Tracker, destinations: &Destinations) {
+    pub(crate) fn save(&mut self, tracker: &Tracker, destinations: &Destinations) {
         let position = self.log.as_deref().and_then(log_tail::position);
         let written = replace(&self.path, |e| {
             write_header(e, &self.identity)?;
@@ -332,7 +332,11 @@ impl PassState {
     /// Takes back what the previous agent of these pins saved, then the log
     /// lines it wrote after. On an error the tracker and verdicts may hold
     /// part of it: the caller starts them afresh.
-    pub fn restore(&self, tracker: &mut Tracker, destinations: &mut Destinations) -> Result<bool> {
+    pub(crate) fn restore(
+        &self,
+        tracker: &mut Tracker,
+        destinations: &mut Destinations,
+    ) -> Result<bool> {
         let Some(reader) = open(&self.path)? else {
             return Ok(false);
         };
@@ -632,8 +636,8 @@ fn read_infos<R: BufRead>(d: &mut Dec<R>, destinations: &mut Destinations) -> io
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Scraped {
     /// Uids given their own metric series, so each keeps its series.
-    pub labelled_uids: BTreeSet<u32>,
-    pub netd: Option<NetdSnapshot>,
+    pub(crate) labelled_uids: BTreeSet<u32>,
+    pub(crate) netd: Option<NetdSnapshot>,
 }
 
 /// The scrape state: written by a scrape before it answers, when it changed.
@@ -644,7 +648,7 @@ pub(crate) struct ScrapeState {
 }
 
 impl ScrapeState {
-    pub fn new(place: &Place<'_>) -> ScrapeState {
+    pub(crate) fn new(place: &Place<'_>) -> ScrapeState {
         ScrapeState {
             path: paths(place.dir, place.pin_dir)[1].clone(),
             identity: place.identity.clone(),
@@ -653,7 +657,7 @@ impl ScrapeState {
     }
 
     /// Writes `now` unless it is what was written last.
-    pub fn save(&self, now: Scraped) {
+    pub(crate) fn save(&self, now: Scraped) {
         let mut last = self.last.lock().unwrap();
         if last.as_ref() == Some(&now) {
             return;
@@ -669,7 +673,7 @@ impl ScrapeState {
         }
     }
 
-    pub fn restore(&self) -> Result<Option<Scraped>> {
+    pub(crate) fn restore(&self) -> Result<Option<Scraped>> {
         let Some(reader) = open(&self.path)? else {
             return Ok(None);
         };

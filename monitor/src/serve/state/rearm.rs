@@ -32,7 +32,7 @@ pub(crate) struct PayloadRearm {
     /// Flows present at start with a payload taken and no verdict.
     waiting: HashSet<FlowKey>,
     /// Flows re-armed so far.
-    pub rearmed: u64,
+    pub(crate) rearmed: u64,
 }
 
 fn owned(kernel: &crate::bpf::kernel::Kernel, name: &str) -> Result<MapData> {
@@ -44,7 +44,7 @@ fn owned(kernel: &crate::bpf::kernel::Kernel, name: &str) -> Result<MapData> {
 }
 
 impl PayloadRearm {
-    pub fn new(kernel: &crate::bpf::kernel::Kernel) -> Result<PayloadRearm> {
+    pub(crate) fn new(kernel: &crate::bpf::kernel::Kernel) -> Result<PayloadRearm> {
         Ok(PayloadRearm {
             flows: HashMap::try_from(Map::LruHashMap(owned(kernel, MAP_FLOWS)?))?,
             passes: 0,
@@ -54,7 +54,7 @@ impl PayloadRearm {
     }
 
     /// Called after each pass, with what the pass left.
-    pub fn after_pass(&mut self, tracker: &Tracker, destinations: &Destinations) {
+    pub(crate) fn after_pass(&mut self, tracker: &Tracker, destinations: &Destinations) {
         self.passes = self.passes.saturating_add(1);
         if self.passes == 1 {
             self.waiting = tracker

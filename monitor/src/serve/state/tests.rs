@@ -5,11 +5,11 @@
 use super::*;
 use crate::enrich::destinations::FlowInfo;
 use crate::enrich::geoip::GeoIp;
-use crate::inspect::{HostSource, Payload};
 use crate::pipeline::flows::{record, FlowRecord};
 use crate::pipeline::rules::Rules;
 use crate::pipeline::tracker::{Describe, TrackerOptions};
 use crate::serve::jsonl::JsonlLog;
+use inspect::{HostSource, Payload};
 use monitor_common::{FlowKey, FlowValue, FAMILY_IPV4, PROTO_TCP};
 use serde_json::Value;
 use std::cell::RefCell;
