@@ -530,7 +530,7 @@ impl Bench {
             Condition::Egressmon => {
                 let agent = Agent::start(self, &format!("{round}-{w}"))?;
                 let hooks = attached_hooks(&self.cgroup.path)?;
-                let expected = ["connect4", "connect6", "skb_egress"];
+                let expected = ["connect4", "connect6", "skb_egress", "skb_ingress"];
                 if hooks != expected {
                     bail!(
                         "egressmon attached {hooks:?} at the bench cgroup, expected {expected:?}"
@@ -715,7 +715,7 @@ impl Bench {
     }
 }
 
-/// Hook names with a program attached directly at `cgroup`.
+/// Hook names with a program attached directly at `cgroup`, in table order.
 fn attached_hooks(cgroup: &Path) -> Result<Vec<String>> {
     let mut hooks = Vec::new();
     for t in sys::MEASURED_ATTACH_TYPES {
@@ -723,13 +723,6 @@ fn attached_hooks(cgroup: &Path) -> Result<Vec<String>> {
             hooks.push(sys::hook_name(t).to_string());
         }
     }
-    hooks.sort_by_key(|h| match h.as_str() {
-        "connect4" => 0,
-        "connect6" => 1,
-        "sendmsg4" => 2,
-        "sendmsg6" => 3,
-        _ => 4,
-    });
     Ok(hooks)
 }
 
@@ -742,8 +735,9 @@ enum Active {
     Tcpdump { _guard: Proc },
 }
 
-/// Empty "allow" programs on egressmon's default hooks, attached through
-/// unpinned links: closing the descriptors detaches them.
+/// Empty "allow" programs on every hook egressmon attaches by default
+/// (connect4, connect6, skb egress, skb ingress), attached through unpinned
+/// links: closing the descriptors detaches them.
 struct Floor {
     _links: Vec<OwnedFd>,
     _progs: Vec<OwnedFd>,
@@ -764,7 +758,16 @@ impl Floor {
                 sys::ATTACH_CONNECT6,
                 "empty_connect6",
             ),
-            (sys::PROG_TYPE_CGROUP_SKB, sys::ATTACH_EGRESS, "empty_skb"),
+            (
+                sys::PROG_TYPE_CGROUP_SKB,
+                sys::ATTACH_EGRESS,
+                "empty_skb_egr",
+            ),
+            (
+                sys::PROG_TYPE_CGROUP_SKB,
+                sys::ATTACH_INGRESS,
+                "empty_skb_ingr",
+            ),
         ] {
             let prog = sys::load_allow(prog_type, attach_type, name)?;
             links.push(sys::link_create(&prog, cgroup, attach_type)?);

@@ -6,7 +6,7 @@
 //! measurements. A hand-written section after [`NOTES_MARKER`] is kept when
 //! the file is regenerated.
 
-use super::{Condition, ProgRun, Results, Sample, Workload};
+use super::{sys, Condition, Results, Sample, Workload};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -16,7 +16,7 @@ pub const NOTES_MARKER: &str = "<!-- notes: written by hand, kept by cargo xtask
 pub fn label(c: Condition) -> &'static str {
     match c {
         Condition::Bare => "bare kernel",
-        Condition::Floor => "floor: empty programs on the same hooks",
+        Condition::Floor => "floor: empty programs on the same hooks, skb ingress included",
         Condition::Egressmon => "egressmon",
         Condition::Nftables => "nftables, 20 meta skuid counter rules",
         Condition::Tcpdump => "tcpdump -s 128 -w /dev/null on lo",
@@ -212,7 +212,7 @@ impl<'a> View<'a> {
             ops += s.ops;
             for p in &s.progs {
                 let e = by_hook
-                    .entry((hook_order(p), p.hook.to_string()))
+                    .entry((sys::hook_rank(p.hook), p.hook.to_string()))
                     .or_default();
                 e.0 += p.run_ns;
                 e.1 += p.runs;
@@ -278,16 +278,6 @@ impl<'a> View<'a> {
             .iter()
             .filter_map(|s| s.agent_hwm.map(|b| b as f64 / 1048576.0))
             .collect()
-    }
-}
-
-fn hook_order(p: &ProgRun) -> usize {
-    match p.hook {
-        "connect4" => 0,
-        "connect6" => 1,
-        "sendmsg4" => 2,
-        "sendmsg6" => 3,
-        _ => 4,
     }
 }
 
