@@ -41,26 +41,33 @@ pub fn short_plain(c: Condition) -> &'static str {
 fn title(w: Workload) -> &'static str {
     match w {
         Workload::W1 => "W1 TCP connect+close",
+        Workload::W1b => "W1b TCP connect+close, both ends hooked",
         Workload::W2 => "W2 iperf3 bulk TCP",
+        Workload::W2b => "W2b iperf3 -R bulk TCP download, both ends hooked",
         Workload::W3 => "W3 64-byte UDP sendto",
+        Workload::W3b => "W3b 64-byte UDP sendto to another process, both ends hooked",
         Workload::W4 => "W4 short flows, many ports, 4 uids",
     }
 }
 
 fn rate_unit(w: Workload) -> &'static str {
     match w {
-        Workload::W1 | Workload::W4 => "connects/s",
-        Workload::W2 => "Gbit/s",
-        Workload::W3 => "datagrams/s",
+        Workload::W1 | Workload::W1b | Workload::W4 => "connects/s",
+        Workload::W2 | Workload::W2b => "Gbit/s",
+        Workload::W3 | Workload::W3b => "datagrams/s",
     }
 }
 
 fn op_unit(w: Workload) -> &'static str {
     match w {
-        Workload::W1 | Workload::W4 => "connect",
-        Workload::W2 => "MiB",
-        Workload::W3 => "datagram",
+        Workload::W1 | Workload::W1b | Workload::W4 => "connect",
+        Workload::W2 | Workload::W2b => "MiB",
+        Workload::W3 | Workload::W3b => "datagram",
     }
+}
+
+fn bulk(w: Workload) -> bool {
+    matches!(w, Workload::W2 | Workload::W2b)
 }
 
 pub fn median(values: &[f64]) -> Option<f64> {
@@ -106,16 +113,18 @@ pub fn grouped(x: f64) -> String {
 }
 
 fn fmt_rate(w: Workload, x: f64) -> String {
-    match w {
-        Workload::W2 => format!("{:.2}", x / 1e9),
-        _ => grouped(x),
+    if bulk(w) {
+        format!("{:.2}", x / 1e9)
+    } else {
+        grouped(x)
     }
 }
 
 fn fmt_cpu(w: Workload, ns: f64) -> String {
-    match w {
-        Workload::W2 => format!("{:.0}", ns / 1000.0),
-        _ => format!("{:.2}", ns / 1000.0),
+    if bulk(w) {
+        format!("{:.0}", ns / 1000.0)
+    } else {
+        format!("{:.2}", ns / 1000.0)
     }
 }
 
@@ -145,6 +154,9 @@ pub fn sample_line(w: Workload, s: &Sample) -> String {
     }
     if let Some(a) = s.agent_share {
         let _ = write!(line, ", agent {:.1}% CPU", a * 100.0);
+    }
+    if let Some(r) = s.received {
+        let _ = write!(line, ", {} received", pct(r / s.ops));
     }
     line
 }
@@ -355,6 +367,19 @@ fn table(v: &View) -> String {
             let cpu: Vec<f64> = v.samples(c, w).iter().map(|s| s.cpu_per_op_ns).collect();
             spread(&cpu, |x| fmt_cpu(w, x))
         });
+        if w == Workload::W3b {
+            row(
+                format!("{w} received by the other process, of sent"),
+                &|c| {
+                    let got: Vec<f64> = v
+                        .samples(c, w)
+                        .iter()
+                        .filter_map(|s| Some(s.received? / s.ops))
+                        .collect();
+                    spread(&got, pct)
+                },
+            );
+        }
         row(
             format!("{w} eBPF ns per run (runs per {})", op_unit(w)),
             &|c| {
@@ -812,39 +837,16 @@ pub fn markdown(r: &Results, previous: &str) -> String {
         r.rounds,
         r.duration.as_secs_f64() / 60.0
     );
-    let s = r.sizes;
+    m.push_str(&workloads_text(r));
     let _ = writeln!(
         m,
-        "- Workloads, on loopback in the bench's own network namespace: W1 {} TCP \
-         connect+close (accepted in-process, closed by the server, then RST by the client); W2 \
-         iperf3 -t {} bulk TCP; W3 {} × 64-byte UDP sendto on an unconnected socket; W4 {} \
-         connects over {} from 4 uids ({} flows). The client side runs in the \
-         bench cgroup, where egressmon and the empty programs attach; the server side (listeners, \
-         receiving socket, iperf3 -s) in an unhooked sibling cgroup, standing in for a remote \
-         peer. nftables' output chain and tcpdump on lo, set up as users set them up, see both \
-         directions.",
-        grouped(s.w1_connects as f64),
-        s.w2_secs,
-        grouped(s.w3_datagrams as f64),
-        grouped(s.w4_connects as f64),
-        if s.w4_addrs > 1 {
-            format!(
-                "{} destinations ({} ports × {} loopback addresses: RLIMIT_NOFILE's hard limit \
-                 here does not allow one listener per destination)",
-                grouped(s.w4_destinations as f64),
-                grouped(s.w4_ports as f64),
-                s.w4_addrs
-            )
-        } else {
-            format!("{} destination ports", grouped(s.w4_destinations as f64))
-        },
-        grouped((s.w4_destinations as u64 * 4).min(s.w4_connects) as f64),
-    );
-    let _ = writeln!(
-        m,
-        "- Conditions: {}. Hooks attached by egressmon: {}; by the floor: {}. The agent runs \
-         `egressmon run --cgroup <bench cgroup> --pin-dir <own> --listen <own>` and is scraped \
-         (GET /metrics) once a second: {} scrapes answered, {} failed.",
+        "- Conditions: {}. Hooks attached by egressmon: {}; by the floor: {}. The floor's empty \
+         programs sit on every hook egressmon attaches, skb ingress included, for every \
+         workload; skb ingress runs for what the bench cgroup's sockets receive: the client's \
+         SYN-ACK and FIN in W1 and W4, the upload's ACKs in W2, nothing in W3, every packet \
+         received in W1b, W2b and W3b. The agent runs `egressmon run --cgroup <bench cgroup> \
+         --pin-dir <own> --listen <own>` and is scraped (GET /metrics) once a second: {} \
+         scrapes answered, {} failed.",
         Condition::ALL.map(label).join("; "),
         list_or_dash(&r.egressmon_hooks),
         list_or_dash(&r.floor_hooks),
@@ -872,9 +874,10 @@ pub fn markdown(r: &Results, previous: &str) -> String {
     m.push_str(&table(&v));
     m.push_str(
         "\nRatios above 1 mean faster than the reference. Client CPU: user + system time of the \
-         generator (iperf3 client for W2) per operation, from getrusage around the traffic loop \
-         (softirq work done in its context counts as its system time). Agent CPU: utime + stime from /proc/PID/stat over the workload's wall \
-         time.\n\n",
+         generator (iperf3 client for W2 and W2b; sender and receiver processes for W3b) per \
+         operation, from getrusage around the traffic loop (softirq work done in its context \
+         counts as its system time). Agent CPU: utime + stime from /proc/PID/stat over the \
+         workload's wall time.\n\n",
     );
     m.push_str("## Noise\n\n");
     let busy: Vec<String> = r
@@ -943,6 +946,50 @@ pub fn markdown(r: &Results, previous: &str) -> String {
     m
 }
 
+/// The report's "Workloads" item: what each workload does, at this run's
+/// sizes, and where its two ends sit.
+fn workloads_text(r: &Results) -> String {
+    let s = r.sizes;
+    let n = |x: u64| grouped(x as f64);
+    let w4_destinations = if s.w4_addrs > 1 {
+        format!(
+            "{} destinations ({} ports × {} loopback addresses: RLIMIT_NOFILE's hard limit here \
+             does not allow one listener per destination)",
+            n(u64::from(s.w4_destinations)),
+            n(u64::from(s.w4_ports)),
+            s.w4_addrs
+        )
+    } else {
+        format!("{} destination ports", n(u64::from(s.w4_destinations)))
+    };
+    format!(
+        "- Workloads, on loopback in the bench's own network namespace: W1 {} TCP connect+close \
+         (accepted in-process, closed by the server, then RST by the client); W1b {} of the same \
+         with the listener and the accepting side hooked too; W2 iperf3 -t {} bulk TCP upload; \
+         W2b iperf3 -R -t {} bulk TCP download (the server sends), server and client both \
+         hooked; W3 {} × 64-byte UDP sendto on an unconnected socket, received in-process; W3b \
+         {} × the same to a receiving process of its own on port 9100, both hooked and on the \
+         workload CPU (the rate is the sender's, the client CPU both processes'); W4 {} \
+         connects over {} from 4 uids ({} flows). In W1–W4 the client side runs in the bench \
+         cgroup, where egressmon and the empty programs attach, and the server side \
+         (listeners, receiving socket, iperf3 -s) in an unhooked sibling cgroup, standing in \
+         for a remote peer. The \"b\" workloads put both ends in the bench cgroup, as on a \
+         phone, where every socket, sender and receiver alike, sits under the watched cgroup; \
+         their server ports (9000, 5201, 9100) lie outside the ephemeral range, so the server's \
+         replies key as one inbound flow per client address. nftables' output chain and \
+         tcpdump on lo, set up as users set them up, see both directions.\n",
+        n(s.w1_connects),
+        n(s.w1b_connects),
+        s.w2_secs,
+        s.w2b_secs,
+        n(s.w3_datagrams),
+        n(s.w3b_datagrams),
+        n(s.w4_connects),
+        w4_destinations,
+        n((u64::from(s.w4_destinations) * 4).min(s.w4_connects)),
+    )
+}
+
 fn list_or_dash(v: &[String]) -> String {
     if v.is_empty() {
         "–".into()
@@ -954,7 +1001,7 @@ fn list_or_dash(v: &[String]) -> String {
 /// Every sample, one line each, for a second look at a run.
 pub fn samples_tsv(r: &Results) -> String {
     let mut t = String::from(
-        "condition\tworkload\tround\tops\trate\tcpu_ns_per_op\tagent_share\tagent_hwm\tevents_lost\tprograms\n",
+        "condition\tworkload\tround\tops\trate\tcpu_ns_per_op\tagent_share\tagent_hwm\tevents_lost\treceived\tprograms\n",
     );
     for ((c, w), samples) in &r.samples {
         for s in samples {
@@ -966,7 +1013,7 @@ pub fn samples_tsv(r: &Results) -> String {
             let opt = |x: Option<f64>| x.map_or(String::new(), |v| format!("{v}"));
             let _ = writeln!(
                 t,
-                "{}\t{w}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{w}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                 short_plain(*c),
                 s.round + 1,
                 s.ops,
@@ -975,6 +1022,7 @@ pub fn samples_tsv(r: &Results) -> String {
                 opt(s.agent_share),
                 opt(s.agent_hwm.map(|b| b as f64)),
                 opt(s.events_lost),
+                opt(s.received),
                 progs.join(" ")
             );
         }
