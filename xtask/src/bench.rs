@@ -6,18 +6,37 @@
 //! tcpdump and nftables see only its loopback traffic) and its own cgroups:
 //! `client`, where egressmon and the empty programs attach and every
 //! workload's client side runs, and `server`, unhooked, for the listening
-//! and receiving side, which stands in for a remote peer (otherwise each
-//! accepted connection's replies to the client's ephemeral port would be
-//! one more new flow, and W1 would measure flow creation, W4's job).
+//! and receiving side of W1–W4, which stands in for a remote peer
+//! (otherwise each accepted connection's replies to the client's ephemeral
+//! port would be one more new flow, and W1 would measure flow creation,
+//! W4's job). The "b" workloads put both ends in `client`, as on a phone,
+//! where every socket, sender and receiver alike, sits under the watched
+//! cgroup: the server's replies pass skb egress and every received packet
+//! passes skb ingress. Their server ports (9000, 5201, 9100) lie outside
+//! the kernel's ephemeral range, so the agent keys the server's replies as
+//! one inbound flow per client address, not one new flow per connection.
 //! Each round runs every workload under the five conditions back to back,
 //! in an order that rotates from round to round, so a slow spell of the
 //! machine (other builds share these CPUs) hits every condition alike;
 //! ratios are taken within a round. The workload, client and server alike,
 //! is pinned to one CPU; this process keeps off that CPU.
 //!
-//! Workloads (generators in `src/bin/bench-gen.rs`, iperf3 from Debian):
-//! W1 TCP connect+close, W2 iperf3 bulk TCP, W3 64-byte UDP sendto, all on
-//! loopback; W4 many short flows: connects to many ports from four uids.
+//! Workloads (generators in `src/bin/bench-gen.rs`, iperf3 from Debian),
+//! all on loopback:
+//! - W1 TCP connect+close; W1b the same with the listener and the accepting
+//!   side hooked too.
+//! - W2 iperf3 bulk TCP upload; W2b iperf3 -R, a bulk download into the
+//!   watched cgroup, server and client both hooked.
+//! - W3 64-byte UDP sendto to a socket of the same process; W3b the same to
+//!   a receiving process of its own (bench-gen udp-recv), both hooked. The
+//!   sender's rate is W3b's rate; its client CPU is both processes'.
+//! - W4 many short flows: connects to many ports from four uids.
+//!
+//! The floor attaches empty programs on every hook egressmon attaches —
+//! connect4, connect6, skb egress and skb ingress — for every workload
+//! (skb ingress runs for what sockets in `client` receive: the client's
+//! SYN-ACK and FIN in W1 and W4, the upload's ACKs in W2, nothing in W3,
+//! every packet received in the "b" workloads).
 //!
 //! Every change is undone by a guard, also on error or Ctrl-C: the sysctl
 //! kernel.bpf_stats_enabled (on for the run, for per-program run times),
@@ -47,8 +66,8 @@ pub struct BenchArgs {
     /// Two rounds of smaller workloads: checks the harness, measures little.
     #[arg(long)]
     pub quick: bool,
-    /// Workloads to run, comma separated (W1,W2,W3,W4).
-    #[arg(long, value_delimiter = ',', default_value = "W1,W2,W3,W4")]
+    /// Workloads to run, comma separated (W1,W1b,W2,W2b,W3,W3b,W4).
+    #[arg(long, value_delimiter = ',', default_value = "W1,W1b,W2,W2b,W3,W3b,W4")]
     pub workloads: Vec<String>,
     /// Rounds (default 9, with --quick 2). The issue asks for at least 5;
     /// 9 because the machine is shared and a round can be slowed at random.
@@ -79,11 +98,18 @@ pub fn smoke() -> Result<()> {
     })
 }
 
+/// The workloads, in table order (a "b" beside the workload it varies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Workload {
     W1,
+    /// W1 with the listener and the accepting side hooked too.
+    W1b,
     W2,
+    /// Bulk download (iperf3 -R), server and client both hooked.
+    W2b,
     W3,
+    /// W3 to a receiving process of its own, both hooked.
+    W3b,
     W4,
 }
 
@@ -91,10 +117,15 @@ impl Workload {
     fn parse(s: &str) -> Result<Workload> {
         Ok(match s.trim().to_ascii_uppercase().as_str() {
             "W1" => Workload::W1,
+            "W1B" => Workload::W1b,
             "W2" => Workload::W2,
+            "W2B" => Workload::W2b,
             "W3" => Workload::W3,
+            "W3B" => Workload::W3b,
             "W4" => Workload::W4,
-            other => bail!("unknown workload `{other}`: choose from W1, W2, W3, W4"),
+            other => {
+                bail!("unknown workload `{other}`: choose from W1, W1b, W2, W2b, W3, W3b, W4")
+            }
         })
     }
 }
@@ -128,8 +159,11 @@ impl Condition {
 #[derive(Debug, Clone, Copy)]
 pub struct Sizes {
     pub w1_connects: u64,
+    pub w1b_connects: u64,
     pub w2_secs: u64,
+    pub w2b_secs: u64,
     pub w3_datagrams: u64,
+    pub w3b_datagrams: u64,
     pub w4_connects: u64,
     /// Distinct destinations of W4 (ports × addresses).
     pub w4_destinations: u32,
@@ -145,8 +179,11 @@ impl Sizes {
         if quick {
             Sizes {
                 w1_connects: 5_000,
+                w1b_connects: 5_000,
                 w2_secs: 3,
+                w2b_secs: 3,
                 w3_datagrams: 100_000,
+                w3b_datagrams: 100_000,
                 w4_connects: 20_000,
                 w4_destinations: 2_000,
                 w4_ports: 2_000,
@@ -155,8 +192,11 @@ impl Sizes {
         } else {
             Sizes {
                 w1_connects: 50_000,
+                w1b_connects: 50_000,
                 w2_secs: 10,
+                w2b_secs: 10,
                 w3_datagrams: 1_000_000,
+                w3b_datagrams: 1_000_000,
                 w4_connects: 200_000,
                 w4_destinations: 20_000,
                 w4_ports: 20_000,
@@ -168,8 +208,11 @@ impl Sizes {
 
 /// The four uids of W4 (and four of nftables' twenty rules).
 const W4_UIDS: [u32; 4] = [20001, 20002, 20003, 20004];
+/// Server ports (W1 and W1b, W2 and W2b, W3b's receiver): below the
+/// ephemeral range, so that replies from them key as one inbound flow.
 const W1_PORT: u16 = 9000;
 const W2_PORT: u16 = 5201;
+const W3B_PORT: u16 = 9100;
 const W4_BASE_PORT: u16 = 10000;
 const NFT_TABLE: &str = "egressmon_bench";
 const WORKLOAD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -194,6 +237,19 @@ pub struct ProgRun {
     pub runs: u64,
 }
 
+/// What one workload run measured.
+struct Ran {
+    /// Operations done (connections, datagrams sent, MiB for W2/W2b).
+    ops: f64,
+    /// Operations per second (W2/W2b: bits per second).
+    rate: f64,
+    /// Client CPU time per operation, ns (W3b: sender and receiver).
+    cpu_per_op_ns: f64,
+    wall: Duration,
+    /// Datagrams the receiving process got (W3b).
+    received: Option<f64>,
+}
+
 /// One workload run under one condition in one round.
 #[derive(Debug, Clone, Default)]
 pub struct Sample {
@@ -210,6 +266,8 @@ pub struct Sample {
     pub agent_hwm: Option<u64>,
     /// egressmon_events_lost_total after the workload (fresh agent).
     pub events_lost: Option<f64>,
+    /// Datagrams the receiving process got (W3b).
+    pub received: Option<f64>,
 }
 
 /// Everything measured, for the report.
@@ -238,7 +296,7 @@ pub struct Results {
 
 fn bench_packages(workloads: &[Workload]) -> Vec<String> {
     let mut p = vec!["tcpdump".to_string(), "nftables".to_string()];
-    if workloads.contains(&Workload::W2) {
+    if workloads.contains(&Workload::W2) || workloads.contains(&Workload::W2b) {
         p.push("iperf3".into());
     }
     p
@@ -439,10 +497,12 @@ impl Bench {
         let t0 = Instant::now();
         let cpu_start = sys::cpu_times();
         step("bench", "warm-up (bare kernel, not recorded)");
-        for w in workloads
-            .iter()
-            .filter(|w| matches!(w, Workload::W1 | Workload::W3))
-        {
+        for w in workloads.iter().filter(|w| {
+            matches!(
+                w,
+                Workload::W1 | Workload::W1b | Workload::W3 | Workload::W3b
+            )
+        }) {
             self.workload(*w, true)?;
         }
         let mut samples: BTreeMap<(Condition, Workload), Vec<Sample>> = BTreeMap::new();
@@ -530,7 +590,7 @@ impl Bench {
             Condition::Egressmon => {
                 let agent = Agent::start(self, &format!("{round}-{w}"))?;
                 let hooks = attached_hooks(&self.cgroup.path)?;
-                let expected = ["connect4", "connect6", "skb_egress"];
+                let expected = ["connect4", "connect6", "skb_egress", "skb_ingress"];
                 if hooks != expected {
                     bail!(
                         "egressmon attached {hooks:?} at the bench cgroup, expected {expected:?}"
@@ -558,78 +618,137 @@ impl Bench {
         Ok(cmd)
     }
 
-    /// Runs one workload; returns (ops, rate, client CPU ns per op, wall).
-    fn workload(&self, w: Workload, warmup: bool) -> Result<(f64, f64, f64, Duration)> {
+    /// bench-gen with both ends in the bench cgroup (the "b" workloads).
+    fn gen_hooked(&self, args: &[String]) -> Result<Command> {
+        let mut cmd = Command::new(&self.gen);
+        cmd.args(args);
+        self.placement(&self.cgroup.path).apply(&mut cmd)?;
+        Ok(cmd)
+    }
+
+    /// Operations of bench-gen's run of `w` (a tenth for the warm-up).
+    fn count(&self, w: Workload, warmup: bool) -> u64 {
         let s = self.sizes;
-        let count = |n: u64| if warmup { (n / 10).max(1000) } else { n };
-        match w {
-            Workload::W1 | Workload::W3 | Workload::W4 => {
-                let args: Vec<String> = match w {
-                    Workload::W1 => vec![
-                        "connect".into(),
-                        "--count".into(),
-                        count(s.w1_connects).to_string(),
-                        "--base-port".into(),
-                        W1_PORT.to_string(),
-                    ],
-                    Workload::W3 => vec![
-                        "udp".into(),
-                        "--count".into(),
-                        count(s.w3_datagrams).to_string(),
-                        "--size".into(),
-                        "64".into(),
-                    ],
-                    _ => vec![
-                        "connect".into(),
-                        "--count".into(),
-                        s.w4_connects.to_string(),
-                        "--ports".into(),
-                        s.w4_ports.to_string(),
-                        "--addrs".into(),
-                        s.w4_addrs.to_string(),
-                        "--base-port".into(),
-                        W4_BASE_PORT.to_string(),
-                        "--uids".into(),
-                        W4_UIDS.map(|u| u.to_string()).join(","),
-                    ],
-                };
-                let fin =
-                    sys::run_measured(self.gen_command(&args)?, "bench-gen", WORKLOAD_TIMEOUT)?;
-                if !fin.success {
-                    bail!("bench-gen {} failed: {}", args.join(" "), fin.stderr.trim());
-                }
-                let kv = parse_kv(&fin.stdout);
-                let get = |k: &str| -> Result<f64> {
-                    kv.get(k)
-                        .copied()
-                        .with_context(|| format!("bench-gen printed no {k}: {}", fin.stdout))
-                };
-                let ops = get("ops")?;
-                let elapsed = get("elapsed_ns")? / 1e9;
-                let cpu = get("cpu_ns")?;
-                Ok((ops, ops / elapsed, cpu / ops, fin.wall))
-            }
-            Workload::W2 => self.iperf(s.w2_secs),
+        let n = match w {
+            Workload::W1 => s.w1_connects,
+            Workload::W1b => s.w1b_connects,
+            Workload::W3 => s.w3_datagrams,
+            Workload::W3b => s.w3b_datagrams,
+            _ => return s.w4_connects,
+        };
+        if warmup {
+            (n / 10).max(1000)
+        } else {
+            n
         }
     }
 
-    fn iperf(&self, secs: u64) -> Result<(f64, f64, f64, Duration)> {
+    /// bench-gen's arguments for `w` (W3b: the sender's).
+    fn gen_args(&self, w: Workload, warmup: bool) -> Vec<String> {
+        let s = self.sizes;
+        let mode = match w {
+            Workload::W3 | Workload::W3b => "udp",
+            _ => "connect",
+        };
+        let args = vec![
+            mode.to_string(),
+            "--count".into(),
+            self.count(w, warmup).to_string(),
+        ];
+        let more: Vec<String> = match w {
+            Workload::W1 | Workload::W1b => vec!["--base-port".into(), W1_PORT.to_string()],
+            Workload::W3 => vec!["--size".into(), "64".into()],
+            Workload::W3b => vec![
+                "--size".into(),
+                "64".into(),
+                "--port".into(),
+                W3B_PORT.to_string(),
+            ],
+            _ => vec![
+                "--ports".into(),
+                s.w4_ports.to_string(),
+                "--addrs".into(),
+                s.w4_addrs.to_string(),
+                "--base-port".into(),
+                W4_BASE_PORT.to_string(),
+                "--uids".into(),
+                W4_UIDS.map(|u| u.to_string()).join(","),
+            ],
+        };
+        [args, more].concat()
+    }
+
+    /// Runs one workload.
+    fn workload(&self, w: Workload, warmup: bool) -> Result<Ran> {
+        let args = self.gen_args(w, warmup);
+        match w {
+            Workload::W2 => self.iperf(self.sizes.w2_secs, false),
+            Workload::W2b => self.iperf(self.sizes.w2b_secs, true),
+            Workload::W1b => gen_run(self.gen_hooked(&args)?, &args),
+            Workload::W3b => self.udp_pair(&args, self.count(w, warmup)),
+            _ => gen_run(self.gen_command(&args)?, &args),
+        }
+    }
+
+    /// W3b: a bench-gen udp-recv process and the sender, both in the bench
+    /// cgroup and on the workload CPU. The rate is the sender's; the CPU per
+    /// datagram both processes'.
+    fn udp_pair(&self, args: &[String], count: u64) -> Result<Ran> {
+        let mut cmd = Command::new(&self.gen);
+        cmd.args(["udp-recv", "--port", &W3B_PORT.to_string()])
+            .args(["--count", &count.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        self.placement(&self.cgroup.path).apply(&mut cmd)?;
+        let mut rx = Proc::new(cmd.spawn().context("starting bench-gen udp-recv")?);
+        wait_ready(&mut rx, "bench-gen udp-recv", |pid| {
+            bound(pid, ["udp", "udp6"], "07", W3B_PORT)
+        })?;
+        let mut ran = gen_run(self.gen_hooked(args)?, args)?;
+        // Loopback delivers in the sender's sendto: whatever was not dropped
+        // is queued by now. The receiver takes it and reports.
+        rx.stop(Duration::from_secs(10));
+        let (mut out, mut err) = (String::new(), String::new());
+        if let Some(mut o) = rx.child.stdout.take() {
+            o.read_to_string(&mut out)?;
+        }
+        if let Some(mut e) = rx.child.stderr.take() {
+            e.read_to_string(&mut err)?;
+        }
+        let kv = parse_kv(&out);
+        let (Some(received), Some(cpu)) = (kv.get("received"), kv.get("cpu_ns")) else {
+            bail!(
+                "bench-gen udp-recv printed no result: {} {}",
+                out.trim(),
+                err.trim()
+            );
+        };
+        ran.cpu_per_op_ns += cpu / ran.ops;
+        ran.received = Some(*received);
+        Ok(ran)
+    }
+
+    /// iperf3 for `secs`, server and client on the workload CPU: W2 sends
+    /// from the bench cgroup to an unhooked server; with `download` (W2b)
+    /// the server, in the bench cgroup too, sends (`-R`).
+    fn iperf(&self, secs: u64, download: bool) -> Result<Ran> {
         let mut server_cmd = Command::new("iperf3");
         server_cmd
             .args(["-s", "-1", "-p", &W2_PORT.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        self.placement(&self.server_cgroup.path)
-            .apply(&mut server_cmd)?;
+        let server_cgroup = if download {
+            &self.cgroup
+        } else {
+            &self.server_cgroup
+        };
+        self.placement(&server_cgroup.path).apply(&mut server_cmd)?;
         let mut server = Proc::new(server_cmd.spawn().context("starting iperf3 -s")?);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !listening(server.pid(), W2_PORT) {
-            if server.exited() || Instant::now() > deadline {
-                bail!("iperf3 -s did not start listening on port {W2_PORT}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_ready(&mut server, "iperf3 -s", |pid| {
+            bound(pid, ["tcp", "tcp6"], "0A", W2_PORT)
+        })?;
         let mut client = Command::new("iperf3");
         client.args([
             "-c",
@@ -640,6 +759,9 @@ impl Bench {
             &secs.to_string(),
             "-J",
         ]);
+        if download {
+            client.arg("-R");
+        }
         self.placement(&self.cgroup.path).apply(&mut client)?;
         let fin = sys::run_measured(client, "iperf3 -c", WORKLOAD_TIMEOUT)?;
         server.stop(Duration::from_secs(2));
@@ -652,7 +774,13 @@ impl Bench {
         }
         let (bytes, bps) = parse_iperf(&fin.stdout).context("reading iperf3's JSON result")?;
         let mib = bytes / (1024.0 * 1024.0);
-        Ok((mib, bps, fin.cpu.as_nanos() as f64 / mib, fin.wall))
+        Ok(Ran {
+            ops: mib,
+            rate: bps,
+            cpu_per_op_ns: fin.cpu.as_nanos() as f64 / mib,
+            wall: fin.wall,
+            received: None,
+        })
     }
 
     fn measure(&mut self, w: Workload, active: &Active) -> Result<Sample> {
@@ -662,7 +790,7 @@ impl Bench {
         };
         let before = sys::cgroup_prog_stats(&self.cgroup.path)?;
         let ticks_before = agent_pid.map(sys::proc_cpu_ticks).transpose()?;
-        let (ops, rate, cpu_per_op_ns, wall) = self.workload(w, false)?;
+        let ran = self.workload(w, false)?;
         let ticks_after = agent_pid.map(sys::proc_cpu_ticks).transpose()?;
         let after = sys::cgroup_prog_stats(&self.cgroup.path)?;
         let mut events_lost = None;
@@ -696,7 +824,7 @@ impl Bench {
             (Some(pid), Some(t0), Some(t1)) => {
                 let secs = (t1 - t0) as f64 / sys::clock_ticks_per_sec() as f64;
                 (
-                    Some(secs / wall.as_secs_f64()),
+                    Some(secs / ran.wall.as_secs_f64()),
                     Some(sys::proc_hwm_bytes(pid)?),
                 )
             }
@@ -704,18 +832,19 @@ impl Bench {
         };
         Ok(Sample {
             round: 0,
-            ops,
-            rate,
-            cpu_per_op_ns,
+            ops: ran.ops,
+            rate: ran.rate,
+            cpu_per_op_ns: ran.cpu_per_op_ns,
             progs,
             agent_share,
             agent_hwm,
             events_lost,
+            received: ran.received,
         })
     }
 }
 
-/// Hook names with a program attached directly at `cgroup`.
+/// Hook names with a program attached directly at `cgroup`, in table order.
 fn attached_hooks(cgroup: &Path) -> Result<Vec<String>> {
     let mut hooks = Vec::new();
     for t in sys::MEASURED_ATTACH_TYPES {
@@ -723,13 +852,6 @@ fn attached_hooks(cgroup: &Path) -> Result<Vec<String>> {
             hooks.push(sys::hook_name(t).to_string());
         }
     }
-    hooks.sort_by_key(|h| match h.as_str() {
-        "connect4" => 0,
-        "connect6" => 1,
-        "sendmsg4" => 2,
-        "sendmsg6" => 3,
-        _ => 4,
-    });
     Ok(hooks)
 }
 
@@ -742,8 +864,9 @@ enum Active {
     Tcpdump { _guard: Proc },
 }
 
-/// Empty "allow" programs on egressmon's default hooks, attached through
-/// unpinned links: closing the descriptors detaches them.
+/// Empty "allow" programs on every hook egressmon attaches by default
+/// (connect4, connect6, skb egress, skb ingress), attached through unpinned
+/// links: closing the descriptors detaches them.
 struct Floor {
     _links: Vec<OwnedFd>,
     _progs: Vec<OwnedFd>,
@@ -764,7 +887,16 @@ impl Floor {
                 sys::ATTACH_CONNECT6,
                 "empty_connect6",
             ),
-            (sys::PROG_TYPE_CGROUP_SKB, sys::ATTACH_EGRESS, "empty_skb"),
+            (
+                sys::PROG_TYPE_CGROUP_SKB,
+                sys::ATTACH_EGRESS,
+                "empty_skb_egr",
+            ),
+            (
+                sys::PROG_TYPE_CGROUP_SKB,
+                sys::ATTACH_INGRESS,
+                "empty_skb_ingr",
+            ),
         ] {
             let prog = sys::load_allow(prog_type, attach_type, name)?;
             links.push(sys::link_create(&prog, cgroup, attach_type)?);
@@ -1019,18 +1151,54 @@ fn start_tcpdump(netns: &sys::Netns, log_dir: &Path) -> Result<Proc> {
     }
 }
 
-/// Whether process `pid`'s network namespace has a TCP listener on `port`.
-fn listening(pid: i32, port: u16) -> bool {
+/// Whether process `pid`'s network namespace has a socket on local `port`
+/// in `state` in /proc/PID/net/`tables` (TCP listening: tcp, 0A; UDP bound,
+/// unconnected: udp, 07).
+fn bound(pid: i32, tables: [&str; 2], state: &str, port: u16) -> bool {
     let suffix = format!(":{port:04X}");
-    ["tcp", "tcp6"].iter().any(|f| {
+    tables.iter().any(|f| {
         std::fs::read_to_string(format!("/proc/{pid}/net/{f}"))
             .unwrap_or_default()
             .lines()
             .skip(1)
             .any(|l| {
                 let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.get(3) == Some(&"0A") && cols.get(1).is_some_and(|a| a.ends_with(&suffix))
+                cols.get(3) == Some(&state) && cols.get(1).is_some_and(|a| a.ends_with(&suffix))
             })
+    })
+}
+
+/// Waits up to 10 s for a server we started to be `ready` (given its pid).
+fn wait_ready(proc: &mut Proc, what: &str, ready: impl Fn(i32) -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready(proc.pid()) {
+        if proc.exited() || Instant::now() > deadline {
+            bail!("{what} did not start listening");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Runs bench-gen (a sending mode) to the end and reads its result line.
+fn gen_run(cmd: Command, args: &[String]) -> Result<Ran> {
+    let fin = sys::run_measured(cmd, "bench-gen", WORKLOAD_TIMEOUT)?;
+    if !fin.success {
+        bail!("bench-gen {} failed: {}", args.join(" "), fin.stderr.trim());
+    }
+    let kv = parse_kv(&fin.stdout);
+    let get = |k: &str| -> Result<f64> {
+        kv.get(k)
+            .copied()
+            .with_context(|| format!("bench-gen printed no {k}: {}", fin.stdout))
+    };
+    let ops = get("ops")?;
+    Ok(Ran {
+        ops,
+        rate: ops / (get("elapsed_ns")? / 1e9),
+        cpu_per_op_ns: get("cpu_ns")? / ops,
+        wall: fin.wall,
+        received: None,
     })
 }
 
@@ -1143,7 +1311,28 @@ mod tests {
     #[test]
     fn workloads_parse() {
         assert_eq!(Workload::parse("w3").unwrap(), Workload::W3);
+        assert_eq!(Workload::parse(" w1B").unwrap(), Workload::W1b);
+        assert_eq!(Workload::parse("W2b").unwrap(), Workload::W2b);
+        assert_eq!(Workload::parse("w3b").unwrap(), Workload::W3b);
         assert!(Workload::parse("W9").is_err());
+        assert!(Workload::parse("W4b").is_err());
+    }
+
+    #[test]
+    fn workloads_in_table_order() {
+        let mut ws: Vec<Workload> = "W4,W3b,W3,W2b,W2,W1b,W1"
+            .split(',')
+            .map(|w| Workload::parse(w).unwrap())
+            .collect();
+        ws.sort();
+        let names: Vec<String> = ws.iter().map(Workload::to_string).collect();
+        assert_eq!(names, ["W1", "W1b", "W2", "W2b", "W3", "W3b", "W4"]);
+    }
+
+    #[test]
+    fn server_ports_below_the_ephemeral_range() {
+        // Linux's default net.ipv4.ip_local_port_range starts at 32768.
+        assert!([W1_PORT, W2_PORT, W3B_PORT].iter().all(|p| *p < 32768));
     }
 
     #[test]

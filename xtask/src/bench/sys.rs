@@ -32,13 +32,16 @@ pub const ATTACH_CONNECT6: u32 = 11;
 pub const ATTACH_SENDMSG4: u32 = 14;
 pub const ATTACH_SENDMSG6: u32 = 15;
 
-/// The hooks egressmon attaches, by attach type, for the per-program table.
-pub const MEASURED_ATTACH_TYPES: [u32; 5] = [
+/// The hooks egressmon attaches (by default connect4/6 and skb egress and
+/// ingress; sendmsg4/6 where the skb hooks are held), by attach type, for
+/// the per-program table.
+pub const MEASURED_ATTACH_TYPES: [u32; 6] = [
     ATTACH_CONNECT4,
     ATTACH_CONNECT6,
     ATTACH_SENDMSG4,
     ATTACH_SENDMSG6,
     ATTACH_EGRESS,
+    ATTACH_INGRESS,
 ];
 
 /// Every hook on the path of the bench's traffic (for spotting programs that
@@ -116,6 +119,14 @@ pub fn foreign_programs(cgroup: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+/// A hook's place in tables: MEASURED_ATTACH_TYPES' order.
+pub fn hook_rank(hook: &str) -> usize {
+    MEASURED_ATTACH_TYPES
+        .iter()
+        .position(|t| hook_name(*t) == hook)
+        .unwrap_or(MEASURED_ATTACH_TYPES.len())
 }
 
 pub fn hook_name(attach_type: u32) -> &'static str {

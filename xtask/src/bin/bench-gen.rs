@@ -1,14 +1,19 @@
 //! `bench-gen`: the load generator of `cargo xtask bench`.
 //!
-//! Each mode is one process, one thread, holding both ends of the traffic
-//! (the listening or receiving socket and the client), so a workload pinned
-//! to one CPU measures the kernel's network path and the hooks on it rather
-//! than the scheduler's wake-up latency between a client and a server.
+//! `connect` and `udp` are one process, one thread, holding both ends of
+//! the traffic (the listening or receiving socket and the client), so a
+//! workload pinned to one CPU measures the kernel's network path and the
+//! hooks on it rather than the scheduler's wake-up latency between a client
+//! and a server. `udp --port` with `udp-recv` is the exception on purpose:
+//! two processes, so that the receiving side costs what a separate
+//! receiving process costs on a phone.
 //!
 //! With `--client-cgroup DIR` the process makes its listening or receiving
 //! sockets where it was started (the server cgroup), then moves itself into
 //! DIR before making the client sockets: a socket belongs to the cgroup it
 //! was created in, so only the client side passes the hooks attached there.
+//! Without it, both ends stay where the process was started (W1b: started
+//! in the watched cgroup, both ends pass its hooks).
 //!
 //! - `connect`: TCP connect + close on loopback. The same process accepts
 //!   each connection and closes it at once (FIN); the client then closes
@@ -21,17 +26,28 @@
 //!   connections per uid (switching the real and effective uid, keeping
 //!   root as saved uid).
 //! - `udp`: unconnected UDP `sendto` of `--size`-byte datagrams to a socket
-//!   of the same process on loopback, drained every 64 datagrams.
+//!   of the same process on loopback, drained every 64 datagrams; with
+//!   `--port P`, to 127.0.0.1:P instead, where a `udp-recv` process listens
+//!   (no socket of its own to drain).
+//! - `udp-recv`: the other process of that pair (W3b, where sender and
+//!   receiver both sit in the watched cgroup, as every socket does on a
+//!   phone): binds 127.0.0.1:`--port` and receives until it has `--count`
+//!   datagrams, nothing came for `--quiet-ms`, or SIGTERM/SIGINT asks it to
+//!   stop (then it takes what is queued). Its socket buffer is raised so that
+//!   a sender running ahead on the shared CPU is queued, not dropped: every
+//!   datagram sent passes the receiver's ingress hook and is read.
 //!
-//! It prints one line: `ops=N elapsed_ns=N cpu_ns=N` plus mode-specific
-//! `key=value` pairs. `elapsed_ns` and `cpu_ns` (user + system time from
-//! getrusage) cover the traffic loop only, not the set-up.
+//! Sending modes print one line: `ops=N elapsed_ns=N cpu_ns=N` plus
+//! mode-specific `key=value` pairs; `udp-recv` prints `received=N cpu_ns=N`.
+//! `elapsed_ns` and `cpu_ns` (user + system time from getrusage) cover the
+//! traffic loop only, not the set-up.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -64,12 +80,28 @@ enum Mode {
         #[arg(long, value_delimiter = ',')]
         uids: Vec<u32>,
     },
-    /// Unconnected UDP sendto on 127.0.0.1, received in-process.
+    /// Unconnected UDP sendto on 127.0.0.1, received in-process (or by a
+    /// udp-recv process on --port).
     Udp {
         #[arg(long)]
         count: u64,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Send to 127.0.0.1:PORT (a udp-recv process) instead of a socket
+        /// of this process.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Receives the datagrams of a `udp --port` sender.
+    UdpRecv {
+        #[arg(long)]
+        port: u16,
+        /// Datagrams expected: stop once they are all in.
+        #[arg(long)]
+        count: u64,
+        /// Stop when nothing arrived for this long.
+        #[arg(long, default_value_t = 5000)]
+        quiet_ms: u64,
     },
 }
 
@@ -92,7 +124,12 @@ fn main() {
                 uids: &uids,
             },
         ),
-        Mode::Udp { count, size } => udp(cli.client_cgroup, count, size),
+        Mode::Udp { count, size, port } => udp(cli.client_cgroup, count, size, port),
+        Mode::UdpRecv {
+            port,
+            count,
+            quiet_ms,
+        } => udp_recv(port, count, std::time::Duration::from_millis(quiet_ms)),
     };
     match result {
         Ok(line) => println!("{line}"),
@@ -350,42 +387,54 @@ fn connect(client_cgroup: Option<std::path::PathBuf>, c: Connects) -> Result<Str
     ))
 }
 
-fn udp(client_cgroup: Option<std::path::PathBuf>, count: u64, size: usize) -> Result<String> {
-    let rx = socket(libc::SOCK_DGRAM | libc::SOCK_NONBLOCK)?;
-    bind(rx.as_raw_fd(), &loopback(0))?;
+/// A non-blocking UDP socket on 127.0.0.1 (port 0: any) and its address.
+fn udp_socket(port: u16) -> Result<(OwnedFd, libc::sockaddr_in)> {
+    let fd = socket(libc::SOCK_DGRAM | libc::SOCK_NONBLOCK)?;
+    bind(fd.as_raw_fd(), &loopback(port)).with_context(|| format!("binding UDP port {port}"))?;
     let mut bound = loopback(0);
     let mut len = SIN_LEN;
     // SAFETY: getsockname into a sockaddr_in.
     check(
         unsafe {
             libc::getsockname(
-                rx.as_raw_fd(),
+                fd.as_raw_fd(),
                 &mut bound as *mut _ as *mut libc::sockaddr,
                 &mut len,
             )
         },
         "getsockname",
     )?;
+    Ok((fd, bound))
+}
+
+/// Reads every datagram queued on non-blocking `fd`; returns how many.
+fn drain(fd: RawFd, sink: &mut [u8]) -> u64 {
+    let mut n = 0;
+    // SAFETY: recv into our buffer.
+    while unsafe { libc::recv(fd, sink.as_mut_ptr() as *mut libc::c_void, sink.len(), 0) } >= 0 {
+        n += 1;
+    }
+    n
+}
+
+fn udp(
+    client_cgroup: Option<std::path::PathBuf>,
+    count: u64,
+    size: usize,
+    port: Option<u16>,
+) -> Result<String> {
+    // Our own receiving socket (made before moving to the client cgroup),
+    // unless a udp-recv process receives.
+    let rx = match port {
+        None => Some(udp_socket(0)?),
+        Some(_) => None,
+    };
+    let dest = rx.as_ref().map_or(loopback(port.unwrap_or(0)), |r| r.1);
     enter_client(client_cgroup)?;
     let tx = socket(libc::SOCK_DGRAM)?;
     let payload = vec![0x5au8; size];
     let mut sink = vec![0u8; 65536];
     let mut received = 0u64;
-    let mut drain = |received: &mut u64| loop {
-        // SAFETY: recv into our buffer.
-        let n = unsafe {
-            libc::recv(
-                rx.as_raw_fd(),
-                sink.as_mut_ptr() as *mut libc::c_void,
-                sink.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            break;
-        }
-        *received += 1;
-    };
     let start_cpu = cpu_ns();
     let start = Instant::now();
     for i in 0..count {
@@ -396,21 +445,78 @@ fn udp(client_cgroup: Option<std::path::PathBuf>, count: u64, size: usize) -> Re
                 payload.as_ptr() as *const libc::c_void,
                 payload.len(),
                 0,
-                &bound as *const _ as *const libc::sockaddr,
+                &dest as *const _ as *const libc::sockaddr,
                 SIN_LEN,
             )
         };
         if n < 0 {
             return Err(io::Error::last_os_error()).context("sendto");
         }
-        if i % 64 == 63 {
-            drain(&mut received);
+        if let Some((rx, _)) = &rx {
+            if i % 64 == 63 {
+                received += drain(rx.as_raw_fd(), &mut sink);
+            }
         }
     }
-    drain(&mut received);
+    let mut line = String::new();
+    if let Some((rx, _)) = &rx {
+        received += drain(rx.as_raw_fd(), &mut sink);
+        line = format!(" received={received}");
+    }
     let elapsed = start.elapsed().as_nanos() as u64;
     let cpu = cpu_ns() - start_cpu;
     Ok(format!(
-        "ops={count} elapsed_ns={elapsed} cpu_ns={cpu} received={received}"
+        "ops={count} elapsed_ns={elapsed} cpu_ns={cpu}{line}"
     ))
+}
+
+/// Set by SIGTERM/SIGINT: udp-recv stops and reports.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Socket buffer of the receiver: room for tens of thousands of small
+/// datagrams, so that a sender running ahead of it on the shared CPU is
+/// queued rather than dropped.
+const RECV_BUFFER: libc::c_int = 16 << 20;
+
+fn udp_recv(port: u16, count: u64, quiet: std::time::Duration) -> Result<String> {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
+    }
+    let (rx, _) = udp_socket(port)?;
+    let fd = rx.as_raw_fd();
+    // FORCE passes net.core.rmem_max (we run as root); plain SO_RCVBUF is
+    // capped by it.
+    if set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RECV_BUFFER).is_err() {
+        set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, RECV_BUFFER)?;
+    }
+    let mut sink = vec![0u8; 65536];
+    let mut received = 0u64;
+    let start_cpu = cpu_ns();
+    let mut last = Instant::now();
+    while received < count && !STOP.load(Ordering::SeqCst) && last.elapsed() < quiet {
+        let got = drain(fd, &mut sink);
+        if got > 0 {
+            received += got;
+            last = Instant::now();
+            continue;
+        }
+        // Sleep in poll until the next datagram; wake now and then to see
+        // the stop flag and the quiet time.
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+    }
+    received += drain(fd, &mut sink);
+    let cpu = cpu_ns() - start_cpu;
+    Ok(format!("received={received} cpu_ns={cpu}"))
 }
