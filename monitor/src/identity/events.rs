@@ -35,7 +35,9 @@ pub(crate) struct Sender {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct FlowMeta {
     pub(crate) sender: Arc<Sender>,
-    /// Reader batch that recorded it: the oldest make room first.
+    /// When the reader recorded it, in `POLL_INTERVAL`s since the reader
+    /// started (drains come sooner in a burst, but age is counted in
+    /// intervals): the oldest make room first.
     pub(crate) batch: u32,
     /// Reported by a sock_addr hook (the calling task is the sender).
     pub(crate) from_task: bool,
@@ -268,13 +270,15 @@ impl Wakeups {
 }
 
 /// Most identities the reader holds while the tracker has not taken the
-/// earlier ones (the channel is full); beyond this the oldest are dropped.
-const MAX_PENDING: usize = 1 << 17;
+/// earlier ones (the channel is full); beyond this the oldest are dropped:
+/// as many new flows as the default flow map holds have come since, so
+/// their flows have most likely left it.
+const MAX_PENDING: usize = 1 << 16;
 
-/// Batches of identities in the channel at most: as many as an identity
-/// waits for its flow (older ones would be stale on arrival). Passes come
-/// sooner than that.
-const HANDOVER_BATCHES: usize = PENDING_BATCHES as usize;
+/// Batches of identities in the channel at most. With `MAX_PENDING` this
+/// bounds the identities in flight (and the reader's memory) however fast
+/// new flows come; the tracker takes them all at each pass.
+const HANDOVER_BATCHES: usize = 2;
 
 /// Spawns the polling thread; it ends when `stop` is set or the receiver is
 /// gone. The ring is drained every interval whatever the tracker does, so a
@@ -292,7 +296,7 @@ pub(crate) fn spawn_reader(
             let wakeups = Wakeups::new(ring.as_fd());
             let mut ready: Identified = Vec::new();
             let mut senders = Senders::new();
-            let mut batch = 0u32;
+            let started = Instant::now();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut events = Vec::new();
                 while let Some(item) = ring.next() {
@@ -305,7 +309,8 @@ pub(crate) fn spawn_reader(
                     // /proc is read now, while the processes most likely
                     // still live.
                     let now = Instant::now();
-                    batch = batch.wrapping_add(1);
+                    let batch =
+                        (started.elapsed().as_millis() / POLL_INTERVAL.as_millis()) as u32 + 1;
                     ready.extend(events.iter().map(|e| {
                         let meta = FlowMeta {
                             sender: senders.get(e, now),
