@@ -57,8 +57,9 @@ pub struct FlowValue {
     pub tx_bytes: u64,
     pub first_seen: u64,
     pub last_seen: u64,
-    /// Non-zero once the flow's first payload was handed to the agent
-    /// (captured once per flow, see [`PayloadEvent`]).
+    /// Payload handed to the agent so far: bytes in the low 32 bits,
+    /// packets in the high 32, or [`CAPTURE_ENCRYPTED`] / [`CAPTURE_DONE`]
+    /// once no more is wanted (see [`PayloadEvent`] and [`EVIDENCE_BYTES`]).
     pub captured: u64,
 }
 
@@ -126,11 +127,17 @@ pub const HOOK_SKB_EGRESS: u8 = 5;
 /// tc (schedcls) egress on an interface: the fallback where netd holds the
 /// cgroup skb hooks.
 pub const HOOK_TC_EGRESS: u8 = 6;
+/// cgroup skb ingress and tc ingress: only in [`CapturedPacket::hook`].
+pub const HOOK_SKB_INGRESS: u8 = 7;
+pub const HOOK_TC_INGRESS: u8 = 8;
 
 /// Whether a hook runs in the sending task's context (so pid, comm and the
 /// task's cgroup in its event name the sender).
 pub const fn hook_in_task(hook: u8) -> bool {
-    hook != HOOK_SKB_EGRESS && hook != HOOK_TC_EGRESS
+    matches!(
+        hook,
+        HOOK_CONNECT4 | HOOK_CONNECT6 | HOOK_SENDMSG4 | HOOK_SENDMSG6
+    )
 }
 
 /// Emitted once per new flow over the ring buffer.
@@ -157,12 +164,29 @@ pub const PAYLOAD_FIRST_EGRESS: u8 = 1;
 /// A DNS response received (UDP or TCP source port 53); the key's address
 /// and port are the resolver's, the uid the receiving socket's.
 pub const PAYLOAD_DNS_RESPONSE: u8 = 2;
+/// More of a flow's payload after its first bytes, for flows whose first
+/// payload is not TLS or QUIC (evidence: identifiers sent in cleartext are
+/// often in a request's body, not in the packet carrying its headers).
+pub const PAYLOAD_MORE_EGRESS: u8 = 3;
 /// Bytes of payload copied per event: a QUIC Initial's minimum datagram.
 pub const PAYLOAD_CAPTURE_BYTES: usize = 1280;
+/// A flow's payload is handed over until this many bytes...
+pub const EVIDENCE_BYTES: u32 = 4096;
+/// ...or this many packets have been, whichever comes first.
+pub const EVIDENCE_PACKETS: u32 = 16;
+/// [`FlowValue::captured`] once the flow's payload needs no more capture:
+/// its first [`EVIDENCE_BYTES`] (or [`EVIDENCE_PACKETS`]) are over.
+pub const CAPTURE_DONE: u64 = u64::MAX;
+/// [`FlowValue::captured`] once the flow's first payload was TLS or QUIC:
+/// no more payload capture either, and `egressmon capture --cleartext`
+/// leaves the flow out. Every mark at or above it stops payload capture.
+pub const CAPTURE_ENCRYPTED: u64 = u64::MAX - 1;
 
-/// Payload bytes for the agent's host-name and payload classification,
-/// over the `PAYLOADS` ring buffer: once per flow at egress, once per DNS
-/// response at ingress. Never per packet otherwise.
+/// Payload bytes for the agent's host-name and payload classification and
+/// its search for device identifiers, over the `PAYLOADS` ring buffer: a
+/// flow's first [`EVIDENCE_BYTES`] at egress (only its first packet when
+/// that is TLS or QUIC), once per DNS response at ingress. Never per packet
+/// otherwise.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct PayloadEvent {
@@ -173,8 +197,31 @@ pub struct PayloadEvent {
     pub len: u32,
     /// Bytes copied into `data` (at most [`PAYLOAD_CAPTURE_BYTES`]).
     pub captured: u32,
-    pub _pad2: u32,
+    /// Where `data` starts in the flow's payload (0 for its first bytes;
+    /// 0 for DNS responses).
+    pub at: u32,
     pub data: [u8; PAYLOAD_CAPTURE_BYTES],
+}
+
+/// Bytes before `data` in a [`PayloadEvent`] and a [`PayloadSlice`] (the
+/// same header).
+pub const PAYLOAD_HEADER_BYTES: usize = 40;
+
+/// A readable flow's payload after its first [`PAYLOAD_CAPTURE_BYTES`]
+/// ([`PAYLOAD_MORE_EGRESS`]): the header of a [`PayloadEvent`], then
+/// `captured` bytes. The record in the ring is only as long as that
+/// (`PAYLOAD_HEADER_BYTES + captured`), not the whole struct, which is the
+/// kernel's scratch space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PayloadSlice {
+    pub key: FlowKey,
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    pub len: u32,
+    pub captured: u32,
+    pub at: u32,
+    pub data: [u8; EVIDENCE_BYTES as usize],
 }
 
 /// Indices into the per-CPU `STATS` array.
@@ -207,6 +254,88 @@ pub const MAP_UID_DIRECT: &str = "UID_DIRECT";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_PAYLOADS: &str = "PAYLOADS";
+/// Per-CPU scratch of the kernel's [`PayloadSlice`]s (not pinned).
+pub const MAP_PAYLOAD_SCRATCH: &str = "PAYLOAD_SCRATCH";
+
+/// `egressmon capture`: the packets of the selected flows
+/// ([`CapturedPacket`]), a ring buffer only a capture reads.
+pub const MAP_CAPTURE: &str = "CAPTURE";
+/// The capture's one-slot array of [`CaptureFilter`]: what to copy, and
+/// whether anything is (`active`, the only check on the hot path).
+pub const MAP_CAPTURE_FILTER: &str = "CAPTURE_FILTER";
+/// The uids a capture selects (key uid, value unused) unless it takes any.
+pub const MAP_CAPTURE_UIDS: &str = "CAPTURE_UIDS";
+/// Local port -> uid of the tc egress packets a capture took (tc only, not
+/// pinned): at tc ingress a packet has no socket yet, so its uid is that of
+/// the socket that sent from its destination port.
+pub const MAP_CAPTURE_PORTS: &str = "CAPTURE_PORTS";
+
+/// 4 MiB: about 2,600 full packets between two polls of the capture.
+pub const CAPTURE_RING_BYTES: u32 = 4 << 20;
+pub const CAPTURE_UID_ENTRIES: u32 = 1024;
+pub const CAPTURE_PORT_ENTRIES: u32 = 4096;
+/// Bytes of a packet copied at most (from the IP header on); the capture's
+/// snap length lowers it.
+pub const CAPTURE_BYTES: usize = 1536;
+
+/// [`CaptureFilter::flags`]: every uid (no `CAPTURE_UIDS` lookup).
+pub const CAPTURE_ANY_UID: u32 = 1;
+/// Leave out flows whose first payload was TLS or QUIC
+/// ([`CAPTURE_ENCRYPTED`]).
+pub const CAPTURE_CLEARTEXT_ONLY: u32 = 2;
+/// Only flows to `dst_addr` (and `dst_port` unless 0).
+pub const CAPTURE_DST: u32 = 4;
+
+/// What a running capture selects, written by `egressmon capture` (slot 0
+/// of `CAPTURE_FILTER`); all zero when no capture runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureFilter {
+    /// 0: no capture runs, nothing is copied (the hot path reads only this).
+    pub active: u32,
+    /// `CAPTURE_ANY_UID`, `CAPTURE_CLEARTEXT_ONLY`, `CAPTURE_DST`.
+    pub flags: u32,
+    /// Bytes copied per packet at most (capped at [`CAPTURE_BYTES`]).
+    pub snaplen: u32,
+    /// With `CAPTURE_DST`: the flow's address and port as in [`FlowKey`]
+    /// (family without [`FAMILY_INBOUND`]; port 0 for any).
+    pub dst_port: u16,
+    pub dst_family: u8,
+    pub _pad: u8,
+    pub dst_addr: [u8; 16],
+    /// Selected packets the ring had no room for (atomic adds).
+    pub lost: u64,
+    /// Selected packets put in the ring (atomic adds).
+    pub seen: u64,
+}
+
+/// [`CapturedPacket::direction`].
+pub const CAPTURED_EGRESS: u8 = 1;
+pub const CAPTURED_INGRESS: u8 = 2;
+
+/// One packet of a selected flow, over the `CAPTURE` ring buffer. `data`
+/// starts at the IP header (raw IP: cgroup skb packets start there, and the
+/// tc programs copy from their L3 offset).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CapturedPacket {
+    /// The flow it belongs to, as `FLOWS` keys it (at ingress: the local
+    /// socket's flow, the remote end being the packet's source).
+    pub key: FlowKey,
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub ts: u64,
+    /// Length on the wire from the IP header on.
+    pub len: u32,
+    /// Bytes copied into `data`.
+    pub captured: u32,
+    /// [`CAPTURED_EGRESS`] or [`CAPTURED_INGRESS`].
+    pub direction: u8,
+    /// `HOOK_SKB_EGRESS`, `HOOK_TC_EGRESS`, `HOOK_SKB_INGRESS`,
+    /// `HOOK_TC_INGRESS`.
+    pub hook: u8,
+    pub _pad: [u8; 6],
+    pub data: [u8; CAPTURE_BYTES],
+}
 
 /// Per interface index: bytes before the IP header on that interface (14 on
 /// Ethernet, 0 on raw-IP links such as Android's rmnet_data), written by the
@@ -269,7 +398,8 @@ pub const MAP_LAYOUT_VERSION: &str = "LAYOUT_VERSION";
 /// egressmon of another layout left pinned.
 /// 2: FLOWS shared by all CPUs (was per CPU, with FLOW_SEEN beside it),
 /// UID_DIRECT added.
-pub const PIN_LAYOUT_VERSION: u32 = 2;
+/// 3: CAPTURE, CAPTURE_FILTER and CAPTURE_UIDS added (`egressmon capture`).
+pub const PIN_LAYOUT_VERSION: u32 = 3;
 
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 65_536;
@@ -292,6 +422,8 @@ mod pod {
     unsafe impl aya::Pod for UidKey {}
     unsafe impl aya::Pod for PayloadEvent {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for CaptureFilter {}
+    unsafe impl aya::Pod for CapturedPacket {}
 }
 
 #[cfg(test)]
@@ -305,9 +437,30 @@ mod tests {
         assert_eq!(size_of::<DnsQueries>(), 16);
         assert_eq!(size_of::<FlowValue>(), 56);
         assert_eq!(size_of::<PayloadEvent>(), 24 + 16 + PAYLOAD_CAPTURE_BYTES);
+        assert_eq!(
+            size_of::<PayloadSlice>(),
+            PAYLOAD_HEADER_BYTES + EVIDENCE_BYTES as usize
+        );
+        assert_eq!(
+            core::mem::offset_of!(PayloadEvent, data),
+            PAYLOAD_HEADER_BYTES
+        );
+        assert_eq!(
+            core::mem::offset_of!(PayloadSlice, data),
+            PAYLOAD_HEADER_BYTES
+        );
         assert_eq!(size_of::<UidTotals>(), 32);
         assert_eq!(size_of::<UidKey>(), 8);
         assert_eq!(size_of::<FlowEvent>(), 24 + 8 + 8 + 4 + 4 + 16 + 8);
+        assert_eq!(
+            size_of::<CaptureFilter>(),
+            4 + 4 + 4 + 2 + 1 + 1 + 16 + 8 + 8
+        );
+        assert_eq!(
+            size_of::<CapturedPacket>(),
+            24 + 8 + 4 + 4 + 1 + 1 + 6 + CAPTURE_BYTES
+        );
+        assert_eq!(size_of::<CapturedPacket>() % 8, 0);
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //!   socket (on Android the DNS resolver `fchown`s its sockets to the app that
 //!   asked, so the socket owner is the right owner of bytes).
 //! * `skb_ingress` (cgroup_skb ingress): DNS answers for the agent.
+//! * While `egressmon capture` runs (`CAPTURE_FILTER` active), the skb and
+//!   tc programs also copy the packets of the selected flows, both ways,
+//!   into the `CAPTURE` ring (see [`capture_packet`]); otherwise that costs
+//!   one inlined array load and a compare per packet.
 //! * `tc_egress`, `tc_ingress` (schedcls on interfaces): the same work as the
 //!   two skb programs, for where netd holds the cgroup skb hooks; they read
 //!   the IP header after the link header (`TC_L3_OFFSET`) and never act on a
@@ -65,6 +69,11 @@ static EVENTS: RingBuf = RingBuf::pinned(DEFAULT_RINGBUF_BYTES, 0);
 #[map]
 static PAYLOADS: RingBuf = RingBuf::pinned(DEFAULT_PAYLOAD_RING_BYTES, 0);
 
+/// Where a readable flow's later payload is copied before it goes to
+/// `PAYLOADS` as a record of just the bytes copied (see `PayloadSlice`).
+#[map]
+static PAYLOAD_SCRATCH: PerCpuArray<PayloadSlice> = PerCpuArray::with_max_entries(1, 0);
+
 /// Written by the agent at load: `CONFIG_SKB_ATTACHED` tells the sendmsg
 /// programs that skb egress already counts every datagram, so they only name
 /// the sender (pid, comm) and do not count it twice.
@@ -87,6 +96,25 @@ static TC_FILTERS: Array<TcFilter> = Array::pinned(TC_FILTER_SLOTS, 0);
 /// Health counters (`STAT_*`): lost events, failed updates.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+/// `egressmon capture`: the selected flows' packets ([`CapturedPacket`]).
+#[map]
+static CAPTURE: RingBuf = RingBuf::pinned(CAPTURE_RING_BYTES, 0);
+
+/// What a running capture selects (one [`CaptureFilter`]); `active` 0 when
+/// none runs.
+#[map]
+static CAPTURE_FILTER: Array<CaptureFilter> = Array::pinned(1, 0);
+
+/// The uids a capture selects (unless `CAPTURE_ANY_UID`).
+#[map]
+static CAPTURE_UIDS: HashMap<u32, u8> = HashMap::pinned(CAPTURE_UID_ENTRIES, 0);
+
+/// Uid of the socket whose packets a capture took at tc egress, by local
+/// port: tc ingress packets carry no socket of ours yet (tc only).
+#[map]
+static CAPTURE_PORTS: LruHashMap<DnsPortKey, u32> =
+    LruHashMap::with_max_entries(CAPTURE_PORT_ENTRIES, 0);
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range` of the
 /// agent's namespace), set by the agent at load; read-only data, so the
@@ -440,6 +468,9 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
     if is_own(&ctx.skb) {
         return ALLOW;
     }
+    if let Some(filter) = capture_filter() {
+        capture_egress(&ctx.skb, filter, 0, HOOK_SKB_EGRESS);
+    }
     if let Some((key, l4_offset)) = count_skb(&ctx.skb, 0, HOOK_SKB_EGRESS) {
         note_dns_query(&ctx.skb, &key, l4_offset);
     }
@@ -449,6 +480,9 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
     if let Some(l3) = l3_offset(&ctx.skb) {
+        if let Some(filter) = capture_filter() {
+            capture_egress(&ctx.skb, filter, l3, HOOK_TC_EGRESS);
+        }
         if let Some((key, l4_offset)) = count_skb(&ctx.skb, l3, HOOK_TC_EGRESS) {
             note_dns_query(&ctx.skb, &key, l4_offset);
         }
@@ -501,9 +535,9 @@ fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize)> {
         bytes: len as u64,
     };
     let value = account(&key, delta, hook, Some(skb))?;
-    // Hot path ends here for every flow whose first payload was seen.
-    if unsafe { (*value).captured } == 0 {
-        capture_first_payload(skb, &key, l4_offset, sk_buff.len, value);
+    // Hot path ends here for every flow whose payload needs no capture.
+    if unsafe { (*value).captured } < CAPTURE_ENCRYPTED {
+        capture_payload(skb, &key, l4_offset, sk_buff.len, value);
     }
     Some((key, l4_offset))
 }
@@ -692,69 +726,173 @@ fn payload_offset(skb: &SkBuff, proto: u8, l4_offset: usize, len: u32) -> Option
     (offset < len as usize).then_some(offset)
 }
 
-/// Copies a flow's first payload once: the flow value's mark, shared by
-/// every CPU, stops further tries. It is set only once the payload is in
-/// the ring: when the ring is full the next packet tries again, so a flood
-/// cannot leave a flow unclassified for good.
+/// Hands a flow's payload to the agent: its first packet's, and for flows
+/// whose first payload is not TLS or QUIC the following packets' too, until
+/// [`EVIDENCE_BYTES`] or [`EVIDENCE_PACKETS`] (identifiers in a request's
+/// body are rarely in the packet carrying its headers). The flow value's
+/// mark, shared by every CPU, says how far it got, then [`CAPTURE_DONE`]
+/// (or [`CAPTURE_ENCRYPTED`] when the first payload is TLS or QUIC) stops
+/// further tries. A first payload that finds the ring full leaves the mark
+/// alone: the next packet tries again, so a flood cannot leave a flow
+/// unclassified for good. At most two copies per packet and no loop, so
+/// the verifier's walk stays short.
 #[inline(always)]
-fn capture_first_payload(
-    skb: &SkBuff,
-    key: &FlowKey,
-    l4_offset: usize,
-    len: u32,
-    value: *mut FlowValue,
-) {
+fn capture_payload(skb: &SkBuff, key: &FlowKey, l4_offset: usize, len: u32, value: *mut FlowValue) {
     let Some(offset) = payload_offset(skb, key.proto, l4_offset, len) else {
         return;
     };
-    if emit_payload(skb, key, PAYLOAD_FIRST_EGRESS, offset, len) {
-        // SAFETY: map value pointer from a successful lookup.
-        unsafe { (*value).captured = 1 };
+    // SAFETY: map value pointer from a successful lookup.
+    let mark = unsafe { (*value).captured };
+    let (mut at, packets) = (mark as u32, (mark >> 32) as u32);
+    let mut from = offset as u32;
+    if at == 0 {
+        let Some((copied, encrypted)) = emit_payload(skb, key, PAYLOAD_FIRST_EGRESS, from, len, 0)
+        else {
+            return;
+        };
+        if encrypted {
+            // SAFETY: as above.
+            unsafe { (*value).captured = CAPTURE_ENCRYPTED };
+            return;
+        }
+        at = copied;
+        from += copied;
+    }
+    if from < len && at < EVIDENCE_BYTES {
+        at += emit_more_payload(skb, key, from, len, at);
+    }
+    let mark = match packets + 1 >= EVIDENCE_PACKETS || at >= EVIDENCE_BYTES {
+        true => CAPTURE_DONE,
+        false => ((packets as u64 + 1) << 32) | at as u64,
+    };
+    // SAFETY: as above.
+    unsafe { (*value).captured = mark };
+}
+
+/// Hands the payload from skb offset `from` to the agent, up to the flow's
+/// first [`EVIDENCE_BYTES`] (it starts `at` bytes into them), as a record
+/// only as long as what was copied: a per-CPU scratch slice is filled,
+/// then output. Returns the bytes handed over (0 when the ring is full,
+/// counted in `STAT_PAYLOADS_LOST`).
+#[inline(always)]
+fn emit_more_payload(skb: &SkBuff, key: &FlowKey, from: u32, len: u32, at: u32) -> u32 {
+    let Some(slice) = PAYLOAD_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let want = len
+        .saturating_sub(from)
+        .min(EVIDENCE_BYTES.saturating_sub(at));
+    let Some(n) = copy_len(want, EVIDENCE_BYTES) else {
+        return 0;
+    };
+    // SAFETY: a per-CPU map value of PayloadSlice's size: the header is
+    // written whole, `data` up to `n` by the helper, and only the header
+    // and those `n` bytes are output.
+    unsafe {
+        (*slice).key = *key;
+        (*slice).kind = PAYLOAD_MORE_EGRESS;
+        (*slice)._pad = [0; 3];
+        (*slice).len = len - from;
+        (*slice).captured = n;
+        (*slice).at = at;
+        let data = (*slice).data.as_mut_ptr() as *mut core::ffi::c_void;
+        if bpf_skb_load_bytes(skb.skb as *const _, from, data, n) != 0 {
+            return 0;
+        }
+        let record =
+            core::slice::from_raw_parts(slice as *const u8, PAYLOAD_HEADER_BYTES + n as usize);
+        if PAYLOADS.output::<[u8]>(record, BPF_RB_NO_WAKEUP).is_err() {
+            trouble(STAT_PAYLOADS_LOST);
+            return 0;
+        }
+    }
+    bump_stat(STAT_PAYLOADS_SENT);
+    n
+}
+
+/// How many of `wanted` bytes to copy into `capacity` bytes, as a length
+/// the verifier can prove to be in 1..=capacity (it tracks `wanted - 1`
+/// clamped to `capacity - 1`, plus one, better than a plain `min`); None
+/// for nothing to copy.
+#[inline(always)]
+fn copy_len(wanted: u32, capacity: u32) -> Option<u32> {
+    // Read through memory, so the compiler keeps the clamp below even where
+    // it can prove the bound itself (the verifier cannot always follow it).
+    // SAFETY: a read of a local.
+    let wanted = unsafe { core::ptr::read_volatile(&wanted) };
+    if wanted == 0 {
+        return None;
+    }
+    let mut last = wanted - 1;
+    if last > capacity - 1 {
+        last = capacity - 1;
+    }
+    Some(last + 1)
+}
+
+/// A first payload that opens TLS (a handshake record) or QUIC (a long
+/// header of version 1 or 2): encrypted from here on.
+#[inline(always)]
+fn looks_encrypted(key: &FlowKey, head: &[u8; PAYLOAD_CAPTURE_BYTES]) -> bool {
+    match key.proto {
+        PROTO_TCP => head[0] == 0x16 && head[1] == 0x03,
+        _ => {
+            let version = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+            key.port != 53 && head[0] & 0xC0 == 0xC0 && (version == 1 || version == 0x6b33_43cf)
+        }
     }
 }
 
-/// Hands `len - offset` payload bytes to the agent; false when the ring is
-/// full (counted in `STAT_PAYLOADS_LOST`).
+/// Hands up to [`PAYLOAD_CAPTURE_BYTES`] of payload from skb offset `from`
+/// to the agent, marked as starting `at` bytes into the flow's payload.
+/// Returns the bytes copied and whether they look encrypted, or None when
+/// the ring is full (counted in `STAT_PAYLOADS_LOST`).
 #[inline(always)]
-fn emit_payload(skb: &SkBuff, key: &FlowKey, kind: u8, offset: usize, len: u32) -> bool {
+fn emit_payload(
+    skb: &SkBuff,
+    key: &FlowKey,
+    kind: u8,
+    from: u32,
+    len: u32,
+    at: u32,
+) -> Option<(u32, bool)> {
     let Some(mut entry) = PAYLOADS.reserve::<PayloadEvent>(0) else {
         trouble(STAT_PAYLOADS_LOST);
-        return false;
+        return None;
     };
     let event = entry.as_mut_ptr();
+    let mut encrypted = false;
     // SAFETY: reserved ring-buffer memory of PayloadEvent's size; every
     // header field is written, `data` up to `captured`.
     unsafe {
         (*event).key = *key;
         (*event).kind = kind;
         (*event)._pad = [0; 3];
-        (*event).len = len - offset as u32;
-        (*event)._pad2 = 0;
+        (*event).len = len.saturating_sub(from);
+        (*event).at = at;
         (*event).captured = 0;
-        let available = len.saturating_sub(offset as u32);
-        if available > 0 {
-            // The verifier wants a length it can prove to be in 1..=capacity:
-            // clamp len - 1 to capacity - 1, then add one.
-            let mut last = available - 1;
-            if last > PAYLOAD_CAPTURE_BYTES as u32 - 1 {
-                last = PAYLOAD_CAPTURE_BYTES as u32 - 1;
-            }
-            let n = last + 1;
+        if let Some(n) = copy_len(len.saturating_sub(from), PAYLOAD_CAPTURE_BYTES as u32) {
             let data = (*event).data.as_mut_ptr() as *mut core::ffi::c_void;
-            if bpf_skb_load_bytes(skb.skb as *const _, offset as u32, data, n) == 0 {
+            if bpf_skb_load_bytes(skb.skb as *const _, from, data, n) == 0 {
                 (*event).captured = n;
+                encrypted = n >= 5 && looks_encrypted(key, &(*event).data);
             }
         }
     }
     bump_stat(STAT_PAYLOADS_SENT);
+    // SAFETY: written just above.
+    let copied = unsafe { (*event).captured };
     entry.submit(BPF_RB_NO_WAKEUP);
-    true
+    Some((copied, encrypted))
 }
 
 // ---- skb ingress: DNS responses ---------------------------------------------
 
 #[cgroup_skb(ingress)]
 pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
+    if let Some(filter) = capture_filter() {
+        capture_ingress(&ctx.skb, filter, 0, HOOK_SKB_INGRESS);
+    }
     if may_be_dns_answer(&ctx.skb) {
         dns_response(&ctx.skb, 0, false);
     }
@@ -808,6 +946,9 @@ fn may_be_dns_answer(skb: &SkBuff) -> bool {
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
     if let Some(l3) = l3_offset(&ctx.skb) {
+        if let Some(filter) = capture_filter() {
+            capture_ingress(&ctx.skb, filter, l3, HOOK_TC_INGRESS);
+        }
         dns_response(&ctx.skb, l3, true);
     }
     TC_ACT_UNSPEC
@@ -882,8 +1023,256 @@ fn dns_response(skb: &SkBuff, l3: usize, tc: bool) -> Option<()> {
     };
     let len = sk_buff.len;
     let offset = payload_offset(skb, key.proto, l4_offset, len)?;
-    emit_payload(skb, &key, PAYLOAD_DNS_RESPONSE, offset, len);
+    emit_payload(skb, &key, PAYLOAD_DNS_RESPONSE, offset as u32, len, 0);
     Some(())
+}
+
+// ---- egressmon capture --------------------------------------------------------
+
+/// The running capture's filter, or None when no capture runs: an array
+/// lookup at a constant index (the verifier inlines it) and one compare,
+/// all that every packet pays while nobody captures.
+#[inline(always)]
+fn capture_filter() -> Option<*mut CaptureFilter> {
+    let filter = CAPTURE_FILTER.get_ptr_mut(0)?;
+    // SAFETY: the array's one slot, always present.
+    (unsafe { (*filter).active } != 0).then_some(filter)
+}
+
+/// Whether the capture selects a packet of flow `key` whose flow value
+/// carries payload mark `mark`.
+#[inline(always)]
+fn capture_selects(filter: &CaptureFilter, key: &FlowKey, mark: u64) -> bool {
+    let flags = filter.flags;
+    if flags & CAPTURE_ANY_UID == 0 && unsafe { CAPTURE_UIDS.get(key.uid) }.is_none() {
+        return false;
+    }
+    if flags & CAPTURE_CLEARTEXT_ONLY != 0 && mark == CAPTURE_ENCRYPTED {
+        return false;
+    }
+    if flags & CAPTURE_DST != 0 {
+        if key.family & !FAMILY_INBOUND != filter.dst_family || key.addr != filter.dst_addr {
+            return false;
+        }
+        if filter.dst_port != 0 && key.port != filter.dst_port {
+            return false;
+        }
+    }
+    true
+}
+
+/// Copies one packet of flow `key` into the capture ring if the capture
+/// selects it: from the IP header at `l3` on, at most the snap length
+/// (and [`CAPTURE_BYTES`]). A full ring counts the packet in `lost`.
+/// Returns whether the packet was selected.
+#[inline(always)]
+fn capture_packet(
+    skb: &SkBuff,
+    filter: *mut CaptureFilter,
+    key: &FlowKey,
+    l3: usize,
+    mark: u64,
+    direction: u8,
+    hook: u8,
+) -> bool {
+    // SAFETY: the filter map's slot (from `capture_filter`).
+    let filter = unsafe { &mut *filter };
+    if !capture_selects(filter, key, mark) {
+        return false;
+    }
+    let Some(mut entry) = CAPTURE.reserve::<CapturedPacket>(0) else {
+        add(&mut filter.lost, 1);
+        return true;
+    };
+    add(&mut filter.seen, 1);
+    let len = unsafe { (*skb.skb).len }.saturating_sub(l3 as u32);
+    let mut wanted = filter.snaplen;
+    if wanted > len {
+        wanted = len;
+    }
+    let packet = entry.as_mut_ptr();
+    // SAFETY: reserved ring-buffer memory of CapturedPacket's size; every
+    // header field is written, `data` up to `captured`.
+    unsafe {
+        (*packet).key = *key;
+        (*packet).ts = bpf_ktime_get_boot_ns();
+        (*packet).len = len;
+        (*packet).captured = 0;
+        (*packet).direction = direction;
+        (*packet).hook = hook;
+        (*packet)._pad = [0; 6];
+        if let Some(n) = copy_len(wanted, CAPTURE_BYTES as u32) {
+            let data = (*packet).data.as_mut_ptr() as *mut core::ffi::c_void;
+            if bpf_skb_load_bytes(skb.skb as *const _, l3 as u32, data, n) == 0 {
+                (*packet).captured = n;
+            }
+        }
+    }
+    let flags = if CAPTURE.query(BPF_RB_AVAIL_DATA) > CAPTURE_RING_BYTES as u64 / 4 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags);
+    true
+}
+
+/// At tc egress, the local port a captured packet left from names its uid
+/// for the answers tc ingress sees (they carry no socket of ours yet).
+#[inline(always)]
+fn remember_capture_port(key: &FlowKey, local_port: u16, hook: u8) {
+    if hook != HOOK_TC_EGRESS || local_port == 0 || key.uid == KERNEL_UID {
+        return;
+    }
+    let port_key = DnsPortKey {
+        port: local_port,
+        family: key.family & !FAMILY_INBOUND,
+        proto: key.proto,
+    };
+    let _ = CAPTURE_PORTS.insert(port_key, key.uid, BPF_ANY as u64);
+}
+
+/// Captures a sent packet, if selected, before it is counted. It parses
+/// the packet on its own and leaves nothing behind that the counting reads,
+/// so the verifier walks the counting once, not once per way through the
+/// capture (the counting alone is close to the verifier's limit). A
+/// function of its own (a BPF subprogram), so its stack is not added to
+/// the counting's.
+#[inline(never)]
+fn capture_egress(skb: &SkBuff, filter: *mut CaptureFilter, l3: usize, hook: u8) {
+    let sk_buff = unsafe { &*skb.skb };
+    let Some((mut key, _, local_port)) = parse_destination(skb, sk_buff.protocol, l3) else {
+        return;
+    };
+    key.uid = match sk_buff_has_sock(sk_buff) {
+        true => skb.get_socket_uid(),
+        false => KERNEL_UID,
+    };
+    if is_service_reply(local_port, key.port) {
+        key.port = local_port;
+        key.family |= FAMILY_INBOUND;
+    }
+    let mark = cleartext_mark(filter, &key);
+    if capture_packet(skb, filter, &key, l3, mark, CAPTURED_EGRESS, hook) {
+        remember_capture_port(&key, local_port, hook);
+    }
+}
+
+/// The flow's payload mark when the capture leaves encrypted flows out
+/// (else 0: no lookup).
+#[inline(always)]
+fn cleartext_mark(filter: *mut CaptureFilter, key: &FlowKey) -> u64 {
+    // SAFETY: the filter map's slot (from `capture_filter`).
+    match unsafe { (*filter).flags } & CAPTURE_CLEARTEXT_ONLY != 0 {
+        true => unsafe { FLOWS.get(key) }.map_or(0, |value| value.captured),
+        false => 0,
+    }
+}
+
+/// Captures a received packet, if selected, as part of the local socket's
+/// flow: the flow key egress gives the socket's packets to the packet's
+/// source. At cgroup skb ingress the uid is the receiving socket's; at tc
+/// ingress, the uid whose captured packets left from the destination port.
+/// A BPF subprogram, like [`capture_egress`].
+#[inline(never)]
+fn capture_ingress(skb: &SkBuff, filter: *mut CaptureFilter, l3: usize, hook: u8) {
+    let sk_buff = unsafe { &*skb.skb };
+    let Some((mut key, local_port)) = parse_source(skb, sk_buff.protocol, l3) else {
+        return;
+    };
+    key.uid = if hook == HOOK_TC_INGRESS {
+        let port_key = DnsPortKey {
+            port: local_port,
+            family: key.family & !FAMILY_INBOUND,
+            proto: key.proto,
+        };
+        unsafe { CAPTURE_PORTS.get(port_key) }
+            .copied()
+            .unwrap_or(KERNEL_UID)
+    } else if !sk_buff_has_sock(sk_buff) {
+        KERNEL_UID
+    } else if is_own_socket(skb) {
+        return;
+    } else {
+        skb.get_socket_uid()
+    };
+    let mark = cleartext_mark(filter, &key);
+    capture_packet(skb, filter, &key, l3, mark, CAPTURED_INGRESS, hook);
+}
+
+/// A received packet for one of the agent's own sockets (they carry
+/// [`OWN_MARK`]): egressmon never observes its own traffic.
+#[inline(always)]
+fn is_own_socket(skb: &SkBuff) -> bool {
+    // SAFETY: a read-only global the loader set.
+    let own = unsafe { core::ptr::read_volatile(&OWN_MARK) };
+    if own == 0 {
+        return false;
+    }
+    // SAFETY: helpers on the skb's socket pointer, each result null-checked.
+    unsafe {
+        let sk = (*skb.skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return false;
+        }
+        let full = bpf_sk_fullsock(sk);
+        !full.is_null() && (*full).mark == own
+    }
+}
+
+/// The flow key (uid unset) of the local socket a received packet is for,
+/// and the local port: the remote end is the packet's source, and a local
+/// service's clients make inbound flows keyed by the service's port, as at
+/// egress (see [`is_service_reply`]). Only while a capture runs.
+#[inline(always)]
+fn parse_source(skb: &SkBuff, protocol_be: u32, l3: usize) -> Option<(FlowKey, u16)> {
+    let mut key = FlowKey::default();
+    let l4_offset;
+    match u16::from_be(protocol_be as u16) as u32 {
+        ETH_P_IP => {
+            let header: [u8; 20] = skb.load(l3).ok()?;
+            key.proto = header[9];
+            key.family = FAMILY_IPV4;
+            key.addr[..4].copy_from_slice(&header[12..16]);
+            // A non-first fragment has no ports.
+            if u16::from_be_bytes([header[6], header[7]]) & 0x1fff != 0 {
+                return Some((key, 0));
+            }
+            l4_offset = l3 + ((header[0] & 0x0f) as usize) * 4;
+        }
+        ETH_P_IPV6 => {
+            let header: [u8; 24] = skb.load(l3).ok()?;
+            key.proto = header[6];
+            key.family = FAMILY_IPV6;
+            key.addr.copy_from_slice(&header[8..24]);
+            l4_offset = l3 + 40;
+            if is_ipv6_extension(key.proto) {
+                // Its "destination" port is the packet's: our local one.
+                let (inner, _, remote_port) = past_ipv6_extensions(skb, key, l4_offset);
+                let local_port = inner.port;
+                return Some((with_remote_port(inner, local_port, remote_port), local_port));
+            }
+        }
+        _ => return None,
+    }
+    if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+        return Some((key, 0));
+    }
+    let ports: [u8; 4] = skb.load(l4_offset).ok()?;
+    let remote_port = u16::from_be_bytes([ports[0], ports[1]]);
+    let local_port = u16::from_be_bytes([ports[2], ports[3]]);
+    Some((with_remote_port(key, local_port, remote_port), local_port))
+}
+
+/// `key` with the port egress would key the socket's flow by.
+#[inline(always)]
+fn with_remote_port(mut key: FlowKey, local_port: u16, remote_port: u16) -> FlowKey {
+    key.port = remote_port;
+    if is_service_reply(local_port, remote_port) {
+        key.port = local_port;
+        key.family |= FAMILY_INBOUND;
+    }
+    key
 }
 
 #[inline(always)]

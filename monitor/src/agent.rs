@@ -1,12 +1,14 @@
 //! The running agent: owns the loaded kernel programs, the identity table fed
-//! by the event reader, the owner resolver (reloaded when its sources
-//! change) and the flow tracker; produces what the API serves (flows,
+//! by the event reader, the owner resolver and the device's identifiers
+//! (both reloaded when their sources change) and the flow tracker; produces what the API serves (flows,
 //! status, metrics) and writes the `--log` JSON lines.
 
 use crate::bpf::hooks::{Conflict, Hook};
 use crate::bpf::kernel::{Kernel, LoadOptions};
 use crate::enrich::destinations::{Destinations, SharedDestinations};
+use crate::enrich::evidence::Evidence;
 use crate::enrich::geoip::GeoIp;
+use crate::enrich::identifiers::{IdentifierSources, Identifiers};
 use crate::identity::events::{self, Identified};
 use crate::identity::owners::OwnerResolver;
 use crate::pipeline::flows::{self, FlowRecord};
@@ -41,6 +43,9 @@ pub(crate) struct AgentOptions {
     pub(crate) geoip: Vec<PathBuf>,
     /// `--rules` file; the shipped rules when absent.
     pub(crate) rules: Option<PathBuf>,
+    /// `--identifiers` file: device identifiers to search for beside (or
+    /// instead of) those the agent finds itself.
+    pub(crate) identifiers: Option<PathBuf>,
     /// `--netd-bpf-root`: where netd's pinned stats maps are (they must be
     /// there); without it they are looked for where Android keeps them.
     pub(crate) netd_bpf_root: Option<PathBuf>,
@@ -63,6 +68,7 @@ impl Default for AgentOptions {
             metrics_max_uids: 1000,
             geoip: Vec::new(),
             rules: None,
+            identifiers: None,
             netd_bpf_root: None,
             state_dir: Some(crate::serve::state::default_dir()),
         }
@@ -80,6 +86,8 @@ pub(crate) struct Agent {
     /// Senders the event reader identified, on their way to the tracker.
     identified: Mutex<std::sync::mpsc::Receiver<Identified>>,
     resolver: RwLock<Arc<OwnerResolver>>,
+    /// The device's identifiers, searched for in cleartext payloads.
+    identifiers: RwLock<Identifiers>,
     sources_stamp: Mutex<Vec<Option<SystemTime>>>,
     pub(crate) tracker: Mutex<Tracker>,
     log: Mutex<Option<JsonlLog>>,
@@ -253,6 +261,7 @@ pub(crate) struct PassFacts {
     agent_tables: AgentTables,
     dns_responses: u64,
     geoip: Vec<String>,
+    evidence_skipped: u64,
     tracker_evicted: u64,
     rules: Vec<String>,
     hooks: Vec<HookStatus>,
@@ -262,8 +271,12 @@ pub(crate) struct PassFacts {
     pub(crate) bytes_by_country: Vec<(crate::pipeline::tracker::CountryKey, u64)>,
     /// Cleartext flows per (uid, owner, origin, firmware).
     pub(crate) cleartext_flows: Vec<(crate::pipeline::tracker::OwnerKey, u64)>,
+    /// Flows per (identifier, form, origin, firmware).
+    pub(crate) identifier_leaks: Vec<(crate::pipeline::tracker::LeakKey, u64)>,
     /// Matches per alert rule.
     pub(crate) alerts: Vec<(String, u64)>,
+    /// Identifier names searched for, with where each came from.
+    identifiers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -319,6 +332,14 @@ pub(crate) struct Status {
     pub(crate) agent_tables: AgentTables,
     /// Alert rules in force.
     pub(crate) rules: Vec<String>,
+    /// Device identifiers searched for in cleartext (names and where each
+    /// was read, never values), and those not found with why.
+    #[serde(default)]
+    pub(crate) identifiers: Vec<String>,
+    /// Payload slices not searched for identifiers because too many flows
+    /// were followed at once.
+    #[serde(default)]
+    pub(crate) evidence_slices_skipped: u64,
     /// The kernel programs' own diagnostics (aya-log, rare paths only).
     #[serde(default)]
     pub(crate) kernel_diagnostics: crate::bpf::kernel_log::KernelDiagnostics,
@@ -336,16 +357,40 @@ fn walk_interval(base: Duration, flows: u64) -> Duration {
     base * flows.div_ceil(WALK_FLOWS_PER_INTERVAL).clamp(1, 4) as u32
 }
 
-/// Files the owner resolver reads; a change to any of them triggers a reload.
-fn owner_sources(android_root: Option<&std::path::Path>) -> Vec<PathBuf> {
-    let root = android_root
-        .map(PathBuf::from)
+/// Files the owner resolver and the identifier set read; a change to any
+/// of them triggers a reload of both.
+fn reload_sources(options: &AgentOptions) -> Vec<PathBuf> {
+    let root = options
+        .android_root
+        .clone()
         .unwrap_or_else(|| PathBuf::from("/"));
-    vec![
+    let mut paths = vec![
         PathBuf::from("/etc/passwd"),
         root.join("data/system/packages.list"),
         root.join("data/system/packages.xml"),
-    ]
+    ];
+    paths.extend(options.identifiers.clone());
+    paths
+}
+
+fn identifier_sources(options: &AgentOptions) -> IdentifierSources {
+    IdentifierSources {
+        android_root: options.android_root.clone(),
+        file: options.identifiers.clone(),
+        linux_root: PathBuf::from("/"),
+    }
+}
+
+/// The search for `identifiers`; says which are too short to search for.
+fn evidence_for(identifiers: &Identifiers) -> Evidence {
+    let (evidence, too_short) = Evidence::new(&identifiers.pairs());
+    if !too_short.is_empty() {
+        log::warn!(
+            "identifiers too short to search for without false matches (fewer than 6 characters): {}",
+            too_short.join(", ")
+        );
+    }
+    evidence
 }
 
 fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
@@ -372,6 +417,10 @@ impl crate::pipeline::tracker::Describe for Describer<'_> {
     ) -> FlowRecord {
         let owner = self.owner(key.uid);
         let mut record = flows::record(key, value, &owner, meta);
+        record.partition = self
+            .resolver
+            .partition(key.uid, record.exe.as_deref(), record.cmdline.as_deref())
+            .map(str::to_string);
         self.destinations
             .borrow_mut()
             .describe(key, &mut record, self.now);
@@ -415,6 +464,8 @@ impl Agent {
             Some(path) => Rules::load(path)?,
             None => Rules::defaults(),
         };
+        let identifiers =
+            Identifiers::load(&identifier_sources(&options)).map_err(anyhow::Error::msg)?;
         let capacity = load.flow_entries as usize;
         let mut kernel = Kernel::load(load)?;
         let states = open_states(&kernel, &options);
@@ -430,6 +481,7 @@ impl Agent {
         };
         let mut tracker = Tracker::new(tracker_options());
         let mut destinations = Destinations::new(geoip, capacity);
+        destinations.set_evidence(evidence_for(&identifiers));
         let mut labelled_uids = BTreeSet::new();
         let (mut pass_state, scrape_state) = states.unzip();
         if let Some(state) = &mut pass_state {
@@ -457,7 +509,7 @@ impl Agent {
             payloads_received.clone(),
             events::POLL_INTERVAL,
         );
-        let sources_stamp = stamps(&owner_sources(options.android_root.as_deref()));
+        let sources_stamp = stamps(&reload_sources(&options));
         let counters = kernel.counters()?;
         let agent = Arc::new(Agent {
             kernel: Mutex::new(kernel),
@@ -465,6 +517,7 @@ impl Agent {
             facts: Mutex::new(None),
             identified: Mutex::new(identified),
             resolver: RwLock::new(Arc::new(resolver)),
+            identifiers: RwLock::new(identifiers),
             sources_stamp: Mutex::new(sources_stamp),
             tracker: Mutex::new(tracker),
             log: Mutex::new(log),
@@ -609,14 +662,16 @@ impl Agent {
         });
     }
 
-    /// Rebuilds the resolver when one of its files changed.
+    /// Rebuilds the resolver and the identifier set when one of their
+    /// files changed.
     pub(crate) fn reload_owners_if_changed(&self) {
-        let now = stamps(&owner_sources(self.options.android_root.as_deref()));
+        let now = stamps(&reload_sources(&self.options));
         let mut last = self.sources_stamp.lock().unwrap();
         if *last == now {
             return;
         }
         *last = now;
+        self.reload_identifiers();
         let current_warnings = self.resolver().warnings().len();
         match OwnerResolver::new(self.options.android_root.as_deref()) {
             // More damage than before (a truncated packages.xml, a broken
@@ -639,6 +694,18 @@ impl Agent {
                     "owner sources changed but cannot be read ({e:#}); keeping the previous owners"
                 );
             }
+        }
+    }
+
+    /// A bad `--identifiers` file keeps the identifiers in use.
+    fn reload_identifiers(&self) {
+        match Identifiers::load(&identifier_sources(&self.options)) {
+            Ok(fresh) => {
+                let evidence = evidence_for(&fresh);
+                self.destinations.lock().unwrap().set_evidence(evidence);
+                *self.identifiers.write().unwrap() = fresh;
+            }
+            Err(e) => log::warn!("identifiers not reloaded, the previous ones stay in use: {e}"),
         }
     }
 
@@ -695,10 +762,10 @@ impl Agent {
     /// Gathers what the pass knows (locks in the poller's order).
     fn gather_facts(&self) -> PassFacts {
         let mut agent_tables = AgentTables::default();
-        let (dns_responses, geoip) = {
+        let (dns_responses, geoip, evidence_skipped) = {
             let d = self.destinations.lock().unwrap();
             (agent_tables.payload_infos, agent_tables.dns_names) = d.sizes();
-            (d.dns_responses, d.geoip_sources())
+            (d.dns_responses, d.geoip_sources(), d.evidence_skipped())
         };
         let hooks = self.hook_report();
         let (attached, load) = {
@@ -712,6 +779,7 @@ impl Agent {
             agent_tables,
             dns_responses,
             geoip,
+            evidence_skipped,
             tracker_evicted: t.flows_evicted,
             rules: t.rule_names(),
             hooks,
@@ -727,7 +795,13 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
+            identifier_leaks: t
+                .identifier_leaks
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
             alerts: t.alerts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            identifiers: self.identifiers.read().unwrap().describe(),
         }
     }
 
@@ -811,6 +885,8 @@ impl Agent {
             geoip: facts.geoip.clone(),
             agent_tables: facts.agent_tables.clone(),
             rules: facts.rules.clone(),
+            identifiers: facts.identifiers.clone(),
+            evidence_slices_skipped: facts.evidence_skipped,
             kernel_diagnostics: self.kernel_log.diagnostics(),
         })
     }

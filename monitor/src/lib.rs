@@ -10,6 +10,7 @@
 
 pub(crate) mod agent;
 pub mod bpf;
+pub(crate) mod capture;
 pub mod cli;
 pub(crate) mod enrich;
 pub mod identity;

@@ -1,5 +1,6 @@
 //! Fuzzing the parsers of bytes from the network (DNS, TLS, HTTP, QUIC)
-//! with cargo-fuzz: the crate in monitor/fuzz, one target per parser.
+//! and the identifier matcher with cargo-fuzz: the crate in monitor/fuzz,
+//! one target each.
 //!
 //! [`run`] installs cargo-fuzz if it is missing (like bpf-linker in
 //! setup.rs: check first, so a second run costs nothing), builds the
@@ -18,9 +19,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The fuzz targets (binaries of monitor/fuzz, directories of its corpus).
-pub const TARGETS: [&str; 4] = ["dns", "tls", "http", "quic"];
+pub const TARGETS: [&str; 5] = ["dns", "tls", "http", "quic", "leaks"];
 /// Largest input the fuzzer makes: a whole QUIC Initial is 1200 bytes and
-/// the kernel copies at most 512, so 4 KiB covers every real case.
+/// the kernel hands over at most a flow's first 4 KiB, so 4 KiB covers
+/// every real case.
 const MAX_LEN: u32 = 4096;
 
 /// Installs cargo-fuzz if needed, replays every seed corpus, then fuzzes

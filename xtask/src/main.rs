@@ -421,6 +421,11 @@ fn test(soak_secs: u64) -> Result<()> {
     integration_test("destinations")?;
     shell::step(
         "test",
+        "evidence: the test's IMEI, serial and machine id found in cleartext POSTs, in their forms, not inside TLS",
+    );
+    integration_test("evidence")?;
+    shell::step(
+        "test",
         "who may see what: unprivileged uids, peer credentials, Host checks, connection floods",
     );
     integration_test("security")?;
@@ -435,6 +440,11 @@ fn test(soak_secs: u64) -> Result<()> {
         "a local service's replies: 10,000 connections, one inbound flow",
     );
     integration_test("services")?;
+    shell::step(
+        "test",
+        "egressmon capture: pcapng of selected uids, filtered in the kernel, read by tshark",
+    );
+    integration_test("capture")?;
     shell::step(
         "test",
         "restarts: per-country bytes, alerts, log lines and netd totals exact across kill -9",

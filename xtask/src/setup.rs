@@ -4,7 +4,8 @@
 //! - nightly toolchain with rust-src (the eBPF crate builds core itself);
 //! - Debian's LLVM dev packages for the LLVM major of nightly rustc, and
 //!   bpf-linker built against them (the versions must match);
-//! - bpftool, iproute2 and nftables for the kernel tests.
+//! - bpftool, iproute2 and nftables for the kernel tests; tshark and
+//!   tcpdump read the files `egressmon capture` writes.
 
 use crate::shell::{self, step};
 use anyhow::{bail, Context, Result};
@@ -16,8 +17,19 @@ const TEST_PACKAGES: &[&str] = &[
     "nftables",
     "openssl",
     "prometheus",
+    "tcpdump",
     "tmux",
+    "tshark",
 ];
+
+/// Answers to the questions a package asks while it installs (apt runs
+/// with DEBIAN_FRONTEND=noninteractive, which takes these, or the package's
+/// defaults): tshark's wireshark-common asks whether non-root users may
+/// capture (no: the tests read files as root).
+const DEBCONF_ANSWERS: &[(&str, &str)] = &[(
+    "tshark",
+    "wireshark-common wireshark-common/install-setuid boolean false",
+)];
 
 /// Runs every set-up step; returns nightly's LLVM major version.
 pub fn all() -> Result<u32> {
@@ -110,6 +122,7 @@ pub fn apt(packages: &[String]) -> Result<()> {
         );
     }
     shell::run("apt-get", &["update", "-q"])?;
+    preseed(&missing)?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(missing.iter().copied());
     let status = std::process::Command::new("apt-get")
@@ -118,6 +131,33 @@ pub fn apt(packages: &[String]) -> Result<()> {
         .status()?;
     if !status.success() {
         bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+/// Gives debconf the answers in [`DEBCONF_ANSWERS`] for the packages about
+/// to be installed.
+fn preseed(missing: &[&str]) -> Result<()> {
+    use std::io::Write;
+    let answers: Vec<&str> = DEBCONF_ANSWERS
+        .iter()
+        .filter(|(package, _)| missing.contains(package))
+        .map(|(_, answer)| *answer)
+        .collect();
+    if answers.is_empty() {
+        return Ok(());
+    }
+    let mut child = std::process::Command::new("debconf-set-selections")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running debconf-set-selections")?;
+    let mut stdin = child.stdin.take().context("debconf-set-selections stdin")?;
+    for answer in answers {
+        writeln!(stdin, "{answer}")?;
+    }
+    drop(stdin);
+    if !child.wait()?.success() {
+        bail!("debconf-set-selections failed");
     }
     Ok(())
 }

@@ -3,20 +3,24 @@
 //! plain `cargo test`.
 //!
 //! Owns: one function per fuzz target that feeds arbitrary bytes to every
-//! parser of its protocol and checks what must hold whatever the input
-//! (beyond not panicking): host names come out normalised, DNS names are
-//! bounded, the DNS cache stays within its capacity, and the TCP framing of
-//! DNS agrees with the bare message. A broken invariant panics, which the
-//! fuzzer reports as a crash.
+//! parser of its protocol (or to the identifier matcher of [`leaks`]) and
+//! checks what must hold whatever the input (beyond not panicking): host
+//! names come out normalised, DNS names are bounded, the DNS cache stays
+//! within its capacity, the TCP framing of DNS agrees with the bare
+//! message, and an identifier put into a payload is found there. A broken
+//! invariant panics, which the fuzzer reports as a crash.
 
+use super::leaks::{Form, Found, Matcher, MIN_VALUE_LEN};
 use super::{classify, dns, host_from_payload, http, normalize_host, quic, tls, HostSource};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use monitor_common::{PROTO_TCP, PROTO_UDP};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 /// The fuzz targets, by name (the directory names under
 /// `monitor/fuzz/corpus/`).
-pub const TARGETS: [&str; 4] = ["dns", "tls", "http", "quic"];
+pub const TARGETS: [&str; 5] = ["dns", "tls", "http", "quic", "leaks"];
 
 /// Runs the target called `name` on `data`; false if there is no such
 /// target.
@@ -26,6 +30,7 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "tls" => tls_target(data),
         "http" => http_target(data),
         "quic" => quic_target(data),
+        "leaks" => leaks_target(data),
         _ => return false,
     }
     true
@@ -137,6 +142,104 @@ pub fn quic_target(data: &[u8]) {
     check_payload(data);
 }
 
+/// Identifiers every leaks input is searched for, besides its own: one
+/// of each shape the matcher treats apart, and one too short to match.
+const LEAK_IDENTIFIERS: [(&str, &str); 5] = [
+    ("imei", "356938035643809"),
+    ("mac", "02:42:ac:11:00:02"),
+    ("serial", "R58M12ABCDE"),
+    ("android_id", "9774d56d682e549c"),
+    ("pin", "12345"),
+];
+
+/// Splits a leaks input. Its first byte says how many identifiers of its
+/// own it names (0 to 3, the byte modulo 4), each a length byte (modulo
+/// 64) and that many bytes of value (lossy UTF-8); the rest is the
+/// payload. Returns the fixed identifiers followed by those.
+fn leak_input(data: &[u8]) -> (Vec<(String, String)>, &[u8]) {
+    let mut ids: Vec<(String, String)> = LEAK_IDENTIFIERS
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    let Some((&count, mut rest)) = data.split_first() else {
+        return (ids, data);
+    };
+    for i in 0..count % 4 {
+        let Some((&len, after)) = rest.split_first() else {
+            break;
+        };
+        let (value, after) = after.split_at(usize::from(len % 64).min(after.len()));
+        let value = String::from_utf8_lossy(value).into_owned();
+        ids.push((format!("input{i}"), value));
+        rest = after;
+    }
+    (ids, rest)
+}
+
+/// Leaks: the identifiers an input names, searched for in the rest of it,
+/// then in that payload with each value added plainly and base64-encoded.
+pub fn leaks_target(data: &[u8]) {
+    let (ids, payload) = leak_input(data);
+    let values: Vec<&[u8]> = ids.iter().map(|(_, v)| v.trim().as_bytes()).collect();
+    let (matcher, skipped) = Matcher::new(&ids);
+    let short: Vec<&String> = ids
+        .iter()
+        .zip(&values)
+        .filter(|(_, v)| v.len() < MIN_VALUE_LEN)
+        .map(|((name, _), _)| name)
+        .collect();
+    assert_eq!(
+        skipped.iter().collect::<Vec<_>>(),
+        short,
+        "the short ones skipped"
+    );
+    assert!(!matcher.is_empty(), "the fixed identifiers are long enough");
+    let found = matcher.find(payload);
+    assert!(found.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
+    for f in &found {
+        let value = values.get(f.identifier).expect("an index into the list");
+        assert!(value.len() >= MIN_VALUE_LEN, "a skipped value is not found");
+    }
+    for (identifier, value) in values.iter().enumerate() {
+        if value.len() < MIN_VALUE_LEN {
+            continue;
+        }
+        let plain = Found {
+            identifier,
+            form: Form::Plain,
+        };
+        let spelled = [
+            value.to_vec(),
+            value.to_ascii_lowercase(),
+            value.to_ascii_uppercase(),
+        ];
+        if found.contains(&plain) {
+            assert!(spelled.iter().any(|s| contains(payload, s)), "plain: there");
+        }
+        if contains(payload, value) {
+            assert!(found.contains(&plain), "plain: there, so found");
+        }
+        let added = [payload, value].concat();
+        assert!(matcher.find(&added).contains(&plain), "plain: added");
+        // From 7 bytes on, every alignment keeps a long enough run.
+        if value.len() >= 7 {
+            let base64 = Found {
+                identifier,
+                form: Form::Base64,
+            };
+            for k in 0..3 {
+                let before = payload.get(..k).unwrap_or(&b"xy"[..k]);
+                let encoded = STANDARD.encode([before, value, payload].concat());
+                assert!(matcher.find(encoded.as_bytes()).contains(&base64), "base64");
+            }
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +298,30 @@ mod tests {
                 .resolutions()
                 .len(),
             2
+        );
+        let leaks = |seed: &str| {
+            let data = read("leaks", seed);
+            let (ids, payload) = leak_input(&data);
+            Matcher::new(&ids)
+                .0
+                .find(payload)
+                .into_iter()
+                .map(|f| (ids[f.identifier].0.clone(), f.form))
+                .collect::<Vec<_>>()
+        };
+        let at = |name: &str, form| (name.to_string(), form);
+        assert_eq!(
+            leaks("http-form-imei-md5"),
+            [at("imei", Form::Plain), at("imei", Form::Md5)]
+        );
+        assert_eq!(leaks("json-base64-serial"), [at("serial", Form::Base64)]);
+        assert_eq!(
+            leaks("query-mac-hex-urlencoded"),
+            [at("mac", Form::Hex), at("mac", Form::Urlencoded)]
+        );
+        assert_eq!(
+            leaks("own-identifier-upper"),
+            [at("input0", Form::Plain), at("input1", Form::Sha1)]
         );
     }
 
@@ -341,5 +468,33 @@ mod tests {
         let reordered = q::initial(quic::VERSION_1, &[0x5a; 8], &frames, 0);
         write("quic", "reordered-crypto-first-512", &reordered[..512]);
         write("quic", "reordered-crypto-whole", &reordered);
+
+        // Leaks seeds: a first byte of 0 names no identifier of its own.
+        write(
+            "leaks",
+            "http-form-imei-md5",
+            b"\x00POST /a HTTP/1.1\r\nHost: t.example\r\n\r\nimei=356938035643809&sig=AF2D48F2495881AED1737BB21017F9B6",
+        );
+        let blob = STANDARD.encode(r#"{"serial":"R58M12ABCDE","os":"14"}"#);
+        write(
+            "leaks",
+            "json-base64-serial",
+            format!(
+                "\x00{{\"v\":2,\"blob\":\"{}\"}}",
+                blob.trim_end_matches('=')
+            )
+            .as_bytes(),
+        );
+        write(
+            "leaks",
+            "query-mac-hex-urlencoded",
+            b"\x00GET /c?m=02%3A42%3Aac%3A11%3A00%3A02&h=0242AC110002 HTTP/1.1\r\n\r\n",
+        );
+        // Two of its own: a hex id, and a name whose SHA-1 is sent.
+        write(
+            "leaks",
+            "own-identifier-upper",
+            b"\x02\x10f00dfacecafebeef\x0aPixel Jo 7id=F00DFACECAFEBEEF&u=630C4780353B4F037C053451BF31AF60C019D465",
+        );
     }
 }

@@ -4,13 +4,15 @@
 //! `http`, `dns`, `cleartext`, `unknown`), [`host_from_payload`] (the
 //! contract's `host` with `host_source` `sni` or `http`; `dns` names come
 //! from [`dns::DnsCache`]), and the host-name rules shared by the parsers.
-//! One file per protocol: [`dns`], [`tls`], [`http`], [`quic`]; `fuzz`
-//! (cargo feature `fuzz`, and the unit tests, which replay its seed
-//! corpora) holds the entry points of their fuzz targets.
+//! One file per protocol: [`dns`], [`tls`], [`http`], [`quic`]; [`leaks`]
+//! finds device identifiers (IMEI, MAC, serial, ...) in payload bytes, plain
+//! or encoded; `fuzz` (cargo feature `fuzz`, and the unit tests, which
+//! replay its seed corpora) holds the entry points of their fuzz targets.
 //!
-//! Every function here is pure: bytes in, answer out. The bytes are the
-//! first payload of a flow as the kernel copied it (at most 512 bytes of
-//! L4 payload), shaped by whoever is on the network, so each parser reads
+//! Every function here is pure: bytes in, answer out. The bytes are a
+//! flow's payload as the kernel copied it (its first packet's, up to
+//! `PAYLOAD_CAPTURE_BYTES` per slice, and for readable flows up to their
+//! first `EVIDENCE_BYTES`), shaped by whoever is on the network, so each parser reads
 //! only what is there and never panics; each has a fuzz target under
 //! `monitor/fuzz`.
 //!
@@ -22,6 +24,7 @@ pub mod dns;
 #[cfg(any(feature = "fuzz", test))]
 pub mod fuzz;
 pub mod http;
+pub mod leaks;
 pub mod quic;
 pub mod tls;
 

@@ -553,7 +553,13 @@ mod tests {
             .iter()
             .copied()
             .filter(|&name| name != MAP_LAYOUT_VERSION) // made by the agent
-            .chain([MAP_CONFIG, MAP_TC_L3_OFFSET, MAP_DNS_PORTS])
+            .chain([
+                MAP_CONFIG,
+                MAP_TC_L3_OFFSET,
+                MAP_DNS_PORTS,
+                MAP_CAPTURE_PORTS,
+                MAP_PAYLOAD_SCRATCH,
+            ])
             .collect();
         named.sort_unstable();
         assert_eq!(in_object, named);

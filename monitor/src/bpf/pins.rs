@@ -4,8 +4,9 @@
 //! under the pin directory.
 //!
 //! Layout: one file per pinned map (`PINNED_MAPS`: `FLOWS`, `UID_TOTALS`,
-//! `UID_DIRECT`, `EVENTS`, `PAYLOADS`, `STATS`, the list of netlink tc
-//! filters `TC_FILTERS` and the pin layout version `LAYOUT_VERSION`), one
+//! `UID_DIRECT`, `EVENTS`, `PAYLOADS`, `STATS`, the capture's `CAPTURE`,
+//! `CAPTURE_FILTER` and `CAPTURE_UIDS`, the list of netlink tc filters
+//! `TC_FILTERS` and the pin layout version `LAYOUT_VERSION`), one
 //! per attached cgroup hook (`link_<hook>`), and one per tc hook and
 //! interface on TCX kernels (`link_<hook>_<interface>`). Nothing else may be
 //! in the directory: `run` refuses it, `detach` leaves it.
@@ -23,7 +24,7 @@ use crate::bpf_sys::{self, MapInfo, ObjKind, RawMap};
 use anyhow::{bail, Context, Result};
 use aya::Ebpf;
 use monitor_common::*;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -231,6 +232,24 @@ impl PinDir {
             check_map(&spec, fd, &self.path)?;
         }
         Ok(())
+    }
+
+    /// For `egressmon capture`: descriptors of the capture's pinned maps
+    /// (`CAPTURE`, `CAPTURE_FILTER`, `CAPTURE_UIDS`), each checked by
+    /// descriptor to be exactly the map this build makes, in a directory
+    /// only root controls, under this pin layout.
+    pub(crate) fn open_capture_maps(&self) -> Result<[OwnedFd; 3]> {
+        self.check(PinDirUse::Run)?;
+        self.check_layout_version()?;
+        let open = |spec: &MapSpec| -> Result<OwnedFd> {
+            let pin = self.map(spec.name);
+            let fd =
+                bpf_sys::obj_get(&pin).with_context(|| format!("opening {}", pin.display()))?;
+            check_map(spec, fd.as_fd(), &self.path)?;
+            Ok(fd)
+        };
+        let [ring, filter, uids] = capture_specs();
+        Ok([open(&ring)?, open(&filter)?, open(&uids)?])
     }
 
     /// Refuses pins left by an egressmon of another pin layout. Pins from
@@ -485,23 +504,27 @@ const LAYOUT_VERSION_SPEC: MapSpec =
 /// Every map egressmon pins: the eBPF object's pinned maps and the layout
 /// version. A map the object pins but this list lacks would be refused as
 /// foreign when the next agent starts.
-pub(crate) const PINNED_MAPS: [&str; 8] = [
+pub(crate) const PINNED_MAPS: [&str; 11] = [
     MAP_FLOWS,
     MAP_UID_TOTALS,
     MAP_UID_DIRECT,
     MAP_EVENTS,
     MAP_PAYLOADS,
     MAP_STATS,
+    MAP_CAPTURE,
+    MAP_CAPTURE_FILTER,
+    MAP_CAPTURE_UIDS,
     MAP_TC_FILTERS,
     MAP_LAYOUT_VERSION,
 ];
 
 /// Every map egressmon pins (in the order of `PINNED_MAPS`), as this build
 /// and `options` make it.
-fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 8] {
+fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 11] {
     use bpf_sys::*;
     let flows = options.flow_entries;
     let ring = ring_bytes(options.ringbuf_bytes);
+    let capture = capture_specs();
     [
         MapSpec::new(
             MAP_FLOWS,
@@ -541,8 +564,41 @@ fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 8] {
             size_of::<u64>(),
             STAT_COUNT,
         ),
+        capture[0],
+        capture[1],
+        capture[2],
         TC_FILTERS_SPEC,
         LAYOUT_VERSION_SPEC,
+    ]
+}
+
+/// The capture's maps (sizes fixed by this build: `CAPTURE`,
+/// `CAPTURE_FILTER`, `CAPTURE_UIDS`), checked again by `egressmon capture`
+/// before it reads or writes them.
+fn capture_specs() -> [MapSpec; 3] {
+    use bpf_sys::*;
+    [
+        MapSpec::new(
+            MAP_CAPTURE,
+            BPF_MAP_TYPE_RINGBUF,
+            0,
+            0,
+            ring_bytes(CAPTURE_RING_BYTES),
+        ),
+        MapSpec::new(
+            MAP_CAPTURE_FILTER,
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>(),
+            size_of::<CaptureFilter>(),
+            1,
+        ),
+        MapSpec::new(
+            MAP_CAPTURE_UIDS,
+            BPF_MAP_TYPE_HASH,
+            size_of::<u32>(),
+            size_of::<u8>(),
+            CAPTURE_UID_ENTRIES,
+        ),
     ]
 }
 

@@ -1,4 +1,4 @@
-//! Command-line interface: `egressmon run|flows|owners|top|status|detach`,
+//! Command-line interface: `egressmon run|flows|owners|top|status|capture|detach`,
 //! the client that reaches a running agent over its control socket, and the
 //! renderers (plain tables, the live table, escaping of names).
 //!
@@ -135,6 +135,10 @@ pub(crate) enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Write the packets of selected flows to a pcapng file (filtered in
+    /// the kernel, beside a running agent), a comment on each naming its
+    /// uid, owner and flow.
+    Capture(Box<crate::capture::CaptureArgs>),
     /// Remove every program, link and pin egressmon made (and stop its agent).
     Detach {
         #[command(flatten)]
@@ -191,9 +195,15 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     pub(crate) geoip: Vec<PathBuf>,
     /// Alert rules (TOML); without it the shipped rules apply (firmware
-    /// sending cleartext, firmware reaching a new country).
+    /// sending cleartext, reaching a new country, or sending one of the
+    /// device's identifiers where it can be read).
     #[arg(long)]
     pub(crate) rules: Option<PathBuf>,
+    /// Device identifiers to look for in cleartext payloads, beside those
+    /// found on the device (TOML: a table [identifiers] of name = "value",
+    /// e.g. imei = "..."). Values are never printed, only names.
+    #[arg(long)]
+    pub(crate) identifiers: Option<PathBuf>,
     /// Uids besides root that may use the control socket (flows, status,
     /// top, detach), e.g. 2000 for `adb shell` without su. Comma separated.
     #[arg(long, value_delimiter = ',')]
@@ -249,6 +259,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         }
         Command::Detach { target } => detach(target),
         Command::Top { once, target } => crate::cli::top::run(&target.agent()?, once),
+        Command::Capture(args) => crate::capture::run(*args),
     }
 }
 
@@ -284,6 +295,7 @@ fn run(args: RunArgs) -> Result<()> {
         metrics_max_uids: args.metrics_max_uids,
         geoip: args.geoip.clone(),
         rules: args.rules.clone(),
+        identifiers: args.identifiers.clone(),
         netd_bpf_root: args.netd_bpf_root.clone(),
         state_dir: Some(args.target.run_dir()),
         ..AgentOptions::default()
@@ -568,6 +580,12 @@ pub(crate) fn render_status(s: &Status) -> String {
         "\nevents lost: {}   flow update failures: {}   uid update failures: {}\n",
         s.events_lost, s.flow_update_failures, s.uid_update_failures
     ));
+    if !s.identifiers.is_empty() {
+        out.push_str("\nidentifiers searched for (names only):\n");
+        for line in &s.identifiers {
+            out.push_str(&format!("  {}\n", crate::cli::text::escape(line)));
+        }
+    }
     let diagnostics = &s.kernel_diagnostics;
     if let Some(latest) = diagnostics.recent.last() {
         out.push_str(&format!(

@@ -29,6 +29,8 @@ pub(crate) struct OwnerRow {
     pub(crate) local: bool,
     /// Alerts raised on these flows.
     pub(crate) alerts: u64,
+    /// Flows that carried one of the device's identifiers readably.
+    pub(crate) leaking_flows: u64,
 }
 
 /// Rows are per uid and per scope (remote, or local).
@@ -61,6 +63,7 @@ pub(crate) fn group(flows: &[FlowRecord]) -> Vec<OwnerRow> {
         row.udp_sends += f.udp_sends;
         row.destinations += 1;
         row.alerts += f.alerts.len() as u64;
+        row.leaking_flows += !f.leaks.is_empty() as u64;
         let dst = if f.family == "ipv6" {
             format!("[{}]:{}", f.dst, f.port)
         } else {
@@ -101,13 +104,31 @@ pub(crate) fn human_bytes(n: f64) -> String {
     }
 }
 
-/// `!N ` before an owner with N alerts, so they stand out in any terminal.
+/// `!N ` before an owner with N alerts and `ID ` before one that sent the
+/// device's identifiers readably, so they stand out in any terminal.
 pub(crate) fn alert_mark(row: &OwnerRow) -> String {
-    if row.alerts == 0 {
-        String::new()
-    } else {
-        format!("!{} ", row.alerts)
+    let mut mark = String::new();
+    if row.alerts > 0 {
+        mark = format!("!{} ", row.alerts);
     }
+    if row.leaking_flows > 0 {
+        mark.push_str("ID ");
+    }
+    mark
+}
+
+/// What an expanded flow row shows after its destination: the rules that
+/// alerted and the identifiers it carried.
+pub(crate) fn flow_notes(flow: &FlowRecord) -> String {
+    let mut notes = flow.alerts.join(",");
+    if !flow.leaks.is_empty() {
+        if !notes.is_empty() {
+            notes.push(' ');
+        }
+        notes.push_str("ID ");
+        notes.push_str(&flow.leaks.join(","));
+    }
+    notes
 }
 
 /// Heads the local rows: what they are and why they are apart.
@@ -202,6 +223,20 @@ mod tests {
         let mut flow: FlowRecord = serde_json::from_value(record).unwrap();
         flow.scope = Scope::of(dst.parse().unwrap());
         flow
+    }
+
+    #[test]
+    fn owners_and_flows_with_identifiers_are_marked() {
+        let mut leaking = flow(1001, "203.0.113.7", 10, &["firmware-identifier-leak"]);
+        leaking.leaks = vec!["imei:sha256".into(), "serial:base64".into()];
+        let rows = group(&[leaking.clone(), flow(1001, "203.0.113.8", 5, &[])]);
+        assert_eq!(rows[0].leaking_flows, 1);
+        assert_eq!(alert_mark(&rows[0]), "!1 ID ");
+        assert_eq!(
+            flow_notes(&leaking),
+            "firmware-identifier-leak ID imei:sha256,serial:base64"
+        );
+        assert_eq!(flow_notes(&flow(1001, "203.0.113.8", 5, &[])), "");
     }
 
     #[test]

@@ -126,11 +126,17 @@ impl View {
         let total: u64 = self.rows.iter().map(|r| r.tx_bytes).sum();
         let owners: std::collections::HashSet<u32> = self.rows.iter().map(|r| r.uid).collect();
         let alerts: u64 = self.rows.iter().map(|r| r.alerts).sum();
+        let leaking: u64 = self.rows.iter().map(|r| r.leaking_flows).sum();
         let title = format!(
-            "egressmon top  owners {}{}  sent {}  sort: {}{}",
+            "egressmon top  owners {}{}{}  sent {}  sort: {}{}",
             owners.len(),
             if alerts > 0 {
                 format!("  alerts {alerts}")
+            } else {
+                String::new()
+            },
+            if leaking > 0 {
+                format!("  ID leaks {leaking}")
             } else {
                 String::new()
             },
@@ -150,7 +156,7 @@ impl View {
         for r in self.visible() {
             let style = if r.local {
                 Style::default().add_modifier(Modifier::DIM)
-            } else if r.alerts > 0 {
+            } else if r.alerts > 0 || r.leaking_flows > 0 {
                 Style::default().fg(Color::Red)
             } else {
                 Style::default()
@@ -189,7 +195,13 @@ impl View {
                     let mut marker = String::new();
                     if !f.alerts.is_empty() {
                         marker = format!("!{}", f.alerts.len());
-                        dst = format!("{dst} {}", f.alerts.join(","));
+                    }
+                    if !f.leaks.is_empty() {
+                        marker.push_str(" ID");
+                    }
+                    let notes = top::flow_notes(f);
+                    if !notes.is_empty() {
+                        dst = format!("{dst} {notes}");
                     }
                     rows.push(
                         Row::new(vec![
@@ -353,6 +365,8 @@ mod tests {
             unit: None,
             exe: None,
             cmdline: None,
+            selinux_context: None,
+            partition: None,
             proto: crate::pipeline::vocab::Proto::Tcp,
             family: "ipv4".into(),
             dst: "203.0.113.7".into(),
@@ -368,6 +382,7 @@ mod tests {
             country: None,
             asn: None,
             payload: crate::pipeline::vocab::Payload::Unknown,
+            leaks: Vec::new(),
             direction: crate::pipeline::vocab::Direction::Outbound,
             scope: Default::default(),
             alerts: Vec::new(),

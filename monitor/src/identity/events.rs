@@ -29,6 +29,8 @@ pub(crate) struct Sender {
     /// Best effort, read from /proc when the sender's first event arrived.
     pub(crate) exe: Option<Box<str>>,
     pub(crate) cmdline: Option<Box<str>>,
+    /// Its SELinux context, where SELinux is on.
+    pub(crate) selinux_context: Option<Box<str>>,
 }
 
 /// Identity of a flow: 16 bytes, since the tracker keeps one per flow.
@@ -207,6 +209,9 @@ impl Senders {
                 .flatten(),
             cmdline: live
                 .then(|| crate::identity::process::cmdline(event.tgid))
+                .flatten(),
+            selinux_context: live
+                .then(|| crate::identity::process::selinux_context(event.tgid))
                 .flatten(),
         });
         self.entries.insert(key, (now, sender.clone()));

@@ -2,7 +2,9 @@
 //! line (read from /proc while it lives; an Android app process's cmdline is
 //! its package or `package:service`, which names the component inside a
 //! shared uid like 1000), and the cgroup it runs in, with the systemd unit
-//! that cgroup belongs to (`system` traffic then names its service).
+//! that cgroup belongs to (`system` traffic then names its service); its
+//! SELinux context, which on Android splits uid 0 and 1000 into the daemons
+//! behind them (`u:r:netd:s0`, `u:r:system_server:s0`).
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -42,6 +44,30 @@ pub(crate) fn cmdline(tgid: u32) -> Option<Box<str>> {
         end -= 1;
     }
     Some(text[..end].into())
+}
+
+/// Where the kernel shows a task's SELinux context; present only where
+/// SELinux is on (selinuxfs mounted): other security modules (AppArmor)
+/// answer in the same file with labels of their own.
+const SELINUXFS: &str = "/sys/fs/selinux";
+
+/// The SELinux context of process `tgid`, None without SELinux or once the
+/// process has exited.
+pub(crate) fn selinux_context(tgid: u32) -> Option<Box<str>> {
+    if !Path::new(SELINUXFS).join("enforce").exists() {
+        return None;
+    }
+    context_from(&std::fs::read(format!("/proc/{tgid}/attr/current")).ok()?)
+}
+
+/// The context in attr/current's bytes: text up to a NUL or newline.
+fn context_from(raw: &[u8]) -> Option<Box<str>> {
+    let end = raw
+        .iter()
+        .position(|&b| b == 0 || b == b'\n')
+        .unwrap_or(raw.len());
+    let text = std::str::from_utf8(&raw[..end.min(256)]).ok()?.trim();
+    (!text.is_empty()).then(|| text.into())
 }
 
 /// The systemd unit (`*.service`, `*.scope`, `*.socket`) a cgroup path
@@ -136,6 +162,20 @@ mod tests {
             Some("session-2.scope")
         );
         assert_eq!(unit_of("/uid_10123/pid_4567"), None);
+    }
+
+    #[test]
+    fn selinux_contexts_end_at_nul_or_newline() {
+        assert_eq!(
+            context_from(b"u:r:system_server:s0\0").as_deref(),
+            Some("u:r:system_server:s0")
+        );
+        assert_eq!(
+            context_from(b"u:r:untrusted_app:s0:c123,c256\n").as_deref(),
+            Some("u:r:untrusted_app:s0:c123,c256")
+        );
+        assert_eq!(context_from(b"\0"), None);
+        assert_eq!(context_from(&[0xff, 0xfe]), None);
     }
 
     #[test]

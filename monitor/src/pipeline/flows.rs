@@ -27,6 +27,13 @@ pub struct FlowRecord {
     /// Executable and command line of the first sender (best effort).
     pub exe: Option<String>,
     pub cmdline: Option<String>,
+    /// SELinux context of the first sender (null without SELinux or when
+    /// the sender is not known).
+    pub selinux_context: Option<String>,
+    /// The system-image partition the sender's executable, or the owning
+    /// package's code, lives on: `system`, `system_ext`, `product`,
+    /// `vendor`, `odm`, `apex`, `data`; null when neither tells.
+    pub partition: Option<String>,
     pub proto: Proto,
     pub family: String,
     pub dst: String,
@@ -42,6 +49,11 @@ pub struct FlowRecord {
     pub country: Option<String>,
     pub asn: Option<u32>,
     pub payload: Payload,
+    /// Device identifiers the flow carried where they can be read
+    /// (`NAME:FORM`, e.g. `imei:sha256`), never their values; `[]` when
+    /// none or when its payload is encrypted.
+    #[serde(default)]
+    pub leaks: Vec<String>,
     /// `outbound`, or `inbound` for a local service's replies: then `dst`
     /// is the client and `port` the service's own local port.
     #[serde(default)]
@@ -106,6 +118,10 @@ pub(crate) fn record(
             .map(str::to_string),
         exe: known.and_then(|s| s.exe.as_deref()).map(str::to_string),
         cmdline: known.and_then(|s| s.cmdline.as_deref()).map(str::to_string),
+        selinux_context: known
+            .and_then(|s| s.selinux_context.as_deref())
+            .map(str::to_string),
+        partition: None,
         proto: Proto::from_number(key.proto),
         family: if key.family & !FAMILY_INBOUND == FAMILY_IPV4 {
             "ipv4"
@@ -126,6 +142,7 @@ pub(crate) fn record(
         country: None,
         asn: None,
         payload: Payload::Unknown,
+        leaks: Vec::new(),
         direction: if is_inbound(key) {
             Direction::Inbound
         } else {

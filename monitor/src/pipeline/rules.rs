@@ -21,7 +21,9 @@
 //! unknown), `firmware` (bool), `host` (glob; a flow without a host name
 //! does not match), `country` (ISO code), `asn`, `port`, `proto` (tcp,
 //! udp, icmp, icmpv6, or ipN for protocol number N), `payload` (tls, quic,
-//! http, dns, cleartext, unknown), `new_country` (bool: the flow's country is one its owner had
+//! http, dns, cleartext, unknown), `leak` (glob of identifier names: the
+//! flow carried a device identifier so named, in any form; `"*"` for any),
+//! `new_country` (bool: the flow's country is one its owner had
 //! not reached before, since the agent started or since the state it was
 //! given with [`Rules::learn_country`]). Every condition but `firmware`,
 //! `new_country` and `scope` takes one value or a list. Globs: `*` any run of
@@ -36,13 +38,15 @@
 //!
 //! Shipped defaults, on unless the file says `defaults = false` (a rule of
 //! the file with the same name replaces a default): `firmware-cleartext`
-//! (firmware sending `http` or `cleartext` payload) and
+//! (firmware sending `http` or `cleartext` payload),
 //! `firmware-new-country` (firmware reaching a country it had never reached
-//! before).
+//! before) and `firmware-identifier-leak` (firmware sending one of the
+//! device's identifiers where it can be read).
 //!
 //! When to evaluate: [`Rules::evaluate`] answers for one flow as it is now.
 //! The caller calls it once when a flow appears and again only when a field
-//! a rule can look at changes (host, country, asn, payload, owner, origin),
+//! a rule can look at changes (host, country, asn, payload, leaks, owner,
+//! origin),
 //! not on every counter update, so that one flow raises an alert once.
 //! `new_country` is stateful: the first evaluation of a flow records its
 //! country for its owner, so a second evaluation of the same flow no longer
@@ -70,6 +74,11 @@ payload = ["http", "cleartext"]
 name = "firmware-new-country"
 firmware = true
 new_country = true
+
+[[rule]]
+name = "firmware-identifier-leak"
+firmware = true
+leak = "*"
 "#;
 
 /// Owners whose reached countries are remembered at most (each holds at
@@ -309,6 +318,7 @@ pub(crate) struct Rule {
     pub(crate) port: Option<AnyOf<u16>>,
     pub(crate) proto: Option<AnyOf<Proto>>,
     pub(crate) payload: Option<AnyOf<Payload>>,
+    pub(crate) leak: Option<AnyOf<Glob>>,
     pub(crate) new_country: Option<bool>,
     #[serde(default)]
     pub(crate) scope: RuleScope,
@@ -327,6 +337,7 @@ impl Rule {
             || self.port.is_some()
             || self.proto.is_some()
             || self.payload.is_some()
+            || self.leak.is_some()
             || self.new_country.is_some()
             || self.scope == RuleScope::Local
     }
@@ -360,6 +371,12 @@ impl Rule {
             && check(&self.port, |c| c.any(|p| *p == flow.port))
             && check(&self.proto, |c| c.any(|p| *p == flow.proto))
             && check(&self.payload, |c| c.any(|p| *p == flow.payload))
+            && check(&self.leak, |c| {
+                flow.leaks.iter().any(|leak| {
+                    let (name, _) = crate::enrich::evidence::split_leak(leak);
+                    c.any(|g| g.matches(name))
+                })
+            })
             && check(&self.new_country, |n| *n == new_country)
             && self.scope.admits(flow.scope)
     }
@@ -577,6 +594,8 @@ mod tests {
             unit: None,
             exe: None,
             cmdline: None,
+            selinux_context: None,
+            partition: None,
             proto: crate::pipeline::vocab::Proto::Tcp,
             family: "ipv4".into(),
             dst: "203.0.113.7".into(),
@@ -592,9 +611,18 @@ mod tests {
             country: Some("CN".into()),
             asn: Some(4134),
             payload: crate::pipeline::vocab::Payload::Http,
+            leaks: Vec::new(),
             direction: crate::pipeline::vocab::Direction::Outbound,
             scope: Scope::Remote,
             alerts: Vec::new(),
+        }
+    }
+
+    /// `flow()` carrying an IMEI's digest.
+    fn leaking_flow() -> FlowRecord {
+        FlowRecord {
+            leaks: vec!["imei:sha256".into()],
+            ..flow()
         }
     }
 
@@ -630,15 +658,23 @@ mod tests {
         let mut rules = Rules::defaults();
         assert_eq!(
             rules.names(),
-            ["firmware-cleartext", "firmware-new-country"]
+            [
+                "firmware-cleartext",
+                "firmware-new-country",
+                "firmware-identifier-leak"
+            ]
         );
         let f = flow();
         assert_eq!(
             rules.evaluate(&f),
             ["firmware-cleartext", "firmware-new-country"]
         );
-        // Same flow again: CN is no longer new for "system".
-        assert_eq!(rules.evaluate(&f), ["firmware-cleartext"]);
+        // Same flow again: CN is no longer new for "system"; once it is
+        // seen carrying an identifier, that rule joins in.
+        assert_eq!(
+            rules.evaluate(&leaking_flow()),
+            ["firmware-cleartext", "firmware-identifier-leak"]
+        );
         // Another owner reaching CN for the first time is new.
         let other = FlowRecord {
             payload: crate::pipeline::vocab::Payload::Tls,
@@ -800,18 +836,24 @@ asn = 4134
 port = [80, 8080]
 proto = "tcp"
 payload = ["http", "cleartext"]
+leak = ["imei", "serial"]
 new_country = true
 "#;
         let mut rules = Rules::parse(text, "t.toml").unwrap();
         assert_eq!(rules.names(), ["all"]);
-        assert_eq!(rules.evaluate(&flow()), ["all"]);
+        assert_eq!(rules.evaluate(&leaking_flow()), ["all"]);
         // Each condition alone can fail the rule.
         let base = Rules::parse(text, "t.toml").unwrap();
         let rule = &base.rules()[0];
-        let f = flow();
+        let f = leaking_flow();
         assert!(rule.matches(&f, true));
         assert!(!rule.matches(&f, false), "new_country");
         let fails = [
+            flow(),
+            FlowRecord {
+                leaks: vec!["android_id:plain".into()],
+                ..flow()
+            },
             flow_owned(|o| o.uid = 1002),
             flow_owned(|o| {
                 o.owner = "root".into();
@@ -859,7 +901,12 @@ new_country = true
             },
         ];
         for (i, f) in fails.iter().enumerate() {
-            assert!(!rule.matches(f, true), "case {i}");
+            // After the two leak cases, each case fails on its own field.
+            let mut f = f.clone();
+            if i >= 2 {
+                f.leaks = leaking_flow().leaks;
+            }
+            assert!(!rule.matches(&f, true), "case {i}");
         }
         // owner also matches through a package.
         let via_package = flow_owned(|o| {
@@ -894,13 +941,14 @@ country = "RU"
             [
                 "firmware-cleartext",
                 "anything-to-ru",
-                "firmware-new-country"
+                "firmware-new-country",
+                "firmware-identifier-leak"
             ]
         );
         assert_eq!(rules.rules()[0].port, Some(AnyOf(vec![8080])));
         let off = Rules::parse("defaults = false\n", "t").unwrap();
         assert!(off.rules().is_empty());
-        assert_eq!(Rules::parse("", "t").unwrap().names().len(), 2);
+        assert_eq!(Rules::parse("", "t").unwrap().names().len(), 3);
         assert!(Rules::none().rules().is_empty());
     }
 

@@ -2,7 +2,7 @@
 //! flows started, grew, went idle or were evicted, and which uids changed
 //! owner. It produces the `--log` events and keeps the running totals that
 //! must stay monotonic even when the kernel evicts flows (bytes by country,
-//! cleartext flows).
+//! cleartext flows, identifier leaks).
 //!
 //! Memory is bounded by the flow map: per tracked flow it keeps the kernel's
 //! values, the counters last logged, the sender's identity (shared with the
@@ -42,6 +42,8 @@ struct Tracked {
     fired: u64,
     /// Counted in `cleartext_flows` already.
     cleartext: bool,
+    /// Its leaks (in the order found) counted in `identifier_leaks` already.
+    leaks_counted: u32,
     /// The flow described (owner, sender, destination, payload), once per
     /// change: when it starts, its sender becomes known, its destination or
     /// payload is learnt, or its uid's owner changes. None until then (a
@@ -112,6 +114,8 @@ pub(crate) struct TrackerOptions {
 pub(crate) type CountryKey = (String, bool, String);
 /// (uid, owner, origin, firmware)
 pub(crate) type OwnerKey = (u32, String, String, bool);
+/// (identifier, form, origin, firmware)
+pub(crate) type LeakKey = (String, String, String, bool);
 
 /// How the tracker learns about flows it has to describe.
 pub(crate) trait Describe {
@@ -152,6 +156,8 @@ pub(crate) struct Tracker {
     generation: u32,
     epoch: Instant,
     pub(crate) cleartext_flows: BTreeMap<OwnerKey, u64>,
+    /// Flows that carried an identifier, per identifier and form.
+    pub(crate) identifier_leaks: BTreeMap<LeakKey, u64>,
     /// Matches per alert rule.
     pub(crate) alerts: BTreeMap<String, u64>,
     /// Flows that vanished from the kernel map between two snapshots.
@@ -189,6 +195,7 @@ pub(crate) struct SavedFlow {
     pub(crate) idle_secs: u32,
     pub(crate) ended: bool,
     pub(crate) cleartext: bool,
+    pub(crate) leaks_counted: u32,
     pub(crate) class: u32,
     /// Rules that alerted on it, bit i for `SavedTotals::rule_names[i]`.
     pub(crate) fired: u64,
@@ -203,6 +210,7 @@ pub(crate) struct SavedTotals {
     /// Bytes per class, in class index order.
     pub(crate) classes: Vec<(CountryKey, u64)>,
     pub(crate) cleartext_flows: BTreeMap<OwnerKey, u64>,
+    pub(crate) identifier_leaks: BTreeMap<LeakKey, u64>,
     pub(crate) alerts: BTreeMap<String, u64>,
     pub(crate) flows_evicted: u64,
     pub(crate) owners: Vec<Owner>,
@@ -344,6 +352,7 @@ impl Tracker {
             generation: 0,
             epoch: Instant::now(),
             cleartext_flows: BTreeMap::new(),
+            identifier_leaks: BTreeMap::new(),
             alerts: BTreeMap::new(),
             flows_evicted: 0,
             announced: HashMap::default(),
@@ -480,6 +489,7 @@ impl Tracker {
             stamp: describe.stamp(key),
             fired: announced.map_or(0, |a| a.fired),
             cleartext: false,
+            leaks_counted: 0,
             record: None,
         };
         self.judge(&record, &mut tracked, events);
@@ -641,9 +651,21 @@ impl Tracker {
         }
     }
 
-    /// Counts a cleartext flow once and raises each matching rule's alert
-    /// once per flow.
+    /// Counts a cleartext flow and each identifier it carried once, and
+    /// raises each matching rule's alert once per flow.
     fn judge(&mut self, r: &FlowRecord, tracked: &mut Tracked, events: &mut Sink<'_>) {
+        for leak in r.leaks.iter().skip(tracked.leaks_counted as usize) {
+            let (identifier, form) = crate::enrich::evidence::split_leak(leak);
+            let key = (
+                identifier.to_string(),
+                form.to_string(),
+                r.origin.to_string(),
+                r.firmware,
+            );
+            *self.identifier_leaks.entry(key).or_default() += 1;
+            tracked.leaks_counted += 1;
+            self.dirty = true;
+        }
         if !tracked.cleartext && matches!(r.payload, Payload::Cleartext | Payload::Http) {
             tracked.cleartext = true;
             self.dirty = true;
@@ -772,6 +794,7 @@ impl Tracker {
                 .zip(self.class_bytes.iter().copied())
                 .collect(),
             cleartext_flows: self.cleartext_flows.clone(),
+            identifier_leaks: self.identifier_leaks.clone(),
             alerts: self.alerts.clone(),
             flows_evicted: self.flows_evicted,
             owners,
@@ -794,6 +817,7 @@ impl Tracker {
             idle_secs: self.last_secs.saturating_sub(t.last_change),
             ended: t.ended,
             cleartext: t.cleartext,
+            leaks_counted: t.leaks_counted,
             class: t.class,
             fired: t.fired,
             stamp: t.stamp,
@@ -809,6 +833,7 @@ impl Tracker {
             self.class_bytes[class as usize] += bytes;
         }
         self.cleartext_flows = saved.cleartext_flows;
+        self.identifier_leaks = saved.identifier_leaks;
         self.alerts = saved.alerts;
         self.flows_evicted = saved.flows_evicted;
         self.owners = saved.owners.into_iter().map(|o| (o.uid, o)).collect();
@@ -871,6 +896,7 @@ impl Tracker {
             stamp: saved.stamp,
             fired,
             cleartext: saved.cleartext,
+            leaks_counted: saved.leaks_counted,
             record: None,
         };
         self.flows.insert(saved.key, tracked);

@@ -8,6 +8,7 @@
 //! and C countries:
 //!   traffic families: 4 x (min(U, M) + K) x P series
 //!   bytes by country: K x C; cleartext flows: min(U, M) + K
+//!   identifier leaks: I x F x K (I identifiers, F <= 7 forms)
 //! Uids beyond the first M seen share `uid="other", owner="other"` series per
 //! origin, firmware and protocol, counted in `egressmon_metrics_folded_uids`.
 //! Assignment is sticky (first come), so every series stays monotonic.
@@ -121,6 +122,12 @@ pub(crate) fn render(agent: &Agent) -> Result<String> {
         "egressmon_cleartext_flows_total",
         "Flows that sent readable cleartext",
         &["uid", "owner", "origin", "firmware"],
+    )?;
+    let leaks = counter(
+        &registry,
+        "egressmon_identifier_leaks_total",
+        "Flows that carried a device identifier where it can be read, by identifier and form",
+        &["identifier", "form", "origin", "firmware"],
     )?;
     let alerts = counter(
         &registry,
@@ -256,6 +263,11 @@ pub(crate) fn render(agent: &Agent) -> Result<String> {
     for (labels, value) in &cleartext_sums {
         let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
         cleartext.with_label_values(&labels).inc_by(*value);
+    }
+    for ((identifier, form, origin, firmware), value) in &facts.identifier_leaks {
+        leaks
+            .with_label_values(&[identifier, form, origin, &firmware.to_string()])
+            .inc_by(*value);
     }
     for (rule, value) in &facts.alerts {
         alerts.with_label_values(&[rule.as_str()]).inc_by(*value);

@@ -112,6 +112,14 @@ pub enum GenKind {
         port: u16,
         #[arg(long, default_value_t = 256)]
         bytes: usize,
+        /// Send this file's contents as the body instead of BYTES of form
+        /// data (a file, so the body is not in the sender's command line).
+        #[arg(long)]
+        body_file: Option<PathBuf>,
+        /// Send the headers and the body as separate segments (the body in
+        /// a later packet, as a client streaming its request would).
+        #[arg(long)]
+        split: bool,
     },
     /// Resolve HOST through RESOLVER, then send BYTES of binary data over TCP.
     Connect {
@@ -133,6 +141,11 @@ pub enum GenKind {
         resolver: SocketAddr,
         #[arg(long, default_value_t = 443)]
         port: u16,
+        /// After the ClientHello, send this file's contents as the payload
+        /// of a TLS application-data record (what a session's encrypted
+        /// data would ride in).
+        #[arg(long)]
+        then_file: Option<PathBuf>,
     },
     /// TCP connect() attempts to DST, one after the other, each given up
     /// after TIMEOUT_MS; every socket stays open until the end. Against a
@@ -292,20 +305,31 @@ fn send(what: GenKind) -> Result<()> {
             resolver,
             port,
             bytes,
+            body_file,
+            split,
         } => {
             let ip = dns::resolve(resolver, &host)?;
-            let body = "k=".to_string() + &"v".repeat(bytes.saturating_sub(2));
-            let request = format!(
+            let body = match body_file {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                None => "k=".to_string() + &"v".repeat(bytes.saturating_sub(2)),
+            };
+            let headers = format!(
                 "POST /activate HTTP/1.1
 Host: {host}
 Content-Type: application/x-www-form-urlencoded
 Content-Length: {}
 Connection: close
 
-{body}",
+",
                 body.len()
             );
-            one_tcp(SocketAddr::new(ip.into(), port), request.as_bytes())
+            let dst = SocketAddr::new(ip.into(), port);
+            if split {
+                let parts: [&[u8]; 2] = [headers.as_bytes(), body.as_bytes()];
+                return tcp_in_parts(dst, &parts);
+            }
+            one_tcp(dst, (headers + &body).as_bytes())
         }
         GenKind::Connect {
             host,
@@ -320,10 +344,21 @@ Connection: close
             host,
             resolver,
             port,
+            then_file,
         } => {
             let ip = dns::resolve(resolver, &host)?;
             let mut stream = TcpStream::connect(SocketAddr::new(ip.into(), port))?;
+            stream.set_nodelay(true)?;
             stream.write_all(&hello::client_hello(&host, std::process::id() as u64))?;
+            if let Some(path) = then_file {
+                let text =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let mut record = vec![0x17, 0x03, 0x03];
+                record.extend_from_slice(&(text.len() as u16).to_be_bytes());
+                record.extend_from_slice(&text);
+                stream.write_all(&record)?;
+            }
             stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
             let mut reply = [0u8; 4096];
             let n = stream.read(&mut reply).unwrap_or(0);
@@ -422,6 +457,21 @@ fn one_tcp(dst: SocketAddr, payload: &[u8]) -> Result<()> {
     stream.set_nodelay(true)?;
     if !payload.is_empty() {
         stream.write_all(payload)?;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut sink = [0u8; 64];
+    while stream.read(&mut sink)? > 0 {}
+    Ok(())
+}
+
+/// One TCP connection that sends each part in a segment of its own (a
+/// pause between them keeps the kernel from merging them).
+fn tcp_in_parts(dst: SocketAddr, parts: &[&[u8]]) -> Result<()> {
+    let mut stream = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+    stream.set_nodelay(true)?;
+    for part in parts {
+        stream.write_all(part)?;
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     stream.shutdown(std::net::Shutdown::Write)?;
     let mut sink = [0u8; 64];

@@ -76,6 +76,8 @@ struct PackageEvidence {
     pm: Option<bool>,
     /// packages.list: installer field.
     list: Option<bool>,
+    /// Where its code lives (packages.xml's codePath, pm's APK path).
+    code_path: Option<String>,
 }
 
 impl PackageEvidence {
@@ -91,6 +93,8 @@ struct Android {
     users: BTreeSet<u32>,
     /// Names partitions give their reserved AIDs (vendor/etc/passwd, ...).
     partition_names: HashMap<u32, String>,
+    /// The partition each package's code lives on.
+    code_partitions: HashMap<String, &'static str>,
 }
 
 /// The Android sources to read; tests point them at fixture files.
@@ -219,6 +223,44 @@ impl OwnerResolver {
             }
         }
         uids.into_iter().map(|uid| self.resolve(uid)).collect()
+    }
+
+    /// The partition behind a flow of `uid` (the contract's `partition`):
+    /// the sender's executable's, unless it is an app process forked from
+    /// the zygote (app_process), whose code is its package's: the package
+    /// its command line names, else the uid's packages' if they all live
+    /// on one partition.
+    pub(crate) fn partition(
+        &self,
+        uid: u32,
+        exe: Option<&str>,
+        cmdline: Option<&str>,
+    ) -> Option<&'static str> {
+        let zygote_child = exe.is_some_and(|e| {
+            e.rsplit('/')
+                .next()
+                .is_some_and(|name| name.starts_with("app_process"))
+        });
+        if let Some(exe) = exe.filter(|_| !zygote_child) {
+            return packages_xml::partition_of(exe);
+        }
+        let android = self.android.as_ref()?;
+        // An app process names its package, `package:service` for a service
+        // in a process of its own.
+        let named = cmdline
+            .and_then(|c| c.split([' ', ':']).next())
+            .and_then(|package| android.code_partitions.get(package));
+        if let Some(partition) = named {
+            return Some(partition);
+        }
+        let (_, app_id) = aids::split(uid);
+        let info = android.apps.get(&app_id)?;
+        let mut partitions = info
+            .packages
+            .iter()
+            .filter_map(|p| android.code_partitions.get(p));
+        let first = partitions.next()?;
+        partitions.all(|p| p == first).then_some(*first)
     }
 
     pub(crate) fn resolve(&self, uid: u32) -> Owner {
@@ -394,6 +436,7 @@ fn load_android(sources: &AndroidSources, warnings: &mut Vec<String>) -> Android
                     let ev = evidence.entry(p.name.clone()).or_default();
                     note_app_id(ev, &p.name, p.app_id, &file, warnings);
                     ev.xml = Some(p.preinstalled());
+                    ev.code_path = p.code_path.clone().or(ev.code_path.take());
                 }
                 for name in &xml.updated {
                     if let Some(ev) = evidence.get_mut(name) {
@@ -424,6 +467,7 @@ fn load_android(sources: &AndroidSources, warnings: &mut Vec<String>) -> Android
                     let ev = evidence.entry(p.name.clone()).or_default();
                     note_app_id(ev, &p.name, first % aids::USER_OFFSET, pm, warnings);
                     ev.pm = Some(packages_xml::in_system_image(&p.apk));
+                    ev.code_path = Some(p.apk.clone());
                 }
             }
             Err(e) => warnings.push(format!("{e}; continuing with the files only")),
@@ -468,10 +512,18 @@ fn load_android(sources: &AndroidSources, warnings: &mut Vec<String>) -> Android
         users,
         root.display()
     );
+    let code_partitions = evidence
+        .iter()
+        .filter_map(|(name, ev)| {
+            let partition = packages_xml::partition_of(ev.code_path.as_deref()?)?;
+            Some((name.clone(), partition))
+        })
+        .collect();
     Android {
         apps,
         users,
         partition_names,
+        code_partitions,
     }
 }
 

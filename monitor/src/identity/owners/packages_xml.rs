@@ -35,6 +35,38 @@ pub(crate) const IMAGE_PARTITIONS: &[&str] = &[
     "/apex",
 ];
 
+/// The partition a file lives on, as the contract's `partition` names it:
+/// an image partition (system, system_ext, product, vendor, odm, oem, apex;
+/// `/system/product/...` on devices that keep product inside system is
+/// product) or `data` (apps installed later, /data/app). None for other
+/// paths (a Linux host's /usr/bin).
+pub(crate) fn partition_of(path: &str) -> Option<&'static str> {
+    const INSIDE_SYSTEM: [(&str, &str); 3] = [
+        ("/system/system_ext", "system_ext"),
+        ("/system/product", "product"),
+        ("/system/vendor", "vendor"),
+    ];
+    const TOP: [(&str, &str); 8] = [
+        ("/system_ext", "system_ext"),
+        ("/system", "system"),
+        ("/product", "product"),
+        ("/vendor", "vendor"),
+        ("/odm", "odm"),
+        ("/oem", "oem"),
+        ("/apex", "apex"),
+        ("/data", "data"),
+    ];
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    INSIDE_SYSTEM
+        .iter()
+        .chain(TOP.iter())
+        .find(|(prefix, _)| under(prefix))
+        .map(|(_, name)| *name)
+}
+
 /// True when `path` lies in a system image partition, false otherwise
 /// (/data/app, adopted storage under /mnt/expand, ...).
 pub(crate) fn in_system_image(path: &str) -> bool {

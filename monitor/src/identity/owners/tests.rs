@@ -488,3 +488,39 @@ fn users_come_from_the_layout_and_absurd_ones_are_ignored() {
     assert_eq!(users, BTreeSet::from([0, 11]));
     assert_eq!(r.resolve(1_110_123).owner, "com.example.shared");
 }
+
+#[test]
+fn partitions_come_from_the_executable_or_the_package_code() {
+    let r = device("android14");
+    // A native daemon: its executable's partition.
+    assert_eq!(
+        r.partition(0, Some("/system/bin/netd"), None),
+        Some("system")
+    );
+    assert_eq!(
+        r.partition(1000, Some("/vendor/bin/hw/android.hardware.wifi"), None),
+        Some("vendor")
+    );
+    assert_eq!(
+        r.partition(1073, Some("/apex/com.android.tethering/bin/x"), None),
+        Some("apex")
+    );
+    // An app process: the package its command line names, in a shared uid.
+    let zygote = Some("/system/bin/app_process64");
+    assert_eq!(
+        r.partition(1000, zygote, Some("com.android.settings")),
+        Some("system_ext")
+    );
+    assert_eq!(r.partition(1000, zygote, Some("system_server")), None);
+    assert_eq!(
+        r.partition(10057, zygote, Some("com.google.android.gms:persistent")),
+        Some("product")
+    );
+    // No sender known: the uid's packages, when they agree.
+    assert_eq!(r.partition(10057, None, None), Some("product"));
+    assert_eq!(r.partition(10123, None, None), Some("data"));
+    assert_eq!(r.partition(1000, None, None), None, "system and system_ext");
+    // A Linux host's executables are on none of them.
+    let linux = OwnerResolver::new(None).unwrap();
+    assert_eq!(linux.partition(1000, Some("/usr/bin/curl"), None), None);
+}

@@ -47,7 +47,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const MAGIC: &[u8; 16] = b"egressmon-state\n";
-const FORMAT: u64 = 1;
+/// 2: identifier leaks (per flow, counted per flow, and in totals), the
+/// sender's SELinux context.
+const FORMAT: u64 = 2;
 const END: &[u8; 4] = b"end\n";
 const PREFIX: &str = "state-";
 const PASS_SUFFIX: &str = ".pass";
@@ -442,6 +444,14 @@ fn write_totals(e: &mut Enc<&mut File>, t: &SavedTotals) -> io::Result<()> {
         e.bool(*firmware)?;
         e.u64(*count)?;
     }
+    e.u64(t.identifier_leaks.len() as u64)?;
+    for ((identifier, form, origin, firmware), count) in &t.identifier_leaks {
+        e.str(identifier)?;
+        e.str(form)?;
+        e.str(origin)?;
+        e.bool(*firmware)?;
+        e.u64(*count)?;
+    }
     e.u64(t.alerts.len() as u64)?;
     for (rule, count) in &t.alerts {
         e.str(rule)?;
@@ -475,6 +485,10 @@ fn read_totals<R: BufRead>(d: &mut Dec<R>) -> io::Result<SavedTotals> {
         t.cleartext_flows.insert(key, d.u64()?);
     }
     for _ in 0..d.len()? {
+        let key = (d.str()?, d.str()?, d.str()?, d.bool()?);
+        t.identifier_leaks.insert(key, d.u64()?);
+    }
+    for _ in 0..d.len()? {
         let rule = d.str()?;
         t.alerts.insert(rule, d.u64()?);
     }
@@ -496,7 +510,8 @@ fn write_sender(e: &mut Enc<&mut File>, s: &Sender) -> io::Result<()> {
     e.u64(s.cgroup_id)?;
     e.opt_str(s.cgroup.as_deref())?;
     e.opt_str(s.exe.as_deref())?;
-    e.opt_str(s.cmdline.as_deref())
+    e.opt_str(s.cmdline.as_deref())?;
+    e.opt_str(s.selinux_context.as_deref())
 }
 
 fn read_sender<R: BufRead>(d: &mut Dec<R>) -> io::Result<Sender> {
@@ -512,6 +527,7 @@ fn read_sender<R: BufRead>(d: &mut Dec<R>) -> io::Result<Sender> {
         cgroup: d.opt_str()?.map(Arc::from),
         exe: d.opt_str()?.map(String::into_boxed_str),
         cmdline: d.opt_str()?.map(String::into_boxed_str),
+        selinux_context: d.opt_str()?.map(String::into_boxed_str),
     })
 }
 
@@ -543,6 +559,7 @@ fn write_flows(e: &mut Enc<&mut File>, tracker: &Tracker) -> io::Result<()> {
         e.u32(f.idle_secs)?;
         e.bool(f.ended)?;
         e.bool(f.cleartext)?;
+        e.u32(f.leaks_counted)?;
         e.u32(f.class)?;
         e.u64(f.fired)?;
         e.u64(f.stamp)?;
@@ -572,6 +589,7 @@ fn read_flows<R: BufRead>(d: &mut Dec<R>, mut each: impl FnMut(SavedFlow)) -> io
             tx_bytes: d.u64()?,
         };
         let (idle_secs, ended, cleartext) = (d.u32()?, d.bool()?, d.bool()?);
+        let leaks_counted = d.u32()?;
         let (class, fired, stamp) = (d.u32()?, d.u64()?, d.u64()?);
         let meta = match d.u64()? {
             0 => None,
@@ -594,6 +612,7 @@ fn read_flows<R: BufRead>(d: &mut Dec<R>, mut each: impl FnMut(SavedFlow)) -> io
             idle_secs,
             ended,
             cleartext,
+            leaks_counted,
             class,
             fired,
             stamp,
@@ -614,6 +633,7 @@ fn write_infos(e: &mut Enc<&mut File>, destinations: &Destinations) -> io::Resul
             e.str(host)?;
             e.str(source.as_str())?;
         }
+        e.strs(info.leaks.iter().map(String::as_str))?;
     }
     Ok(())
 }
@@ -627,7 +647,15 @@ fn read_infos<R: BufRead>(d: &mut Dec<R>, destinations: &mut Destinations) -> io
             true => Some((d.str()?, d.str()?.parse().map_err(invalid)?)),
             false => None,
         };
-        destinations.restore_info(key, FlowInfo { payload, host });
+        let leaks = d.strs()?;
+        destinations.restore_info(
+            key,
+            FlowInfo {
+                payload,
+                host,
+                leaks,
+            },
+        );
     }
     Ok(())
 }

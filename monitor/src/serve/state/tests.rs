@@ -107,6 +107,7 @@ fn http(destinations: &mut Destinations, key: FlowKey) {
         FlowInfo {
             payload: Payload::Http,
             host: Some(("a.example".into(), HostSource::Http)),
+            leaks: vec!["imei:plain".into()],
         },
     );
 }
