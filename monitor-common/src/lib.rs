@@ -189,40 +189,31 @@ pub const CAPTURE_ENCRYPTED: u64 = u64::MAX - 1;
 /// otherwise.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct PayloadEvent {
+pub struct PayloadRecord<const N: usize> {
     pub key: FlowKey,
     pub kind: u8,
     pub _pad: [u8; 3],
     /// Payload length in the packet.
     pub len: u32,
-    /// Bytes copied into `data` (at most [`PAYLOAD_CAPTURE_BYTES`]).
+    /// Bytes copied into `data` (at most `N`).
     pub captured: u32,
     /// Where `data` starts in the flow's payload (0 for its first bytes;
     /// 0 for DNS responses).
     pub at: u32,
-    pub data: [u8; PAYLOAD_CAPTURE_BYTES],
+    pub data: [u8; N],
 }
 
-/// Bytes before `data` in a [`PayloadEvent`] and a [`PayloadSlice`] (the
-/// same header).
+/// A first payload or a DNS answer: the record is the whole struct.
+pub type PayloadEvent = PayloadRecord<PAYLOAD_CAPTURE_BYTES>;
+
+/// Bytes before `data` in every [`PayloadRecord`] (the same header).
 pub const PAYLOAD_HEADER_BYTES: usize = 40;
 
 /// A readable flow's payload after its first [`PAYLOAD_CAPTURE_BYTES`]
-/// ([`PAYLOAD_MORE_EGRESS`]): the header of a [`PayloadEvent`], then
-/// `captured` bytes. The record in the ring is only as long as that
-/// (`PAYLOAD_HEADER_BYTES + captured`), not the whole struct, which is the
-/// kernel's scratch space.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct PayloadSlice {
-    pub key: FlowKey,
-    pub kind: u8,
-    pub _pad: [u8; 3],
-    pub len: u32,
-    pub captured: u32,
-    pub at: u32,
-    pub data: [u8; EVIDENCE_BYTES as usize],
-}
+/// ([`PAYLOAD_MORE_EGRESS`]). The record in the ring is only as long as
+/// what was copied (`PAYLOAD_HEADER_BYTES + captured`), not the whole
+/// struct, which is the kernel's scratch space.
+pub type PayloadSlice = PayloadRecord<{ EVIDENCE_BYTES as usize }>;
 
 /// Indices into the per-CPU `STATS` array.
 pub const STAT_EVENTS_LOST: u32 = 0;

@@ -641,18 +641,27 @@ fn first_syn(skb: &SkBuff, l4_offset: usize) -> bool {
     if flags & 0x12 != 0x02 {
         return false;
     }
+    let Some(full) = full_sock(skb) else {
+        return false;
+    };
+    // SAFETY: a helper on a full socket, its result null-checked.
+    unsafe {
+        let tcp = bpf_tcp_sock(full);
+        !tcp.is_null() && (*tcp).segs_out == 1
+    }
+}
+
+/// The full socket the packet belongs to, if it has one.
+#[inline(always)]
+fn full_sock(skb: &SkBuff) -> Option<*mut aya_ebpf::bindings::bpf_sock> {
     // SAFETY: helpers on the skb's socket pointer, each result null-checked.
     unsafe {
         let sk = (*skb.skb).__bindgen_anon_2.sk;
         if sk.is_null() {
-            return false;
+            return None;
         }
         let full = bpf_sk_fullsock(sk);
-        if full.is_null() {
-            return false;
-        }
-        let tcp = bpf_tcp_sock(full);
-        !tcp.is_null() && (*tcp).segs_out == 1
+        (!full.is_null()).then_some(full)
     }
 }
 
@@ -1218,15 +1227,8 @@ fn is_own_socket(skb: &SkBuff) -> bool {
     if own == 0 {
         return false;
     }
-    // SAFETY: helpers on the skb's socket pointer, each result null-checked.
-    unsafe {
-        let sk = (*skb.skb).__bindgen_anon_2.sk;
-        if sk.is_null() {
-            return false;
-        }
-        let full = bpf_sk_fullsock(sk);
-        !full.is_null() && (*full).mark == own
-    }
+    // SAFETY: a full socket from the helper, null-checked.
+    full_sock(skb).is_some_and(|full| unsafe { (*full).mark } == own)
 }
 
 /// The flow key (uid unset) of the local socket a received packet is for,
