@@ -8,6 +8,7 @@ use crate::identity::owners::Owner;
 use crate::pipeline::vocab::{Direction, Payload, Proto};
 use monitor_common::*;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// One row of `egressmon flows --json`.
@@ -103,7 +104,7 @@ pub(crate) fn record(
 ) -> FlowRecord {
     let sender = meta.map(|m| &*m.sender);
     let known = sender.filter(|s| s.tgid != 0);
-    FlowRecord {
+    let mut record = FlowRecord {
         uid_owner: Owner {
             uid: key.uid,
             ..owner.clone()
@@ -123,33 +124,142 @@ pub(crate) fn record(
             .map(str::to_string),
         partition: None,
         proto: Proto::from_number(key.proto),
-        family: if key.family & !FAMILY_INBOUND == FAMILY_IPV4 {
-            "ipv4"
-        } else {
-            "ipv6"
-        }
-        .into(),
-        dst: destination(key).to_string(),
-        port: key.port,
-        connects: value.connects,
-        udp_sends: value.udp_sends,
-        tx_packets: value.tx_packets,
-        tx_bytes: value.tx_bytes,
-        first_seen: rfc3339(value.first_seen),
-        last_seen: rfc3339(value.last_seen),
+        family: String::new(),
+        dst: String::new(),
+        port: 0,
+        connects: 0,
+        udp_sends: 0,
+        tx_packets: 0,
+        tx_bytes: 0,
+        first_seen: None,
+        last_seen: None,
         host: None,
         host_source: None,
         country: None,
         asn: None,
         payload: Payload::Unknown,
         leaks: Vec::new(),
-        direction: if is_inbound(key) {
-            Direction::Inbound
-        } else {
-            Direction::Outbound
-        },
-        scope: crate::pipeline::rules::Scope::of(destination(key)),
+        direction: Direction::Outbound,
+        scope: crate::pipeline::rules::Scope::Remote,
         alerts: Vec::new(),
+    };
+    set_key(&mut record, key);
+    set_counters(&mut record, value);
+    record
+}
+
+/// Sets what a flow's key says: protocol, family, destination, direction.
+fn set_key(record: &mut FlowRecord, key: &FlowKey) {
+    record.proto = Proto::from_number(key.proto);
+    record.family = if key.family & !FAMILY_INBOUND == FAMILY_IPV4 {
+        "ipv4"
+    } else {
+        "ipv6"
+    }
+    .into();
+    record.dst = destination(key).to_string();
+    record.port = key.port;
+    record.direction = if is_inbound(key) {
+        Direction::Inbound
+    } else {
+        Direction::Outbound
+    };
+    record.scope = crate::pipeline::rules::Scope::of(destination(key));
+}
+
+/// A described flow as the tracker keeps it between passes: what its owner
+/// and sender say, shared with the other flows of that sender (see
+/// [`Senders`]), and what was learnt of its destination. The rest of a
+/// record (counters, times, what the key says) is filled in when one is
+/// made: tens of bytes per flow, where a whole record takes about a
+/// kilobyte with its strings.
+pub(crate) struct Description {
+    sender: std::sync::Arc<FlowRecord>,
+    host: Option<Box<str>>,
+    host_source: Option<Box<str>>,
+    country: Option<Box<str>>,
+    asn: Option<u32>,
+    payload: Payload,
+    leaks: Vec<String>,
+}
+
+impl Description {
+    /// Keeps `record`'s description, its owner and sender parts shared
+    /// through `senders` under `sender_id` (any number naming the sender;
+    /// a shared part is reused only when equal).
+    pub(crate) fn keep(mut record: FlowRecord, sender_id: usize, senders: &mut Senders) -> Self {
+        let host = record.host.take().map(String::into_boxed_str);
+        let host_source = record.host_source.take().map(String::into_boxed_str);
+        let country = record.country.take().map(String::into_boxed_str);
+        let asn = record.asn.take();
+        let payload = record.payload;
+        let leaks = std::mem::take(&mut record.leaks);
+        // What `record` fills in again, made equal between the sender's
+        // flows so that they share one part.
+        record.family = String::new();
+        record.dst = String::new();
+        record.port = 0;
+        record.proto = Proto::Tcp;
+        record.direction = Direction::Outbound;
+        record.scope = crate::pipeline::rules::Scope::Remote;
+        (record.connects, record.udp_sends) = (0, 0);
+        (record.tx_packets, record.tx_bytes) = (0, 0);
+        record.first_seen = None;
+        record.last_seen = None;
+        record.alerts = Vec::new();
+        Description {
+            sender: senders.share(record, sender_id),
+            host,
+            host_source,
+            country,
+            asn,
+            payload,
+            leaks,
+        }
+    }
+
+    pub(crate) fn has_host(&self) -> bool {
+        self.host.is_some()
+    }
+
+    /// The flow's record, with `value`'s counters.
+    pub(crate) fn record(&self, key: &FlowKey, value: &FlowValue) -> FlowRecord {
+        let mut record = (*self.sender).clone();
+        set_key(&mut record, key);
+        set_counters(&mut record, value);
+        record.host = self.host.as_deref().map(str::to_string);
+        record.host_source = self.host_source.as_deref().map(str::to_string);
+        record.country = self.country.as_deref().map(str::to_string);
+        record.asn = self.asn;
+        record.payload = self.payload;
+        record.leaks = self.leaks.clone();
+        record
+    }
+}
+
+/// The owner and sender parts of described flows, one per sender.
+#[derive(Default)]
+pub(crate) struct Senders {
+    by_id: HashMap<(u32, usize), std::sync::Arc<FlowRecord>, foldhash::fast::RandomState>,
+}
+
+impl Senders {
+    fn share(&mut self, record: FlowRecord, sender_id: usize) -> std::sync::Arc<FlowRecord> {
+        let id = (record.uid, sender_id);
+        match self.by_id.get(&id) {
+            Some(shared) if **shared == record => shared.clone(),
+            _ => {
+                let shared = std::sync::Arc::new(record);
+                self.by_id.insert(id, shared.clone());
+                shared
+            }
+        }
+    }
+
+    /// Forgets the parts no flow uses any more.
+    pub(crate) fn drop_unused(&mut self) {
+        self.by_id
+            .retain(|_, shared| std::sync::Arc::strong_count(shared) > 1);
     }
 }
 
@@ -226,5 +336,49 @@ mod tests {
             ..key
         };
         assert_eq!(destination(&key6).to_string(), "::1");
+    }
+
+    #[test]
+    fn a_senders_flows_share_one_description_and_read_back_whole() {
+        let owner = Owner {
+            uid: 1001,
+            user: 0,
+            app_id: 1001,
+            owner: "radio".into(),
+            packages: vec!["com.android.phone".into()],
+            origin: crate::pipeline::vocab::Origin::Platform,
+            firmware: true,
+        };
+        let meta = FlowMeta::default();
+        let mut senders = Senders::default();
+        let mut kept = Vec::new();
+        for (port, proto) in [(80, PROTO_TCP), (53, PROTO_UDP)] {
+            let mut key = FlowKey {
+                uid: 1001,
+                port,
+                proto,
+                family: FAMILY_IPV4,
+                addr: [0; 16],
+            };
+            key.addr[..4].copy_from_slice(&[192, 0, 2, port as u8]);
+            let value = FlowValue {
+                tx_bytes: 100 + port as u64,
+                connects: 1,
+                first_seen: 1_000_000_000,
+                ..Default::default()
+            };
+            let mut full = record(&key, &value, &owner, Some(&meta));
+            full.host = Some(format!("h{port}.example"));
+            full.host_source = Some("dns".into());
+            full.country = Some("DE".into());
+            full.leaks = vec!["imei:sha256".into()];
+            let description = Description::keep(full.clone(), 7, &mut senders);
+            assert_eq!(description.record(&key, &value), full);
+            kept.push(description);
+        }
+        assert!(std::sync::Arc::ptr_eq(&kept[0].sender, &kept[1].sender));
+        drop(kept);
+        senders.drop_unused();
+        assert!(senders.by_id.is_empty());
     }
 }

@@ -5,16 +5,17 @@
 //! cleartext flows, identifier leaks).
 //!
 //! Memory is bounded by the flow map: per tracked flow it keeps the kernel's
-//! values, the counters last logged, the sender's identity (shared with the
-//! sender's other flows) and an index into a small table of (origin,
-//! firmware, country) classes, about 140 bytes, in one vector indexed by a
-//! small hash table (`IndexMap`: about 170 bytes per flow in all, where a
-//! plain hash map at half load would take twice that); full records are
-//! built only for the flows it logs.
+//! values, the counters last logged, the sender's identity and the owner and
+//! sender parts of its description (both shared with the sender's other
+//! flows), what was learnt of its destination, and an index into a small
+//! table of (origin, firmware, country) classes, about 250 bytes, in one
+//! vector indexed by a small hash table (`IndexMap`, where a plain hash map
+//! at half load would take twice that); full records are built only when
+//! read or logged.
 
 use crate::identity::events::{FlowMeta, Identities};
 use crate::identity::owners::Owner;
-use crate::pipeline::flows::FlowRecord;
+use crate::pipeline::flows::{Description, FlowRecord, Senders};
 use crate::pipeline::rules::Rules;
 use crate::pipeline::vocab::Payload;
 use crate::serve::jsonl::{self, Deltas, EndReason, LogEvent};
@@ -48,20 +49,36 @@ struct Tracked {
     /// change: when it starts, its sender becomes known, its destination or
     /// payload is learnt, or its uid's owner changes. None until then (a
     /// flow restored from a state file). Counters are filled in when read.
-    record: Option<FlowRecord>,
+    description: Option<Description>,
 }
 
 impl Tracked {
+    /// Describes the flow (see `description`).
+    fn describe(&mut self, record: FlowRecord, senders: &mut Senders) {
+        let sender_id = self
+            .meta
+            .as_ref()
+            .map_or(0, |m| std::sync::Arc::as_ptr(&m.sender) as usize);
+        self.description = Some(Description::keep(record, sender_id, senders));
+    }
+
     /// The flow as it is now: its description, made when missing, with
     /// `value`'s counters.
-    fn now(&mut self, describe: &dyn Describe, key: &FlowKey, value: &FlowValue) -> FlowRecord {
-        let meta = &self.meta;
-        let mut record = self
-            .record
-            .get_or_insert_with(|| describe.record(key, value, meta.as_ref()))
-            .clone();
-        crate::pipeline::flows::set_counters(&mut record, value);
-        record
+    fn now(
+        &mut self,
+        describe: &dyn Describe,
+        senders: &mut Senders,
+        key: &FlowKey,
+        value: &FlowValue,
+    ) -> FlowRecord {
+        match &self.description {
+            Some(description) => description.record(key, value),
+            None => {
+                let record = describe.record(key, value, self.meta.as_ref());
+                self.describe(record.clone(), senders);
+                record
+            }
+        }
     }
 }
 
@@ -174,6 +191,8 @@ pub(crate) struct Tracker {
     /// Identities the event reader handed over whose flows no pass has
     /// found yet (see [`Tracker::receive`]).
     unclaimed: Identities,
+    /// The owner and sender parts of the flows' descriptions.
+    senders: Senders,
 }
 
 /// What a previous agent logged of a flow it had not saved yet.
@@ -268,6 +287,7 @@ impl Sink<'_> {
 
 fn end_event(
     describe: &dyn Describe,
+    senders: &mut Senders,
     key: &FlowKey,
     tracked: &mut Tracked,
     reason: EndReason,
@@ -275,7 +295,7 @@ fn end_event(
     let current = tracked.current;
     LogEvent::FlowEnd {
         time: jsonl::now(),
-        flow: tracked.now(describe, key, &current),
+        flow: tracked.now(describe, senders, key, &current),
         deltas: deltas(&current, &tracked.logged),
         reason,
     }
@@ -301,10 +321,9 @@ impl Tracker {
     /// its counters and the rules that alerted on it (`top` marks them).
     pub(crate) fn records(&self) -> Vec<FlowRecord> {
         self.flows
-            .values()
-            .filter_map(|tracked| {
-                let mut record = tracked.record.clone()?;
-                crate::pipeline::flows::set_counters(&mut record, &tracked.current);
+            .iter()
+            .filter_map(|(key, tracked)| {
+                let mut record = tracked.description.as_ref()?.record(key, &tracked.current);
                 record.alerts = self
                     .rule_names
                     .iter()
@@ -359,6 +378,7 @@ impl Tracker {
             dirty: false,
             last_secs: 0,
             unclaimed: Identities::new(capacity),
+            senders: Senders::default(),
         }
     }
 
@@ -447,7 +467,10 @@ impl Tracker {
                     // Evicted and made again under the same key since the
                     // last pass (or while no agent ran): the old one ended.
                     let (_, mut old) = self.flows.swap_remove_index(index).expect("present");
-                    events.push_with(|| end_event(describe, key, &mut old, EndReason::Evicted));
+                    let senders = &mut self.senders;
+                    events.push_with(|| {
+                        end_event(describe, senders, key, &mut old, EndReason::Evicted)
+                    });
                     self.flows_evicted += 1;
                     self.start(pass, key, value, describe, &mut events);
                 }
@@ -490,10 +513,10 @@ impl Tracker {
             fired: announced.map_or(0, |a| a.fired),
             cleartext: false,
             leaks_counted: 0,
-            record: None,
+            description: None,
         };
         self.judge(&record, &mut tracked, events);
-        tracked.record = Some(record);
+        tracked.describe(record, &mut self.senders);
         self.flows.insert(*key, tracked);
     }
 
@@ -512,14 +535,14 @@ impl Tracker {
             // Its event was read after the snapshot that found it.
             tracked.meta = self.unclaimed.take(key);
             if tracked.meta.is_some() {
-                tracked.record = None;
+                tracked.description = None;
             }
         }
         let stamp = describe.stamp(key);
         let named = tracked
-            .record
+            .description
             .as_ref()
-            .is_some_and(|r| r.host.is_none() && describe.has_name(key));
+            .is_some_and(|d| !d.has_host() && describe.has_name(key));
         if stamp != tracked.stamp || named {
             // Its payload, name or owner changed: describe and judge again.
             self.dirty = true;
@@ -527,7 +550,7 @@ impl Tracker {
             let record = describe.record(key, value, tracked.meta.as_ref());
             tracked.stamp = stamp;
             self.judge(&record, &mut tracked, events);
-            tracked.record = Some(record);
+            tracked.describe(record, &mut self.senders);
             index = self.flows.insert_full(*key, tracked).0;
         }
         let tracked = &self.flows[index];
@@ -541,9 +564,10 @@ impl Tracker {
         let moved = changed(value, &(&before).into());
         if moved && ended {
             let tracked = &mut self.flows[index];
+            let senders = &mut self.senders;
             events.push_with(|| LogEvent::FlowStart {
                 time: jsonl::now(),
-                flow: tracked.now(describe, key, value),
+                flow: tracked.now(describe, senders, key, value),
                 deltas: Some(deltas(value, &logged)),
             });
         }
@@ -589,30 +613,35 @@ impl Tracker {
             .is_none_or(|t| now.duration_since(t) >= self.options.update_every);
         // Evicted by the kernel (LRU) or gone with the maps.
         let before = self.flows.len();
+        let senders = &mut self.senders;
         self.flows.retain(|key, tracked| {
             if tracked.seen != generation {
-                events.push_with(|| end_event(describe, key, tracked, EndReason::Evicted));
+                events.push_with(|| end_event(describe, senders, key, tracked, EndReason::Evicted));
             }
             tracked.seen == generation
         });
         self.flows_evicted += (before - self.flows.len()) as u64;
         self.end_unmet_announced(describe, &mut events);
         self.unclaimed.drop_stale();
+        self.senders.drop_unused();
         self.dirty |= self.flows.len() != before;
         // Idle flows end; the kernel entry stays and new traffic restarts it.
         let idle_secs = self.idle_secs();
         for (key, tracked) in self.flows.iter_mut() {
             if !tracked.ended && secs.saturating_sub(tracked.last_change) >= idle_secs {
-                events.push_with(|| end_event(describe, key, tracked, EndReason::Idle));
+                let senders = &mut self.senders;
+                events.push_with(|| end_event(describe, senders, key, tracked, EndReason::Idle));
                 tracked.logged = (&tracked.current).into();
                 tracked.ended = true;
                 self.dirty = true;
             }
         }
         // Flows restored from a state file are described once, here.
-        for (key, tracked) in self.flows.iter_mut().filter(|(_, t)| t.record.is_none()) {
-            let current = tracked.current;
-            tracked.now(describe, key, &current);
+        for (key, tracked) in self.flows.iter_mut() {
+            if tracked.description.is_none() {
+                let current = tracked.current;
+                tracked.now(describe, &mut self.senders, key, &current);
+            }
         }
         if update_due {
             self.last_update = Some(now);
@@ -620,9 +649,10 @@ impl Tracker {
                 if changed(&tracked.current, &tracked.logged) {
                     self.dirty = true;
                     let current = tracked.current;
+                    let senders = &mut self.senders;
                     events.push_with(|| LogEvent::FlowUpdate {
                         time: jsonl::now(),
-                        flow: tracked.now(describe, key, &current),
+                        flow: tracked.now(describe, senders, key, &current),
                         deltas: deltas(&current, &tracked.logged),
                     });
                     tracked.logged = (&tracked.current).into();
@@ -897,7 +927,7 @@ impl Tracker {
             fired,
             cleartext: saved.cleartext,
             leaks_counted: saved.leaks_counted,
-            record: None,
+            description: None,
         };
         self.flows.insert(saved.key, tracked);
     }
