@@ -53,6 +53,9 @@ pub(crate) struct AgentOptions {
     /// (per-country bytes, alerts, what each flow was accounted for) is kept
     /// across its restarts; `None`: nothing is kept.
     pub(crate) state_dir: Option<PathBuf>,
+    /// `--state-dir`: where the history database is kept; `None`: no
+    /// history (`--no-history`).
+    pub(crate) history: Option<crate::history::store::HistoryOptions>,
 }
 
 impl Default for AgentOptions {
@@ -71,6 +74,7 @@ impl Default for AgentOptions {
             identifiers: None,
             netd_bpf_root: None,
             state_dir: Some(crate::serve::state::default_dir()),
+            history: None,
         }
     }
 }
@@ -116,6 +120,34 @@ pub(crate) struct Agent {
     scrape_state: Option<ScrapeState>,
     /// Re-arms payload capture of flows this agent found already captured.
     rearm: Mutex<Option<PayloadRearm>>,
+    /// The history database, written after each pass that changed something.
+    history: Mutex<Option<crate::history::History>>,
+}
+
+/// The history database for the flow map `kernel` uses, if history is on
+/// and its directory usable (without it, the agent runs and says why).
+fn open_history(kernel: &Kernel, options: &AgentOptions) -> Option<crate::history::History> {
+    let history = options.history.clone()?;
+    let dir = history.dir.clone();
+    let opened = kernel
+        .loaded_map_fd(MAP_FLOWS)
+        .context("FLOWS map missing")
+        .and_then(|flows| Ok(crate::bpf_sys::map_info(flows)?.id))
+        .and_then(|map_id| crate::history::History::open(history, map_id));
+    match opened {
+        Ok(history) => {
+            log::info!("history: {}", history.path().display());
+            Some(history)
+        }
+        Err(e) => {
+            log::warn!(
+                "{e:#}: running without history (fix it, or pass another --state-dir {} or \
+                 --no-history)",
+                dir.display()
+            );
+            None
+        }
+    }
 }
 
 /// The restart state files of the pins `kernel` uses, if `options` name a
@@ -277,6 +309,7 @@ pub(crate) struct PassFacts {
     pub(crate) alerts: Vec<(String, u64)>,
     /// Identifier names searched for, with where each came from.
     identifiers: Vec<String>,
+    history: Option<crate::history::store::HistoryStatus>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -343,6 +376,9 @@ pub(crate) struct Status {
     /// The kernel programs' own diagnostics (aya-log, rare paths only).
     #[serde(default)]
     pub(crate) kernel_diagnostics: crate::bpf::kernel_log::KernelDiagnostics,
+    /// The history database (--state-dir), null without one.
+    #[serde(default)]
+    pub(crate) history: Option<crate::history::store::HistoryStatus>,
 }
 
 /// Flows one pass walks per poll interval. A pass costs about 0.5 µs per
@@ -469,6 +505,7 @@ impl Agent {
         let capacity = load.flow_entries as usize;
         let mut kernel = Kernel::load(load)?;
         let states = open_states(&kernel, &options);
+        let history = open_history(&kernel, &options);
         let rearm = PayloadRearm::new(&kernel)
             .map_err(|e| log::warn!("payload capture cannot be re-armed: {e:#}"))
             .ok();
@@ -541,6 +578,7 @@ impl Agent {
             pass_state: Mutex::new(pass_state),
             scrape_state,
             rearm: Mutex::new(rearm),
+            history: Mutex::new(history),
         });
         let poller = Agent::spawn_poller(agent.clone());
         agent.threads.lock().unwrap().push(poller);
@@ -644,6 +682,9 @@ impl Agent {
             rearm.after_pass(tracker, destinations);
         }
         if tracker.take_dirty() {
+            if let Some(history) = self.history.lock().unwrap().as_mut() {
+                history.record_pass(tracker);
+            }
             if let Some(state) = self.pass_state.lock().unwrap().as_mut() {
                 state.save(tracker, destinations);
             }
@@ -802,6 +843,7 @@ impl Agent {
                 .collect(),
             alerts: t.alerts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             identifiers: self.identifiers.read().unwrap().describe(),
+            history: self.history.lock().unwrap().as_ref().map(|h| h.status()),
         }
     }
 
@@ -888,6 +930,7 @@ impl Agent {
             identifiers: facts.identifiers.clone(),
             evidence_slices_skipped: facts.evidence_skipped,
             kernel_diagnostics: self.kernel_log.diagnostics(),
+            history: facts.history.clone(),
         })
     }
 

@@ -13,6 +13,7 @@ pub mod bpf;
 pub(crate) mod capture;
 pub mod cli;
 pub(crate) mod enrich;
+pub(crate) mod history;
 pub mod identity;
 pub mod pipeline;
 pub mod serve;

@@ -4,6 +4,11 @@
 //! under the uids it describes. `flows --json`, `/metrics` and
 //! `owners --json` must say who each uid is and whether it is firmware.
 //!
+//! Boot on a simulated Android device: `egressmon wait-netd` (what the
+//! Magisk module runs before `egressmon run`) returns only once netd's
+//! stand-ins are attached, for the Android 12-14 and 15+ layouts, and the
+//! agent then attaches beside them without touching them.
+//!
 //! Run as root (`cargo xtask test`, or `cargo test -p monitor --test android
 //! -- --test-threads=1`); they never skip.
 
@@ -11,9 +16,18 @@ mod support;
 
 use egressmon::pipeline::flows::FlowRecord;
 use serde_json::Value;
+use std::io::Read;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::netd::{
+    Device, ExclusiveProgram, ATTACH_UDP4_RECVMSG, ATTACH_UDP6_RECVMSG, PROG_TYPE_CGROUP_SKB,
+    PROG_TYPE_CGROUP_SOCK_ADDR,
+};
+use support::netd_maps::{NetdMaps, Release, Which};
 use support::*;
 
 fn fixtures() -> PathBuf {
@@ -391,5 +405,330 @@ fn a_package_installed_while_running_is_named_within_5_s() {
     println!(
         "FIGURE install: named after {} ms",
         installed.elapsed().as_millis()
+    );
+}
+
+/// `egressmon wait-netd` as the Magisk module's service.sh runs it at boot,
+/// on a test cgroup standing for the root cgroup netd attaches to; killed
+/// (it is ours) and reaped on drop.
+struct WaitNetd {
+    proc: Proc,
+}
+
+/// How wait-netd ended: exit status, output, and when it was seen gone.
+struct WaitNetdEnd {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+    at: Instant,
+}
+
+impl WaitNetd {
+    fn start(cgroup: &Path, timeout_secs: u32) -> WaitNetd {
+        let child = Command::new(BIN)
+            .arg("wait-netd")
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(["--timeout", &timeout_secs.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn egressmon wait-netd");
+        WaitNetd { proc: Proc(child) }
+    }
+
+    fn running(&mut self) -> bool {
+        self.proc.0.try_wait().unwrap().is_none()
+    }
+
+    /// Waits (up to `limit`) for it to exit; looks every 10 ms.
+    fn end(mut self, limit: Duration) -> WaitNetdEnd {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.proc.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wait-netd still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let at = Instant::now();
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        self.proc
+            .0
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        self.proc
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        WaitNetdEnd {
+            status,
+            stdout,
+            stderr,
+            at,
+        }
+    }
+}
+
+/// The hooks the agent attaches where netd holds what `device` holds (as
+/// in the kernel tests' device cases).
+fn hooks_beside_netd(device: Device) -> &'static [&'static str] {
+    match device {
+        Device::Android12To14 => &[
+            "connect4",
+            "connect6",
+            "sendmsg4",
+            "sendmsg6",
+            "tc_egress",
+            "tc_ingress",
+        ],
+        Device::Android15 => &["tc_egress", "tc_ingress"],
+        Device::Linux => unreachable!("no netd on Linux"),
+    }
+}
+
+/// Boot on a simulated device, as the Magisk module does it: `wait-netd`
+/// starts before netd; netd's stand-ins are attached a second later; it
+/// must still be waiting until then, and come back once they are all there,
+/// naming each; then `egressmon run` (what service.sh runs next) attaches
+/// beside them on the same cgroup and leaves them exactly as they were.
+fn boot_waits_for_netd(device: Device) {
+    require_root();
+    let tag = tag(match device {
+        Device::Android12To14 => "boot14",
+        Device::Android15 => "boot15",
+        Device::Linux => unreachable!("no netd on Linux"),
+    });
+    let net = NetPair::new(&tag);
+    // Stands for the root cgroup: netd's programs and egressmon's on it.
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let netd_maps = NetdMaps::new(&tag, Release::Android13, false);
+    let mut wait = WaitNetd::start(&cgroup.path, 20);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        wait.running(),
+        "{device:?}: wait-netd returned before netd attached anything"
+    );
+    let held = device.hold(&cgroup.path, Some(netd_maps.map(Which::A).fd()));
+    let attached = Instant::now();
+    let before: Vec<_> = held.iter().map(|h| h.query()).collect();
+    let end = wait.end(Duration::from_secs(25));
+    assert!(
+        end.status.success(),
+        "{device:?}: wait-netd {}: {}{}",
+        end.status,
+        end.stdout,
+        end.stderr
+    );
+    // What it printed is what it saw last: every stand-in, so it returned
+    // after the last one was attached (and it was still waiting before the
+    // first).
+    assert!(
+        end.stdout.starts_with(&format!(
+            "netd's programs are attached at {}",
+            cgroup.path.display()
+        )),
+        "{}",
+        end.stdout
+    );
+    for query in &before {
+        for id in &query.prog_ids {
+            assert!(
+                end.stdout.contains(&format!("program {id} (netd_sim_")),
+                "{device:?}: program {id} missing from\n{}",
+                end.stdout
+            );
+        }
+    }
+    assert_eq!(
+        end.stdout.matches(", exclusive").count(),
+        held.len(),
+        "{device:?}: one line per hook netd holds:\n{}",
+        end.stdout
+    );
+    println!(
+        "FIGURE boot {device:?}: wait-netd returned {} ms after netd's stand-ins\n{}",
+        end.at.duration_since(attached).as_millis(),
+        end.stdout
+    );
+
+    // What service.sh runs next, on the cgroup netd holds.
+    let root = netd_maps.root().to_str().unwrap().to_string();
+    let client_ns = NetPair::path(&net.client);
+    let mut agent = AgentProc::start_in(
+        Some(&client_ns),
+        &[],
+        &cgroup.path,
+        &tag,
+        &["--netd-bpf-root", &root],
+    );
+    let status = agent.status();
+    let attached_hooks: Vec<&str> = status["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["attached"] == true)
+        .map(|h| h["hook"].as_str().unwrap())
+        .collect();
+    assert_eq!(attached_hooks, hooks_beside_netd(device), "{status:#}");
+    let now: Vec<_> = held.iter().map(|h| h.query()).collect();
+    assert_eq!(now, before, "{device:?}: netd's programs untouched");
+    if device == Device::Android12To14 {
+        // Ours sit beside netd's on the same cgroup, as multi-attach links.
+        let dir = std::fs::File::open(&cgroup.path).unwrap();
+        for attach_type in [10, 11, 14, 15] {
+            let ours = egressmon::bpf_sys::prog_query(dir.as_fd(), attach_type).unwrap();
+            assert!(
+                ours.prog_ids.len() == 1 && !ours.is_exclusive(),
+                "attach type {attach_type}: {ours:?}"
+            );
+        }
+    }
+    agent.detach();
+    let after: Vec<_> = held.iter().map(|h| h.query()).collect();
+    assert_eq!(after, before, "{device:?}: netd's programs untouched");
+}
+
+#[test]
+fn boot_waits_for_netd_android_12_to_14() {
+    boot_waits_for_netd(Device::Android12To14);
+}
+
+#[test]
+fn boot_waits_for_netd_android_15() {
+    boot_waits_for_netd(Device::Android15);
+}
+
+/// Android 15's netd attaches its skb and socket-create programs first and
+/// its connect, recvmsg and sendmsg programs after them. wait-netd must not
+/// return in between: egressmon would then take connect4 and the sendmsg
+/// hooks, and netd's exclusive attach of them would fail. Here the second
+/// half comes 400 ms after the first (netd takes milliseconds).
+#[test]
+fn wait_netd_waits_for_the_end_of_netds_sequence() {
+    require_root();
+    let tag = tag("boot-seq");
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let netd_maps = NetdMaps::new(&tag, Release::Android13, false);
+    let mut wait = WaitNetd::start(&cgroup.path, 20);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait.running(), "wait-netd returned before netd attached");
+    let mut held = Device::Android12To14.hold(&cgroup.path, Some(netd_maps.map(Which::A).fd()));
+    std::thread::sleep(Duration::from_millis(400));
+    for (attach_type, name) in [
+        (10, "netd_sim_conn4"),
+        (11, "netd_sim_conn6"),
+        (ATTACH_UDP4_RECVMSG, "netd_sim_recv4"),
+        (ATTACH_UDP6_RECVMSG, "netd_sim_recv6"),
+        (14, "netd_sim_send4"),
+        (15, "netd_sim_send6"),
+    ] {
+        held.push(ExclusiveProgram::attach(
+            &cgroup.path,
+            PROG_TYPE_CGROUP_SOCK_ADDR,
+            attach_type,
+            name,
+        ));
+    }
+    let end = wait.end(Duration::from_secs(25));
+    assert!(end.status.success(), "{}{}", end.stdout, end.stderr);
+    // What it printed is what it saw last: the second half too.
+    for hook in [
+        "skb_egress",
+        "skb_ingress",
+        "inet_create",
+        "connect4",
+        "connect6",
+        "recvmsg4",
+        "recvmsg6",
+        "sendmsg4",
+        "sendmsg6",
+    ] {
+        assert!(
+            end.stdout.contains(&format!("\n  {hook} ")),
+            "{hook} missing from\n{}",
+            end.stdout
+        );
+    }
+}
+
+/// No netd: exit 1 at the timeout with a message that says why egressmon
+/// must not be started and how to start it; what is there (half of netd)
+/// is named; and exit 2 for an error.
+#[test]
+fn wait_netd_times_out_without_netd() {
+    require_root();
+    let tag = tag("boot-timeout");
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let wait_netd = |timeout: &str, cgroup: &Path| {
+        let started = Instant::now();
+        let out = Command::new(BIN)
+            .arg("wait-netd")
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(["--timeout", timeout])
+            .output()
+            .expect("run egressmon wait-netd");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stderr, out.stdout, started.elapsed())
+    };
+
+    let (code, stderr, stdout, took) = wait_netd("1", &cgroup.path);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.starts_with(&format!(
+            "egressmon: netd has not attached its programs at {} after 1 s: start egressmon \
+             only once netd runs (by hand: `egressmon run`)",
+            cgroup.path.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("break networking"), "{stderr}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+
+    // Only netd's egress program: still waiting at the timeout, and named.
+    let egress = ExclusiveProgram::attach(&cgroup.path, PROG_TYPE_CGROUP_SKB, 1, "netd_sim_egress");
+    let (code, stderr, _, _) = wait_netd("1", &cgroup.path);
+    assert_eq!(code, Some(1), "{stderr}");
+    let id = egress.query().prog_ids[0];
+    assert!(
+        stderr.contains(&format!(
+            "skb_egress   program {id} (netd_sim_egress), exclusive"
+        )),
+        "{stderr}"
+    );
+    drop(egress);
+
+    // Errors: exit 2.
+    let missing = cgroup.path.join("missing");
+    let (code, stderr, _, _) = wait_netd("1", &missing);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is not a cgroup v2 directory"), "{stderr}");
+    let bin = BinForAnyUid::new(&tag);
+    let out = Command::new(&bin.path)
+        .uid(65534)
+        .gid(65534)
+        .args(["wait-netd", "--timeout", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("egressmon wait-netd needs root"),
+        "{stderr}"
     );
 }

@@ -916,6 +916,8 @@ struct Agent {
     bin: PathBuf,
     pin_dir: PathBuf,
     listen: SocketAddr,
+    /// Its --state-dir (history), removed when it stops.
+    history: PathBuf,
     stop: Arc<AtomicBool>,
     scraper: Option<std::thread::JoinHandle<()>>,
 }
@@ -927,6 +929,8 @@ impl Agent {
             std::process::id()
         ));
         let listen = free_port()?;
+        let history = bench.log_dir.join(format!("history-{tag}"));
+        let _ = std::fs::remove_dir_all(&history);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -939,6 +943,9 @@ impl Agent {
             .arg(&pin_dir)
             .arg("--listen")
             .arg(listen.to_string())
+            // History on, as users run it, in the bench's own directory.
+            .arg("--state-dir")
+            .arg(&history)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -948,6 +955,7 @@ impl Agent {
             bin: bench.egressmon.clone(),
             pin_dir,
             listen,
+            history,
             stop: Arc::new(AtomicBool::new(false)),
             scraper: None,
         };
@@ -1021,6 +1029,7 @@ impl Drop for Agent {
         {
             eprintln!("bench: `egressmon detach --pin-dir {pin_dir}` failed; remove it by hand");
         }
+        let _ = std::fs::remove_dir_all(&self.history);
     }
 }
 

@@ -187,7 +187,9 @@ ui_print "- egressmon: su -c egressmon top   shows the live table"
 /// boot).
 pub const STOPPED_MARKER: &str = "stopped";
 
-/// Starts the agent at boot and again whenever it dies, waiting 1 s, then
+/// Starts the agent at boot, as soon as netd has attached its programs
+/// (`egressmon wait-netd`; at its timeout or on an error, once boot has
+/// completed instead), and again whenever it dies, waiting 1 s, then
 /// twice as long after each quick failure up to 5 min (back to 1 s once a
 /// run lasted 10 min). It stops restarting when Magisk disables or removes
 /// the module, when the agent exits 0 (asked to stop: `egressmon detach`)
@@ -196,7 +198,7 @@ fn service_sh() -> String {
     format!(
         r#"#!/system/bin/sh
 # Run by Magisk at every boot (late_start service): starts the egressmon agent
-# and restarts it when it dies. The agent's output and each restart (with the
+# as soon as netd has attached its programs, and restarts it when it dies. The agent's output and each restart (with the
 # time and exit code) go to {DATA_DIR}/egressmon.log. Its pins live under
 # {PIN_DIR} (bpffs), so counting goes on while it is down, until
 # `egressmon detach`.
@@ -209,6 +211,8 @@ BACKOFF_FIRST=${{EGRESSMON_BACKOFF_FIRST:-1}}
 BACKOFF_MAX=${{EGRESSMON_BACKOFF_MAX:-300}}
 HEALTHY_AFTER=${{EGRESSMON_HEALTHY_AFTER:-600}}
 LOG_MAX_BYTES=1048576
+# Seconds to wait for netd's programs before waiting for boot to complete.
+NETD_TIMEOUT=120
 
 note() {{ echo "$(date '+%Y-%m-%d %H:%M:%S') service.sh: $*" >>"$LOG"; }}
 
@@ -272,12 +276,30 @@ supervise() {{
 }}
 
 mkdir -p "$DATA" && chmod 700 "$DATA"
-# netd attaches its programs early in boot: start after it, so egressmon sees
-# (and never replaces) them.
-until [ "$(getprop sys.boot_completed)" = "1" ]; do sleep 2; done
+# This boot's log starts here; the previous boot's is kept as $LOG.1.
+[ -f "$LOG" ] && mv -f "$LOG" "$LOG.1"
+# netd attaches its cgroup programs to the root cgroup exclusively, early in
+# boot; while a program of ours sits on one of those hooks netd's attach fails
+# and networking breaks. So the agent starts as soon as netd's programs are
+# there (wait-netd polls the root cgroup for them), never before, which
+# catches traffic from well before boot completes. If they do not appear in
+# time (or wait-netd fails), it starts once boot has completed: netd has long
+# attached by then, and the agent skips whatever hook it holds.
+# Magisk runs this script (late_start service) about when netd starts. The
+# earlier post-fs-data stage would not help: it blocks boot while its scripts
+# run, and netd starts only after it, so nothing may wait for netd there.
+"$MODDIR/system/bin/egressmon" wait-netd --timeout "$NETD_TIMEOUT" >>"$LOG" 2>&1
+code=$?
+if [ "$code" -ne 0 ]; then
+  if [ "$code" -eq 1 ]; then
+    note "netd's programs did not appear within ${{NETD_TIMEOUT}}s; starting the agent once boot has completed"
+  else
+    note "egressmon wait-netd failed (exit code $code); starting the agent once boot has completed"
+  fi
+  until [ "$(getprop sys.boot_completed)" = "1" ]; do sleep 2; done
+fi
 # A stop on purpose lasts until the next boot; disable the module for longer.
 rm -f "$DATA/{STOPPED_MARKER}"
-[ -f "$LOG" ] && mv -f "$LOG" "$LOG.1"
 # In the background: Magisk's boot scripts should not wait on it.
 supervise </dev/null >/dev/null 2>&1 &
 "#
@@ -382,6 +404,8 @@ mod tests {
                 || service.contains("$DATA/egressmon.log")
         );
         assert!(service.contains("MODDIR=${0%/*}"));
+        assert!(service.contains("NETD_TIMEOUT=120\n"));
+        assert!(service.contains("egressmon\" wait-netd --timeout \"$NETD_TIMEOUT\""));
         let uninstall = text("uninstall.sh");
         assert!(uninstall.contains("egressmon\" detach --pin-dir /sys/fs/bpf/egressmon"));
         assert!(uninstall.contains("rm -rf /data/adb/egressmon"));
@@ -395,8 +419,11 @@ mod tests {
     }
 
     /// service.sh in a module directory of its own, with fakes for the
-    /// agent (each run does what line N of `plan` says), `getprop` and
-    /// `sleep` (which records how long it was asked to wait).
+    /// agent (each run does what line N of `plan` says; `wait-netd` records
+    /// its arguments in `waited` and exits as $FAKE_WAIT_NETD says: netd's
+    /// programs found, `timeout` or `error`), `getprop` (records each
+    /// question in `getprop`; boot completes at the second) and `sleep`
+    /// (which records how long it was asked to wait).
     struct Module {
         dir: PathBuf,
     }
@@ -419,13 +446,28 @@ mod tests {
                 "system/bin/egressmon",
                 "#!/bin/sh\n\
                  MODDIR=${0%/system/bin/*}\n\
+                 if [ \"$1\" = wait-netd ]; then\n\
+                   echo \"$*\" >>\"$MODDIR/waited\"\n\
+                   case \"$FAKE_WAIT_NETD\" in\n\
+                   timeout) echo \"egressmon: fake netd absent\" >&2; exit 1 ;;\n\
+                   error) echo \"egressmon: fake error\" >&2; exit 2 ;;\n\
+                   esac\n\
+                   echo \"fake netd programs attached\"\n\
+                   exit 0\n\
+                 fi\n\
                  n=$(($(cat \"$MODDIR/runs\" 2>/dev/null || echo 0) + 1))\n\
                  echo $n >\"$MODDIR/runs\"\n\
                  echo \"fake agent run $n: $*\"\n\
                  eval \"$(sed -n \"${n}p\" \"$MODDIR/plan\")\"\n\
                  exit 1\n",
             );
-            script("fakes/getprop", "#!/bin/sh\necho 1\n");
+            script(
+                "fakes/getprop",
+                "#!/bin/sh\n\
+                 asked=\"${0%/fakes/getprop}/getprop\"\n\
+                 echo \"$*\" >>\"$asked\"\n\
+                 if [ $(($(wc -l <\"$asked\"))) -ge 2 ]; then echo 1; else echo 0; fi\n",
+            );
             script(
                 "fakes/sleep",
                 "#!/bin/sh\necho \"$1\" >>\"${0%/fakes/sleep}/slept\"\n",
@@ -541,6 +583,67 @@ mod tests {
             .iter()
             .any(|l| l == "fake agent run 1: run --pin-dir /sys/fs/bpf/egressmon"));
         assert!(module.dir.join("data/egressmon.pid").exists());
+        // Once at boot, not at each restart, the wait for netd.
+        assert_eq!(module.read("waited"), "wait-netd --timeout 120\n");
+    }
+
+    #[test]
+    fn service_starts_the_agent_as_soon_as_netd_has_attached() {
+        let module = Module::new("netd", &["exit 0"]);
+        let log = module.boot(&[]);
+        assert_eq!(module.read("waited"), "wait-netd --timeout 120\n");
+        assert_eq!(module.read("runs").trim(), "1", "{log:#?}");
+        // Not waiting for boot to complete.
+        assert_eq!(module.read("getprop"), "", "{log:#?}");
+        assert_eq!(module.read("slept"), "", "{log:#?}");
+        // wait-netd's report, then the agent, in this boot's log.
+        assert_eq!(log[0], "fake netd programs attached", "{log:#?}");
+        assert_eq!(
+            log[1], "fake agent run 1: run --pin-dir /sys/fs/bpf/egressmon",
+            "{log:#?}"
+        );
+        assert_eq!(supervisor_lines(&log).len(), 1, "{log:#?}");
+    }
+
+    #[test]
+    fn service_waits_for_boot_completed_when_netd_does_not_show() {
+        let cases = [
+            (
+                "timeout",
+                "egressmon: fake netd absent",
+                "service.sh: netd's programs did not appear within 120s; \
+                 starting the agent once boot has completed",
+            ),
+            (
+                "error",
+                "egressmon: fake error",
+                "service.sh: egressmon wait-netd failed (exit code 2); \
+                 starting the agent once boot has completed",
+            ),
+        ];
+        for (how, said, note) in cases {
+            let module = Module::new(&format!("no-netd-{how}"), &["exit 0"]);
+            let log = module.boot(&[("FAKE_WAIT_NETD", how)]);
+            assert_eq!(module.read("waited"), "wait-netd --timeout 120\n", "{how}");
+            // Asked twice (not yet, then completed), two seconds apart.
+            assert_eq!(
+                module.read("getprop"),
+                "sys.boot_completed\nsys.boot_completed\n",
+                "{how}: {log:#?}"
+            );
+            assert_eq!(module.read("slept"), "2\n", "{how}: {log:#?}");
+            assert_eq!(module.read("runs").trim(), "1", "{how}: {log:#?}");
+            // wait-netd's message, the note, then the agent.
+            assert_eq!(log[0], said, "{how}: {log:#?}");
+            let lines = supervisor_lines(&log);
+            assert_eq!(lines[0], note, "{how}: {log:#?}");
+            assert!(log[1].ends_with(note), "{how}: {log:#?}");
+            assert_eq!(
+                log[2], "fake agent run 1: run --pin-dir /sys/fs/bpf/egressmon",
+                "{how}: {log:#?}"
+            );
+            assert_eq!(lines.len(), 2, "{how}: {log:#?}");
+        }
     }
 
     #[test]

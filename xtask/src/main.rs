@@ -389,6 +389,11 @@ fn test(soak_secs: u64) -> Result<()> {
     ])?;
     shell::cargo(&["test", "--package", "monitor", "--lib", "--bins"])?;
     let private_bin = PrivateBin::install()?;
+    // The agents the tests start keep their history here, not in the
+    // machine's /var/lib/egressmon (the history tests name their own).
+    let history = shell::workspace_root().join("target/test-history");
+    let _ = std::fs::remove_dir_all(&history);
+    std::env::set_var("EGRESSMON_STATE_DIR", &history);
     shell::step(
         "test",
         "kernel tests on this machine's kernel (root, real programs, exact counts)",
@@ -401,7 +406,7 @@ fn test(soak_secs: u64) -> Result<()> {
     integration_test("tc")?;
     shell::step(
         "test",
-        "owners on a simulated Android device (--android-root, app and platform uids)",
+        "owners on a simulated Android device (--android-root, app and platform uids); the boot wait for netd",
     );
     integration_test("android")?;
     shell::step(
@@ -414,6 +419,11 @@ fn test(soak_secs: u64) -> Result<()> {
         "what users see: a real Prometheus, the JSON log, top in tmux",
     );
     integration_test("observability")?;
+    shell::step(
+        "test",
+        "fleet examples: Vector, Fluent Bit, ClickHouse and Prometheus configs against real log lines and metric names",
+    );
+    integration_test("fleet")?;
     shell::step(
         "test",
         "where it went: DNS, SNI, HTTP Host, GeoIP and alert rules end to end",
@@ -452,11 +462,17 @@ fn test(soak_secs: u64) -> Result<()> {
     integration_test("restart")?;
     shell::step(
         "test",
+        "history: restarts and reboots exact in report --json, diff exit codes, retention, a damaged database",
+    );
+    integration_test("history")?;
+    shell::step(
+        "test",
         &format!("faults: kill -9, a million destinations, bad input, soak for {soak_secs}s"),
     );
     std::env::set_var("EGRESSMON_SOAK_SECS", soak_secs.to_string());
     integration_test("reliability")?;
     drop(private_bin);
+    let _ = std::fs::remove_dir_all(&history);
     bench::smoke()?;
     shell::step(
         "test",

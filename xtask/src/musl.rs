@@ -1,6 +1,14 @@
 //! Static musl builds for another machine (a VM guest, a phone): installs
-//! the rustup target when missing, links with rust-lld (no cross C
-//! toolchain needed) and returns the executables cargo reports.
+//! the rustup target and the C cross compiler when missing, links with
+//! rust-lld against Rust's own musl and returns the executables cargo
+//! reports.
+//!
+//! C code in the dependency tree (SQLite, which libsqlite3-sys compiles with
+//! the `cc` crate) is compiled by Debian's musl-dev for the target's
+//! architecture: it installs `<arch>-linux-musl-gcc`, a wrapper that runs
+//! the GNU cross gcc (`<arch>-linux-gnu-gcc`, a dependency) on musl's
+//! headers. Only the objects come from it; rust-lld links them with the
+//! crt objects and libc.a that rustup ships for the target.
 
 use crate::shell::{self, step};
 use anyhow::{bail, Context, Result};
@@ -27,6 +35,42 @@ pub fn ensure_target(target: &str) -> Result<()> {
     shell::run("rustup", &["target", "add", target])
 }
 
+/// The C toolchain for a musl target's C code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CToolchain {
+    /// `CC_<target>` for the `cc` crate.
+    pub cc: &'static str,
+    /// `AR_<target>`: binutils' archiver for the architecture (the host's
+    /// `ar` cannot index another architecture's objects).
+    pub ar: &'static str,
+    /// The Debian architecture whose `musl-dev` installs `cc`.
+    pub deb_arch: &'static str,
+}
+
+impl CToolchain {
+    /// The Debian package that installs it (with the GNU cross gcc and
+    /// binutils as dependencies).
+    pub fn package(&self) -> String {
+        format!("musl-dev:{}", self.deb_arch)
+    }
+}
+
+pub fn c_toolchain(target: &str) -> Result<CToolchain> {
+    Ok(match target {
+        AARCH64 => CToolchain {
+            cc: "aarch64-linux-musl-gcc",
+            ar: "aarch64-linux-gnu-ar",
+            deb_arch: "arm64",
+        },
+        X86_64 => CToolchain {
+            cc: "x86_64-linux-musl-gcc",
+            ar: "x86_64-linux-gnu-ar",
+            deb_arch: "amd64",
+        },
+        _ => bail!("no C toolchain known for {target}: choose {AARCH64} or {X86_64}"),
+    })
+}
+
 /// One executable cargo built: its target name, kind and path.
 #[derive(Debug, Clone)]
 pub struct Artifact {
@@ -37,12 +81,26 @@ pub struct Artifact {
 
 /// Runs `cargo <args> --target <target>` statically linked with rust-lld,
 /// with `extra_rustflags` for the target's code only, and returns every
-/// executable built.
+/// executable built. C code is compiled with [`c_toolchain`]'s compiler
+/// (`CC_<target>` and `AR_<target>` already set in the environment win).
 pub fn cargo(target: &str, args: &[&str], extra_rustflags: &str) -> Result<Vec<Artifact>> {
     ensure_target(target)?;
+    crate::setup::musl_c(target)?;
+    let c = c_toolchain(target)?;
     let env_target = target.to_uppercase().replace('-', "_");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut child = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    let cc_target = target.replace('-', "_");
+    for (kind, tool) in [("CC", c.cc), ("AR", c.ar)] {
+        let var = format!("{kind}_{cc_target}");
+        let preset = [&var, &format!("{kind}_{target}")]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
+        if !preset {
+            command.env(var, tool);
+        }
+    }
+    let mut child = command
         .args(args)
         .args([
             "--target",
@@ -112,6 +170,17 @@ pub fn is_static_elf(bytes: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn c_toolchains() {
+        let arm = super::c_toolchain(super::AARCH64).unwrap();
+        assert_eq!(arm.cc, "aarch64-linux-musl-gcc");
+        assert_eq!(arm.package(), "musl-dev:arm64");
+        let x86 = super::c_toolchain(super::X86_64).unwrap();
+        assert_eq!(x86.cc, "x86_64-linux-musl-gcc");
+        assert_eq!(x86.package(), "musl-dev:amd64");
+        assert!(super::c_toolchain("riscv64gc-unknown-linux-musl").is_err());
+    }
+
     #[test]
     fn static_elf_detection() {
         // This test binary is dynamically linked (glibc host build).

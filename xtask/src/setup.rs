@@ -5,7 +5,10 @@
 //! - Debian's LLVM dev packages for the LLVM major of nightly rustc, and
 //!   bpf-linker built against them (the versions must match);
 //! - bpftool, iproute2 and nftables for the kernel tests; tshark and
-//!   tcpdump read the files `egressmon capture` writes.
+//!   tcpdump read the files `egressmon capture` writes;
+//! - for static musl builds (`dist`, `vm-test`), when one is made: the
+//!   target's C cross compiler, Debian's musl-dev for its architecture
+//!   (see [`musl_c`]).
 
 use crate::shell::{self, step};
 use anyhow::{bail, Context, Result};
@@ -133,6 +136,51 @@ pub fn apt(packages: &[String]) -> Result<()> {
         bail!("apt-get install {} failed", missing.join(" "));
     }
     Ok(())
+}
+
+/// The C cross compiler for the musl `target`'s C code (SQLite, which
+/// libsqlite3-sys compiles with the `cc` crate): Debian's musl-dev of the
+/// target's architecture, with the GNU cross gcc and binutils it depends on,
+/// after adding that dpkg architecture when it is foreign (arm64 on an
+/// x86_64 machine). Every static musl build (`dist`, `vm-test`) calls it
+/// through [`crate::musl::cargo`], so only those install it.
+pub fn musl_c(target: &str) -> Result<()> {
+    let c = crate::musl::c_toolchain(target)?;
+    let package = c.package();
+    if !installed(&package) && !shell::is_root() {
+        bail!(
+            "{target} builds compile C code (SQLite) with {}, from {package}, which is missing: \
+             installing it needs root, so run this command as root once",
+            c.cc
+        );
+    }
+    dpkg_arch(c.deb_arch, &package)?;
+    apt(&[package])
+}
+
+/// Adds the dpkg architecture `arch` unless it is the native one or already
+/// added; apt's lists for it come with the install's `apt-get update`.
+fn dpkg_arch(arch: &str, wanted_for: &str) -> Result<()> {
+    let native = shell::output("dpkg", &["--print-architecture"]).unwrap_or_default();
+    if native.trim() == arch {
+        step("setup", &format!("dpkg architecture {arch}: native"));
+        return Ok(());
+    }
+    let foreign = shell::output("dpkg", &["--print-foreign-architectures"]).unwrap_or_default();
+    if foreign.lines().any(|l| l.trim() == arch) {
+        step("setup", &format!("dpkg architecture {arch}: present"));
+        return Ok(());
+    }
+    step(
+        "setup",
+        &format!(
+            "dpkg architecture {arch}: adding (dpkg --add-architecture {arch}, for {wanted_for})"
+        ),
+    );
+    if !shell::is_root() {
+        bail!("adding the dpkg architecture {arch} needs root");
+    }
+    shell::run("dpkg", &["--add-architecture", arch])
 }
 
 /// Gives debconf the answers in [`DEBCONF_ANSWERS`] for the packages about

@@ -1,8 +1,8 @@
-//! Command-line interface: `egressmon run|flows|owners|top|status|capture|detach`,
+//! Command-line interface: `egressmon run|flows|owners|top|status|capture|detach|wait-netd`,
 //! the client that reaches a running agent over its control socket, and the
 //! renderers (plain tables, the live table, escaping of names).
 //!
-//! May call: `agent` (for `run`), `bpf` (for `detach`), `identity::owners`
+//! May call: `agent` (for `run`), `bpf` (for `detach`, `wait-netd`), `identity::owners`
 //! (for `owners`), `pipeline::flows` (the rows it prints).
 
 pub mod client;
@@ -139,11 +139,34 @@ pub(crate) enum Command {
     /// the kernel, beside a running agent), a comment on each naming its
     /// uid, owner and flow.
     Capture(Box<crate::capture::CaptureArgs>),
+    /// What each owner sent, from the history the agent keeps
+    /// (--state-dir): per owner, as JSON, or as a Markdown report.
+    Report(Box<crate::history::report::ReportArgs>),
+    /// Destinations NEW reached that BASE did not (state directories or
+    /// history.db files). Exit 0: no new firmware destination; 1: some
+    /// (listed); 2: error.
+    Diff(Box<crate::history::diff::DiffArgs>),
     /// Remove every program, link and pin egressmon made (and stop its agent).
     Detach {
         #[command(flatten)]
         target: Target,
     },
+    /// Wait until Android's netd has attached its cgroup programs (exclusive
+    /// cgroup_skb ingress and egress, and the rest of its sequence), so that
+    /// `egressmon run` started next can never make netd's attach fail. Exit
+    /// 0 once they are there, 1 at the timeout, 2 on an error.
+    WaitNetd(WaitNetdArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct WaitNetdArgs {
+    /// cgroup v2 directory netd attaches to (default: the cgroup2 root, as
+    /// for `run`).
+    #[arg(long)]
+    pub(crate) cgroup: Option<PathBuf>,
+    /// Seconds to wait before giving up (exit 1).
+    #[arg(long, default_value_t = 120)]
+    pub(crate) timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -231,6 +254,21 @@ pub(crate) struct RunArgs {
     /// New-flow event ring buffer size in bytes (power of two).
     #[arg(long, default_value_t = DEFAULT_RINGBUF_BYTES)]
     pub(crate) ringbuf_bytes: u32,
+    /// Root-only directory for the history database (what each uid sent,
+    /// kept across restarts and reboots; read with `egressmon report`).
+    /// Default /var/lib/egressmon, on Android /data/adb/egressmon.
+    #[arg(long, env = "EGRESSMON_STATE_DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+    /// Keep history this many days (whole hours are dropped, oldest first).
+    #[arg(long, default_value_t = 90)]
+    pub(crate) retain_days: u32,
+    /// Largest size of the history database in MiB; beyond it the oldest
+    /// hours are dropped.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) history_max_mib: u64,
+    /// Keep no history.
+    #[arg(long, conflicts_with = "state_dir")]
+    pub(crate) no_history: bool,
 }
 
 pub fn main_with(cli: Cli) -> Result<()> {
@@ -260,6 +298,70 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Detach { target } => detach(target),
         Command::Top { once, target } => crate::cli::top::run(&target.agent()?, once),
         Command::Capture(args) => crate::capture::run(*args),
+        Command::Report(args) => crate::history::report::run(*args),
+        Command::Diff(args) => match crate::history::diff::run(*args) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("egressmon: {e:#}");
+                std::process::exit(2)
+            }
+        },
+        Command::WaitNetd(args) => wait_netd(args),
+    }
+}
+
+/// `egressmon wait-netd`: exits 1 at the timeout and 2 on an error (not
+/// root, no cgroup2, a failed query), so a boot script can tell them apart.
+fn wait_netd(args: WaitNetdArgs) -> Result<()> {
+    use crate::bpf::netd_wait::{self, Outcome};
+    let timeout = std::time::Duration::from_secs(args.timeout);
+    let outcome = system::require_root("egressmon wait-netd")
+        .and_then(|()| system::resolve_cgroup(args.cgroup.as_deref()))
+        .and_then(|cgroup| Ok((netd_wait::wait(&cgroup, timeout)?, cgroup)));
+    let (outcome, cgroup) = match outcome {
+        Ok(done) => done,
+        Err(err) => {
+            eprintln!("egressmon: {err:#}");
+            std::process::exit(2);
+        }
+    };
+    let at = crate::cli::text::escape(&cgroup.to_string_lossy()).into_owned();
+    match outcome {
+        Outcome::Ready { held, after } => {
+            let mut out = format!(
+                "netd's programs are attached at {at} (seen after {}, unchanged for {}):\n",
+                netd_wait::seconds(after),
+                netd_wait::seconds(netd_wait::SETTLE)
+            );
+            for hook in &held {
+                out.push_str(&format!("  {hook}\n"));
+            }
+            print!("{out}");
+            Ok(())
+        }
+        Outcome::TimedOut { held, settling } => {
+            let waited = netd_wait::seconds(timeout);
+            let what = if settling {
+                format!("netd's programs at {at} were still changing after {waited}")
+            } else {
+                format!("netd has not attached its programs at {at} after {waited}")
+            };
+            let mut message = format!(
+                "egressmon: {what}: start egressmon only once netd runs (by hand: \
+                 `egressmon run`), since a program of ours on netd's hooks first would make \
+                 netd's attach fail and break networking\n"
+            );
+            if held.is_empty() {
+                message.push_str("  no exclusive program on netd's hooks\n");
+            } else {
+                message.push_str("  held so far:\n");
+                for hook in &held {
+                    message.push_str(&format!("    {hook}\n"));
+                }
+            }
+            eprint!("{message}");
+            std::process::exit(1);
+        }
     }
 }
 
@@ -298,6 +400,14 @@ fn run(args: RunArgs) -> Result<()> {
         identifiers: args.identifiers.clone(),
         netd_bpf_root: args.netd_bpf_root.clone(),
         state_dir: Some(args.target.run_dir()),
+        history: (!args.no_history).then(|| crate::history::store::HistoryOptions {
+            dir: args
+                .state_dir
+                .clone()
+                .unwrap_or_else(crate::history::default_state_dir),
+            retain_days: args.retain_days.max(1),
+            max_bytes: args.history_max_mib.max(1) << 20,
+        }),
         ..AgentOptions::default()
     };
     let agent = Agent::start(options, agent_options)?;
@@ -403,7 +513,6 @@ async fn serve_until_stopped(api: ApiOptions, agent: Arc<Agent>) -> Result<()> {
 }
 
 fn owners(json: bool, android_root: Option<PathBuf>) -> Result<()> {
-    use std::io::Write;
     let resolver = OwnerResolver::new(android_root.as_deref())?;
     let table = resolver.known_owners();
     let mut out = String::new();
@@ -432,11 +541,7 @@ fn owners(json: bool, android_root: Option<PathBuf>) -> Result<()> {
             ));
         }
     }
-    // A closed pipe (`egressmon owners | head`) is not an error.
-    match std::io::stdout().lock().write_all(out.as_bytes()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
+    crate::cli::text::print(&out)
 }
 
 /// Removes the socket a killed agent left behind: a socket nobody answers.
@@ -580,6 +685,23 @@ pub(crate) fn render_status(s: &Status) -> String {
         "\nevents lost: {}   flow update failures: {}   uid update failures: {}\n",
         s.events_lost, s.flow_update_failures, s.uid_update_failures
     ));
+    match &s.history {
+        Some(h) => {
+            out.push_str(&format!(
+                "\nhistory: {} ({} passes failed to write",
+                crate::cli::text::escape(&h.path.to_string_lossy()),
+                h.failed_passes
+            ));
+            for aside in &h.moved_aside {
+                out.push_str(&format!(
+                    "; damaged copy moved to {}",
+                    crate::cli::text::escape(&aside.to_string_lossy())
+                ));
+            }
+            out.push_str(")\n");
+        }
+        None => out.push_str("\nhistory: none (--no-history, or its directory was unusable)\n"),
+    }
     if !s.identifiers.is_empty() {
         out.push_str("\nidentifiers searched for (names only):\n");
         for line in &s.identifiers {

@@ -60,6 +60,16 @@ fn is_invisible_format(c: char) -> bool {
     )
 }
 
+/// Writes `out` to stdout; a closed pipe (`egressmon owners | head`) is not
+/// an error.
+pub(crate) fn print(out: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,11 +175,19 @@ fn set_key(record: &mut FlowRecord, key: &FlowKey) {
 /// kilobyte with its strings.
 pub(crate) struct Description {
     sender: std::sync::Arc<FlowRecord>,
+    payload: Payload,
+    /// None until something is learnt (most flows of a burst never name
+    /// their host nor carry an identifier).
+    learnt: Option<Box<Learnt>>,
+}
+
+/// What was learnt of a flow's destination and payload.
+#[derive(Default, PartialEq)]
+struct Learnt {
     host: Option<Box<str>>,
     host_source: Option<Box<str>>,
     country: Option<Box<str>>,
     asn: Option<u32>,
-    payload: Payload,
     leaks: Vec<String>,
 }
 
@@ -188,12 +196,14 @@ impl Description {
     /// through `senders` under `sender_id` (any number naming the sender;
     /// a shared part is reused only when equal).
     pub(crate) fn keep(mut record: FlowRecord, sender_id: usize, senders: &mut Senders) -> Self {
-        let host = record.host.take().map(String::into_boxed_str);
-        let host_source = record.host_source.take().map(String::into_boxed_str);
-        let country = record.country.take().map(String::into_boxed_str);
-        let asn = record.asn.take();
+        let learnt = Learnt {
+            host: record.host.take().map(String::into_boxed_str),
+            host_source: record.host_source.take().map(String::into_boxed_str),
+            country: record.country.take().map(String::into_boxed_str),
+            asn: record.asn.take(),
+            leaks: std::mem::take(&mut record.leaks),
+        };
         let payload = record.payload;
-        let leaks = std::mem::take(&mut record.leaks);
         // What `record` fills in again, made equal between the sender's
         // flows so that they share one part.
         record.family = String::new();
@@ -207,19 +217,16 @@ impl Description {
         record.first_seen = None;
         record.last_seen = None;
         record.alerts = Vec::new();
+        record.payload = Payload::Unknown;
         Description {
             sender: senders.share(record, sender_id),
-            host,
-            host_source,
-            country,
-            asn,
             payload,
-            leaks,
+            learnt: (learnt != Learnt::default()).then(|| Box::new(learnt)),
         }
     }
 
     pub(crate) fn has_host(&self) -> bool {
-        self.host.is_some()
+        self.learnt.as_ref().is_some_and(|l| l.host.is_some())
     }
 
     /// The flow's record, with `value`'s counters.
@@ -227,12 +234,14 @@ impl Description {
         let mut record = (*self.sender).clone();
         set_key(&mut record, key);
         set_counters(&mut record, value);
-        record.host = self.host.as_deref().map(str::to_string);
-        record.host_source = self.host_source.as_deref().map(str::to_string);
-        record.country = self.country.as_deref().map(str::to_string);
-        record.asn = self.asn;
         record.payload = self.payload;
-        record.leaks = self.leaks.clone();
+        if let Some(learnt) = &self.learnt {
+            record.host = learnt.host.as_deref().map(str::to_string);
+            record.host_source = learnt.host_source.as_deref().map(str::to_string);
+            record.country = learnt.country.as_deref().map(str::to_string);
+            record.asn = learnt.asn;
+            record.leaks = learnt.leaks.clone();
+        }
         record
     }
 }

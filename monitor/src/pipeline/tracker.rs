@@ -336,6 +336,17 @@ impl Tracker {
             .collect()
     }
 
+    /// Every tracked flow with its kernel counters as of the latest pass
+    /// and its description (None only before the pass that restored it
+    /// ends).
+    pub(crate) fn described(
+        &self,
+    ) -> impl Iterator<Item = (&FlowKey, &FlowValue, Option<&Description>)> + '_ {
+        self.flows
+            .iter()
+            .map(|(key, t)| (key, &t.current, t.description.as_ref()))
+    }
+
     /// Identities the tracker holds: of tracked flows, and of flows no pass
     /// has found yet.
     pub(crate) fn identities(&self) -> usize {

@@ -984,7 +984,7 @@ pub fn markdown(r: &Results, previous: &str) -> String {
          workload; skb ingress runs for what the bench cgroup's sockets receive: the client's \
          SYN-ACK and FIN in W1 and W4, the upload's ACKs in W2, nothing in W3, every packet \
          received in W1b, W2b and W3b. The agent runs `egressmon run --cgroup <bench cgroup> \
-         --pin-dir <own> --listen <own>` and is scraped (GET /metrics) once a second: {} \
+         --pin-dir <own> --listen <own> --state-dir <own>` (history on) and is scraped (GET /metrics) once a second: {} \
          scrapes answered, {} failed.",
         Condition::ALL.map(label).join("; "),
         list_or_dash(&r.egressmon_hooks),

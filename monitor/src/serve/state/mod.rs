@@ -72,7 +72,8 @@ impl Identity {
     }
 }
 
-fn boot_id() -> String {
+/// This boot's id (empty if unreadable).
+pub(crate) fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()

@@ -1,0 +1,802 @@
+//! The history database: its schema, opening it (a damaged file is moved
+//! aside, never a reason to stop), the writes of each pass and retention.
+
+use super::DB_FILE;
+use crate::pipeline::flows::FlowRecord;
+use crate::pipeline::tracker::Tracker;
+use anyhow::{bail, Context, Result};
+use monitor_common::{FlowKey, FlowValue};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Bumped when the schema changes incompatibly (an older file is moved
+/// aside like a damaged one, with its own message).
+const SCHEMA: i64 = 1;
+
+const CREATE: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- What each uid sent to each destination, per hour (UTC, unix seconds / 3600).
+CREATE TABLE IF NOT EXISTS destinations (
+    hour INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    firmware INTEGER NOT NULL,
+    partition TEXT,
+    proto TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    dst TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    host TEXT,
+    host_source TEXT,
+    country TEXT,
+    asn INTEGER,
+    payload TEXT NOT NULL,
+    leaks TEXT NOT NULL,
+    connects INTEGER NOT NULL,
+    udp_sends INTEGER NOT NULL,
+    tx_packets INTEGER NOT NULL,
+    tx_bytes INTEGER NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    before_unlock INTEGER NOT NULL,
+    build TEXT NOT NULL,
+    kernel TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    PRIMARY KEY (hour, uid, owner, proto, direction, dst, port, build)
+);
+-- The kernel counters already written, per flow of one boot's flow map:
+-- what the next pass subtracts.
+CREATE TABLE IF NOT EXISTS baselines (
+    boot_id TEXT NOT NULL,
+    map_id INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    first_seen INTEGER NOT NULL,
+    connects INTEGER NOT NULL,
+    udp_sends INTEGER NOT NULL,
+    tx_packets INTEGER NOT NULL,
+    tx_bytes INTEGER NOT NULL,
+    PRIMARY KEY (boot_id, map_id, key)
+) WITHOUT ROWID;
+";
+
+const UPSERT: &str = "
+INSERT INTO destinations (hour, uid, owner, origin, firmware, partition, proto, direction,
+    dst, port, host, host_source, country, asn, payload, leaks, connects, udp_sends,
+    tx_packets, tx_bytes, first_seen, last_seen, before_unlock, build, kernel, boot_id)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+    ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)
+ON CONFLICT (hour, uid, owner, proto, direction, dst, port, build) DO UPDATE SET
+    origin = excluded.origin,
+    firmware = excluded.firmware,
+    partition = coalesce(excluded.partition, partition),
+    host_source = CASE WHEN excluded.host IS NULL THEN host_source ELSE excluded.host_source END,
+    host = coalesce(excluded.host, host),
+    country = coalesce(excluded.country, country),
+    asn = coalesce(excluded.asn, asn),
+    payload = CASE WHEN excluded.payload = 'unknown' THEN payload ELSE excluded.payload END,
+    leaks = CASE WHEN excluded.leaks = '[]' THEN leaks ELSE (
+        SELECT json_group_array(value) FROM (
+            SELECT value FROM json_each(leaks) UNION SELECT value FROM json_each(excluded.leaks)))
+        END,
+    connects = connects + excluded.connects,
+    udp_sends = udp_sends + excluded.udp_sends,
+    tx_packets = tx_packets + excluded.tx_packets,
+    tx_bytes = tx_bytes + excluded.tx_bytes,
+    first_seen = min(first_seen, excluded.first_seen),
+    last_seen = max(last_seen, excluded.last_seen),
+    before_unlock = max(before_unlock, excluded.before_unlock),
+    kernel = excluded.kernel,
+    boot_id = excluded.boot_id";
+
+/// How long history is kept and how large it may grow.
+#[derive(Clone, Debug)]
+pub(crate) struct HistoryOptions {
+    pub(crate) dir: PathBuf,
+    pub(crate) retain_days: u32,
+    pub(crate) max_bytes: u64,
+}
+
+/// The kernel counters of one flow already written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Baseline {
+    first_seen: u64,
+    connects: u64,
+    udp_sends: u64,
+    tx_packets: u64,
+    tx_bytes: u64,
+}
+
+impl Baseline {
+    fn of(value: &FlowValue) -> Baseline {
+        Baseline {
+            first_seen: value.first_seen,
+            connects: value.connects,
+            udp_sends: value.udp_sends,
+            tx_packets: value.tx_packets,
+            tx_bytes: value.tx_bytes,
+        }
+    }
+
+    /// What `now` adds to this baseline; all of `now` when the kernel made
+    /// the flow anew under the same key (its counters started over).
+    fn delta(before: Option<&Baseline>, now: &FlowValue) -> Option<(Baseline, bool)> {
+        let now = Baseline::of(now);
+        let fresh = match before {
+            None => true,
+            Some(b) => {
+                (b.first_seen != 0 && now.first_seen != 0 && b.first_seen != now.first_seen)
+                    || now.connects < b.connects
+                    || now.udp_sends < b.udp_sends
+                    || now.tx_packets < b.tx_packets
+                    || now.tx_bytes < b.tx_bytes
+            }
+        };
+        let delta = match before {
+            Some(b) if !fresh => Baseline {
+                first_seen: now.first_seen,
+                connects: now.connects - b.connects,
+                udp_sends: now.udp_sends - b.udp_sends,
+                tx_packets: now.tx_packets - b.tx_packets,
+                tx_bytes: now.tx_bytes - b.tx_bytes,
+            },
+            _ => now,
+        };
+        let moved = delta.connects | delta.udp_sends | delta.tx_packets | delta.tx_bytes != 0;
+        moved.then_some((delta, fresh))
+    }
+}
+
+/// The build, kernel and boot rows are written under.
+#[derive(Clone, Debug)]
+struct SeenUnder {
+    build: String,
+    kernel: String,
+    boot_id: String,
+    map_id: u32,
+}
+
+/// Whether the device's user storage is still locked since boot (Android's
+/// file-based encryption: nothing but direct-boot-aware code runs yet).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unlock {
+    /// The device says nothing of it (Linux, or no such property).
+    Unknown,
+    Locked,
+    Unlocked,
+}
+
+/// Android's property for user 0's credential-encrypted storage: "true"
+/// once the user unlocked after boot (set by vold; see AOSP
+/// system/vold/VoldNativeService / StorageManagerService).
+const CE_AVAILABLE: &str = "sys.user.0.ce_available";
+
+impl Unlock {
+    fn read() -> Unlock {
+        let getprop = |name: &str| {
+            std::process::Command::new("/system/bin/getprop")
+                .arg(name)
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+                .unwrap_or_default()
+        };
+        if !Path::new("/system/bin/getprop").exists() {
+            return Unlock::Unknown;
+        }
+        let ce = getprop(CE_AVAILABLE);
+        if ce == "true" {
+            return Unlock::Unlocked;
+        }
+        Unlock::parse(&ce, &getprop("ro.crypto.type"))
+    }
+
+    /// Locked only where the device encrypts per file and has not said the
+    /// user's storage is available yet.
+    fn parse(ce_available: &str, crypto_type: &str) -> Unlock {
+        match (ce_available, crypto_type) {
+            ("true", _) => Unlock::Unlocked,
+            ("false" | "", "file") => Unlock::Locked,
+            _ => Unlock::Unknown,
+        }
+    }
+}
+
+/// What `status` shows of the history.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct HistoryStatus {
+    pub(crate) path: PathBuf,
+    /// Passes whose writes failed (each retried by the next).
+    pub(crate) failed_passes: u64,
+    /// Damaged databases this agent moved aside.
+    pub(crate) moved_aside: Vec<PathBuf>,
+}
+
+/// The agent's writer of history.
+pub(crate) struct History {
+    path: PathBuf,
+    db: Connection,
+    options: HistoryOptions,
+    context: SeenUnder,
+    baselines: HashMap<FlowKey, Baseline, foldhash::fast::RandomState>,
+    unlock: Unlock,
+    last_trim: Option<Instant>,
+    failed_passes: u64,
+    moved_aside: Vec<PathBuf>,
+}
+
+/// Moves a damaged database (and its WAL files) aside; returns the new name.
+fn move_aside(path: &Path, why: &str) -> Result<PathBuf> {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let aside = path.with_file_name(format!("{DB_FILE}.corrupt-{stamp}"));
+    std::fs::rename(path, &aside)
+        .with_context(|| format!("moving the damaged {} aside", path.display()))?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            let _ = std::fs::rename(&side, format!("{}{suffix}", aside.display()));
+        }
+    }
+    log::warn!(
+        "history database {} {why}: moved it aside to {} and started a new one \
+         (read the old one with `egressmon report --state-dir {}`, or delete it)",
+        path.display(),
+        aside.display(),
+        aside.display()
+    );
+    Ok(aside)
+}
+
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    )
+}
+
+/// Opens (creating) the database at `path`, root's alone, in WAL mode, and
+/// checks it; `Err(Some(why))` when it is damaged or of another schema.
+fn open_checked(path: &Path) -> std::result::Result<Connection, (anyhow::Error, bool)> {
+    let plain = |e: anyhow::Error| (e, false);
+    create_private(path).map_err(plain)?;
+    let db = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("opening {}", path.display()))
+    .map_err(plain)?;
+    let setup = || -> rusqlite::Result<String> {
+        db.busy_timeout(Duration::from_secs(5))?;
+        // Only takes effect before the first table: freed pages can then
+        // be handed back (see `trim`).
+        db.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        let check: String = db.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Ok(check);
+        }
+        db.execute_batch(CREATE)?;
+        Ok(check)
+    };
+    match setup() {
+        Ok(check) if check == "ok" => {}
+        Ok(check) => return Err((anyhow::anyhow!("fails its integrity check ({check})"), true)),
+        Err(e) if is_damage(&e) => return Err((anyhow::anyhow!("is damaged ({e})"), true)),
+        Err(e) => {
+            return Err(plain(
+                anyhow::Error::new(e).context(format!("preparing {}", path.display())),
+            ))
+        }
+    }
+    let schema: Option<String> = db
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+            r.get(0)
+        })
+        .ok();
+    match schema.as_deref().map(str::parse::<i64>) {
+        None => {
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                [SCHEMA.to_string()],
+            )
+            .map_err(|e| plain(e.into()))?;
+        }
+        Some(Ok(SCHEMA)) => {}
+        Some(_) => {
+            return Err((
+                anyhow::anyhow!("has a schema this egressmon does not know"),
+                true,
+            ))
+        }
+    }
+    Ok(db)
+}
+
+/// Creates `path` 0600 when missing; refuses a symlink or a file another
+/// user owns or may read.
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "opening {} (a symbolic link there is refused)",
+                path.display()
+            )
+        })?;
+    let meta = file.metadata()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me || meta.mode() & 0o077 != 0 || meta.nlink() != 1 {
+        bail!(
+            "{} must be a file of root's that no one else may read or write (chown root {0}; \
+             chmod 600 {0})",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+impl History {
+    /// Opens the history in `options.dir` for the flow map `map_id` of this
+    /// boot: baselines of other boots (or of maps no longer there) go.
+    pub(crate) fn open(options: HistoryOptions, map_id: u32) -> Result<History> {
+        crate::serve::private_fs::ensure_private_dir(&options.dir).with_context(|| {
+            format!(
+                "the state directory {} (--state-dir)",
+                options.dir.display()
+            )
+        })?;
+        let path = options.dir.join(DB_FILE);
+        let mut moved_aside = Vec::new();
+        let db = match open_checked(&path) {
+            Ok(db) => db,
+            Err((why, true)) => {
+                moved_aside.push(move_aside(&path, &why.to_string())?);
+                open_checked(&path).map_err(|(e, _)| e)?
+            }
+            Err((e, false)) => return Err(e),
+        };
+        let context = SeenUnder {
+            build: build_fingerprint(),
+            kernel: crate::bpf::system::kernel_release(),
+            boot_id: crate::serve::state::boot_id(),
+            map_id,
+        };
+        let mut history = History {
+            path,
+            db,
+            options,
+            context,
+            baselines: HashMap::default(),
+            unlock: Unlock::Unknown,
+            last_trim: None,
+            failed_passes: 0,
+            moved_aside,
+        };
+        history.load_baselines()?;
+        history.trim();
+        Ok(history)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn status(&self) -> HistoryStatus {
+        HistoryStatus {
+            path: self.path.clone(),
+            failed_passes: self.failed_passes,
+            moved_aside: self.moved_aside.clone(),
+        }
+    }
+
+    fn load_baselines(&mut self) -> Result<()> {
+        let SeenUnder {
+            boot_id, map_id, ..
+        } = &self.context;
+        self.db
+            .execute("DELETE FROM baselines WHERE boot_id != ?1", [boot_id])
+            .context("dropping the baselines of earlier boots")?;
+        // Other flow maps of this boot (another pin directory) keep theirs
+        // while their map lives.
+        let others: Vec<u32> = {
+            let mut stmt = self
+                .db
+                .prepare("SELECT DISTINCT map_id FROM baselines WHERE map_id != ?1")?;
+            let ids = stmt.query_map([map_id], |r| r.get(0))?;
+            ids.collect::<rusqlite::Result<_>>()?
+        };
+        for id in others {
+            if !crate::bpf_sys::map_exists(id) {
+                self.db
+                    .execute("DELETE FROM baselines WHERE map_id = ?1", [id])?;
+            }
+        }
+        let mut stmt = self.db.prepare(
+            "SELECT key, first_seen, connects, udp_sends, tx_packets, tx_bytes FROM baselines \
+             WHERE boot_id = ?1 AND map_id = ?2",
+        )?;
+        let rows = stmt.query_map(params![boot_id, map_id], |r| {
+            let key: Vec<u8> = r.get(0)?;
+            let numbers: [i64; 5] = [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?];
+            Ok((key, numbers))
+        })?;
+        for row in rows {
+            let (key, n) = row?;
+            if let Some(key) = key_from_bytes(&key) {
+                self.baselines.insert(
+                    key,
+                    Baseline {
+                        first_seen: n[0] as u64,
+                        connects: n[1] as u64,
+                        udp_sends: n[2] as u64,
+                        tx_packets: n[3] as u64,
+                        tx_bytes: n[4] as u64,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what the kernel counted since the last pass, in one
+    /// transaction with the new baselines. On failure nothing is written
+    /// and the next pass writes it; a database found damaged is moved aside
+    /// and a new one started.
+    pub(crate) fn record_pass(&mut self, tracker: &Tracker) {
+        if self.unlock != Unlock::Unlocked {
+            self.unlock = Unlock::read();
+        }
+        match self.write(tracker) {
+            Ok(()) => {}
+            Err(e) if e.downcast_ref::<rusqlite::Error>().is_some_and(is_damage) => {
+                self.start_over(&format!("was damaged while writing ({e})"))
+            }
+            Err(e) => {
+                self.failed_passes += 1;
+                if self.failed_passes.is_power_of_two() {
+                    log::warn!(
+                        "writing history to {}: {e:#} (retried at the next pass; {} passes \
+                         failed so far; check the disk's free space)",
+                        self.path.display(),
+                        self.failed_passes
+                    );
+                }
+            }
+        }
+        if self
+            .last_trim
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            self.trim();
+        }
+    }
+
+    fn start_over(&mut self, why: &str) {
+        match move_aside(&self.path, why).and_then(|aside| {
+            let db = open_checked(&self.path).map_err(|(e, _)| e)?;
+            Ok((aside, db))
+        }) {
+            Ok((aside, db)) => {
+                self.db = db;
+                self.moved_aside.push(aside);
+                self.baselines.clear();
+            }
+            Err(e) => {
+                self.failed_passes += 1;
+                log::warn!("{e:#}");
+            }
+        }
+    }
+
+    fn write(&mut self, tracker: &Tracker) -> Result<()> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
+        let before_unlock = self.unlock == Unlock::Locked;
+        let mut changed: Vec<(FlowKey, Baseline)> = Vec::new();
+        let mut live = std::collections::HashSet::with_capacity_and_hasher(
+            tracker.tracked(),
+            foldhash::fast::RandomState::default(),
+        );
+        let tx = self.db.transaction()?;
+        {
+            let mut upsert = tx.prepare_cached(UPSERT)?;
+            let mut keep = tx.prepare_cached(
+                "INSERT OR REPLACE INTO baselines (boot_id, map_id, key, first_seen, connects, \
+                 udp_sends, tx_packets, tx_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            let ctx = &self.context;
+            for (key, value, description) in tracker.described() {
+                live.insert(*key);
+                let Some(description) = description else {
+                    continue;
+                };
+                let Some((delta, fresh)) = Baseline::delta(self.baselines.get(key), value) else {
+                    continue;
+                };
+                let record = description.record(key, value);
+                let first_seen = if fresh && value.first_seen != 0 {
+                    wall_secs(value.first_seen).min(now)
+                } else {
+                    now
+                };
+                upsert.execute(params![
+                    now / 3600,
+                    record.uid,
+                    record.owner,
+                    record.origin.to_string(),
+                    record.firmware,
+                    record.partition,
+                    record.proto.to_string(),
+                    direction(&record),
+                    record.dst,
+                    record.port,
+                    record.host,
+                    record.host_source,
+                    record.country,
+                    record.asn,
+                    record.payload.to_string(),
+                    serde_json::to_string(&record.leaks)?,
+                    delta.connects as i64,
+                    delta.udp_sends as i64,
+                    delta.tx_packets as i64,
+                    delta.tx_bytes as i64,
+                    first_seen,
+                    now,
+                    before_unlock,
+                    ctx.build,
+                    ctx.kernel,
+                    ctx.boot_id,
+                ])?;
+                let now_base = Baseline::of(value);
+                keep.execute(params![
+                    ctx.boot_id,
+                    ctx.map_id,
+                    key_bytes(key),
+                    now_base.first_seen as i64,
+                    now_base.connects as i64,
+                    now_base.udp_sends as i64,
+                    now_base.tx_packets as i64,
+                    now_base.tx_bytes as i64,
+                ])?;
+                changed.push((*key, now_base));
+            }
+            let mut forget = tx.prepare_cached(
+                "DELETE FROM baselines WHERE boot_id = ?1 AND map_id = ?2 AND key = ?3",
+            )?;
+            for key in self.baselines.keys().filter(|k| !live.contains(*k)) {
+                forget.execute(params![ctx.boot_id, ctx.map_id, key_bytes(key)])?;
+            }
+        }
+        tx.commit()?;
+        self.baselines.retain(|k, _| live.contains(k));
+        self.baselines.extend(changed);
+        Ok(())
+    }
+
+    /// Drops hours older than `--retain-days`, then the oldest hours while
+    /// the database is over its size cap, and hands freed pages back.
+    fn trim(&mut self) {
+        self.last_trim = Some(Instant::now());
+        if let Err(e) = self.trim_now() {
+            log::warn!("trimming history {}: {e:#}", self.path.display());
+        }
+    }
+
+    fn trim_now(&mut self) -> Result<()> {
+        let hour = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64
+            / 3600;
+        let oldest_kept = hour - i64::from(self.options.retain_days) * 24;
+        let mut dropped = self
+            .db
+            .execute("DELETE FROM destinations WHERE hour < ?1", [oldest_kept])?;
+        while self.used_bytes()? > self.options.max_bytes {
+            let removed = self.db.execute(
+                "DELETE FROM destinations WHERE hour = (SELECT min(hour) FROM destinations) \
+                 AND hour < ?1",
+                [hour],
+            )?;
+            if removed == 0 {
+                break;
+            }
+            dropped += removed;
+        }
+        if dropped > 0 {
+            self.db.execute_batch("PRAGMA incremental_vacuum")?;
+            log::info!(
+                "history: dropped {dropped} rows (older than {} days or over {} MiB)",
+                self.options.retain_days,
+                self.options.max_bytes >> 20
+            );
+        }
+        Ok(())
+    }
+
+    fn used_bytes(&self) -> Result<u64> {
+        let pages: i64 = self.db.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: i64 = self
+            .db
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let size: i64 = self.db.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok(((pages - free).max(0) * size) as u64)
+    }
+}
+
+fn direction(record: &FlowRecord) -> &'static str {
+    match record.direction {
+        crate::pipeline::vocab::Direction::Outbound => "outbound",
+        crate::pipeline::vocab::Direction::Inbound => "inbound",
+    }
+}
+
+fn wall_secs(boot_ns: u64) -> i64 {
+    crate::bpf::system::boot_ns_to_system_time(boot_ns)
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
+}
+
+fn key_bytes(key: &FlowKey) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[..4].copy_from_slice(&key.uid.to_le_bytes());
+    out[4..6].copy_from_slice(&key.port.to_le_bytes());
+    out[6] = key.proto;
+    out[7] = key.family;
+    out[8..].copy_from_slice(&key.addr);
+    out
+}
+
+fn key_from_bytes(bytes: &[u8]) -> Option<FlowKey> {
+    let bytes: &[u8; 24] = bytes.try_into().ok()?;
+    Some(FlowKey {
+        uid: u32::from_le_bytes(bytes[..4].try_into().ok()?),
+        port: u16::from_le_bytes(bytes[4..6].try_into().ok()?),
+        proto: bytes[6],
+        family: bytes[7],
+        addr: bytes[8..].try_into().ok()?,
+    })
+}
+
+/// What build this is: Android's build fingerprint, or the Linux
+/// distribution's name and version.
+fn build_fingerprint() -> String {
+    for file in ["/system/build.prop", "/system/system/build.prop"] {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            if let Some(found) = prop_value(
+                &text,
+                &["ro.system.build.fingerprint", "ro.build.fingerprint"],
+            ) {
+                return found;
+            }
+        }
+    }
+    std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|text| os_release_name(&text))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn prop_value(text: &str, names: &[&str]) -> Option<String> {
+    names.iter().find_map(|name| {
+        text.lines().find_map(|line| {
+            let (k, v) = line.split_once('=')?;
+            (k.trim() == *name && !v.trim().is_empty()).then(|| v.trim().to_string())
+        })
+    })
+}
+
+fn os_release_name(text: &str) -> Option<String> {
+    let unquote = |v: &str| v.trim().trim_matches('"').to_string();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('=').map(unquote))
+    };
+    field("PRETTY_NAME").or_else(|| field("NAME"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deltas_continue_a_flow_and_start_over_when_the_kernel_made_it_anew() {
+        let value = |first_seen, bytes| FlowValue {
+            first_seen,
+            tx_bytes: bytes,
+            tx_packets: bytes / 100,
+            ..Default::default()
+        };
+        assert_eq!(
+            Baseline::delta(None, &value(5, 300)).unwrap().0.tx_bytes,
+            300
+        );
+        let base = Baseline::of(&value(5, 300));
+        assert!(Baseline::delta(Some(&base), &value(5, 300)).is_none());
+        let (d, fresh) = Baseline::delta(Some(&base), &value(5, 500)).unwrap();
+        assert_eq!((d.tx_bytes, d.tx_packets, fresh), (200, 2, false));
+        let (d, fresh) = Baseline::delta(Some(&base), &value(9, 100)).unwrap();
+        assert_eq!((d.tx_bytes, fresh), (100, true));
+        let (d, fresh) = Baseline::delta(Some(&base), &value(5, 200)).unwrap();
+        assert_eq!((d.tx_bytes, fresh), (200, true));
+    }
+
+    #[test]
+    fn locked_only_where_the_device_says_so() {
+        assert_eq!(Unlock::parse("", "file"), Unlock::Locked);
+        assert_eq!(Unlock::parse("false", "file"), Unlock::Locked);
+        assert_eq!(Unlock::parse("true", "file"), Unlock::Unlocked);
+        assert_eq!(Unlock::parse("", "block"), Unlock::Unknown);
+        assert_eq!(Unlock::parse("", ""), Unlock::Unknown);
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let key = FlowKey {
+            uid: 10123,
+            port: 443,
+            proto: 6,
+            family: 2,
+            addr: [7; 16],
+        };
+        assert_eq!(key_from_bytes(&key_bytes(&key)), Some(key));
+        assert_eq!(key_from_bytes(&[0; 23]), None);
+    }
+
+    #[test]
+    fn build_names() {
+        let props = "# x\nro.build.fingerprint=google/oriole/oriole:14/AP2A/1:user/release-keys\n";
+        assert_eq!(
+            prop_value(
+                props,
+                &["ro.system.build.fingerprint", "ro.build.fingerprint"]
+            )
+            .as_deref(),
+            Some("google/oriole/oriole:14/AP2A/1:user/release-keys")
+        );
+        let os = "NAME=\"Debian GNU/Linux\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n";
+        assert_eq!(
+            os_release_name(os).as_deref(),
+            Some("Debian GNU/Linux 12 (bookworm)")
+        );
+    }
+
+    #[test]
+    fn a_truncated_database_is_moved_aside_and_a_new_one_works() {
+        let dir = std::env::temp_dir().join(format!("egm-history-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(DB_FILE);
+        drop(open_checked(&path).map_err(|(e, _)| e).unwrap());
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len > 0);
+        let garbage = vec![0x5au8; 3000];
+        std::fs::write(&path, garbage).unwrap();
+        let Err((why, damaged)) = open_checked(&path) else {
+            panic!("damage not found");
+        };
+        assert!(damaged, "{why:#}");
+        let aside = move_aside(&path, "test").unwrap();
+        assert!(aside.exists());
+        open_checked(&path).map_err(|(e, _)| e).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
