@@ -238,6 +238,29 @@ fn diff_fails_on_a_new_firmware_destination_and_only_then() {
     assert_eq!(json["failing"], 1);
     assert_eq!(json["new"].as_array().unwrap().len(), 2);
 
+    // History is root's alone: another uid is told so, and diff says it
+    // with exit 2.
+    let bin = BinForAnyUid::new(&tag);
+    let as_nobody = |args: &[&str]| {
+        use std::os::unix::process::CommandExt;
+        Command::new(&bin.path)
+            .uid(65534)
+            .gid(65534)
+            .args(args)
+            .output()
+            .expect("run egressmon as nobody")
+    };
+    let out = as_nobody(&["report", "--state-dir", old.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("root's alone"),
+        "{err}"
+    );
+    let out = as_nobody(&["diff", old.to_str().unwrap(), new.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("root's alone"), "{err}");
+
     let (code, _, err) = diff(&old, &world.state("missing"), &[]);
     assert_eq!(code, 2, "error: exit 2 ({err})");
     assert!(err.contains("no history at"), "{err}");

@@ -37,13 +37,14 @@ pub fn binary(target: &str) -> Result<PathBuf> {
     crate::setup::all()?;
     step(
         "dist",
-        &format!("egressmon for {target}: release, static, stripped"),
+        &format!("egressmon for {target}: profile release-small (whole-program LTO, libraries for size), static, stripped"),
     );
     let built = musl::cargo(
         target,
         &[
             "build",
-            "--release",
+            "--profile",
+            "release-small",
             "--package",
             "monitor",
             "--bin",
