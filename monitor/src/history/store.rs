@@ -219,7 +219,15 @@ pub(crate) struct History {
     db: Connection,
     options: HistoryOptions,
     context: SeenUnder,
-    baselines: HashMap<FlowKey, Baseline, foldhash::fast::RandomState>,
+    /// What the database holds of each flow, with the pass that last found
+    /// the flow in the tracker.
+    baselines: HashMap<FlowKey, (Baseline, u32), foldhash::fast::RandomState>,
+    pass: u32,
+    /// A write failed: `baselines` may be ahead of the database.
+    stale: bool,
+    /// Makes the next write fail just before its commit.
+    #[cfg(test)]
+    fail_next: bool,
     unlock: Unlock,
     last_trim: Option<Instant>,
     failed_passes: u64,
@@ -382,6 +390,10 @@ impl History {
             options,
             context,
             baselines: HashMap::default(),
+            pass: 0,
+            stale: false,
+            #[cfg(test)]
+            fail_next: false,
             unlock: Unlock::Unknown,
             last_trim: None,
             failed_passes: 0,
@@ -438,16 +450,14 @@ impl History {
         for row in rows {
             let (key, n) = row?;
             if let Some(key) = key_from_bytes(&key) {
-                self.baselines.insert(
-                    key,
-                    Baseline {
-                        first_seen: n[0] as u64,
-                        connects: n[1] as u64,
-                        udp_sends: n[2] as u64,
-                        tx_packets: n[3] as u64,
-                        tx_bytes: n[4] as u64,
-                    },
-                );
+                let base = Baseline {
+                    first_seen: n[0] as u64,
+                    connects: n[1] as u64,
+                    udp_sends: n[2] as u64,
+                    tx_packets: n[3] as u64,
+                    tx_bytes: n[4] as u64,
+                };
+                self.baselines.insert(key, (base, self.pass));
             }
         }
         Ok(())
@@ -468,6 +478,9 @@ impl History {
             }
             Err(e) => {
                 self.failed_passes += 1;
+                // The transaction rolled back: the next pass reads back
+                // what the database holds before it subtracts anything.
+                self.stale = true;
                 if self.failed_passes.is_power_of_two() {
                     log::warn!(
                         "writing history to {}: {e:#} (retried at the next pass; {} passes \
@@ -509,11 +522,16 @@ impl History {
             .unwrap_or_default()
             .as_secs() as i64;
         let before_unlock = self.unlock == Unlock::Locked;
-        let mut changed: Vec<(FlowKey, Baseline)> = Vec::new();
-        let mut live = std::collections::HashSet::with_capacity_and_hasher(
-            tracker.tracked(),
-            foldhash::fast::RandomState::default(),
-        );
+        if self.stale {
+            self.baselines.clear();
+            self.load_baselines()?;
+            self.stale = false;
+        }
+        // The baselines are updated in place as rows are written (no copy
+        // of a burst's worth of flows); a transaction that fails has them
+        // read back from the database (`record_pass`).
+        self.pass = self.pass.wrapping_add(1);
+        let pass = self.pass;
         let tx = self.db.transaction()?;
         {
             let mut upsert = tx.prepare_cached(UPSERT)?;
@@ -523,11 +541,15 @@ impl History {
             )?;
             let ctx = &self.context;
             for (key, value, description) in tracker.described() {
-                live.insert(*key);
+                let known = self.baselines.get_mut(key);
+                let before = known.map(|(base, seen)| {
+                    *seen = pass;
+                    *base
+                });
                 let Some(description) = description else {
                     continue;
                 };
-                let Some((delta, fresh)) = Baseline::delta(self.baselines.get(key), value) else {
+                let Some((delta, fresh)) = Baseline::delta(before.as_ref(), value) else {
                     continue;
                 };
                 let record = description.record(key, value);
@@ -575,18 +597,21 @@ impl History {
                     now_base.tx_packets as i64,
                     now_base.tx_bytes as i64,
                 ])?;
-                changed.push((*key, now_base));
+                self.baselines.insert(*key, (now_base, pass));
             }
             let mut forget = tx.prepare_cached(
                 "DELETE FROM baselines WHERE boot_id = ?1 AND map_id = ?2 AND key = ?3",
             )?;
-            for key in self.baselines.keys().filter(|k| !live.contains(*k)) {
+            for (key, _) in self.baselines.iter().filter(|(_, (_, seen))| *seen != pass) {
                 forget.execute(params![ctx.boot_id, ctx.map_id, key_bytes(key)])?;
             }
         }
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next) {
+            anyhow::bail!("injected failure");
+        }
         tx.commit()?;
-        self.baselines.retain(|k, _| live.contains(k));
-        self.baselines.extend(changed);
+        self.baselines.retain(|_, (_, seen)| *seen == pass);
         Ok(())
     }
 
@@ -797,6 +822,110 @@ mod tests {
         let aside = move_aside(&path, "test").unwrap();
         assert!(aside.exists());
         open_checked(&path).map_err(|(e, _)| e).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Passes of a tracker holding one flow, written to a history in a
+    /// scratch directory: `report`'s bytes after each step.
+    #[test]
+    fn a_failed_write_a_restart_and_new_maps_neither_double_nor_lose() {
+        use crate::pipeline::tracker::{Describe, TrackerOptions};
+        struct Radio;
+        impl Describe for Radio {
+            fn record(
+                &self,
+                key: &FlowKey,
+                value: &FlowValue,
+                meta: Option<&crate::identity::events::FlowMeta>,
+            ) -> FlowRecord {
+                crate::pipeline::flows::record(key, value, &self.owner(key.uid), meta)
+            }
+            fn owner(&self, uid: u32) -> crate::identity::owners::Owner {
+                crate::identity::owners::Owner {
+                    uid,
+                    user: 0,
+                    app_id: uid,
+                    owner: "radio".into(),
+                    packages: vec![],
+                    origin: crate::pipeline::vocab::Origin::Platform,
+                    firmware: true,
+                }
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("egm-history-passes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let options = HistoryOptions {
+            dir: dir.clone(),
+            retain_days: 90,
+            max_bytes: 64 << 20,
+        };
+        let mut tracker = Tracker::new(TrackerOptions {
+            capacity: 16,
+            update_every: Duration::from_secs(60),
+            idle_after: Duration::from_secs(300),
+            emit: false,
+            rules: crate::pipeline::rules::Rules::none(),
+        });
+        let key = FlowKey {
+            uid: 1001,
+            port: 9001,
+            proto: monitor_common::PROTO_UDP,
+            family: monitor_common::FAMILY_IPV4,
+            addr: [10, 200, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        let start = Instant::now();
+        let mut step = 0;
+        let mut pass = |tracker: &mut Tracker, history: &mut History, bytes: u64| {
+            step += 1;
+            let value = FlowValue {
+                udp_sends: bytes / 100,
+                tx_packets: bytes / 100,
+                tx_bytes: bytes,
+                first_seen: 1,
+                ..Default::default()
+            };
+            let at = start + Duration::from_secs(step);
+            tracker.tick(at, &[(key, value)], &Radio, &mut |_| {});
+            history.record_pass(tracker);
+        };
+        let total = |dir: &Path| -> u64 {
+            let db = crate::history::rows::open(&dir.join(DB_FILE)).unwrap();
+            let rows = crate::history::rows::read(&db, &Default::default()).unwrap();
+            rows.iter().map(|d| d.tx_bytes).sum()
+        };
+        let mut history = History::open(options.clone(), 7).unwrap();
+        pass(&mut tracker, &mut history, 300);
+        assert_eq!(total(&dir), 300);
+        history.fail_next = true;
+        pass(&mut tracker, &mut history, 500);
+        assert_eq!(
+            (total(&dir), history.failed_passes),
+            (300, 1),
+            "rolled back"
+        );
+        pass(&mut tracker, &mut history, 700);
+        assert_eq!(
+            total(&dir),
+            700,
+            "the failed pass's bytes come with the next"
+        );
+        drop(history);
+        // A restart on the same maps: the database's baselines, no doubling.
+        let mut history = History::open(options.clone(), 7).unwrap();
+        pass(&mut tracker, &mut history, 800);
+        assert_eq!(total(&dir), 800);
+        drop(history);
+        // New maps (the old one's id is gone): counters start over and add.
+        let mut history = History::open(options, u32::MAX - 1).unwrap();
+        let mut fresh = Tracker::new(TrackerOptions {
+            capacity: 16,
+            update_every: Duration::from_secs(60),
+            idle_after: Duration::from_secs(300),
+            emit: false,
+            rules: crate::pipeline::rules::Rules::none(),
+        });
+        pass(&mut fresh, &mut history, 50);
+        assert_eq!(total(&dir), 850);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
