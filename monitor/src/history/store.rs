@@ -2,7 +2,6 @@
 //! aside, never a reason to stop), the writes of each pass and retention.
 
 use super::DB_FILE;
-use crate::pipeline::flows::FlowRecord;
 use crate::pipeline::tracker::Tracker;
 use anyhow::{bail, Context, Result};
 use monitor_common::{FlowKey, FlowValue};
@@ -286,6 +285,9 @@ fn open_checked(path: &Path) -> std::result::Result<Connection, (anyhow::Error, 
         db.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
+        // 2 MiB of page cache (SQLite's default is 8): the agent's rows
+        // are written, rarely read back.
+        db.pragma_update(None, "cache_size", -2048)?;
         let check: String = db.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         if check != "ok" {
             return Ok(check);
@@ -552,29 +554,41 @@ impl History {
                 let Some((delta, fresh)) = Baseline::delta(before.as_ref(), value) else {
                     continue;
                 };
-                let record = description.record(key, value);
                 let first_seen = if fresh && value.first_seen != 0 {
                     wall_secs(value.first_seen).min(now)
                 } else {
                     now
                 };
+                // Fields read in place: no record is built per flow.
+                let sender = description.sender();
+                let (host, host_source) = description.host();
+                let (country, asn) = description.place();
+                let leaks = match description.leaks() {
+                    [] => "[]".to_string(),
+                    leaks => serde_json::to_string(leaks)?,
+                };
+                let direction = if crate::pipeline::flows::is_inbound(key) {
+                    "inbound"
+                } else {
+                    "outbound"
+                };
                 upsert.execute(params![
                     now / 3600,
-                    record.uid,
-                    record.owner,
-                    record.origin.to_string(),
-                    record.firmware,
-                    record.partition,
-                    record.proto.to_string(),
-                    direction(&record),
-                    record.dst,
-                    record.port,
-                    record.host,
-                    record.host_source,
-                    record.country,
-                    record.asn,
-                    record.payload.to_string(),
-                    serde_json::to_string(&record.leaks)?,
+                    key.uid,
+                    sender.owner,
+                    sender.origin.as_str(),
+                    sender.firmware,
+                    sender.partition,
+                    crate::pipeline::vocab::Proto::from_number(key.proto).as_str(),
+                    direction,
+                    crate::pipeline::flows::destination(key).to_string(),
+                    key.port,
+                    host,
+                    host_source,
+                    country,
+                    asn,
+                    description.payload().as_str(),
+                    leaks,
                     delta.connects as i64,
                     delta.udp_sends as i64,
                     delta.tx_packets as i64,
@@ -663,13 +677,6 @@ impl History {
             .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
         let size: i64 = self.db.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         Ok(((pages - free).max(0) * size) as u64)
-    }
-}
-
-fn direction(record: &FlowRecord) -> &'static str {
-    match record.direction {
-        crate::pipeline::vocab::Direction::Outbound => "outbound",
-        crate::pipeline::vocab::Direction::Inbound => "inbound",
     }
 }
 
@@ -829,6 +836,7 @@ mod tests {
     /// scratch directory: `report`'s bytes after each step.
     #[test]
     fn a_failed_write_a_restart_and_new_maps_neither_double_nor_lose() {
+        use crate::pipeline::flows::FlowRecord;
         use crate::pipeline::tracker::{Describe, TrackerOptions};
         struct Radio;
         impl Describe for Radio {

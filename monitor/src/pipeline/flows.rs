@@ -229,6 +229,33 @@ impl Description {
         self.learnt.as_ref().is_some_and(|l| l.host.is_some())
     }
 
+    /// The owner and sender parts (counters, key and destination fields
+    /// are not filled in): for readers that need a few fields of many
+    /// flows without building records.
+    pub(crate) fn sender(&self) -> &FlowRecord {
+        &self.sender
+    }
+
+    pub(crate) fn payload(&self) -> Payload {
+        self.payload
+    }
+
+    pub(crate) fn host(&self) -> (Option<&str>, Option<&str>) {
+        self.learnt.as_ref().map_or((None, None), |l| {
+            (l.host.as_deref(), l.host_source.as_deref())
+        })
+    }
+
+    pub(crate) fn place(&self) -> (Option<&str>, Option<u32>) {
+        self.learnt
+            .as_ref()
+            .map_or((None, None), |l| (l.country.as_deref(), l.asn))
+    }
+
+    pub(crate) fn leaks(&self) -> &[String] {
+        self.learnt.as_ref().map_or(&[], |l| &l.leaks)
+    }
+
     /// The flow's record, with `value`'s counters.
     pub(crate) fn record(&self, key: &FlowKey, value: &FlowValue) -> FlowRecord {
         let mut record = (*self.sender).clone();
