@@ -2,7 +2,7 @@
 //! aside, never a reason to stop), the writes of each pass and retention.
 
 use super::DB_FILE;
-use crate::pipeline::tracker::Tracker;
+use crate::pipeline::tracker::{Counters, Tracker};
 use anyhow::{bail, Context, Result};
 use monitor_common::{FlowKey, FlowValue};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags};
@@ -109,39 +109,33 @@ struct Baseline {
 }
 
 impl Baseline {
-    fn of(value: &FlowValue) -> Baseline {
-        Baseline {
-            first_seen: value.first_seen,
-            connects: value.connects,
-            udp_sends: value.udp_sends,
-            tx_packets: value.tx_packets,
-            tx_bytes: value.tx_bytes,
+    fn counters(&self) -> Counters {
+        Counters {
+            connects: self.connects,
+            udp_sends: self.udp_sends,
+            tx_packets: self.tx_packets,
+            tx_bytes: self.tx_bytes,
         }
     }
 
-    /// What `now` adds to this baseline; all of `now` when the kernel made
-    /// the flow anew under the same key (its counters started over).
-    fn delta(before: Option<&Baseline>, now: &FlowValue) -> Option<(Baseline, bool)> {
-        let now = Baseline::of(now);
-        let fresh = match before {
-            None => true,
-            Some(b) => {
-                (b.first_seen != 0 && now.first_seen != 0 && b.first_seen != now.first_seen)
-                    || now.connects < b.connects
-                    || now.udp_sends < b.udp_sends
-                    || now.tx_packets < b.tx_packets
-                    || now.tx_bytes < b.tx_bytes
+    /// What `now` adds to what was written of the flow; all of `now` when
+    /// nothing was (or when a counter went back, which a flow's never do).
+    fn delta(written: &Counters, now: &FlowValue) -> Option<(Counters, bool)> {
+        let now = Counters::from(now);
+        let fresh = *written == Counters::default()
+            || now.connects < written.connects
+            || now.udp_sends < written.udp_sends
+            || now.tx_packets < written.tx_packets
+            || now.tx_bytes < written.tx_bytes;
+        let delta = if fresh {
+            now
+        } else {
+            Counters {
+                connects: now.connects - written.connects,
+                udp_sends: now.udp_sends - written.udp_sends,
+                tx_packets: now.tx_packets - written.tx_packets,
+                tx_bytes: now.tx_bytes - written.tx_bytes,
             }
-        };
-        let delta = match before {
-            Some(b) if !fresh => Baseline {
-                first_seen: now.first_seen,
-                connects: now.connects - b.connects,
-                udp_sends: now.udp_sends - b.udp_sends,
-                tx_packets: now.tx_packets - b.tx_packets,
-                tx_bytes: now.tx_bytes - b.tx_bytes,
-            },
-            _ => now,
         };
         let moved = delta.connects | delta.udp_sends | delta.tx_packets | delta.tx_bytes != 0;
         moved.then_some((delta, fresh))
@@ -218,11 +212,13 @@ pub(crate) struct History {
     db: Connection,
     options: HistoryOptions,
     context: SeenUnder,
-    /// What the database holds of each flow, with the pass that last found
-    /// the flow in the tracker.
-    baselines: HashMap<FlowKey, (Baseline, u32), foldhash::fast::RandomState>,
-    pass: u32,
-    /// A write failed: `baselines` may be ahead of the database.
+    /// What the database holds of flows the tracker has not been told of
+    /// yet: read at start (and after a failed write), handed to the
+    /// tracker's flows by the next pass; what is left then is of flows
+    /// gone meanwhile. The tracker keeps the rest (`written`).
+    pending: HashMap<FlowKey, Baseline, foldhash::fast::RandomState>,
+    /// A write failed: the tracker's `written` may be ahead of the
+    /// database.
     stale: bool,
     /// Makes the next write fail just before its commit.
     #[cfg(test)]
@@ -391,8 +387,7 @@ impl History {
             db,
             options,
             context,
-            baselines: HashMap::default(),
-            pass: 0,
+            pending: HashMap::default(),
             stale: false,
             #[cfg(test)]
             fail_next: false,
@@ -459,7 +454,7 @@ impl History {
                     tx_packets: n[3] as u64,
                     tx_bytes: n[4] as u64,
                 };
-                self.baselines.insert(key, (base, self.pass));
+                self.pending.insert(key, base);
             }
         }
         Ok(())
@@ -469,7 +464,7 @@ impl History {
     /// transaction with the new baselines. On failure nothing is written
     /// and the next pass writes it; a database found damaged is moved aside
     /// and a new one started.
-    pub(crate) fn record_pass(&mut self, tracker: &Tracker) {
+    pub(crate) fn record_pass(&mut self, tracker: &mut Tracker) {
         if self.unlock != Unlock::Unlocked {
             self.unlock = Unlock::read();
         }
@@ -509,7 +504,8 @@ impl History {
             Ok((aside, db)) => {
                 self.db = db;
                 self.moved_aside.push(aside);
-                self.baselines.clear();
+                self.pending.clear();
+                self.stale = true;
             }
             Err(e) => {
                 self.failed_passes += 1;
@@ -518,41 +514,41 @@ impl History {
         }
     }
 
-    fn write(&mut self, tracker: &Tracker) -> Result<()> {
+    fn write(&mut self, tracker: &mut Tracker) -> Result<()> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs() as i64;
         let before_unlock = self.unlock == Unlock::Locked;
         if self.stale {
-            self.baselines.clear();
+            // The last write rolled back: start again from what the
+            // database holds.
+            tracker.reset_written();
+            self.pending.clear();
             self.load_baselines()?;
             self.stale = false;
         }
-        // The baselines are updated in place as rows are written (no copy
-        // of a burst's worth of flows); a transaction that fails has them
-        // read back from the database (`record_pass`).
-        self.pass = self.pass.wrapping_add(1);
-        let pass = self.pass;
+        let gone = tracker.take_gone();
         let tx = self.db.transaction()?;
-        {
+        let result = (|| -> Result<()> {
             let mut upsert = tx.prepare_cached(UPSERT)?;
             let mut keep = tx.prepare_cached(
                 "INSERT OR REPLACE INTO baselines (boot_id, map_id, key, first_seen, connects, \
                  udp_sends, tx_packets, tx_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             let ctx = &self.context;
-            for (key, value, description) in tracker.described() {
-                let known = self.baselines.get_mut(key);
-                let before = known.map(|(base, seen)| {
-                    *seen = pass;
-                    *base
-                });
-                let Some(description) = description else {
-                    continue;
-                };
-                let Some((delta, fresh)) = Baseline::delta(before.as_ref(), value) else {
-                    continue;
+            let pending = &mut self.pending;
+            tracker.for_each_written(|key, value, description, written| -> Result<()> {
+                if let Some(held) = pending.remove(key) {
+                    if held.first_seen == 0
+                        || value.first_seen == 0
+                        || held.first_seen == value.first_seen
+                    {
+                        *written = held.counters();
+                    }
+                }
+                let Some((delta, fresh)) = Baseline::delta(written, value) else {
+                    return Ok(());
                 };
                 let first_seen = if fresh && value.first_seen != 0 {
                     wall_secs(value.first_seen).min(now)
@@ -600,33 +596,44 @@ impl History {
                     ctx.kernel,
                     ctx.boot_id,
                 ])?;
-                let now_base = Baseline::of(value);
                 keep.execute(params![
                     ctx.boot_id,
                     ctx.map_id,
                     key_bytes(key),
-                    now_base.first_seen as i64,
-                    now_base.connects as i64,
-                    now_base.udp_sends as i64,
-                    now_base.tx_packets as i64,
-                    now_base.tx_bytes as i64,
+                    value.first_seen as i64,
+                    value.connects as i64,
+                    value.udp_sends as i64,
+                    value.tx_packets as i64,
+                    value.tx_bytes as i64,
                 ])?;
-                self.baselines.insert(*key, (now_base, pass));
-            }
+                *written = value.into();
+                Ok(())
+            })?;
             let mut forget = tx.prepare_cached(
                 "DELETE FROM baselines WHERE boot_id = ?1 AND map_id = ?2 AND key = ?3",
             )?;
-            for (key, _) in self.baselines.iter().filter(|(_, (_, seen))| *seen != pass) {
+            // Flows evicted since the last pass, and those the database
+            // knew that no pass found after a restart.
+            for key in gone.iter().chain(self.pending.keys()) {
                 forget.execute(params![ctx.boot_id, ctx.map_id, key_bytes(key)])?;
             }
+            #[cfg(test)]
+            if std::mem::take(&mut self.fail_next) {
+                anyhow::bail!("injected failure");
+            }
+            Ok(())
+        })();
+        match result.and_then(|()| Ok(tx.commit()?)) {
+            Ok(()) => {
+                // Held for flows no pass found: gone, and forgotten above.
+                self.pending = HashMap::default();
+                Ok(())
+            }
+            Err(e) => {
+                self.stale = true;
+                Err(e)
+            }
         }
-        #[cfg(test)]
-        if std::mem::take(&mut self.fail_next) {
-            anyhow::bail!("injected failure");
-        }
-        tx.commit()?;
-        self.baselines.retain(|_, (_, seen)| *seen == pass);
-        Ok(())
     }
 
     /// Drops hours older than `--retain-days`, then the oldest hours while
@@ -750,24 +757,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deltas_continue_a_flow_and_start_over_when_the_kernel_made_it_anew() {
-        let value = |first_seen, bytes| FlowValue {
-            first_seen,
+    fn deltas_continue_a_flow_and_start_over_when_nothing_was_written() {
+        let value = |bytes| FlowValue {
             tx_bytes: bytes,
             tx_packets: bytes / 100,
             ..Default::default()
         };
+        let nothing = Counters::default();
         assert_eq!(
-            Baseline::delta(None, &value(5, 300)).unwrap().0.tx_bytes,
+            Baseline::delta(&nothing, &value(300)).unwrap().0.tx_bytes,
             300
         );
-        let base = Baseline::of(&value(5, 300));
-        assert!(Baseline::delta(Some(&base), &value(5, 300)).is_none());
-        let (d, fresh) = Baseline::delta(Some(&base), &value(5, 500)).unwrap();
+        let written = Counters::from(&value(300));
+        assert!(Baseline::delta(&written, &value(300)).is_none());
+        let (d, fresh) = Baseline::delta(&written, &value(500)).unwrap();
         assert_eq!((d.tx_bytes, d.tx_packets, fresh), (200, 2, false));
-        let (d, fresh) = Baseline::delta(Some(&base), &value(9, 100)).unwrap();
-        assert_eq!((d.tx_bytes, fresh), (100, true));
-        let (d, fresh) = Baseline::delta(Some(&base), &value(5, 200)).unwrap();
+        let (d, fresh) = Baseline::delta(&written, &value(200)).unwrap();
         assert_eq!((d.tx_bytes, fresh), (200, true));
     }
 

@@ -7,8 +7,9 @@
 //! Memory is bounded by the flow map: per tracked flow it keeps the kernel's
 //! values, the counters last logged, the sender's identity and the owner and
 //! sender parts of its description (both shared with the sender's other
-//! flows), what was learnt of its destination, and an index into a small
-//! table of (origin, firmware, country) classes, about 250 bytes, in one
+//! flows), what was learnt of its destination, the counters the history
+//! database holds of it, and an index into a small table of (origin,
+//! firmware, country) classes, about 250 bytes, in one
 //! vector indexed by a small hash table (`IndexMap`, where a plain hash map
 //! at half load would take twice that); full records are built only when
 //! read or logged.
@@ -45,6 +46,9 @@ struct Tracked {
     cleartext: bool,
     /// Its leaks (in the order found) counted in `identifier_leaks` already.
     leaks_counted: u32,
+    /// The counters the history database holds of this flow (zero until
+    /// it is first written; see `crate::history`).
+    written: Counters,
     /// The flow described (owner, sender, destination, payload), once per
     /// change: when it starts, its sender becomes known, its destination or
     /// payload is learnt, or its uid's owner changes. None until then (a
@@ -191,6 +195,8 @@ pub(crate) struct Tracker {
     /// Identities the event reader handed over whose flows no pass has
     /// found yet (see [`Tracker::receive`]).
     unclaimed: Identities,
+    /// Flows evicted since [`Tracker::take_gone`], kept only for history.
+    gone: Option<Vec<FlowKey>>,
     /// The owner and sender parts of the flows' descriptions.
     senders: Senders,
 }
@@ -336,15 +342,43 @@ impl Tracker {
             .collect()
     }
 
-    /// Every tracked flow with its kernel counters as of the latest pass
-    /// and its description (None only before the pass that restored it
-    /// ends).
-    pub(crate) fn described(
-        &self,
-    ) -> impl Iterator<Item = (&FlowKey, &FlowValue, Option<&Description>)> + '_ {
-        self.flows
-            .iter()
-            .map(|(key, t)| (key, &t.current, t.description.as_ref()))
+    /// History's walk: every described flow with its kernel counters as of
+    /// the latest pass and what the history database holds of it, which
+    /// `f` may move forward.
+    pub(crate) fn for_each_written<E>(
+        &mut self,
+        mut f: impl FnMut(&FlowKey, &FlowValue, &Description, &mut Counters) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for (key, tracked) in self.flows.iter_mut() {
+            let Tracked {
+                current,
+                description,
+                written,
+                ..
+            } = tracked;
+            if let Some(description) = description {
+                f(key, current, description, written)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets what history wrote of every flow (its write failed; what
+    /// the database holds is read back).
+    pub(crate) fn reset_written(&mut self) {
+        for tracked in self.flows.values_mut() {
+            tracked.written = Counters::default();
+        }
+    }
+
+    /// From now on, keeps the keys of evicted flows for [`take_gone`].
+    pub(crate) fn keep_gone(&mut self) {
+        self.gone.get_or_insert_with(Vec::new);
+    }
+
+    /// The flows evicted since the last call.
+    pub(crate) fn take_gone(&mut self) -> Vec<FlowKey> {
+        self.gone.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Identities the tracker holds: of tracked flows, and of flows no pass
@@ -390,6 +424,7 @@ impl Tracker {
             last_secs: 0,
             unclaimed: Identities::new(capacity),
             senders: Senders::default(),
+            gone: None,
         }
     }
 
@@ -524,6 +559,7 @@ impl Tracker {
             fired: announced.map_or(0, |a| a.fired),
             cleartext: false,
             leaks_counted: 0,
+            written: Counters::default(),
             description: None,
         };
         self.judge(&record, &mut tracked, events);
@@ -625,9 +661,13 @@ impl Tracker {
         // Evicted by the kernel (LRU) or gone with the maps.
         let before = self.flows.len();
         let senders = &mut self.senders;
+        let gone = &mut self.gone;
         self.flows.retain(|key, tracked| {
             if tracked.seen != generation {
                 events.push_with(|| end_event(describe, senders, key, tracked, EndReason::Evicted));
+                if let Some(gone) = gone.as_mut() {
+                    gone.push(*key);
+                }
             }
             tracked.seen == generation
         });
@@ -938,6 +978,7 @@ impl Tracker {
             fired,
             cleartext: saved.cleartext,
             leaks_counted: saved.leaks_counted,
+            written: Counters::default(),
             description: None,
         };
         self.flows.insert(saved.key, tracked);
