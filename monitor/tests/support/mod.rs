@@ -337,7 +337,9 @@ impl AgentProc {
             .spawn()
             .expect("spawn agent");
         self.proc = Some(Proc(child));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Loading and verifying the programs takes seconds under emulation
+        // (the arm64 guests on an x86 machine), more on a busy machine.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(out) = self
                 .command()
