@@ -529,9 +529,6 @@ impl Agent {
         if let Some(state) = &scrape_state {
             restore_scrapes(state, &mut labelled_uids, netd.as_mut());
         }
-        if history.is_some() {
-            tracker.keep_gone();
-        }
         let ring = kernel.take_events()?;
         let payload_ring = kernel.take_payloads()?;
         let kernel_log = crate::bpf::kernel_log::KernelLog::default();

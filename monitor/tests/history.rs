@@ -359,7 +359,10 @@ fn retention_drops_old_hours() {
     let db = rusqlite::Connection::open(state.join("history.db")).unwrap();
     let copied = db
         .execute(
-            "INSERT INTO destinations SELECT hour - 1440, uid, owner, origin, firmware, partition, \
+            "INSERT INTO destinations (hour, uid, owner, origin, firmware, partition, proto, \
+             direction, dst, port, host, host_source, country, asn, payload, leaks, connects, \
+             udp_sends, tx_packets, tx_bytes, first_seen, last_seen, before_unlock, build, \
+             kernel, boot_id) SELECT hour - 1440, uid, owner, origin, firmware, partition, \
              proto, direction, dst, 9009, host, host_source, country, asn, payload, leaks, \
              connects, udp_sends, tx_packets, tx_bytes, first_seen - 5184000, \
              last_seen - 5184000, before_unlock, build, kernel, boot_id FROM destinations",

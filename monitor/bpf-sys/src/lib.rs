@@ -800,7 +800,6 @@ pub fn percpu_lookup_batch<K: Copy + Default, V: Copy + Default>(
 }
 
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
-const BPF_MAP_GET_FD_BY_ID: u32 = 14;
 
 #[repr(C)]
 #[derive(Default)]
@@ -835,24 +834,6 @@ fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     };
     // SAFETY: attr matches BPF_PROG_GET_FD_BY_ID.
     unsafe { sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) }.map(owned_fd)
-}
-
-/// Whether a map with this id exists (BPF_MAP_GET_FD_BY_ID): an id is
-/// never reused while its map lives. Errors other than "no such map" say
-/// yes, so a caller never forgets a map it cannot look at.
-pub fn map_exists(id: u32) -> bool {
-    let mut attr = GetByIdAttr {
-        id,
-        ..Default::default()
-    };
-    // SAFETY: attr matches BPF_MAP_GET_FD_BY_ID.
-    match unsafe { sys_bpf(BPF_MAP_GET_FD_BY_ID, &mut attr) } {
-        Ok(fd) => {
-            drop(owned_fd(fd));
-            true
-        }
-        Err(e) => e.raw_os_error() != Some(libc::ENOENT),
-    }
 }
 
 /// The ids of the maps program `prog_id` uses (BPF_PROG_GET_FD_BY_ID, then

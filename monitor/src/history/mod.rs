@@ -4,9 +4,9 @@
 //! and `diff` (what one run reached that another did not).
 //!
 //! The agent writes kernel *deltas* (each flow's counters minus what the
-//! database already holds of them) together with the new baselines in one
-//! transaction per pass, so a restart, a `kill -9` or a reboot neither
-//! doubles nor loses what was written. Rows are per hour, uid, owner and
+//! database already holds of them), each with the flow's new baseline in
+//! the same row, in one transaction per pass, so a restart, a `kill -9` or a
+//! reboot neither doubles nor loses what was written. Rows are per hour, uid, owner and
 //! destination, which bounds `--since` to the hour and lets retention drop
 //! whole hours, oldest first.
 //!

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Bumped when the schema changes incompatibly (an older file is moved
 /// aside like a damaged one, with its own message).
-const SCHEMA: i64 = 1;
+const SCHEMA: i64 = 2;
 
 const CREATE: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,29 +44,40 @@ CREATE TABLE IF NOT EXISTS destinations (
     build TEXT NOT NULL,
     kernel TEXT NOT NULL,
     boot_id TEXT NOT NULL,
+    -- The kernel counters already written of the flow this row is of, in
+    -- the flow map `map_id` of boot `boot_id`: what the next pass
+    -- subtracts, read back after a restart from the newest row per flow.
+    -- In the row itself, so that a pass writes one statement per flow.
+    map_id INTEGER,
+    flow_key BLOB,
+    base_first_seen INTEGER,
+    base_connects INTEGER,
+    base_udp_sends INTEGER,
+    base_tx_packets INTEGER,
+    base_tx_bytes INTEGER,
     PRIMARY KEY (hour, uid, owner, proto, direction, dst, port, build)
 );
--- The kernel counters already written, per flow of one boot's flow map:
--- what the next pass subtracts.
-CREATE TABLE IF NOT EXISTS baselines (
-    boot_id TEXT NOT NULL,
-    map_id INTEGER NOT NULL,
-    key BLOB NOT NULL,
-    first_seen INTEGER NOT NULL,
-    connects INTEGER NOT NULL,
-    udp_sends INTEGER NOT NULL,
-    tx_packets INTEGER NOT NULL,
-    tx_bytes INTEGER NOT NULL,
-    PRIMARY KEY (boot_id, map_id, key)
-) WITHOUT ROWID;
+";
+
+/// Schema 1 kept each flow's written counters in a table of their own.
+const FROM_SCHEMA_1: &str = "
+ALTER TABLE destinations ADD COLUMN map_id INTEGER;
+ALTER TABLE destinations ADD COLUMN flow_key BLOB;
+ALTER TABLE destinations ADD COLUMN base_first_seen INTEGER;
+ALTER TABLE destinations ADD COLUMN base_connects INTEGER;
+ALTER TABLE destinations ADD COLUMN base_udp_sends INTEGER;
+ALTER TABLE destinations ADD COLUMN base_tx_packets INTEGER;
+ALTER TABLE destinations ADD COLUMN base_tx_bytes INTEGER;
 ";
 
 const UPSERT: &str = "
 INSERT INTO destinations (hour, uid, owner, origin, firmware, partition, proto, direction,
     dst, port, host, host_source, country, asn, payload, leaks, connects, udp_sends,
-    tx_packets, tx_bytes, first_seen, last_seen, before_unlock, build, kernel, boot_id)
+    tx_packets, tx_bytes, first_seen, last_seen, before_unlock, build, kernel, boot_id,
+    map_id, flow_key, base_first_seen, base_connects, base_udp_sends, base_tx_packets,
+    base_tx_bytes)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-    ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)
+    ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)
 ON CONFLICT (hour, uid, owner, proto, direction, dst, port, build) DO UPDATE SET
     origin = excluded.origin,
     firmware = excluded.firmware,
@@ -88,7 +99,14 @@ ON CONFLICT (hour, uid, owner, proto, direction, dst, port, build) DO UPDATE SET
     last_seen = max(last_seen, excluded.last_seen),
     before_unlock = max(before_unlock, excluded.before_unlock),
     kernel = excluded.kernel,
-    boot_id = excluded.boot_id";
+    boot_id = excluded.boot_id,
+    map_id = excluded.map_id,
+    flow_key = excluded.flow_key,
+    base_first_seen = excluded.base_first_seen,
+    base_connects = excluded.base_connects,
+    base_udp_sends = excluded.base_udp_sends,
+    base_tx_packets = excluded.base_tx_packets,
+    base_tx_bytes = excluded.base_tx_bytes";
 
 /// How long history is kept and how large it may grow.
 #[derive(Clone, Debug)]
@@ -220,6 +238,9 @@ pub(crate) struct History {
     /// A write failed: the tracker's `written` may be ahead of the
     /// database.
     stale: bool,
+    /// Schema 1's table of written counters is still there: read at
+    /// start, dropped by the first write.
+    legacy_baselines: bool,
     /// Makes the next write fail just before its commit.
     #[cfg(test)]
     fail_next: bool,
@@ -315,6 +336,15 @@ fn open_checked(path: &Path) -> std::result::Result<Connection, (anyhow::Error, 
             .map_err(|e| plain(e.into()))?;
         }
         Some(Ok(SCHEMA)) => {}
+        Some(Ok(1)) => {
+            let upgrade = || -> rusqlite::Result<()> {
+                db.execute_batch(&format!(
+                    "BEGIN; {FROM_SCHEMA_1} UPDATE meta SET value = '{SCHEMA}' \
+                     WHERE key = 'schema'; COMMIT;"
+                ))
+            };
+            upgrade().map_err(|e| plain(anyhow::Error::new(e).context("upgrading its schema")))?;
+        }
         Some(_) => {
             return Err((
                 anyhow::anyhow!("has a schema this egressmon does not know"),
@@ -358,7 +388,7 @@ fn create_private(path: &Path) -> Result<()> {
 
 impl History {
     /// Opens the history in `options.dir` for the flow map `map_id` of this
-    /// boot: baselines of other boots (or of maps no longer there) go.
+    /// boot: only its flows' baselines are read back.
     pub(crate) fn open(options: HistoryOptions, map_id: u32) -> Result<History> {
         crate::serve::private_fs::ensure_private_dir(&options.dir).with_context(|| {
             format!(
@@ -389,6 +419,7 @@ impl History {
             context,
             pending: HashMap::default(),
             stale: false,
+            legacy_baselines: false,
             #[cfg(test)]
             fail_next: false,
             unlock: Unlock::Unknown,
@@ -396,6 +427,15 @@ impl History {
             failed_passes: 0,
             moved_aside,
         };
+        history.legacy_baselines = history
+            .db
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'baselines'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .context("reading the database's tables")?
+            > 0;
         history.load_baselines()?;
         history.trim();
         Ok(history)
@@ -413,51 +453,50 @@ impl History {
         }
     }
 
+    /// Reads back the newest written counters of each flow of this boot's
+    /// flow map `map_id` (and, once, schema 1's table of them).
     fn load_baselines(&mut self) -> Result<()> {
         let SeenUnder {
             boot_id, map_id, ..
         } = &self.context;
-        self.db
-            .execute("DELETE FROM baselines WHERE boot_id != ?1", [boot_id])
-            .context("dropping the baselines of earlier boots")?;
-        // Other flow maps of this boot (another pin directory) keep theirs
-        // while their map lives.
-        let others: Vec<u32> = {
-            let mut stmt = self
-                .db
-                .prepare("SELECT DISTINCT map_id FROM baselines WHERE map_id != ?1")?;
-            let ids = stmt.query_map([map_id], |r| r.get(0))?;
-            ids.collect::<rusqlite::Result<_>>()?
+        let mut read = |sql: &str, args: &[&dyn rusqlite::ToSql]| -> Result<()> {
+            let mut stmt = self.db.prepare(sql)?;
+            let rows = stmt.query_map(args, |r| {
+                let key: Vec<u8> = r.get(0)?;
+                let numbers: [i64; 5] = [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?];
+                Ok((key, numbers))
+            })?;
+            // Oldest first: a flow's newest row has the last word.
+            for row in rows {
+                let (key, n) = row?;
+                if let Some(key) = key_from_bytes(&key) {
+                    let base = Baseline {
+                        first_seen: n[0] as u64,
+                        connects: n[1] as u64,
+                        udp_sends: n[2] as u64,
+                        tx_packets: n[3] as u64,
+                        tx_bytes: n[4] as u64,
+                    };
+                    self.pending.insert(key, base);
+                }
+            }
+            Ok(())
         };
-        for id in others {
-            if !crate::bpf_sys::map_exists(id) {
-                self.db
-                    .execute("DELETE FROM baselines WHERE map_id = ?1", [id])?;
-            }
+        if self.legacy_baselines {
+            read(
+                "SELECT key, first_seen, connects, udp_sends, tx_packets, tx_bytes FROM baselines \
+                 WHERE boot_id = ?1 AND map_id = ?2",
+                params![boot_id, map_id],
+            )?;
         }
-        let mut stmt = self.db.prepare(
-            "SELECT key, first_seen, connects, udp_sends, tx_packets, tx_bytes FROM baselines \
-             WHERE boot_id = ?1 AND map_id = ?2",
-        )?;
-        let rows = stmt.query_map(params![boot_id, map_id], |r| {
-            let key: Vec<u8> = r.get(0)?;
-            let numbers: [i64; 5] = [r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?];
-            Ok((key, numbers))
-        })?;
-        for row in rows {
-            let (key, n) = row?;
-            if let Some(key) = key_from_bytes(&key) {
-                let base = Baseline {
-                    first_seen: n[0] as u64,
-                    connects: n[1] as u64,
-                    udp_sends: n[2] as u64,
-                    tx_packets: n[3] as u64,
-                    tx_bytes: n[4] as u64,
-                };
-                self.pending.insert(key, base);
-            }
-        }
-        Ok(())
+        // Only rows since this boot can be of its maps.
+        read(
+            "SELECT flow_key, base_first_seen, base_connects, base_udp_sends, base_tx_packets, \
+             base_tx_bytes FROM destinations WHERE hour >= ?1 AND boot_id = ?2 AND map_id = ?3 \
+             AND flow_key IS NOT NULL ORDER BY hour, last_seen",
+            params![wall_secs(0) / 3600 - 1, boot_id, map_id],
+        )
+        .context("reading back what was written of this boot's flows")
     }
 
     /// Writes what the kernel counted since the last pass, in one
@@ -528,14 +567,9 @@ impl History {
             self.load_baselines()?;
             self.stale = false;
         }
-        let gone = tracker.take_gone();
         let tx = self.db.transaction()?;
         let result = (|| -> Result<()> {
             let mut upsert = tx.prepare_cached(UPSERT)?;
-            let mut keep = tx.prepare_cached(
-                "INSERT OR REPLACE INTO baselines (boot_id, map_id, key, first_seen, connects, \
-                 udp_sends, tx_packets, tx_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
             let ctx = &self.context;
             let pending = &mut self.pending;
             tracker.for_each_written(|key, value, description, written| -> Result<()> {
@@ -595,9 +629,6 @@ impl History {
                     ctx.build,
                     ctx.kernel,
                     ctx.boot_id,
-                ])?;
-                keep.execute(params![
-                    ctx.boot_id,
                     ctx.map_id,
                     key_bytes(key),
                     value.first_seen as i64,
@@ -609,13 +640,8 @@ impl History {
                 *written = value.into();
                 Ok(())
             })?;
-            let mut forget = tx.prepare_cached(
-                "DELETE FROM baselines WHERE boot_id = ?1 AND map_id = ?2 AND key = ?3",
-            )?;
-            // Flows evicted since the last pass, and those the database
-            // knew that no pass found after a restart.
-            for key in gone.iter().chain(self.pending.keys()) {
-                forget.execute(params![ctx.boot_id, ctx.map_id, key_bytes(key)])?;
+            if self.legacy_baselines {
+                tx.execute_batch("DROP TABLE baselines")?;
             }
             #[cfg(test)]
             if std::mem::take(&mut self.fail_next) {
@@ -625,8 +651,11 @@ impl History {
         })();
         match result.and_then(|()| Ok(tx.commit()?)) {
             Ok(()) => {
-                // Held for flows no pass found: gone, and forgotten above.
+                // Held for flows no pass found: gone (their rows' counters
+                // are never read again: a flow made anew starts at zero
+                // with another first_seen).
                 self.pending = HashMap::default();
+                self.legacy_baselines = false;
                 Ok(())
             }
             Err(e) => {
@@ -872,13 +901,16 @@ mod tests {
             retain_days: 90,
             max_bytes: 64 << 20,
         };
-        let mut tracker = Tracker::new(TrackerOptions {
-            capacity: 16,
-            update_every: Duration::from_secs(60),
-            idle_after: Duration::from_secs(300),
-            emit: false,
-            rules: crate::pipeline::rules::Rules::none(),
-        });
+        let new_tracker = || {
+            Tracker::new(TrackerOptions {
+                capacity: 16,
+                update_every: Duration::from_secs(60),
+                idle_after: Duration::from_secs(300),
+                emit: false,
+                rules: crate::pipeline::rules::Rules::none(),
+            })
+        };
+        let mut tracker = new_tracker();
         let key = FlowKey {
             uid: 1001,
             port: 9001,
@@ -929,16 +961,44 @@ mod tests {
         assert_eq!(total(&dir), 800);
         drop(history);
         // New maps (the old one's id is gone): counters start over and add.
+        let options_again = options.clone();
         let mut history = History::open(options, u32::MAX - 1).unwrap();
-        let mut fresh = Tracker::new(TrackerOptions {
-            capacity: 16,
-            update_every: Duration::from_secs(60),
-            idle_after: Duration::from_secs(300),
-            emit: false,
-            rules: crate::pipeline::rules::Rules::none(),
-        });
+        let mut fresh = new_tracker();
         pass(&mut fresh, &mut history, 50);
         assert_eq!(total(&dir), 850);
+        drop(history);
+        // Written by schema 1 (baselines in a table of their own), then
+        // upgraded: its baselines still count, once.
+        let db = Connection::open(dir.join(DB_FILE)).unwrap();
+        let columns = FROM_SCHEMA_1
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5));
+        for column in columns {
+            db.execute_batch(&format!("ALTER TABLE destinations DROP COLUMN {column}"))
+                .unwrap();
+        }
+        db.execute_batch(&format!(
+            "UPDATE meta SET value = '1' WHERE key = 'schema';
+             CREATE TABLE baselines (boot_id TEXT NOT NULL, map_id INTEGER NOT NULL,
+                 key BLOB NOT NULL, first_seen INTEGER NOT NULL, connects INTEGER NOT NULL,
+                 udp_sends INTEGER NOT NULL, tx_packets INTEGER NOT NULL,
+                 tx_bytes INTEGER NOT NULL, PRIMARY KEY (boot_id, map_id, key)) WITHOUT ROWID;
+             INSERT INTO baselines VALUES ('{}', {}, x'{}', 1, 0, 0, 0, 50);",
+            crate::serve::state::boot_id(),
+            u32::MAX - 1,
+            key_bytes(&key)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ))
+        .unwrap();
+        drop(db);
+        let mut history = History::open(options_again, u32::MAX - 1).unwrap();
+        assert!(history.legacy_baselines);
+        let mut restarted = new_tracker();
+        pass(&mut restarted, &mut history, 60);
+        assert_eq!(total(&dir), 860, "schema 1's baseline subtracted");
+        assert!(!history.legacy_baselines, "its table dropped");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

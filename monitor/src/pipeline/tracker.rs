@@ -195,8 +195,6 @@ pub(crate) struct Tracker {
     /// Identities the event reader handed over whose flows no pass has
     /// found yet (see [`Tracker::receive`]).
     unclaimed: Identities,
-    /// Flows evicted since [`Tracker::take_gone`], kept only for history.
-    gone: Option<Vec<FlowKey>>,
     /// The owner and sender parts of the flows' descriptions.
     senders: Senders,
 }
@@ -371,16 +369,6 @@ impl Tracker {
         }
     }
 
-    /// From now on, keeps the keys of evicted flows for [`take_gone`].
-    pub(crate) fn keep_gone(&mut self) {
-        self.gone.get_or_insert_with(Vec::new);
-    }
-
-    /// The flows evicted since the last call.
-    pub(crate) fn take_gone(&mut self) -> Vec<FlowKey> {
-        self.gone.as_mut().map(std::mem::take).unwrap_or_default()
-    }
-
     /// Identities the tracker holds: of tracked flows, and of flows no pass
     /// has found yet.
     pub(crate) fn identities(&self) -> usize {
@@ -424,7 +412,6 @@ impl Tracker {
             last_secs: 0,
             unclaimed: Identities::new(capacity),
             senders: Senders::default(),
-            gone: None,
         }
     }
 
@@ -661,13 +648,9 @@ impl Tracker {
         // Evicted by the kernel (LRU) or gone with the maps.
         let before = self.flows.len();
         let senders = &mut self.senders;
-        let gone = &mut self.gone;
         self.flows.retain(|key, tracked| {
             if tracked.seen != generation {
                 events.push_with(|| end_event(describe, senders, key, tracked, EndReason::Evicted));
-                if let Some(gone) = gone.as_mut() {
-                    gone.push(*key);
-                }
             }
             tracked.seen == generation
         });
