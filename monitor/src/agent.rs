@@ -120,7 +120,8 @@ pub(crate) struct Agent {
     scrape_state: Option<ScrapeState>,
     /// Re-arms payload capture of flows this agent found already captured.
     rearm: Mutex<Option<PayloadRearm>>,
-    /// The history database, written after each pass that changed something.
+    /// The history database, written every `--history-every` (see
+    /// `History::after_pass`).
     history: Mutex<Option<crate::history::History>>,
 }
 
@@ -529,6 +530,9 @@ impl Agent {
         if let Some(state) = &scrape_state {
             restore_scrapes(state, &mut labelled_uids, netd.as_mut());
         }
+        if history.is_some() {
+            tracker.keep_unwritten();
+        }
         let ring = kernel.take_events()?;
         let payload_ring = kernel.take_payloads()?;
         let kernel_log = crate::bpf::kernel_log::KernelLog::default();
@@ -681,10 +685,11 @@ impl Agent {
         if let Some(rearm) = self.rearm.lock().unwrap().as_mut() {
             rearm.after_pass(tracker, destinations);
         }
-        if tracker.take_dirty() {
-            if let Some(history) = self.history.lock().unwrap().as_mut() {
-                history.record_pass(tracker);
-            }
+        let changed = tracker.take_dirty();
+        if let Some(history) = self.history.lock().unwrap().as_mut() {
+            history.after_pass(tracker, changed, self.stop.load(Ordering::Relaxed));
+        }
+        if changed {
             if let Some(state) = self.pass_state.lock().unwrap().as_mut() {
                 state.save(tracker, destinations);
             }

@@ -66,6 +66,10 @@ impl World {
             "--state-dir".to_string(),
             state.to_str().unwrap().to_string(),
         ];
+        // Every pass writes unless a test says otherwise.
+        if !extra.contains(&"--history-every") {
+            args.extend(["--history-every".to_string(), "1".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }
@@ -295,15 +299,23 @@ fn restart_and_reboot_neither_double_nor_lose() {
 
     // A reboot: the pins and maps go; a new agent counts from zero into
     // the same rows.
+    // This agent writes every flow once an hour, and everything when it
+    // stops.
     agent.detach();
-    let mut agent = world.agent(&tag, &state, &[]);
+    let mut agent = world.agent(&tag, &state, &["--history-every", "3600"]);
     world.send(RADIO, 9001, 4);
-    wait_reported(&state, RADIO, 9001, 19 * DATAGRAM);
-    assert_eq!(
-        counted(&agent, RADIO, 9001),
-        4 * DATAGRAM,
+    assert!(
+        eventually(Duration::from_secs(15), || counted(&agent, RADIO, 9001)
+            == 4 * DATAGRAM),
         "new maps count anew"
     );
+    agent.detach();
+    assert_eq!(
+        reported(&state, RADIO, 9001),
+        19 * DATAGRAM,
+        "written when the agent stopped"
+    );
+    let mut agent = world.agent(&tag, &state, &[]);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(reported(&state, RADIO, 9001), 19 * DATAGRAM, "not doubled");
     let row = report(&state)

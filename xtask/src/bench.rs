@@ -784,6 +784,8 @@ impl Bench {
     }
 
     fn measure(&mut self, w: Workload, active: &Active) -> Result<Sample> {
+        /// Past the agent's next history write after a workload.
+        const AGENT_SETTLE: Duration = Duration::from_secs(12);
         let agent_pid = match active {
             Active::Egressmon(a) => Some(a.proc.pid()),
             _ => None,
@@ -791,8 +793,13 @@ impl Bench {
         let before = sys::cgroup_prog_stats(&self.cgroup.path)?;
         let ticks_before = agent_pid.map(sys::proc_cpu_ticks).transpose()?;
         let ran = self.workload(w, false)?;
-        let ticks_after = agent_pid.map(sys::proc_cpu_ticks).transpose()?;
         let after = sys::cgroup_prog_stats(&self.cgroup.path)?;
+        if agent_pid.is_some() {
+            // The agent writes history every 10 s (`--history-every`):
+            // what the workload left it to write is its cost too.
+            std::thread::sleep(AGENT_SETTLE);
+        }
+        let ticks_after = agent_pid.map(sys::proc_cpu_ticks).transpose()?;
         let mut events_lost = None;
         if let Active::Egressmon(a) = active {
             a.check_alive()?;

@@ -266,6 +266,12 @@ pub(crate) struct RunArgs {
     /// hours are dropped.
     #[arg(long, default_value_t = 256)]
     pub(crate) history_max_mib: u64,
+    /// Write every flow that moved to the history database this often, in
+    /// seconds (flows the kernel evicts are written when found gone, and
+    /// everything when the agent stops; a `kill -9` loses nothing either:
+    /// the pinned maps keep counting and the next agent writes it).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(crate) history_every: u64,
     /// Keep no history.
     #[arg(long, conflicts_with = "state_dir")]
     pub(crate) no_history: bool,
@@ -407,6 +413,7 @@ fn run(args: RunArgs) -> Result<()> {
                 .unwrap_or_else(crate::history::default_state_dir),
             retain_days: args.retain_days.max(1),
             max_bytes: args.history_max_mib.max(1) << 20,
+            write_every: std::time::Duration::from_secs(args.history_every),
         }),
         ..AgentOptions::default()
     };

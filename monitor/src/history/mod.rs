@@ -5,10 +5,11 @@
 //!
 //! The agent writes kernel *deltas* (each flow's counters minus what the
 //! database already holds of them), each with the flow's new baseline in
-//! the same row, in one transaction per pass, so a restart, a `kill -9` or a
-//! reboot neither doubles nor loses what was written. Rows are per hour, uid, owner and
-//! destination, which bounds `--since` to the hour and lets retention drop
-//! whole hours, oldest first.
+//! the same row, in one transaction every `--history-every` (evicted flows
+//! at the pass that finds them gone, everything when the agent stops), so
+//! a restart, a `kill -9` or a reboot neither doubles nor loses what was
+//! written. Rows are per hour, uid, owner and destination, which bounds
+//! `--since` to the hour and lets retention drop whole hours, oldest first.
 //!
 //! Owns: the database file and its schema (`store`), the reading side
 //! (`rows`), and the two commands (`report`, `diff`). It reads the tracker's

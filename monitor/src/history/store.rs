@@ -2,7 +2,8 @@
 //! aside, never a reason to stop), the writes of each pass and retention.
 
 use super::DB_FILE;
-use crate::pipeline::tracker::{Counters, Tracker};
+use crate::pipeline::flows::Description;
+use crate::pipeline::tracker::{Counters, Tracker, Unwritten};
 use anyhow::{bail, Context, Result};
 use monitor_common::{FlowKey, FlowValue};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags};
@@ -114,6 +115,9 @@ pub(crate) struct HistoryOptions {
     pub(crate) dir: PathBuf,
     pub(crate) retain_days: u32,
     pub(crate) max_bytes: u64,
+    /// How often every flow that moved is written (evicted flows are
+    /// written when found gone, everything when the agent stops).
+    pub(crate) write_every: Duration,
 }
 
 /// The kernel counters of one flow already written.
@@ -241,6 +245,12 @@ pub(crate) struct History {
     /// Schema 1's table of written counters is still there: read at
     /// start, dropped by the first write.
     legacy_baselines: bool,
+    /// Flows evicted before their counters were all written, until a
+    /// write commits them.
+    evicted: Vec<Unwritten>,
+    /// A pass changed something since the last write of every flow.
+    owed: bool,
+    last_write: Option<Instant>,
     /// Makes the next write fail just before its commit.
     #[cfg(test)]
     fail_next: bool,
@@ -420,6 +430,9 @@ impl History {
             pending: HashMap::default(),
             stale: false,
             legacy_baselines: false,
+            evicted: Vec::new(),
+            owed: false,
+            last_write: None,
             #[cfg(test)]
             fail_next: false,
             unlock: Unlock::Unknown,
@@ -499,15 +512,42 @@ impl History {
         .context("reading back what was written of this boot's flows")
     }
 
-    /// Writes what the kernel counted since the last pass, in one
-    /// transaction with the new baselines. On failure nothing is written
-    /// and the next pass writes it; a database found damaged is moved aside
-    /// and a new one started.
-    pub(crate) fn record_pass(&mut self, tracker: &mut Tracker) {
+    /// After each pass: every `write_every` (and when the agent stops),
+    /// writes what the kernel counted since the last write, in one
+    /// transaction; flows the kernel evicted meanwhile are written at the
+    /// pass that finds them gone. On failure nothing is written and the
+    /// next pass writes it; a database found damaged is moved aside and a
+    /// new one started.
+    pub(crate) fn after_pass(&mut self, tracker: &mut Tracker, changed: bool, stopping: bool) {
+        self.owed |= changed;
+        self.evicted.extend(tracker.take_unwritten());
+        let due = stopping
+            || self
+                .last_write
+                .is_none_or(|t| t.elapsed() >= self.options.write_every);
+        let all = self.owed && due;
+        if all || !self.evicted.is_empty() {
+            self.record(tracker, all);
+        }
+        if self
+            .last_trim
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            self.trim();
+        }
+    }
+
+    /// Writes the evicted flows, and with `all` every tracked flow that
+    /// moved.
+    fn record(&mut self, tracker: &mut Tracker, all: bool) {
         if self.unlock != Unlock::Unlocked {
             self.unlock = Unlock::read();
         }
-        match self.write(tracker) {
+        match self.write(tracker, all) {
+            Ok(()) if all => {
+                self.owed = false;
+                self.last_write = Some(Instant::now());
+            }
             Ok(()) => {}
             Err(e) if e.downcast_ref::<rusqlite::Error>().is_some_and(is_damage) => {
                 self.start_over(&format!("was damaged while writing ({e})"))
@@ -526,12 +566,6 @@ impl History {
                     );
                 }
             }
-        }
-        if self
-            .last_trim
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-        {
-            self.trim();
         }
     }
 
@@ -553,7 +587,7 @@ impl History {
         }
     }
 
-    fn write(&mut self, tracker: &mut Tracker) -> Result<()> {
+    fn write(&mut self, tracker: &mut Tracker, all: bool) -> Result<()> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -563,6 +597,9 @@ impl History {
             // The last write rolled back: start again from what the
             // database holds.
             tracker.reset_written();
+            for flow in &mut self.evicted {
+                flow.written = Counters::default();
+            }
             self.pending.clear();
             self.load_baselines()?;
             self.stale = false;
@@ -572,7 +609,11 @@ impl History {
             let mut upsert = tx.prepare_cached(UPSERT)?;
             let ctx = &self.context;
             let pending = &mut self.pending;
-            tracker.for_each_written(|key, value, description, written| -> Result<()> {
+            let mut row = |key: &FlowKey,
+                           value: &FlowValue,
+                           description: &Description,
+                           written: &mut Counters|
+             -> Result<()> {
                 if let Some(held) = pending.remove(key) {
                     if held.first_seen == 0
                         || value.first_seen == 0
@@ -639,7 +680,14 @@ impl History {
                 ])?;
                 *written = value.into();
                 Ok(())
-            })?;
+            };
+            for flow in &mut self.evicted {
+                row(&flow.key, &flow.value, &flow.description, &mut flow.written)?;
+            }
+            if !all {
+                return Ok(());
+            }
+            tracker.for_each_written(row)?;
             if self.legacy_baselines {
                 tx.execute_batch("DROP TABLE baselines")?;
             }
@@ -650,7 +698,12 @@ impl History {
             Ok(())
         })();
         match result.and_then(|()| Ok(tx.commit()?)) {
+            Ok(()) if !all => {
+                self.evicted.clear();
+                Ok(())
+            }
             Ok(()) => {
+                self.evicted.clear();
                 // Held for flows no pass found: gone (their rows' counters
                 // are never read again: a flow made anew starts at zero
                 // with another first_seen).
@@ -866,77 +919,133 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    use crate::pipeline::tracker::{Describe, TrackerOptions};
+
+    /// Every uid is radio, a platform daemon.
+    struct Radio;
+
+    impl Describe for Radio {
+        fn record(
+            &self,
+            key: &FlowKey,
+            value: &FlowValue,
+            meta: Option<&crate::identity::events::FlowMeta>,
+        ) -> crate::pipeline::flows::FlowRecord {
+            crate::pipeline::flows::record(key, value, &self.owner(key.uid), meta)
+        }
+        fn owner(&self, uid: u32) -> crate::identity::owners::Owner {
+            crate::identity::owners::Owner {
+                uid,
+                user: 0,
+                app_id: uid,
+                owner: "radio".into(),
+                packages: vec![],
+                origin: crate::pipeline::vocab::Origin::Platform,
+                firmware: true,
+            }
+        }
+    }
+
+    fn new_tracker() -> Tracker {
+        let mut tracker = Tracker::new(TrackerOptions {
+            capacity: 16,
+            update_every: Duration::from_secs(60),
+            idle_after: Duration::from_secs(300),
+            emit: false,
+            rules: crate::pipeline::rules::Rules::none(),
+        });
+        tracker.keep_unwritten();
+        tracker
+    }
+
+    fn scratch(name: &str, write_every: Duration) -> HistoryOptions {
+        let dir = std::env::temp_dir().join(format!("egm-history-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        HistoryOptions {
+            dir,
+            retain_days: 90,
+            max_bytes: 64 << 20,
+            write_every,
+        }
+    }
+
+    /// The bytes `report` reads.
+    fn total(dir: &Path) -> u64 {
+        let db = crate::history::rows::open(&dir.join(DB_FILE)).unwrap();
+        let rows = crate::history::rows::read(&db, &Default::default()).unwrap();
+        rows.iter().map(|d| d.tx_bytes).sum()
+    }
+
+    fn udp_flow(port: u16) -> FlowKey {
+        FlowKey {
+            uid: 1001,
+            port,
+            proto: monitor_common::PROTO_UDP,
+            family: monitor_common::FAMILY_IPV4,
+            addr: [10, 200, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    fn sent(bytes: u64) -> FlowValue {
+        FlowValue {
+            udp_sends: bytes / 100,
+            tx_packets: bytes / 100,
+            tx_bytes: bytes,
+            first_seen: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Between writes of every flow, an evicted flow is written at the
+    /// pass that finds it gone, and everything when the agent stops.
+    #[test]
+    fn evicted_flows_and_a_stop_are_written_between_writes() {
+        let options = scratch("between", Duration::from_secs(3600));
+        let dir = options.dir.clone();
+        let mut tracker = new_tracker();
+        let mut history = History::open(options, 7).unwrap();
+        let start = Instant::now();
+        let (a, b) = (udp_flow(9001), udp_flow(9002));
+        let mut pass = |at: u64, flows: &[(FlowKey, FlowValue)], stopping: bool| {
+            tracker.tick(start + Duration::from_secs(at), flows, &Radio, &mut |_| {});
+            let changed = tracker.take_dirty();
+            history.after_pass(&mut tracker, changed, stopping);
+            total(&dir)
+        };
+        assert_eq!(pass(1, &[(a, sent(100)), (b, sent(1000))], false), 1100);
+        assert_eq!(
+            pass(2, &[(a, sent(300)), (b, sent(2000))], false),
+            1100,
+            "not due"
+        );
+        assert_eq!(
+            pass(3, &[(b, sent(2500))], false),
+            1300,
+            "a's last 200 bytes"
+        );
+        assert_eq!(
+            pass(4, &[(b, sent(2600))], true),
+            2900,
+            "b's 1600 bytes at stop"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// Passes of a tracker holding one flow, written to a history in a
     /// scratch directory: `report`'s bytes after each step.
     #[test]
     fn a_failed_write_a_restart_and_new_maps_neither_double_nor_lose() {
-        use crate::pipeline::flows::FlowRecord;
-        use crate::pipeline::tracker::{Describe, TrackerOptions};
-        struct Radio;
-        impl Describe for Radio {
-            fn record(
-                &self,
-                key: &FlowKey,
-                value: &FlowValue,
-                meta: Option<&crate::identity::events::FlowMeta>,
-            ) -> FlowRecord {
-                crate::pipeline::flows::record(key, value, &self.owner(key.uid), meta)
-            }
-            fn owner(&self, uid: u32) -> crate::identity::owners::Owner {
-                crate::identity::owners::Owner {
-                    uid,
-                    user: 0,
-                    app_id: uid,
-                    owner: "radio".into(),
-                    packages: vec![],
-                    origin: crate::pipeline::vocab::Origin::Platform,
-                    firmware: true,
-                }
-            }
-        }
-        let dir = std::env::temp_dir().join(format!("egm-history-passes-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let options = HistoryOptions {
-            dir: dir.clone(),
-            retain_days: 90,
-            max_bytes: 64 << 20,
-        };
-        let new_tracker = || {
-            Tracker::new(TrackerOptions {
-                capacity: 16,
-                update_every: Duration::from_secs(60),
-                idle_after: Duration::from_secs(300),
-                emit: false,
-                rules: crate::pipeline::rules::Rules::none(),
-            })
-        };
+        let options = scratch("passes", Duration::ZERO);
+        let dir = options.dir.clone();
         let mut tracker = new_tracker();
-        let key = FlowKey {
-            uid: 1001,
-            port: 9001,
-            proto: monitor_common::PROTO_UDP,
-            family: monitor_common::FAMILY_IPV4,
-            addr: [10, 200, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        };
+        let key = udp_flow(9001);
         let start = Instant::now();
         let mut step = 0;
         let mut pass = |tracker: &mut Tracker, history: &mut History, bytes: u64| {
             step += 1;
-            let value = FlowValue {
-                udp_sends: bytes / 100,
-                tx_packets: bytes / 100,
-                tx_bytes: bytes,
-                first_seen: 1,
-                ..Default::default()
-            };
             let at = start + Duration::from_secs(step);
-            tracker.tick(at, &[(key, value)], &Radio, &mut |_| {});
-            history.record_pass(tracker);
-        };
-        let total = |dir: &Path| -> u64 {
-            let db = crate::history::rows::open(&dir.join(DB_FILE)).unwrap();
-            let rows = crate::history::rows::read(&db, &Default::default()).unwrap();
-            rows.iter().map(|d| d.tx_bytes).sum()
+            tracker.tick(at, &[(key, sent(bytes))], &Radio, &mut |_| {});
+            history.after_pass(tracker, true, false);
         };
         let mut history = History::open(options.clone(), 7).unwrap();
         pass(&mut tracker, &mut history, 300);

@@ -197,6 +197,18 @@ pub(crate) struct Tracker {
     unclaimed: Identities,
     /// The owner and sender parts of the flows' descriptions.
     senders: Senders,
+    /// Flows evicted with counters history has not written yet (kept
+    /// only while history is on; see [`Tracker::keep_unwritten`]).
+    unwritten: Option<Vec<Unwritten>>,
+}
+
+/// A flow the kernel evicted before history wrote all it counted: its last
+/// counters, what history holds of it and its description.
+pub(crate) struct Unwritten {
+    pub(crate) key: FlowKey,
+    pub(crate) value: FlowValue,
+    pub(crate) written: Counters,
+    pub(crate) description: Description,
 }
 
 /// What a previous agent logged of a flow it had not saved yet.
@@ -361,6 +373,21 @@ impl Tracker {
         Ok(())
     }
 
+    /// From now on, keeps evicted flows that history has not written all
+    /// of until [`Tracker::take_unwritten`].
+    pub(crate) fn keep_unwritten(&mut self) {
+        self.unwritten.get_or_insert_with(Vec::new);
+    }
+
+    /// The flows evicted since the last call with counters history has
+    /// not written.
+    pub(crate) fn take_unwritten(&mut self) -> Vec<Unwritten> {
+        self.unwritten
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     /// Forgets what history wrote of every flow (its write failed; what
     /// the database holds is read back).
     pub(crate) fn reset_written(&mut self) {
@@ -412,6 +439,7 @@ impl Tracker {
             last_secs: 0,
             unclaimed: Identities::new(capacity),
             senders: Senders::default(),
+            unwritten: None,
         }
     }
 
@@ -648,9 +676,22 @@ impl Tracker {
         // Evicted by the kernel (LRU) or gone with the maps.
         let before = self.flows.len();
         let senders = &mut self.senders;
+        let unwritten = &mut self.unwritten;
         self.flows.retain(|key, tracked| {
             if tracked.seen != generation {
                 events.push_with(|| end_event(describe, senders, key, tracked, EndReason::Evicted));
+                if let Some(unwritten) = unwritten.as_mut() {
+                    if Counters::from(&tracked.current) != tracked.written {
+                        if let Some(description) = tracked.description.take() {
+                            unwritten.push(Unwritten {
+                                key: *key,
+                                value: tracked.current,
+                                written: tracked.written,
+                                description,
+                            });
+                        }
+                    }
+                }
             }
             tracked.seen == generation
         });

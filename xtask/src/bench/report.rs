@@ -676,11 +676,15 @@ fn agent_cpu_target(v: &View, w: Workload) -> Target {
         measured: format!("{} (max {})", pct(m), pct(hi)),
         met: Some(m < 0.05),
         note: if m < 0.05 {
-            "Median over rounds; /proc/PID/stat ticks (10 ms) over the workload's wall time.".into()
+            "Median over rounds; /proc/PID/stat ticks (10 ms) from the workload's start to 12 s \
+             after its end (the agent's history writes come every 10 s), over the workload's wall \
+             time."
+                .into()
         } else {
             format!(
-                "Missed by {} of a core (median). New flows drive it: the agent drains the \
-                 new-flow ring and reads the flow map.",
+                "Missed by {} of a core (median; its CPU from the workload's start to 12 s after \
+                 its end, over the workload's wall time). New flows drive it: the agent drains \
+                 the new-flow ring, reads the flow map and writes history.",
                 pct(m - 0.05)
             )
         },
@@ -1015,8 +1019,10 @@ pub fn markdown(r: &Results, previous: &str) -> String {
         "\nRatios above 1 mean faster than the reference. Client CPU: user + system time of the \
          generator (iperf3 client for W2 and W2b; sender and receiver processes for W3b) per \
          operation, from getrusage around the traffic loop (softirq work done in its context \
-         counts as its system time). Agent CPU: utime + stime from /proc/PID/stat over the \
-         workload's wall time.\n\n",
+         counts as its system time). Agent CPU: utime + stime from /proc/PID/stat from the \
+         workload's start until 12 s after its end (the agent writes history every 10 s, so \
+         what the workload left it to write is counted), divided by the workload's wall \
+         time.\n\n",
     );
     m.push_str("## Noise\n\n");
     let busy: Vec<String> = r
