@@ -219,6 +219,9 @@ const WORKLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// Pause between setting a condition up and starting the workload (lets the
 /// agent finish its start-up and first scrape; the same for every condition).
 const SETTLE: Duration = Duration::from_millis(1000);
+/// How long the agent's CPU is still counted after a workload: past its
+/// next history write (every 10 s by default).
+pub const AGENT_SETTLE: Duration = Duration::from_secs(12);
 
 /// Uids of the twenty nftables rules: root, fifteen login-style uids and
 /// W4's four.
@@ -263,6 +266,9 @@ pub struct Sample {
     pub progs: Vec<ProgRun>,
     /// Agent CPU time over the workload's wall time (egressmon only).
     pub agent_share: Option<f64>,
+    /// The agent's share of a core from the workload's start until
+    /// `AGENT_SETTLE` after its end.
+    pub agent_settled_share: Option<f64>,
     pub agent_hwm: Option<u64>,
     /// egressmon_events_lost_total after the workload (fresh agent).
     pub events_lost: Option<f64>,
@@ -784,8 +790,6 @@ impl Bench {
     }
 
     fn measure(&mut self, w: Workload, active: &Active) -> Result<Sample> {
-        /// Past the agent's next history write after a workload.
-        const AGENT_SETTLE: Duration = Duration::from_secs(12);
         let agent_pid = match active {
             Active::Egressmon(a) => Some(a.proc.pid()),
             _ => None,
@@ -793,13 +797,17 @@ impl Bench {
         let before = sys::cgroup_prog_stats(&self.cgroup.path)?;
         let ticks_before = agent_pid.map(sys::proc_cpu_ticks).transpose()?;
         let ran = self.workload(w, false)?;
-        let after = sys::cgroup_prog_stats(&self.cgroup.path)?;
-        if agent_pid.is_some() {
-            // The agent writes history every 10 s (`--history-every`):
-            // what the workload left it to write is its cost too.
-            std::thread::sleep(AGENT_SETTLE);
-        }
         let ticks_after = agent_pid.map(sys::proc_cpu_ticks).transpose()?;
+        let after = sys::cgroup_prog_stats(&self.cgroup.path)?;
+        // The agent writes history every 10 s (`--history-every`): what
+        // the workload left it to write is its cost too.
+        let ticks_settled = match agent_pid {
+            Some(pid) => {
+                std::thread::sleep(AGENT_SETTLE);
+                Some(sys::proc_cpu_ticks(pid)?)
+            }
+            None => None,
+        };
         let mut events_lost = None;
         if let Active::Egressmon(a) = active {
             a.check_alive()?;
@@ -827,16 +835,19 @@ impl Bench {
             );
             let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
         }
-        let (agent_share, agent_hwm) = match (agent_pid, ticks_before, ticks_after) {
-            (Some(pid), Some(t0), Some(t1)) => {
-                let secs = (t1 - t0) as f64 / sys::clock_ticks_per_sec() as f64;
-                (
-                    Some(secs / ran.wall.as_secs_f64()),
-                    Some(sys::proc_hwm_bytes(pid)?),
-                )
-            }
-            _ => (None, None),
-        };
+        let (agent_share, agent_settled_share, agent_hwm) =
+            match (agent_pid, ticks_before, ticks_after, ticks_settled) {
+                (Some(pid), Some(t0), Some(t1), Some(t2)) => {
+                    let secs = |ticks: u64| ticks as f64 / sys::clock_ticks_per_sec() as f64;
+                    let wall = ran.wall.as_secs_f64();
+                    (
+                        Some(secs(t1 - t0) / wall),
+                        Some(secs(t2 - t0) / (wall + AGENT_SETTLE.as_secs_f64())),
+                        Some(sys::proc_hwm_bytes(pid)?),
+                    )
+                }
+                _ => (None, None, None),
+            };
         Ok(Sample {
             round: 0,
             ops: ran.ops,
@@ -844,6 +855,7 @@ impl Bench {
             cpu_per_op_ns: ran.cpu_per_op_ns,
             progs,
             agent_share,
+            agent_settled_share,
             agent_hwm,
             events_lost,
             received: ran.received,
