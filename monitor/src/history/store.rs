@@ -704,17 +704,15 @@ impl History {
             Ok(())
         })();
         match result.and_then(|()| Ok(tx.commit()?)) {
-            Ok(()) if !all => {
-                self.evicted = Vec::new();
-                Ok(())
-            }
             Ok(()) => {
                 self.evicted = Vec::new();
-                // Held for flows no pass found: gone (their rows' counters
-                // are never read again: a flow made anew starts at zero
-                // with another first_seen).
-                self.pending = HashMap::default();
-                self.legacy_baselines = false;
+                if all {
+                    // Held for flows no pass found: gone (their rows'
+                    // counters are never read again: a flow made anew
+                    // starts at zero with another first_seen).
+                    self.pending = HashMap::default();
+                    self.legacy_baselines = false;
+                }
                 Ok(())
             }
             Err(e) => {
