@@ -57,6 +57,19 @@ struct Tracked {
 }
 
 impl Tracked {
+    /// What history has not written of this evicted flow, if anything.
+    fn take_unwritten(&mut self, key: &FlowKey) -> Option<Unwritten> {
+        if Counters::from(&self.current) == self.written {
+            return None;
+        }
+        Some(Unwritten {
+            key: *key,
+            value: self.current,
+            written: self.written,
+            description: self.description.take()?,
+        })
+    }
+
     /// Describes the flow (see `description`).
     fn describe(&mut self, record: FlowRecord, senders: &mut Senders) {
         let sender_id = self
@@ -681,16 +694,7 @@ impl Tracker {
             if tracked.seen != generation {
                 events.push_with(|| end_event(describe, senders, key, tracked, EndReason::Evicted));
                 if let Some(unwritten) = unwritten.as_mut() {
-                    if Counters::from(&tracked.current) != tracked.written {
-                        if let Some(description) = tracked.description.take() {
-                            unwritten.push(Unwritten {
-                                key: *key,
-                                value: tracked.current,
-                                written: tracked.written,
-                                description,
-                            });
-                        }
-                    }
+                    unwritten.extend(tracked.take_unwritten(key));
                 }
             }
             tracked.seen == generation
