@@ -61,6 +61,20 @@ pub struct FlowValue {
     /// packets in the high 32, or [`CAPTURE_ENCRYPTED`] / [`CAPTURE_DONE`]
     /// once no more is wanted (see [`PayloadEvent`] and [`EVIDENCE_BYTES`]).
     pub captured: u64,
+    /// Attempts a block rule refused: connect() calls, datagrams, and
+    /// packets of connections open when the rule came (in a dry run, those
+    /// it would have refused). What is refused is not in the counters above.
+    pub blocked: u64,
+    /// The block decision for this flow under the rules of generation
+    /// `block_gen`: a [`BlockEntry::rule`] or 0.
+    pub block: u32,
+    /// [`MAP_BLOCK_GEN`] when `block` was decided: the next run decides
+    /// again when the rules have changed since.
+    pub block_gen: u32,
+    /// The decision (`block`) under which `blocked` last grew: names the
+    /// rule after a later change decided the flow again.
+    pub blocked_by: u32,
+    pub _pad: u32,
 }
 
 /// Key of the per-uid totals: uid and IP protocol (so metrics can be split
@@ -238,6 +252,77 @@ pub const CONFIG_SKB_ATTACHED: u32 = 1;
 pub const CONFIG_CONNECTS_COUNTED: u32 = 2;
 pub const MAP_CONFIG: &str = "CONFIG";
 
+/// Block rules (`action = "block"`): an LPM trie of [`BlockKey`] (with the
+/// prefix length in front, as BPF_MAP_TYPE_LPM_TRIE wants) to
+/// [`BlockEntry`]. Pinned: blocks outlive the agent (fail-closed).
+pub const MAP_BLOCKS: &str = "BLOCKS";
+/// One u32: the generation of the block rules, bumped by the agent at every
+/// change, 0 while there is none (then a run costs one compare). Pinned, so
+/// that a new agent goes on from the old one's generation.
+pub const MAP_BLOCK_GEN: &str = "BLOCK_GEN";
+/// Room in [`MAP_BLOCKS`]: prefixes of countries and networks for the uids
+/// of the block rules, and the addresses their hosts resolved to.
+pub const BLOCK_ENTRIES: u32 = 262_144;
+/// [`BlockKey::uid`] of an entry for every uid (never a real one: Linux
+/// reserves `(uid_t)-1`, and egressmon's kernel pseudo-uid is that).
+pub const BLOCK_ANY_UID: u32 = u32::MAX - 1;
+/// Bits of a [`BlockKey`]: the uid's 32, then the address's 128.
+pub const BLOCK_KEY_BITS: u32 = 160;
+/// [`BlockEntry::rule`]: refuse (the rule is enforced, not a dry run).
+pub const BLOCK_ENFORCE: u32 = 1 << 31;
+/// [`BlockEntry::rule`]: the rule's number (from 1) in its low bits.
+pub const BLOCK_RULE_MASK: u32 = 0x00ff_ffff;
+
+/// Key of [`MAP_BLOCKS`] after its prefix length: the uid (big-endian, so
+/// that it is the first 32 bits matched) and the destination as IPv6 (IPv4
+/// as `::ffff:a.b.c.d`). An entry's prefix length is 32 for every address
+/// of the uid, 32 + 96 + n for an IPv4 /n, 32 + n for an IPv6 /n.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockKey {
+    pub uid: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// What a block entry refuses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockEntry {
+    /// The rule's number ([`BLOCK_RULE_MASK`]) and [`BLOCK_ENFORCE`].
+    pub rule: u32,
+    /// Protocols refused, as bit `proto & 31` ([`block_proto_bit`]); all
+    /// ones for every protocol.
+    pub protos: u32,
+    /// Destination ports refused (unused slots repeat a listed one)...
+    pub ports: [u16; 4],
+    /// ...unless this is 1: every port.
+    pub any_port: u32,
+    pub _pad: u32,
+}
+
+/// [`BlockEntry::protos`]'s bit for IP protocol `proto`.
+pub const fn block_proto_bit(proto: u8) -> u32 {
+    1 << (proto & 31)
+}
+
+impl BlockEntry {
+    /// Whether the entry refuses a flow of `proto` to `port`. Arithmetic,
+    /// not compares: BPF has no conditional move, and each compare would
+    /// fork the verifier's walk of every program's hot path.
+    #[inline(always)]
+    pub fn covers(&self, proto: u8, port: u16) -> bool {
+        let proto_ok = (self.protos >> (proto & 31)) & 1;
+        let port = port as u64;
+        // Zero exactly when a slot holds `port` (four factors below 2^16).
+        let misses = (self.ports[0] as u64 ^ port)
+            * (self.ports[1] as u64 ^ port)
+            * (self.ports[2] as u64 ^ port)
+            * (self.ports[3] as u64 ^ port);
+        let listed_miss = misses * (1 ^ (self.any_port as u64 & 1));
+        proto_ok != 0 && listed_miss == 0
+    }
+}
+
 /// Map names as they appear in the object file and under the pin directory.
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_UID_TOTALS: &str = "UID_TOTALS";
@@ -390,7 +475,9 @@ pub const MAP_LAYOUT_VERSION: &str = "LAYOUT_VERSION";
 /// 2: FLOWS shared by all CPUs (was per CPU, with FLOW_SEEN beside it),
 /// UID_DIRECT added.
 /// 3: CAPTURE, CAPTURE_FILTER and CAPTURE_UIDS added (`egressmon capture`).
-pub const PIN_LAYOUT_VERSION: u32 = 3;
+/// 4: FlowValue gains `blocked`, `block`, `block_gen`; BLOCKS and BLOCK_GEN
+/// added (block rules).
+pub const PIN_LAYOUT_VERSION: u32 = 4;
 
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 65_536;
@@ -409,6 +496,8 @@ mod pod {
     unsafe impl aya::Pod for DnsQueries {}
     unsafe impl aya::Pod for TcFilter {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for BlockKey {}
+    unsafe impl aya::Pod for BlockEntry {}
     unsafe impl aya::Pod for UidTotals {}
     unsafe impl aya::Pod for UidKey {}
     unsafe impl aya::Pod for PayloadEvent {}
@@ -426,7 +515,9 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FlowKey>(), 24);
         assert_eq!(size_of::<DnsQueries>(), 16);
-        assert_eq!(size_of::<FlowValue>(), 56);
+        assert_eq!(size_of::<FlowValue>(), 80);
+        assert_eq!(size_of::<BlockKey>(), 20);
+        assert_eq!(size_of::<BlockEntry>(), 24);
         assert_eq!(size_of::<PayloadEvent>(), 24 + 16 + PAYLOAD_CAPTURE_BYTES);
         assert_eq!(
             size_of::<PayloadSlice>(),

@@ -19,7 +19,12 @@
 //!   packet (TC_ACT_UNSPEC: the next filter, netd's included, runs as if we
 //!   were not there).
 //!
-//! Every program returns 1 ("allow"): egressmon observes, it never filters.
+//! Block rules (`BLOCKS`, an LPM trie by uid and destination prefix) are
+//! decided once per flow and rules generation (`BLOCK_GEN`) and kept in the
+//! flow's value: connect4/6 and sendmsg4/6 refuse (EPERM), skb egress
+//! drops (a datagram's sender gets EPERM), tc egress drops (TC_ACT_SHOT).
+//! While no block rule exists a run pays one compare; in a dry run, and
+//! for every flow no rule names, the programs allow everything.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -33,7 +38,9 @@ use aya_ebpf::{
         generated::{bpf_sk_fullsock, bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_tcp_sock},
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+    },
     programs::{sk_buff::SkBuff, SkBuffContext, SockAddrContext, TcContext},
 };
 use aya_log_ebpf::debug;
@@ -79,6 +86,14 @@ static PAYLOAD_SCRATCH: PerCpuArray<PayloadSlice> = PerCpuArray::with_max_entrie
 /// the sender (pid, comm) and do not count it twice.
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Block rules: (uid, destination prefix) -> the rule that refuses it.
+#[map]
+static BLOCKS: LpmTrie<BlockKey, BlockEntry> = LpmTrie::pinned(BLOCK_ENTRIES, 0);
+
+/// The block rules' generation (slot 0), 0 while there is none.
+#[map]
+static BLOCK_GEN: Array<u32> = Array::pinned(1, 0);
 
 /// Bytes before the IP header per interface index, for the tc programs.
 #[map]
@@ -137,6 +152,11 @@ static OWN_MARK: u32 = 0;
 static EVENTS_WAKE_BYTES: u64 = DEFAULT_RINGBUF_BYTES as u64 / 4;
 
 const ALLOW: i32 = 1;
+/// cgroup hooks: refuse (connect()/sendmsg() fail with EPERM, a packet is
+/// dropped).
+const DENY: i32 = 0;
+/// tc: drop the packet.
+const TC_ACT_SHOT: i32 = 2;
 /// tc: no verdict, run the next filter (netd's, if any) as usual.
 const TC_ACT_UNSPEC: i32 = -1;
 /// Longest link header the tc programs skip (Ethernet with two VLAN tags).
@@ -230,13 +250,16 @@ fn add_to_totals(totals: &mut UidTotals, delta: &Delta) {
 /// Adds to the uid's totals: its direct slot where it has one (an array
 /// index), else its hash entry (made on first use).
 #[inline(always)]
-fn add_to_uid(uid: u32, proto: u8, delta: &Delta) {
+fn add_to_uid(flow: &FlowKey, delta: &Delta) {
+    if delta.connects | delta.udp_sends | delta.packets == 0 {
+        return;
+    }
     let key = UidKey {
-        uid,
-        proto,
+        uid: flow.uid,
+        proto: flow.proto,
         _pad: [0; 3],
     };
-    if let Some(slot) = direct_uid_slot(uid, proto) {
+    if let Some(slot) = direct_uid_slot(flow.uid, flow.proto) {
         let Some(totals) = UID_DIRECT.get_ptr_mut(slot) else {
             return;
         };
@@ -273,44 +296,168 @@ fn add_to_uid(uid: u32, proto: u8, delta: &Delta) {
     }
 }
 
+/// What [`account`] did with one program run.
+#[derive(Clone, Copy)]
+struct Counted {
+    /// The flow's value (null for a new flow at a sock_addr hook, whose
+    /// callers need only the block decision).
+    value: *mut FlowValue,
+    /// The flow's block decision ([`BlockEntry::rule`], 0 for none).
+    block: u32,
+}
+
+impl Counted {
+    /// The run is refused: connect()/sendmsg() fail with EPERM, a packet is
+    /// dropped.
+    #[inline(always)]
+    fn refused(&self) -> bool {
+        self.block & BLOCK_ENFORCE != 0
+    }
+}
+
 /// The one accounting path shared by every hook. Hot path: one flow
-/// lookup, one uid slot (an array index for most uids) and a few local
-/// atomic adds, no clock read. The slow path (a flow's first packet)
-/// inserts and emits the flow's one event. Returns the flow's value when
-/// `skb` is given (the caller captures payload through it).
+/// lookup, one uid slot (an array index for most uids), a few local
+/// atomic adds and the block check (one compare while no block rule
+/// exists), no clock read. The slow path (a flow's first packet) inserts
+/// and emits the flow's one event. `attempt`: the run is a connect() or
+/// a datagram, which a block rule counts even in a dry run (packets of
+/// open connections are counted only where they are dropped). What is
+/// refused is counted in `blocked` alone.
 #[inline(always)]
-fn account(key: &FlowKey, delta: Delta, hook: u8, skb: Option<&SkBuff>) -> Option<*mut FlowValue> {
-    if delta.connects | delta.udp_sends | delta.packets != 0 {
-        add_to_uid(key.uid, key.proto, &delta);
+fn account(
+    key: &FlowKey,
+    delta: Delta,
+    hook: u8,
+    attempt: bool,
+    skb: Option<&SkBuff>,
+) -> Option<Counted> {
+    let gen = block_gen();
+    let value = match FLOWS.get_ptr_mut(key) {
+        Some(value) => value,
+        None => {
+            // A new flow starts empty and undecided, and this run is
+            // counted below like any other: one path for the verifier.
+            new_flow(key, gen.wrapping_add(1), hook, skb);
+            match FLOWS.get_ptr_mut(key) {
+                Some(value) => value,
+                None => {
+                    // The uid's totals stay exact when a flow cannot be kept.
+                    add_to_uid(key, &delta);
+                    trouble(STAT_FLOW_UPDATE_FAILED);
+                    return None;
+                }
+            }
+        }
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let flow = unsafe { &mut *value };
+    if flow.block_gen != gen {
+        // The one lookup site (the verifier walks it once per program).
+        // Plain stores: every CPU that races here decides the same.
+        flow.block = if gen == 0 { 0 } else { lookup_block(key) };
+        flow.block_gen = gen;
     }
-    if let Some(value) = FLOWS.get_ptr_mut(key) {
-        add_to_flow(unsafe { &mut *value }, &delta);
-        return Some(value);
-    }
+    // Read back from the map: one state for the verifier, whatever the
+    // lookup found.
+    // SAFETY: the field just written, in the same map value.
+    let block = unsafe { core::ptr::read_volatile(&flow.block) };
+    count_in_flow(flow, key, &delta, block, attempt);
+    Some(Counted { value, block })
+}
+
+/// Inserts a new flow, empty and undecided (`block_gen` is not the
+/// rules' generation), and emits its one event (unless another CPU made
+/// it first: its event names the flow).
+#[inline(always)]
+fn new_flow(key: &FlowKey, block_gen: u32, hook: u8, skb: Option<&SkBuff>) {
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let fresh = FlowValue {
-        connects: delta.connects,
-        udp_sends: delta.udp_sends,
-        tx_packets: delta.packets,
-        tx_bytes: delta.bytes,
         first_seen: now,
         last_seen: now,
-        captured: 0,
+        block_gen,
+        ..FlowValue::default()
     };
     if FLOWS.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
         bump_stat(STAT_FLOWS_CREATED);
         emit_new_flow(key, now, hook, skb);
-    } else if let Some(value) = FLOWS.get_ptr_mut(key) {
-        // Another CPU made it first: its event names the flow.
-        add_to_flow(unsafe { &mut *value }, &delta);
-        return Some(value);
-    } else {
-        trouble(STAT_FLOW_UPDATE_FAILED);
-        return None;
     }
-    // The value just inserted, for payload capture (skb hooks only).
-    skb?;
-    FLOWS.get_ptr_mut(key)
+}
+
+/// Adds one run to a flow and to its uid's totals: `delta`, or when
+/// `block` refuses the run, one in `blocked` alone.
+#[inline(always)]
+fn count_in_flow(value: &mut FlowValue, key: &FlowKey, delta: &Delta, block: u32, attempt: bool) {
+    if counts_blocked(block, attempt) {
+        add(&mut value.blocked, 1);
+        value.blocked_by = block;
+    }
+    if block & BLOCK_ENFORCE == 0 {
+        add_to_uid(key, delta);
+        add_to_flow(value, delta);
+    }
+}
+
+/// A connection's first SYN seen at tc egress: its connect, or in a dry
+/// run an attempt the rule would have refused.
+/// (The flow's decision is read from its value: nothing about it stays
+/// live in the caller, whose paths then merge for the verifier.)
+#[inline(never)]
+fn count_first_syn(key: &FlowKey, value: *mut FlowValue) {
+    // SAFETY: the skb hooks always get the flow's value back.
+    let Some(value) = (unsafe { value.as_mut() }) else {
+        return;
+    };
+    add(&mut value.connects, 1);
+    add_to_uid(key, &CONNECT);
+    // SAFETY: a field of the map value.
+    let block = unsafe { core::ptr::read_volatile(&value.block) };
+    if block != 0 {
+        add(&mut value.blocked, 1);
+        value.blocked_by = block;
+    }
+}
+
+/// Whether a run under `block` counts as blocked: refused, or in a dry run
+/// an attempt (a connect() or a datagram) it would have refused.
+#[inline(always)]
+fn counts_blocked(block: u32, attempt: bool) -> bool {
+    block != 0 && (attempt || block & BLOCK_ENFORCE != 0)
+}
+
+/// The block rules' generation (0: there is none).
+#[inline(always)]
+fn block_gen() -> u32 {
+    BLOCK_GEN.get(0).copied().unwrap_or(0)
+}
+
+/// Looks the flow up in the block rules: an entry for its uid, else one for
+/// every uid; inbound flows (a local service's replies) are never blocked.
+#[inline(always)]
+fn lookup_block(key: &FlowKey) -> u32 {
+    if key.family & FAMILY_INBOUND != 0 {
+        return 0;
+    }
+    let mut data = BlockKey {
+        uid: key.uid.to_be_bytes(),
+        addr: [0; 16],
+    };
+    if key.family == FAMILY_IPV4 {
+        data.addr[10] = 0xff;
+        data.addr[11] = 0xff;
+        data.addr[12..16].copy_from_slice(&key.addr[..4]);
+    } else {
+        data.addr = key.addr;
+    }
+    if let Some(entry) = BLOCKS.get(Key::new(BLOCK_KEY_BITS, data)) {
+        if entry.covers(key.proto, key.port) {
+            return entry.rule;
+        }
+    }
+    data.uid = BLOCK_ANY_UID.to_be_bytes();
+    match BLOCKS.get(Key::new(BLOCK_KEY_BITS, data)) {
+        Some(entry) if entry.covers(key.proto, key.port) => entry.rule,
+        _ => 0,
+    }
 }
 
 #[inline(always)]
@@ -433,32 +580,52 @@ fn udp_send_delta() -> Delta {
     }
 }
 
+/// A sock_addr hook's answer: 0 (the call fails with EPERM) when a block
+/// rule refuses the flow.
+#[inline(always)]
+fn sock_addr_verdict(counted: Option<Counted>) -> i32 {
+    match counted {
+        Some(c) if c.refused() => DENY,
+        _ => ALLOW,
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr4(&ctx);
-    let _ = account(&key, CONNECT, HOOK_CONNECT4, None);
-    ALLOW
+    sock_addr_verdict(account(&key, CONNECT, HOOK_CONNECT4, true, None))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr6(&ctx);
-    let _ = account(&key, CONNECT, HOOK_CONNECT6, None);
-    ALLOW
+    sock_addr_verdict(account(&key, CONNECT, HOOK_CONNECT6, true, None))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr4(&ctx);
-    let _ = account(&key, udp_send_delta(), HOOK_SENDMSG4, None);
-    ALLOW
+    let delta = udp_send_delta();
+    sock_addr_verdict(account(
+        &key,
+        delta,
+        HOOK_SENDMSG4,
+        delta.udp_sends != 0,
+        None,
+    ))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     let key = key_from_addr6(&ctx);
-    let _ = account(&key, udp_send_delta(), HOOK_SENDMSG6, None);
-    ALLOW
+    let delta = udp_send_delta();
+    sock_addr_verdict(account(
+        &key,
+        delta,
+        HOOK_SENDMSG6,
+        delta.udp_sends != 0,
+        None,
+    ))
 }
 
 // ---- skb egress ------------------------------------------------------------
@@ -471,10 +638,14 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
     if let Some(filter) = capture_filter() {
         capture_egress(&ctx.skb, filter, 0, HOOK_SKB_EGRESS);
     }
-    if let Some((key, l4_offset)) = count_skb(&ctx.skb, 0, HOOK_SKB_EGRESS) {
-        note_dns_query(&ctx.skb, &key, l4_offset);
+    match count_skb(&ctx.skb, 0, HOOK_SKB_EGRESS) {
+        Some((_, _, true)) => DENY,
+        Some((key, l4_offset, false)) => {
+            note_dns_query(&ctx.skb, &key, l4_offset);
+            ALLOW
+        }
+        None => ALLOW,
     }
-    ALLOW
 }
 
 #[classifier]
@@ -483,8 +654,10 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
         if let Some(filter) = capture_filter() {
             capture_egress(&ctx.skb, filter, l3, HOOK_TC_EGRESS);
         }
-        if let Some((key, l4_offset)) = count_skb(&ctx.skb, l3, HOOK_TC_EGRESS) {
-            note_dns_query(&ctx.skb, &key, l4_offset);
+        match count_skb(&ctx.skb, l3, HOOK_TC_EGRESS) {
+            Some((_, _, true)) => return TC_ACT_SHOT,
+            Some((key, l4_offset, false)) => note_dns_query(&ctx.skb, &key, l4_offset),
+            None => {}
         }
     }
     TC_ACT_UNSPEC
@@ -500,10 +673,10 @@ fn l3_offset(skb: &SkBuff) -> Option<usize> {
 }
 
 /// Counts one packet at `l3` (0 at cgroup skb, the link header's length at
-/// tc) and captures its flow's payload; returns the key and the transport
-/// header's offset.
+/// tc) and captures its flow's payload; returns the key, the transport
+/// header's offset and whether a block rule refuses the packet.
 #[inline(always)]
-fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize)> {
+fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize, bool)> {
     let sk_buff = unsafe { &*skb.skb };
     // Bytes from the IP header on, as at cgroup skb.
     let len = sk_buff.len.saturating_sub(l3 as u32);
@@ -526,24 +699,34 @@ fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize)> {
         key.port = local_port;
         key.family |= FAMILY_INBOUND;
     }
-    let connects = (hook == HOOK_TC_EGRESS
-        && key.proto == PROTO_TCP
-        && !config_has(CONFIG_CONNECTS_COUNTED)
-        && first_syn(skb, l4_offset)) as u64;
     // A UDP skb is one datagram: the agent reads `udp_sends` of UDP flows as
     // `udp_sends + tx_packets`, which saves two atomic adds per datagram.
     let delta = Delta {
-        connects,
+        connects: 0,
         udp_sends: 0,
         packets: 1,
         bytes: len as u64,
     };
-    let value = account(&key, delta, hook, Some(skb))?;
+    let counted = account(&key, delta, hook, key.proto == PROTO_UDP, Some(skb))?;
+    if counted.refused() {
+        return Some((key, l4_offset, true));
+    }
+    let value = counted.value;
     // Hot path ends here for every flow whose payload needs no capture.
     if unsafe { (*value).captured } < CAPTURE_ENCRYPTED {
         capture_payload(skb, &key, l4_offset, sk_buff.len, value);
     }
-    Some((key, l4_offset))
+    // Where netd holds connect4/6, tc egress counts a connection's first
+    // SYN as its connect. Last, so that its branches do not multiply the
+    // verifier's walk of the capture above.
+    if hook == HOOK_TC_EGRESS
+        && key.proto == PROTO_TCP
+        && !config_has(CONFIG_CONNECTS_COUNTED)
+        && first_syn(skb, l4_offset)
+    {
+        count_first_syn(&key, value);
+    }
+    Some((key, l4_offset, false))
 }
 
 /// The common case at cgroup skb egress, read in place with word loads:

@@ -123,6 +123,11 @@ pub(crate) struct Agent {
     /// The history database, written every `--history-every` (see
     /// `History::after_pass`).
     history: Mutex<Option<crate::history::History>>,
+    /// Block rules and the kernel's block maps. Lock order: destinations,
+    /// then blocks; the tracker is never held with it.
+    blocks: Arc<Mutex<crate::block::Blocks>>,
+    /// When the rules file was last read.
+    rules_stamp: Mutex<Option<SystemTime>>,
 }
 
 /// The history database for the flow map `kernel` uses, if history is on
@@ -308,6 +313,8 @@ pub(crate) struct PassFacts {
     pub(crate) identifier_leaks: Vec<(crate::pipeline::tracker::LeakKey, u64)>,
     /// Matches per alert rule.
     pub(crate) alerts: Vec<(String, u64)>,
+    /// Attempts refused per (rule, uid, owner, origin, firmware).
+    pub(crate) blocked: Vec<(crate::pipeline::tracker::BlockedKey, u64)>,
     /// Identifier names searched for, with where each came from.
     identifiers: Vec<String>,
     history: Option<crate::history::store::HistoryStatus>,
@@ -380,7 +387,13 @@ pub(crate) struct Status {
     /// The history database (--state-dir), null without one.
     #[serde(default)]
     pub(crate) history: Option<crate::history::store::HistoryStatus>,
+    /// Block rules in force.
+    #[serde(default)]
+    pub(crate) blocks: Vec<crate::block::BlockStatus>,
 }
+
+/// What `status` says of blocks when the agent is gone.
+pub(crate) const BLOCKS_OUTLIVE_AGENT: &str = "blocks stay in force while no agent runs (fail-closed: they live in the pinned BLOCKS map the attached programs read); a new agent applies its own rules, and `egressmon detach` or `egressmon unblock --all` removes every block";
 
 /// Flows one pass walks per poll interval. A pass costs about 0.5 µs per
 /// flow (the kernel's batched read, then the tracker), so above this many
@@ -428,6 +441,37 @@ fn evidence_for(identifiers: &Identifiers) -> Evidence {
         );
     }
     evidence
+}
+
+/// `%XX` escapes and `+` of a query value.
+pub(crate) fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// When `path` was last modified, if it can be read.
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
@@ -505,6 +549,20 @@ impl Agent {
             Identifiers::load(&identifier_sources(&options)).map_err(anyhow::Error::msg)?;
         let capacity = load.flow_entries as usize;
         let mut kernel = Kernel::load(load)?;
+        let mut blocks = crate::block::Blocks::new(Some(kernel.block_maps()?));
+        blocks.set_file_rules(&rules);
+        blocks.check_all(&resolver).map_err(|e| {
+            anyhow::anyhow!(
+                "rules file {}: {e:#}",
+                options
+                    .rules
+                    .as_deref()
+                    .unwrap_or(Path::new("(none)"))
+                    .display()
+            )
+        })?;
+        blocks.apply(&resolver, &geoip)?;
+        let blocks = Arc::new(Mutex::new(blocks));
         let states = open_states(&kernel, &options);
         let history = open_history(&kernel, &options);
         let rearm = PayloadRearm::new(&kernel)
@@ -518,8 +576,16 @@ impl Agent {
             rules: rules.clone(),
         };
         let mut tracker = Tracker::new(tracker_options());
+        tracker.set_blocks(blocks.lock().unwrap().view());
         let mut destinations = Destinations::new(geoip, capacity);
         destinations.set_evidence(evidence_for(&identifiers));
+        let answers = blocks.clone();
+        destinations.set_answer_hook(Box::new(move |uid, names, addr, place| {
+            answers
+                .lock()
+                .unwrap()
+                .learn_answer(uid, names, addr, place);
+        }));
         let mut labelled_uids = BTreeSet::new();
         let (mut pass_state, scrape_state) = states.unzip();
         if let Some(state) = &mut pass_state {
@@ -551,6 +617,7 @@ impl Agent {
             events::POLL_INTERVAL,
         );
         let sources_stamp = stamps(&reload_sources(&options));
+        let rules_stamp = options.rules.as_deref().and_then(modified);
         let counters = kernel.counters()?;
         let agent = Arc::new(Agent {
             kernel: Mutex::new(kernel),
@@ -583,6 +650,8 @@ impl Agent {
             scrape_state,
             rearm: Mutex::new(rearm),
             history: Mutex::new(history),
+            blocks,
+            rules_stamp: Mutex::new(rules_stamp),
         });
         let poller = Agent::spawn_poller(agent.clone());
         agent.threads.lock().unwrap().push(poller);
@@ -597,6 +666,7 @@ impl Agent {
                 while !agent.stop.load(Ordering::Relaxed) {
                     if last_reload_check.elapsed() >= Duration::from_secs(2) {
                         agent.reload_owners_if_changed();
+                        agent.reload_rules_if_changed();
                         last_reload_check = Instant::now();
                     }
                     if let Err(e) = agent.tick() {
@@ -665,9 +735,16 @@ impl Agent {
                 .retain_live(&|k| tracker.contains(k), Instant::now());
         }
         self.after_pass(&mut tracker, &describe.destinations.borrow());
+        let learnt = tracker.take_block_matches();
         drop(tracker);
         drop(describe);
         drop(log);
+        if !learnt.is_empty() {
+            let mut blocks = self.blocks.lock().unwrap();
+            for (rule, uid, addr) in learnt {
+                blocks.learn_flow(&rule, uid, addr);
+            }
+        }
         self.publish_facts();
         // Big passes leave freed memory in malloc's arenas; hand it back.
         #[cfg(target_env = "gnu")]
@@ -708,6 +785,88 @@ impl Agent {
         });
     }
 
+    /// Rereads the rules file when it changed: alert rules go to the
+    /// tracker, block rules to the kernel. A file that does not parse, or
+    /// whose block rules fail their guard rails, is refused with its error
+    /// logged, and the rules in force stay.
+    pub(crate) fn reload_rules_if_changed(&self) {
+        let Some(path) = self.options.rules.as_deref() else {
+            return;
+        };
+        let now = modified(path);
+        let mut last = self.rules_stamp.lock().unwrap();
+        if *last == now {
+            return;
+        }
+        *last = now;
+        let rules = match Rules::load(path) {
+            Ok(rules) => rules,
+            Err(e) => {
+                log::warn!("rules file changed but was not taken, the rules in force stay: {e:#}");
+                return;
+            }
+        };
+        match self.apply_block_rules(|blocks, resolver, geoip| {
+            blocks.replace_file_rules(&rules, resolver, geoip)
+        }) {
+            Ok(()) => {
+                self.tracker.lock().unwrap().set_rules(rules);
+                log::info!("rules file changed: reloaded");
+            }
+            Err(e) => {
+                log::warn!("rules file changed but was not taken, the rules in force stay: {e:#}")
+            }
+        }
+    }
+
+    /// Runs `change` on the block rules with the owners and GeoIP data it
+    /// needs, then hands the tracker the rules' names.
+    pub(crate) fn apply_block_rules(
+        &self,
+        change: impl FnOnce(
+            &mut crate::block::Blocks,
+            &crate::identity::owners::OwnerResolver,
+            &GeoIp,
+        ) -> Result<()>,
+    ) -> Result<()> {
+        let resolver = self.resolver();
+        let destinations = self.destinations.lock().unwrap();
+        let mut blocks = self.blocks.lock().unwrap();
+        let result = change(&mut blocks, &resolver, destinations.geoip());
+        drop(destinations);
+        let view = blocks.view();
+        drop(blocks);
+        self.tracker.lock().unwrap().set_blocks(view);
+        result
+    }
+
+    /// `egressmon block`: adds (or replaces) the rule in `toml` (one
+    /// `[[rule]]` with `action = "block"`).
+    pub(crate) fn block(&self, toml: &str) -> Result<String> {
+        let rule = crate::block::parse_command_rule(toml)?;
+        let (name, mode) = (rule.name.clone(), rule.mode());
+        self.apply_block_rules(|blocks, resolver, geoip| blocks.add(rule, resolver, geoip))?;
+        log::info!("block rule {name} ({mode}) added by egressmon block");
+        Ok(format!("block rule {name} in force ({mode})"))
+    }
+
+    /// `egressmon unblock`: `name=NAME` removes one rule, `all` every block.
+    pub(crate) fn unblock(&self, query: &str) -> Result<String> {
+        if query.split('&').any(|p| p == "all" || p == "all=1") {
+            self.apply_block_rules(|blocks, resolver, geoip| blocks.remove_all(resolver, geoip))?;
+            log::info!("every block removed by egressmon unblock --all");
+            return Ok("every block removed (the rules file's come back when it changes)".into());
+        }
+        let name = query
+            .split('&')
+            .find_map(|p| p.strip_prefix("name="))
+            .map(percent_decode)
+            .context("name a block rule, or use --all")?;
+        self.apply_block_rules(|blocks, resolver, geoip| blocks.remove(&name, resolver, geoip))?;
+        log::info!("block rule {name} removed by egressmon unblock");
+        Ok(format!("block rule {name} removed"))
+    }
+
     /// Rebuilds the resolver and the identifier set when one of their
     /// files changed.
     pub(crate) fn reload_owners_if_changed(&self) {
@@ -733,6 +892,10 @@ impl Agent {
                 *self.resolver.write().unwrap() = Arc::new(fresh);
                 self.owner_reloads.fetch_add(1, Ordering::Relaxed);
                 log::info!("owner sources changed: reloaded");
+                // Block rules by owner or package follow the uids.
+                if let Err(e) = self.apply_block_rules(|b, r, g| b.apply(r, g)) {
+                    log::warn!("block rules not reapplied to the new owners: {e:#}");
+                }
             }
             Err(e) => {
                 self.owner_reloads_rejected.fetch_add(1, Ordering::Relaxed);
@@ -847,6 +1010,7 @@ impl Agent {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
             alerts: t.alerts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            blocked: t.blocked.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             identifiers: self.identifiers.read().unwrap().describe(),
             history: self.history.lock().unwrap().as_ref().map(|h| h.status()),
         }
@@ -936,6 +1100,7 @@ impl Agent {
             evidence_slices_skipped: facts.evidence_skipped,
             kernel_diagnostics: self.kernel_log.diagnostics(),
             history: facts.history.clone(),
+            blocks: self.blocks.lock().unwrap().status(),
         })
     }
 

@@ -9,6 +9,7 @@
 //! set up, netd's counters, and the state files `detach` removes.
 
 pub(crate) mod agent;
+pub mod block;
 pub mod bpf;
 pub(crate) mod capture;
 pub mod cli;

@@ -385,6 +385,22 @@ impl Kernel {
         })
     }
 
+    /// The block maps on descriptors of their own (rules change without
+    /// waiting for a pass).
+    pub(crate) fn block_maps(&self) -> Result<crate::block::BlockMaps> {
+        let own = |name: &str| -> Result<MapData> {
+            let map = self
+                .ebpf
+                .map(name)
+                .with_context(|| format!("{name} missing"))?;
+            let fd = map_fd(map)
+                .with_context(|| format!("{name} has no descriptor"))?
+                .try_clone_to_owned()?;
+            Ok(MapData::from_fd(fd)?)
+        };
+        crate::block::BlockMaps::new(own(MAP_BLOCKS)?, own(MAP_BLOCK_GEN)?)
+    }
+
     pub(crate) fn take_payloads(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
@@ -527,6 +543,7 @@ pub(crate) fn map_fd(map: &aya::maps::Map) -> Option<BorrowedFd<'_>> {
         | Map::LruHashMap(d)
         | Map::PerCpuHashMap(d)
         | Map::PerCpuLruHashMap(d)
+        | Map::LpmTrie(d)
         | Map::RingBuf(d) => d,
         _ => return None,
     };

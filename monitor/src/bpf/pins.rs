@@ -5,7 +5,8 @@
 //!
 //! Layout: one file per pinned map (`PINNED_MAPS`: `FLOWS`, `UID_TOTALS`,
 //! `UID_DIRECT`, `EVENTS`, `PAYLOADS`, `STATS`, the capture's `CAPTURE`,
-//! `CAPTURE_FILTER` and `CAPTURE_UIDS`, the list of netlink tc filters
+//! `CAPTURE_FILTER` and `CAPTURE_UIDS`, the block rules' `BLOCKS` and
+//! `BLOCK_GEN`, the list of netlink tc filters
 //! `TC_FILTERS` and the pin layout version `LAYOUT_VERSION`), one
 //! per attached cgroup hook (`link_<hook>`), and one per tc hook and
 //! interface on TCX kernels (`link_<hook>_<interface>`). Nothing else may be
@@ -504,7 +505,7 @@ const LAYOUT_VERSION_SPEC: MapSpec =
 /// Every map egressmon pins: the eBPF object's pinned maps and the layout
 /// version. A map the object pins but this list lacks would be refused as
 /// foreign when the next agent starts.
-pub(crate) const PINNED_MAPS: [&str; 11] = [
+pub(crate) const PINNED_MAPS: [&str; 13] = [
     MAP_FLOWS,
     MAP_UID_TOTALS,
     MAP_UID_DIRECT,
@@ -514,13 +515,15 @@ pub(crate) const PINNED_MAPS: [&str; 11] = [
     MAP_CAPTURE,
     MAP_CAPTURE_FILTER,
     MAP_CAPTURE_UIDS,
+    MAP_BLOCKS,
+    MAP_BLOCK_GEN,
     MAP_TC_FILTERS,
     MAP_LAYOUT_VERSION,
 ];
 
 /// Every map egressmon pins (in the order of `PINNED_MAPS`), as this build
 /// and `options` make it.
-fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 11] {
+fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 13] {
     use bpf_sys::*;
     let flows = options.flow_entries;
     let ring = ring_bytes(options.ringbuf_bytes);
@@ -567,6 +570,20 @@ fn pinned_map_specs(options: &LoadOptions) -> [MapSpec; 11] {
         capture[0],
         capture[1],
         capture[2],
+        MapSpec::new(
+            MAP_BLOCKS,
+            BPF_MAP_TYPE_LPM_TRIE,
+            size_of::<u32>() + size_of::<BlockKey>(),
+            size_of::<BlockEntry>(),
+            BLOCK_ENTRIES,
+        ),
+        MapSpec::new(
+            MAP_BLOCK_GEN,
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>(),
+            size_of::<u32>(),
+            1,
+        ),
         TC_FILTERS_SPEC,
         LAYOUT_VERSION_SPEC,
     ]
@@ -750,7 +767,7 @@ mod tests {
         let problem = adoption_problem(&spec, &planted, Path::new("/p")).unwrap();
         assert!(
             problem.starts_with(
-                "/p/FLOWS is not a map this egressmon can use (value size 48, expected 56)"
+                "/p/FLOWS is not a map this egressmon can use (value size 48, expected 72)"
             ) && problem.contains("`egressmon detach --pin-dir /p`"),
             "{problem}"
         );

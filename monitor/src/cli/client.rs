@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
@@ -39,9 +39,18 @@ impl Endpoint {
         runtime()?.block_on(self.call(Method::POST, path))
     }
 
+    /// POST `body` to `path`, returning the answer's body.
+    pub(crate) fn post_body(&self, path: &str, body: String) -> Result<String> {
+        runtime()?.block_on(self.call_with(Method::POST, path, body))
+    }
+
     /// Sends one request and returns the body of a successful answer.
     pub(crate) async fn call(&self, method: Method, path: &str) -> Result<String> {
-        tokio::time::timeout(CALL_TIMEOUT, self.exchange(method, path))
+        self.call_with(method, path, String::new()).await
+    }
+
+    async fn call_with(&self, method: Method, path: &str, body: String) -> Result<String> {
+        tokio::time::timeout(CALL_TIMEOUT, self.exchange(method, path, body))
             .await
             .map_err(|_| {
                 anyhow!(
@@ -52,7 +61,7 @@ impl Endpoint {
             })?
     }
 
-    async fn exchange(&self, method: Method, path: &str) -> Result<String> {
+    async fn exchange(&self, method: Method, path: &str, body: String) -> Result<String> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| self.connect_error(e))?;
@@ -63,7 +72,7 @@ impl Endpoint {
             .method(method)
             .uri(path)
             .header("host", "egressmon")
-            .body(Empty::<Bytes>::new())?;
+            .body(Full::new(Bytes::from(body)))?;
         let response = sender.send_request(request).await?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();

@@ -5,6 +5,7 @@
 //! May call: `agent` (for `run`), `bpf` (for `detach`, `wait-netd`), `identity::owners`
 //! (for `owners`), `pipeline::flows` (the rows it prints).
 
+pub(crate) mod block;
 pub mod client;
 pub(crate) mod text;
 pub(crate) mod top;
@@ -146,6 +147,13 @@ pub(crate) enum Command {
     /// history.db files). Exit 0: no new firmware destination; 1: some
     /// (listed); 2: error.
     Diff(Box<crate::history::diff::DiffArgs>),
+    /// Add a block rule to the running agent (a dry run unless --enforce):
+    /// what it refuses is counted per flow (`blocked`) and in
+    /// egressmon_blocked_total.
+    Block(Box<crate::cli::block::BlockArgs>),
+    /// Remove a block rule `egressmon block` added, or with --all every
+    /// block.
+    Unblock(crate::cli::block::UnblockArgs),
     /// Remove every program, link and pin egressmon made (and stop its agent).
     Detach {
         #[command(flatten)]
@@ -302,6 +310,8 @@ pub fn main_with(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Detach { target } => detach(target),
+        Command::Block(args) => crate::cli::block::block(*args),
+        Command::Unblock(args) => crate::cli::block::unblock(args),
         Command::Top { once, target } => crate::cli::top::run(&target.agent()?, once),
         Command::Capture(args) => crate::capture::run(*args),
         Command::Report(args) => crate::history::report::run(*args),
@@ -708,6 +718,29 @@ pub(crate) fn render_status(s: &Status) -> String {
             out.push_str(")\n");
         }
         None => out.push_str("\nhistory: none (--no-history, or its directory was unusable)\n"),
+    }
+    if !s.blocks.is_empty() {
+        out.push_str("\nblock rules:\n");
+        for b in &s.blocks {
+            let uids = match &b.uids {
+                None => "every uid".to_string(),
+                Some(u) if u.len() > 8 => format!("{} uids", u.len()),
+                Some(u) => format!(
+                    "uid {}",
+                    u.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                ),
+            };
+            out.push_str(&format!(
+                "  {} ({}, from the {}): {}, {} kernel entries, {} learnt addresses\n",
+                crate::cli::text::escape(&b.name),
+                b.mode,
+                b.source,
+                uids,
+                b.entries,
+                b.learnt
+            ));
+        }
+        out.push_str(&format!("  {}\n", crate::agent::BLOCKS_OUTLIVE_AGENT));
     }
     if !s.identifiers.is_empty() {
         out.push_str("\nidentifiers searched for (names only):\n");

@@ -31,6 +31,8 @@ pub(crate) struct OwnerRow {
     pub(crate) alerts: u64,
     /// Flows that carried one of the device's identifiers readably.
     pub(crate) leaking_flows: u64,
+    /// Attempts block rules refused (or in a dry run would have).
+    pub(crate) blocked: u64,
 }
 
 /// Rows are per uid and per scope (remote, or local).
@@ -64,6 +66,7 @@ pub(crate) fn group(flows: &[FlowRecord]) -> Vec<OwnerRow> {
         row.destinations += 1;
         row.alerts += f.alerts.len() as u64;
         row.leaking_flows += !f.leaks.is_empty() as u64;
+        row.blocked += f.blocked;
         let dst = if f.family == "ipv6" {
             format!("[{}]:{}", f.dst, f.port)
         } else {
@@ -104,8 +107,9 @@ pub(crate) fn human_bytes(n: f64) -> String {
     }
 }
 
-/// `!N ` before an owner with N alerts and `ID ` before one that sent the
-/// device's identifiers readably, so they stand out in any terminal.
+/// `!N ` before an owner with N alerts, `ID ` before one that sent the
+/// device's identifiers readably and `BLK ` before one a block rule
+/// refused, so they stand out in any terminal.
 pub(crate) fn alert_mark(row: &OwnerRow) -> String {
     let mut mark = String::new();
     if row.alerts > 0 {
@@ -114,21 +118,32 @@ pub(crate) fn alert_mark(row: &OwnerRow) -> String {
     if row.leaking_flows > 0 {
         mark.push_str("ID ");
     }
+    if row.blocked > 0 {
+        mark.push_str("BLK ");
+    }
     mark
 }
 
-/// What an expanded flow row shows after its destination: the rules that
-/// alerted and the identifiers it carried.
+/// What an expanded flow row shows after its destination: what block
+/// rules refused of it, the rules that alerted and the identifiers it
+/// carried.
 pub(crate) fn flow_notes(flow: &FlowRecord) -> String {
-    let mut notes = flow.alerts.join(",");
-    if !flow.leaks.is_empty() {
-        if !notes.is_empty() {
-            notes.push(' ');
-        }
-        notes.push_str("ID ");
-        notes.push_str(&flow.leaks.join(","));
+    let mut notes = Vec::new();
+    if flow.blocked > 0 {
+        notes.push(match (&flow.block_rule, flow.block_mode) {
+            (Some(rule), Some(crate::pipeline::rules::BlockMode::DryRun)) => {
+                format!("BLK(dry-run {rule}) {}", flow.blocked)
+            }
+            _ => format!("BLK {}", flow.blocked),
+        });
     }
-    notes
+    if !flow.alerts.is_empty() {
+        notes.push(flow.alerts.join(","));
+    }
+    if !flow.leaks.is_empty() {
+        notes.push(format!("ID {}", flow.leaks.join(",")));
+    }
+    notes.join(" ")
 }
 
 /// Heads the local rows: what they are and why they are apart.

@@ -127,8 +127,9 @@ impl View {
         let owners: std::collections::HashSet<u32> = self.rows.iter().map(|r| r.uid).collect();
         let alerts: u64 = self.rows.iter().map(|r| r.alerts).sum();
         let leaking: u64 = self.rows.iter().map(|r| r.leaking_flows).sum();
+        let blocked: u64 = self.rows.iter().map(|r| r.blocked).sum();
         let title = format!(
-            "egressmon top  owners {}{}{}  sent {}  sort: {}{}",
+            "egressmon top  owners {}{}{}{}  sent {}  sort: {}{}",
             owners.len(),
             if alerts > 0 {
                 format!("  alerts {alerts}")
@@ -137,6 +138,11 @@ impl View {
             },
             if leaking > 0 {
                 format!("  ID leaks {leaking}")
+            } else {
+                String::new()
+            },
+            if blocked > 0 {
+                format!("  blocked {blocked}")
             } else {
                 String::new()
             },
@@ -156,7 +162,7 @@ impl View {
         for r in self.visible() {
             let style = if r.local {
                 Style::default().add_modifier(Modifier::DIM)
-            } else if r.alerts > 0 || r.leaking_flows > 0 {
+            } else if r.alerts > 0 || r.leaking_flows > 0 || r.blocked > 0 {
                 Style::default().fg(Color::Red)
             } else {
                 Style::default()
@@ -198,6 +204,9 @@ impl View {
                     }
                     if !f.leaks.is_empty() {
                         marker.push_str(" ID");
+                    }
+                    if f.blocked > 0 {
+                        marker.push_str(" BLK");
                     }
                     let notes = top::flow_notes(f);
                     if !notes.is_empty() {
@@ -386,6 +395,9 @@ mod tests {
             direction: crate::pipeline::vocab::Direction::Outbound,
             scope: Default::default(),
             alerts: Vec::new(),
+            blocked: 0,
+            block_rule: None,
+            block_mode: None,
         }
     }
 

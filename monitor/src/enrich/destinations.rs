@@ -45,7 +45,15 @@ pub(crate) struct Destinations {
     pub(crate) version: u64,
     pub(crate) dns_responses: u64,
     pub(crate) payloads_seen: u64,
+    /// Told of every address a DNS answer resolved for a uid, as the
+    /// answer is processed (block rules by host name).
+    on_answer: Option<AnswerHook>,
 }
+
+/// See [`Destinations::set_answer_hook`]: the uid, the name asked and the
+/// name answered, the address and where GeoIP places it.
+pub(crate) type AnswerHook =
+    Box<dyn FnMut(u32, [&str; 2], std::net::IpAddr, (Option<&str>, Option<u32>)) + Send>;
 
 impl Destinations {
     pub(crate) fn new(geoip: GeoIp, capacity: usize) -> Destinations {
@@ -58,7 +66,18 @@ impl Destinations {
             version: 0,
             dns_responses: 0,
             payloads_seen: 0,
+            on_answer: None,
         }
+    }
+
+    /// Calls `hook` for every address a DNS answer resolves.
+    pub(crate) fn set_answer_hook(&mut self, hook: AnswerHook) {
+        self.on_answer = Some(hook);
+    }
+
+    /// The GeoIP sources (block rules by country or network).
+    pub(crate) fn geoip(&self) -> &GeoIp {
+        &self.geoip
     }
 
     pub(crate) fn on_event(&mut self, event: &Received, now: Instant) {
@@ -101,12 +120,22 @@ impl Destinations {
             }
             PAYLOAD_DNS_RESPONSE => {
                 self.dns_responses += 1;
-                if self
-                    .dns
-                    .observe_payload(event.key.uid, event.key.proto, data, now)
-                    > 0
-                {
+                let Some(message) = inspect::dns::parse_payload(event.key.proto, data) else {
+                    return;
+                };
+                if self.dns.observe(event.key.uid, &message, now) > 0 {
                     self.version += 1;
+                    if let Some(hook) = self.on_answer.as_mut() {
+                        for r in message.resolutions() {
+                            let (country, asn) = self.geoip.lookup(r.addr);
+                            hook(
+                                event.key.uid,
+                                [&r.query, &r.name],
+                                r.addr,
+                                (country.as_deref(), asn),
+                            );
+                        }
+                    }
                 }
             }
             _ => {}

@@ -22,6 +22,7 @@
 //! read or is corrupt is refused when opened, with one error naming the
 //! file (and the line, for CSV) and what to do.
 
+use crate::pipeline::rules::Cidr;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::fmt;
@@ -108,9 +109,101 @@ impl GeoIp {
         }
         (country, asn)
     }
+
+    /// Every network the sources place in a country or ASN that `wanted`
+    /// accepts (block rules by country or network), from the first source
+    /// of the right kind: the networks of the first source that knows
+    /// countries when `by_country`, else of the first that knows ASNs.
+    pub(crate) fn networks(
+        &self,
+        by_country: bool,
+        wanted: &dyn Fn(Option<&str>, Option<u32>) -> bool,
+    ) -> Vec<Cidr> {
+        for source in &self.sources {
+            let found = source.networks(by_country, wanted);
+            if let Some(found) = found {
+                return found;
+            }
+        }
+        Vec::new()
+    }
 }
 
 impl Source {
+    /// The source's networks that `wanted` accepts; None when the source
+    /// knows no countries (`by_country`) or no ASNs.
+    fn networks(
+        &self,
+        by_country: bool,
+        wanted: &dyn Fn(Option<&str>, Option<u32>) -> bool,
+    ) -> Option<Vec<Cidr>> {
+        match self {
+            Source::Csv { table, .. } => {
+                if table.asn == by_country {
+                    return None;
+                }
+                let mut out = Vec::new();
+                for &(start, end, value) in &table.v4 {
+                    let (c, a) = table.value(value);
+                    if wanted(c, a) {
+                        range_to_cidrs(start as u128, end as u128, 32, &mut out);
+                    }
+                }
+                for &(start, end, value) in &table.v6 {
+                    let (c, a) = table.value(value);
+                    if wanted(c, a) {
+                        range_to_cidrs(start, end, 128, &mut out);
+                    }
+                }
+                Some(out)
+            }
+            Source::Mmdb { reader, .. } => {
+                let kind = &reader.metadata().database_type;
+                let has = if by_country {
+                    kind.contains("Country") || kind.contains("City") || kind.contains("country")
+                } else {
+                    kind.contains("ASN") || kind.contains("asn")
+                };
+                if !has {
+                    return None;
+                }
+                let mut out = Vec::new();
+                let Ok(networks) = reader.networks(Default::default()) else {
+                    return Some(out);
+                };
+                for item in networks.flatten() {
+                    let Ok(network) = item.network() else {
+                        continue;
+                    };
+                    let country = item
+                        .decode_path::<String>(&maxminddb::path!["country", "iso_code"])
+                        .ok()
+                        .flatten()
+                        .or_else(|| {
+                            item.decode_path::<String>(&maxminddb::path![
+                                "registered_country",
+                                "iso_code"
+                            ])
+                            .ok()
+                            .flatten()
+                        })
+                        .and_then(|c| country_code(&c));
+                    let asn = item
+                        .decode_path::<u32>(&maxminddb::path!["autonomous_system_number"])
+                        .ok()
+                        .flatten();
+                    if wanted(country.as_deref(), asn) {
+                        out.push(Cidr {
+                            addr: network.ip(),
+                            prefix: network.prefix(),
+                        });
+                    }
+                }
+                Some(out)
+            }
+        }
+    }
+
     fn open(path: &Path) -> Result<Source> {
         let shown = path.display();
         let bytes = std::fs::read(path).with_context(|| {
@@ -386,6 +479,15 @@ impl RangeTable {
         Ok(table)
     }
 
+    /// A range's value as (country, ASN).
+    fn value(&self, value: u32) -> (Option<&str>, Option<u32>) {
+        if self.asn {
+            (None, Some(value))
+        } else {
+            (self.countries.get(value as usize).map(String::as_str), None)
+        }
+    }
+
     fn lookup(&self, ip: IpAddr) -> Found {
         let value = match ip {
             IpAddr::V4(a) => find(&self.v4, u32::from(a)),
@@ -396,6 +498,40 @@ impl RangeTable {
             Some(asn) if self.asn => (None, Some(asn)),
             Some(i) => (self.countries.get(i as usize).cloned(), None),
         }
+    }
+}
+
+/// The fewest networks covering `start..=end` exactly (`bits`: 32 for
+/// IPv4, 128 for IPv6).
+fn range_to_cidrs(mut start: u128, end: u128, bits: u32, out: &mut Vec<Cidr>) {
+    let addr = |n: u128| -> IpAddr {
+        if bits == 32 {
+            IpAddr::V4((n as u32).into())
+        } else {
+            IpAddr::V6(n.into())
+        }
+    };
+    while start <= end {
+        // The largest block aligned at `start` that fits before `end`.
+        let mut size = if start == 0 {
+            bits
+        } else {
+            start.trailing_zeros().min(bits)
+        };
+        while size > 0 && (size >= 128 || start + ((1u128 << size) - 1) > end) {
+            size -= 1;
+        }
+        if size >= 128 {
+            size = 127;
+        }
+        out.push(Cidr {
+            addr: addr(start),
+            prefix: (bits - size) as u8,
+        });
+        let Some(next) = start.checked_add(1u128 << size) else {
+            break;
+        };
+        start = next;
     }
 }
 

@@ -67,6 +67,17 @@ pub struct FlowRecord {
     /// alert has a line of its own).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<String>,
+    /// Attempts block rules refused, or in a dry run would have refused:
+    /// connect() calls, datagrams, and packets of connections open when
+    /// the rule came. What was refused is not in the counters above.
+    #[serde(default)]
+    pub blocked: u64,
+    /// The block rule that decides this flow (null when none does), and
+    /// whether it refuses (`enforce`) or only counts (`dry-run`).
+    #[serde(default)]
+    pub block_rule: Option<String>,
+    #[serde(default)]
+    pub block_mode: Option<crate::pipeline::rules::BlockMode>,
 }
 
 /// A flow reads as its owner: `flow.uid`, `flow.owner`, `flow.origin`.
@@ -142,6 +153,9 @@ pub(crate) fn record(
         direction: Direction::Outbound,
         scope: crate::pipeline::rules::Scope::Remote,
         alerts: Vec::new(),
+        blocked: 0,
+        block_rule: None,
+        block_mode: None,
     };
     set_key(&mut record, key);
     set_counters(&mut record, value);
@@ -305,6 +319,7 @@ pub(crate) fn set_counters(record: &mut FlowRecord, value: &FlowValue) {
     record.udp_sends = value.udp_sends;
     record.tx_packets = value.tx_packets;
     record.tx_bytes = value.tx_bytes;
+    record.blocked = value.blocked;
     record.first_seen = rfc3339(value.first_seen);
     record.last_seen = rfc3339(value.last_seen);
 }

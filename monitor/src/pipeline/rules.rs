@@ -52,6 +52,7 @@
 //! country for its owner, so a second evaluation of the same flow no longer
 //! sees it as new.
 
+use crate::identity::owners::Owner;
 use crate::pipeline::flows::FlowRecord;
 use crate::pipeline::vocab::{Origin, Payload, Proto};
 use anyhow::{anyhow, Context, Result};
@@ -320,8 +321,136 @@ pub(crate) struct Rule {
     pub(crate) payload: Option<AnyOf<Payload>>,
     pub(crate) leak: Option<AnyOf<Glob>>,
     pub(crate) new_country: Option<bool>,
+    /// Destination addresses or networks (`"203.0.113.0/24"`, `"2001:db8::1"`).
+    pub(crate) dst: Option<AnyOf<Cidr>>,
     #[serde(default)]
     pub(crate) scope: RuleScope,
+    /// `alert` (the default) or `block` (see `crate::block`).
+    #[serde(default)]
+    pub(crate) action: Action,
+    /// Block rules: `dry-run` (the default) counts what would be refused,
+    /// `enforce` refuses it.
+    pub(crate) mode: Option<BlockMode>,
+    /// Block rules: allow a rule that would refuse uids the device needs
+    /// (see `crate::block::GUARDED_UIDS`).
+    pub(crate) force: Option<bool>,
+}
+
+/// What a rule does with the flows it matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Action {
+    #[default]
+    Alert,
+    Block,
+}
+
+/// Whether a block rule refuses or only counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockMode {
+    #[default]
+    DryRun,
+    Enforce,
+}
+
+impl fmt::Display for BlockMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BlockMode::DryRun => "dry-run",
+            BlockMode::Enforce => "enforce",
+        })
+    }
+}
+
+/// An address or network: `a.b.c.d`, `a.b.c.d/n`, `x::y`, `x::y/n`
+/// (bits beyond the prefix must be zero). IPv4-mapped IPv6 networks are
+/// kept as the IPv4 network they carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Cidr {
+    pub(crate) addr: IpAddr,
+    pub(crate) prefix: u8,
+}
+
+impl Cidr {
+    pub(crate) fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| {
+            format!("bad address {text:?}: give an address or network such as \"203.0.113.0/24\" or \"2001:db8::/32\"")
+        })?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|&p| p <= max)
+                .ok_or_else(|| format!("bad prefix length in {text:?}: 0 to {max}"))?,
+            None => max,
+        };
+        let cidr = Cidr { addr, prefix };
+        if cidr.network() != addr {
+            return Err(format!(
+                "{text:?} has bits set beyond its /{prefix}: write {}/{prefix}",
+                cidr.network()
+            ));
+        }
+        // ::ffff:a.b.c.d/n is the IPv4 network a.b.c.d/(n-96).
+        if let IpAddr::V6(v6) = addr {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
+                return Ok(Cidr {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
+        Ok(cidr)
+    }
+
+    /// The address with the bits beyond the prefix cleared.
+    pub(crate) fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                Cidr {
+                    addr: ip,
+                    prefix: self.prefix,
+                }
+                .network()
+                    == self.addr
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Cidr::parse(&s).map_err(de::Error::custom)
+    }
 }
 
 impl Rule {
@@ -339,7 +468,98 @@ impl Rule {
             || self.payload.is_some()
             || self.leak.is_some()
             || self.new_country.is_some()
+            || self.dst.is_some()
             || self.scope == RuleScope::Local
+    }
+
+    pub(crate) fn is_block(&self) -> bool {
+        self.action == Action::Block
+    }
+
+    pub(crate) fn mode(&self) -> BlockMode {
+        self.mode.unwrap_or_default()
+    }
+
+    /// What makes this rule unusable, if anything (beyond what parsing
+    /// checks): block-only keys on an alert rule, conditions the kernel
+    /// cannot decide at connect() time on a block rule.
+    pub(crate) fn problem(&self) -> Option<String> {
+        let name = &self.name;
+        if !self.is_block() {
+            return (self.mode.is_some() || self.force.is_some()).then(|| {
+                format!("rule {name:?} sets mode or force, which only block rules take: add action = \"block\" or remove them")
+            });
+        }
+        if self.new_country.is_some() {
+            return Some(format!("block rule {name:?} uses new_country, which cannot decide a block (whether a country is new changes as flows come): name the countries with country = [...]"));
+        }
+        if self.port.as_ref().is_some_and(|p| p.0.len() > 4) {
+            return Some(format!(
+                "block rule {name:?} lists more than 4 ports: split it into rules of at most 4"
+            ));
+        }
+        if self
+            .proto
+            .as_ref()
+            .is_some_and(|p| p.any(|p| !matches!(p, Proto::Tcp | Proto::Udp)))
+        {
+            return Some(format!("block rule {name:?} names a protocol other than tcp or udp: egressmon blocks TCP and UDP only"));
+        }
+        let places = [
+            self.dst.is_some(),
+            self.country.is_some(),
+            self.asn.is_some(),
+        ];
+        if places.iter().filter(|&&p| p).count() > 1 {
+            return Some(format!("block rule {name:?} combines dst, country and asn: give one of them per block rule (split it into several rules)"));
+        }
+        None
+    }
+
+    /// Whether the rule's conditions on who sends (uid, owner, package,
+    /// origin, firmware) hold for `owner`.
+    pub(crate) fn admits_owner(&self, owner: &Owner) -> bool {
+        fn check<T>(cond: &Option<T>, f: impl FnOnce(&T) -> bool) -> bool {
+            cond.as_ref().is_none_or(f)
+        }
+        check(&self.uid, |c| c.any(|u| *u == owner.uid))
+            && check(&self.owner, |c| {
+                c.any(|g| g.matches(&owner.owner) || owner.packages.iter().any(|p| g.matches(p)))
+            })
+            && check(&self.package, |c| {
+                c.any(|g| owner.packages.iter().any(|p| g.matches(p)))
+            })
+            && check(&self.origin, |c| c.any(|o| *o == owner.origin))
+            && check(&self.firmware, |f| *f == owner.firmware)
+    }
+
+    /// Whether the rule names who it applies to (else: every uid).
+    pub(crate) fn names_senders(&self) -> bool {
+        self.uid.is_some()
+            || self.owner.is_some()
+            || self.package.is_some()
+            || self.origin.is_some()
+            || self.firmware.is_some()
+    }
+
+    /// Whether the rule's conditions on where (dst, country, asn) hold for
+    /// `ip` placed in `country` and `asn`.
+    pub(crate) fn admits_place(&self, ip: IpAddr, country: Option<&str>, asn: Option<u32>) -> bool {
+        self.dst.as_ref().is_none_or(|c| c.any(|n| n.contains(ip)))
+            && self.country.as_ref().is_none_or(|c| {
+                country.is_some_and(|fc| c.any(|x| x.as_str().eq_ignore_ascii_case(fc)))
+            })
+            && self
+                .asn
+                .as_ref()
+                .is_none_or(|c| asn.is_some_and(|a| c.any(|x| *x == a)))
+    }
+
+    /// Whether `name` matches the rule's host globs (true without any).
+    pub(crate) fn admits_host(&self, name: &str) -> bool {
+        self.host
+            .as_ref()
+            .is_none_or(|c| c.any(|g| g.matches(name)))
     }
 
     /// Whether `flow` meets every condition; `new_country` says whether the
@@ -348,15 +568,7 @@ impl Rule {
         fn check<T>(cond: &Option<T>, f: impl FnOnce(&T) -> bool) -> bool {
             cond.as_ref().is_none_or(f)
         }
-        check(&self.uid, |c| c.any(|u| *u == flow.uid))
-            && check(&self.owner, |c| {
-                c.any(|g| g.matches(&flow.owner) || flow.packages.iter().any(|p| g.matches(p)))
-            })
-            && check(&self.package, |c| {
-                c.any(|g| flow.packages.iter().any(|p| g.matches(p)))
-            })
-            && check(&self.origin, |c| c.any(|o| *o == flow.origin))
-            && check(&self.firmware, |f| *f == flow.firmware)
+        self.admits_owner(&flow.uid_owner)
             && check(&self.host, |c| {
                 flow.host
                     .as_deref()
@@ -378,6 +590,11 @@ impl Rule {
                 })
             })
             && check(&self.new_country, |n| *n == new_country)
+            && check(&self.dst, |c| {
+                flow.dst
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| c.any(|n| n.contains(ip)))
+            })
             && self.scope.admits(flow.scope)
     }
 }
@@ -462,6 +679,11 @@ impl Rules {
         &self.rules
     }
 
+    /// The block rules, in order.
+    pub(crate) fn block_rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter().filter(|r| r.is_block())
+    }
+
     pub(crate) fn names(&self) -> Vec<&str> {
         self.rules.iter().map(|r| r.name.as_str()).collect()
     }
@@ -477,7 +699,7 @@ impl Rules {
         let matched = self
             .rules
             .iter()
-            .filter(|r| r.matches(flow, new_country))
+            .filter(|r| !r.is_block() && r.matches(flow, new_country))
             .map(|r| r.name.clone())
             .collect();
         if let Some(country) = flow.country.as_deref() {
@@ -537,7 +759,7 @@ fn parse_rules(text: &str, origin: &str) -> Result<(bool, Vec<Rule>)> {
                 rule.name
             ))
         } else {
-            None
+            rule.problem()
         };
         if let Some(problem) = problem {
             return Err(anyhow!(
@@ -615,6 +837,9 @@ mod tests {
             direction: crate::pipeline::vocab::Direction::Outbound,
             scope: Scope::Remote,
             alerts: Vec::new(),
+            blocked: 0,
+            block_rule: None,
+            block_mode: None,
         }
     }
 

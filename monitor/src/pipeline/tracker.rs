@@ -213,7 +213,23 @@ pub(crate) struct Tracker {
     /// Flows evicted with counters history has not written yet (kept
     /// only while history is on; see [`Tracker::keep_unwritten`]).
     unwritten: Option<Vec<Unwritten>>,
+    /// The block rules' names by number, and those that learn
+    /// destinations from described flows.
+    blocks: crate::block::BlockView,
+    /// Attempts refused (or that a dry run would have refused), per rule
+    /// and owner.
+    pub(crate) blocked: BTreeMap<BlockedKey, u64>,
+    /// Destinations described flows taught a learning block rule (rule,
+    /// uid, address), for the agent to hand to the block rules.
+    block_matches: Vec<(String, u32, std::net::IpAddr)>,
 }
+
+/// Labels of `egressmon_blocked_total`: rule, uid, owner, origin, firmware.
+pub(crate) type BlockedKey = (String, u32, String, String, bool);
+
+/// A `block` log line goes out at a flow's first refused attempt and then
+/// at every this many.
+pub(crate) const BLOCK_LOG_EVERY: u64 = 100;
 
 /// A flow the kernel evicted before history wrote all it counted: its last
 /// counters, what history holds of it and its description.
@@ -353,6 +369,7 @@ impl Tracker {
             .iter()
             .filter_map(|(key, tracked)| {
                 let mut record = tracked.description.as_ref()?.record(key, &tracked.current);
+                self.name_block(&mut record, &tracked.current);
                 record.alerts = self
                     .rule_names
                     .iter()
@@ -453,6 +470,98 @@ impl Tracker {
             unclaimed: Identities::new(capacity),
             senders: Senders::default(),
             unwritten: None,
+            blocks: Default::default(),
+            blocked: BTreeMap::new(),
+            block_matches: Vec::new(),
+        }
+    }
+
+    /// The block rules in force (names by number, learning rules).
+    pub(crate) fn set_blocks(&mut self, view: crate::block::BlockView) {
+        self.blocks = view;
+    }
+
+    /// A reloaded rules file's alert rules.
+    pub(crate) fn set_rules(&mut self, rules: Rules) {
+        self.rule_names = rules.names().iter().map(|n| n.to_string()).collect();
+        self.options.rules = rules;
+    }
+
+    /// Destinations learning block rules matched since the last call.
+    pub(crate) fn take_block_matches(&mut self) -> Vec<(String, u32, std::net::IpAddr)> {
+        std::mem::take(&mut self.block_matches)
+    }
+
+    /// Names the block rule of a record's flow.
+    fn name_block(&self, record: &mut FlowRecord, value: &FlowValue) {
+        let mark = if value.block != 0 {
+            value.block
+        } else {
+            value.blocked_by
+        };
+        if let Some((rule, mode)) = self.blocks.rule_of(mark) {
+            record.block_rule = Some(rule.clone());
+            record.block_mode = Some(*mode);
+        }
+    }
+
+    /// Counts what block rules refused of a flow since `before` (its
+    /// blocked count at the last pass), and logs its first refused attempt
+    /// and every `BLOCK_LOG_EVERY`-th.
+    fn count_blocked(
+        &mut self,
+        record: &FlowRecord,
+        before: u64,
+        value: &FlowValue,
+        events: &mut Sink<'_>,
+    ) {
+        let now = value.blocked;
+        // A count below the last one is a flow the kernel made again.
+        let delta = if now >= before { now - before } else { now };
+        if delta == 0 {
+            return;
+        }
+        let (rule, mode) = self
+            .blocks
+            .rule_of(if value.blocked_by != 0 {
+                value.blocked_by
+            } else {
+                value.block
+            })
+            .cloned()
+            .unwrap_or_else(|| ("unknown".into(), crate::pipeline::rules::BlockMode::DryRun));
+        *self
+            .blocked
+            .entry((
+                rule.clone(),
+                record.uid,
+                record.owner.clone(),
+                record.origin.to_string(),
+                record.firmware,
+            ))
+            .or_default() += delta;
+        self.dirty = true;
+        let first = before == 0 || now < before;
+        if first || before / BLOCK_LOG_EVERY != now / BLOCK_LOG_EVERY {
+            if first {
+                log::warn!(
+                    "block {rule} ({mode}): uid {} ({}) -> {}:{} refused",
+                    record.uid,
+                    crate::cli::text::escape(&record.owner),
+                    record.dst,
+                    record.port
+                );
+            }
+            let mut flow = record.clone();
+            flow.block_rule = Some(rule.clone());
+            flow.block_mode = Some(mode);
+            flow.blocked = now;
+            events.push_with(|| LogEvent::Block {
+                time: jsonl::now(),
+                flow,
+                rule,
+                mode,
+            });
         }
     }
 
@@ -591,6 +700,7 @@ impl Tracker {
             description: None,
         };
         self.judge(&record, &mut tracked, events);
+        self.count_blocked(&record, 0, value, events);
         tracked.describe(record, &mut self.senders);
         self.flows.insert(*key, tracked);
     }
@@ -636,6 +746,11 @@ impl Tracker {
             tracked.logged,
         );
         self.add_bytes(class, value.tx_bytes.saturating_sub(before.tx_bytes));
+        if value.blocked != before.blocked {
+            let tracked = &mut self.flows[index];
+            let record = tracked.now(describe, &mut self.senders, key, value);
+            self.count_blocked(&record, before.blocked, value, events);
+        }
         let moved = changed(value, &(&before).into());
         if moved && ended {
             let tracked = &mut self.flows[index];
@@ -782,6 +897,13 @@ impl Tracker {
                 .cleartext_flows
                 .entry((r.uid, r.owner.clone(), r.origin.to_string(), r.firmware))
                 .or_default() += 1;
+        }
+        for rule in &self.blocks.learning {
+            if rule.matches(r, false) {
+                if let Ok(ip) = r.dst.parse::<std::net::IpAddr>() {
+                    self.block_matches.push((rule.name.clone(), r.uid, ip));
+                }
+            }
         }
         for rule in self.options.rules.evaluate(r) {
             let bit = self.rule_bit(&rule);

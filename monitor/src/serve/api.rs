@@ -130,9 +130,25 @@ impl Shared {
         }
     }
 
-    /// The control socket's routes.
-    async fn control(&self, req: Request<Incoming>) -> Reply {
+    /// The control socket's routes; `root`: the peer is root (the only
+    /// one who may change blocks).
+    async fn control(&self, req: Request<Incoming>, root: bool) -> Reply {
         match (req.method(), req.uri().path()) {
+            (&Method::POST, "/block" | "/unblock") if !root => text(
+                StatusCode::FORBIDDEN,
+                "only root may change blocks: run egressmon block/unblock as root",
+            ),
+            (&Method::POST, "/block") => {
+                let body = match read_body(req).await {
+                    Ok(body) => body,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, &e),
+                };
+                self.change_blocks(move |agent| agent.block(&body)).await
+            }
+            (&Method::POST, "/unblock") => {
+                let query = req.uri().query().unwrap_or("").to_string();
+                self.change_blocks(move |agent| agent.unblock(&query)).await
+            }
             (&Method::GET, "/flows") => {
                 let limit = flows_limit(req.uri().query());
                 self.json(move |agent| {
@@ -150,8 +166,19 @@ impl Shared {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "try /flows, /status or /metrics (GET), /shutdown (POST)",
+                "try /flows, /status or /metrics (GET), /shutdown, /block or /unblock (POST)",
             ),
+        }
+    }
+
+    /// Runs a change of the block rules; its error goes back as a 400.
+    async fn change_blocks<F>(&self, work: F) -> Reply
+    where
+        F: FnOnce(&Agent) -> anyhow::Result<String> + Send + 'static,
+    {
+        match self.render(work).await {
+            Ok(done) => text(StatusCode::OK, &done),
+            Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e:#}")),
         }
     }
 
@@ -210,6 +237,20 @@ impl Shared {
 }
 
 /// `limit=N` of a `/flows` query; everything without one.
+/// Largest request body the control socket reads (a block rule).
+const MAX_BODY: usize = 64 * 1024;
+
+async fn read_body(req: Request<Incoming>) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|e| format!("reading the request: {e}"))?
+        .to_bytes();
+    String::from_utf8(bytes.to_vec()).map_err(|_| "the request is not UTF-8".to_string())
+}
+
 fn flows_limit(query: Option<&str>) -> usize {
     query
         .into_iter()
@@ -418,9 +459,10 @@ async fn accept_control(listener: UnixListener, uids: BTreeSet<u32>, shared: Arc
             continue;
         }
         let shared = shared.clone();
+        let root = uid == Some(0);
         serve_connection(gate.clone(), stream, move |req| {
             let shared = shared.clone();
-            async move { shared.control(req).await }
+            async move { shared.control(req, root).await }
         });
     }
 }

@@ -54,6 +54,16 @@ pub(crate) enum LogEvent {
         flow: FlowRecord,
         rule: String,
     },
+    /// A block rule refused the flow (or in a dry run would have): at its
+    /// first refused attempt, then at every hundredth (`blocked` counts
+    /// them all).
+    Block {
+        time: String,
+        #[serde(flatten)]
+        flow: FlowRecord,
+        rule: String,
+        mode: crate::pipeline::rules::BlockMode,
+    },
     /// A uid's owner changed (packages installed, removed or updated).
     OwnerChange {
         time: String,

@@ -135,6 +135,12 @@ pub(crate) fn render(agent: &Agent) -> Result<String> {
         "Alert rule matches",
         &["rule"],
     )?;
+    let blocked = counter(
+        &registry,
+        "egressmon_blocked_total",
+        "Attempts block rules refused (dry runs: would have refused): connect() calls, datagrams, packets of connections open when the rule came",
+        &["rule", "uid", "owner", "origin", "firmware"],
+    )?;
     let hook_attached = gauge(
         &registry,
         "egressmon_hook_attached",
@@ -271,6 +277,17 @@ pub(crate) fn render(agent: &Agent) -> Result<String> {
     }
     for (rule, value) in &facts.alerts {
         alerts.with_label_values(&[rule.as_str()]).inc_by(*value);
+    }
+    let mut blocked_sums: BTreeMap<(String, [String; 4]), u64> = BTreeMap::new();
+    for ((rule, uid, ..), value) in &facts.blocked {
+        *blocked_sums
+            .entry((rule.clone(), uid_labels.of(*uid)))
+            .or_default() += value;
+    }
+    for ((rule, labels), value) in &blocked_sums {
+        let mut all = vec![rule.as_str()];
+        all.extend(labels.iter().map(String::as_str));
+        blocked.with_label_values(&all).inc_by(*value);
     }
     folded
         .with_label_values::<&str>(&[])

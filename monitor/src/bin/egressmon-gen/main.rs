@@ -64,6 +64,19 @@ pub enum GenKind {
         #[arg(long, default_value_t = 1)]
         ports: u16,
     },
+    /// One TCP connection that writes CHUNK bytes every INTERVAL_MS for
+    /// DURATION_MS, then closes (a connection that stays open while a
+    /// block rule arrives). Prints "writes N" at the end.
+    TcpStream {
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        chunk: usize,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 5000)]
+        duration_ms: u64,
+    },
     /// UDP on a connected socket: connect() once, then send().
     UdpConnected {
         #[arg(long)]
@@ -250,6 +263,28 @@ fn send(what: GenKind) -> Result<()> {
             bytes,
             ports,
         } => tcp(dst, count, threads.max(1), bytes, ports.max(1)),
+        GenKind::TcpStream {
+            dst,
+            chunk,
+            interval_ms,
+            duration_ms,
+        } => {
+            let mut stream = std::net::TcpStream::connect(dst)?;
+            let payload = vec![0x5au8; chunk];
+            let end = std::time::Instant::now() + std::time::Duration::from_millis(duration_ms);
+            let mut writes = 0u64;
+            while std::time::Instant::now() < end {
+                // A dropped segment is retransmitted by the kernel; writes
+                // go on filling the send buffer until it is full.
+                stream.set_nonblocking(true)?;
+                if std::io::Write::write(&mut stream, &payload).is_ok() {
+                    writes += 1;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(interval_ms));
+            }
+            println!("writes {writes}");
+            Ok(())
+        }
         GenKind::UdpConnected { dst, count, size } => {
             let socket = UdpSocket::bind(unspecified(dst, false))?;
             socket.connect(dst)?;

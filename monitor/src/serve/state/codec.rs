@@ -203,7 +203,7 @@ impl<R: BufRead> Dec<R> {
             tx_bytes: self.u64()?,
             first_seen: self.u64()?,
             last_seen: self.u64()?,
-            captured: 0,
+            ..FlowValue::default()
         })
     }
 }
@@ -228,7 +228,7 @@ mod tests {
             tx_bytes: 1 << 40,
             first_seen: 12,
             last_seen: 13,
-            captured: 0,
+            ..FlowValue::default()
         };
         let mut enc = Enc::new(Vec::new());
         enc.u64(0).unwrap();
