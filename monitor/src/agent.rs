@@ -548,19 +548,16 @@ impl Agent {
         let identifiers =
             Identifiers::load(&identifier_sources(&options)).map_err(anyhow::Error::msg)?;
         let capacity = load.flow_entries as usize;
-        let mut kernel = Kernel::load(load)?;
-        let mut blocks = crate::block::Blocks::new(Some(kernel.block_maps()?));
+        // Guard rails before anything is attached: a refused rules file
+        // leaves the kernel as it was.
+        let mut blocks = crate::block::Blocks::new(None);
         blocks.set_file_rules(&rules);
         blocks.check_all(&resolver).map_err(|e| {
-            anyhow::anyhow!(
-                "rules file {}: {e:#}",
-                options
-                    .rules
-                    .as_deref()
-                    .unwrap_or(Path::new("(none)"))
-                    .display()
-            )
+            let file = options.rules.as_deref().unwrap_or(Path::new("(none)"));
+            anyhow::anyhow!("rules file {}: {e:#}", file.display())
         })?;
+        let mut kernel = Kernel::load(load)?;
+        blocks.use_maps(kernel.block_maps()?);
         blocks.apply(&resolver, &geoip)?;
         let blocks = Arc::new(Mutex::new(blocks));
         let states = open_states(&kernel, &options);

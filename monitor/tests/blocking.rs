@@ -17,6 +17,7 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
 use std::time::Duration;
 use support::netd::Device;
 use support::netd_maps::{NetdMaps, Release, Which};
@@ -32,42 +33,6 @@ fn fixtures() -> PathBuf {
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-/// Runs `egressmon-gen ARGS` as `uid` in the cgroup and client namespace,
-/// without asserting success (a refused connect is the point).
-fn try_gen(net: &NetPair, cgroup: &Path, uid: u32, args: &[&str]) -> Output {
-    Command::new(GEN)
-        .args(["--netns", &NetPair::path(&net.client), "--cgroup"])
-        .arg(cgroup)
-        .args(["--uid", &uid.to_string()])
-        .args(args)
-        .output()
-        .expect("spawn gen")
-}
-
-/// The run was refused by the kernel with EPERM.
-fn refused(out: &Output) -> bool {
-    let err = String::from_utf8_lossy(&out.stderr);
-    !out.status.success()
-        && (err.contains("os error 1)") || err.contains("Operation not permitted"))
-}
-
-fn assert_refused(out: &Output, what: &str) {
-    assert!(
-        refused(out),
-        "{what}: expected EPERM, got {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// `egressmon ARGS --listen` of the agent, as root, with its output.
@@ -379,6 +344,27 @@ fn a_dry_run_counts_without_refusing_and_guard_rails_need_force() {
         "system after unblock --all",
     );
     assert_eq!(w.agent.status()["blocks"], serde_json::json!([]));
+
+    // A rules file that would refuse every uid is refused before anything
+    // is attached.
+    let guarded = w.dir.join("guarded.toml");
+    std::fs::write(
+        &guarded,
+        "[[rule]]\nname = \"all-cn\"\naction = \"block\"\nmode = \"enforce\"\ndst = \"10.200.0.0/24\"\n",
+    )
+    .unwrap();
+    let other = TestCgroup::new(&w.cgroup.path, "guarded");
+    let pin_dir = PathBuf::from(format!("{}-guarded", w.agent.pin_dir.display()));
+    let err = support::pins::run_refused(
+        &other.path,
+        &pin_dir,
+        &["--rules", guarded.to_str().unwrap()],
+    );
+    assert!(
+        err.contains("all-cn") && err.contains("every uid") && err.contains("force = true"),
+        "{err}"
+    );
+    assert!(!pin_dir.exists(), "nothing was pinned");
 }
 
 #[test]

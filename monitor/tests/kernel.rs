@@ -684,6 +684,61 @@ fn tc_fallback_names_hosts(netlink: bool) {
     }
 }
 
+/// A device's layout on cgroups of the test's: netd's programs held on a
+/// parent cgroup (none on Linux), apps in a child cgroup, a test host in
+/// network namespaces. Fields drop in order: netd's programs first.
+struct Layout {
+    held: Vec<ExclusiveProgram>,
+    before: Vec<bpf_sys::Attached>,
+    netd_maps: Option<NetdMaps>,
+    child: TestCgroup,
+    _parent: TestCgroup,
+    net: NetPair,
+}
+
+impl Layout {
+    fn new(device: Device, tag: &str) -> Layout {
+        let net = NetPair::new(tag);
+        let parent = TestCgroup::new(&cgroup2_root(), tag);
+        let child = TestCgroup::new(&parent.path, "apps");
+        let netd_maps =
+            (device != Device::Linux).then(|| NetdMaps::new(tag, Release::Android13, false));
+        let held = device.hold(
+            &parent.path,
+            netd_maps.as_ref().map(|m| m.map(Which::A).fd()),
+        );
+        let before = held.iter().map(|h| h.query()).collect();
+        Layout {
+            held,
+            before,
+            netd_maps,
+            child,
+            _parent: parent,
+            net,
+        }
+    }
+
+    /// An agent on the apps' cgroup in the client namespace, reading
+    /// netd's stats maps where there are some.
+    fn agent(&self, tag: &str) -> AgentProc {
+        let root = self
+            .netd_maps
+            .as_ref()
+            .map(|m| m.root().to_str().unwrap().to_string());
+        let extra: Vec<&str> = match &root {
+            Some(root) => vec!["--netd-bpf-root", root],
+            None => vec![],
+        };
+        let client_ns = NetPair::path(&self.net.client);
+        AgentProc::start_in(Some(&client_ns), &[], &self.child.path, tag, &extra)
+    }
+
+    fn assert_netd_untouched(&self) {
+        let now: Vec<_> = self.held.iter().map(|h| h.query()).collect();
+        assert_eq!(now, self.before, "netd's programs are as they were");
+    }
+}
+
 /// One simulated device: netd's programs (on Android, its skb egress one
 /// counting per uid into a stats map of netd's layout) at a parent cgroup
 /// standing for the root; the agent on a child cgroup in the client's
@@ -698,16 +753,8 @@ fn device_case(device: Device) {
         Device::Android15 => "a15",
         Device::Linux => "linux",
     });
-    let net = NetPair::new(&tag);
-    let parent = TestCgroup::new(&cgroup2_root(), &tag);
-    let child = TestCgroup::new(&parent.path, "apps");
-    let netd_maps =
-        (device != Device::Linux).then(|| NetdMaps::new(&tag, Release::Android13, false));
-    let held = device.hold(
-        &parent.path,
-        netd_maps.as_ref().map(|m| m.map(Which::A).fd()),
-    );
-    let before: Vec<_> = held.iter().map(|h| h.query()).collect();
+    let layout = Layout::new(device, &tag);
+    let (net, child) = (&layout.net, &layout.child);
     let uids = [1000u32, 10123, 10124];
     let tcp: Vec<SocketAddr> = (0..3u16)
         .flat_map(|i| {
@@ -718,17 +765,9 @@ fn device_case(device: Device) {
         })
         .collect();
     let udp = format!("{SERVER4}:9201");
-    let _sink = start_sink(&net, &tcp, &[addr(&udp)]);
-    let capture = Capture::new(&net);
-    let root = netd_maps
-        .as_ref()
-        .map(|m| m.root().to_str().unwrap().to_string());
-    let extra: Vec<&str> = match &root {
-        Some(root) => vec!["--netd-bpf-root", root],
-        None => vec![],
-    };
-    let client_ns = NetPair::path(&net.client);
-    let mut agent = AgentProc::start_in(Some(&client_ns), &[], &child.path, &tag, &extra);
+    let _sink = start_sink(net, &tcp, &[addr(&udp)]);
+    let capture = Capture::new(net);
+    let mut agent = layout.agent(&tag);
 
     let status = agent.status();
     let attached: Vec<&str> = status["hooks"]
@@ -789,7 +828,7 @@ fn device_case(device: Device) {
             &["udp-sendto", "--dst", &udp, "--count", "4", "--size", "100"],
         ];
         for args in runs {
-            gen(&net, &child.path, uid, args);
+            gen(net, &child.path, uid, args);
         }
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -829,8 +868,7 @@ fn device_case(device: Device) {
     assert_eq!(udp_total, capture.read("udp", SERVER4, 9201));
 
     agent.detach();
-    let after: Vec<_> = held.iter().map(|h| h.query()).collect();
-    assert_eq!(after, before, "{device:?}: netd's programs untouched");
+    layout.assert_netd_untouched();
     if device != Device::Linux {
         // The tc filters (netlink before 6.6, TCX links after) went too.
         for name in ["tc_egress", "tc_ingress"] {
@@ -1267,4 +1305,83 @@ fn dns_answers_name_only_the_uid_that_asked() {
         (Some("shared.example".into()), Some("dns_other_uid".into())),
         "the forged answer never names 10123's flow; 1001's answer is marked as another uid's"
     );
+}
+
+/// A block rule on both backends (the guests run this on every kernel):
+/// cgroup hooks refuse with EPERM (Linux layout); tc egress drops where
+/// netd holds the cgroup hooks (Android 15 layout). Other uids pass, the
+/// refused attempts are counted per flow, `unblock --all` lifts it.
+fn block_case(device: Device) {
+    require_root();
+    let tag = tag(if device == Device::Linux {
+        "kblk"
+    } else {
+        "kblk15"
+    });
+    let layout = Layout::new(device, &tag);
+    let (net, child) = (&layout.net, &layout.child);
+    let udp = format!("{SERVER4}:9401");
+    let tcp = format!("{SERVER4}:8401");
+    let _sink = start_sink(net, &[addr(&tcp)], &[addr(&udp)]);
+    let capture = Capture::new(net);
+    let agent = layout.agent(&tag);
+    agent.cli(&[
+        "block",
+        "k",
+        "--uid",
+        "10123",
+        "--dst",
+        SERVER4,
+        "--enforce",
+    ]);
+    let sendto = ["udp-sendto", "--dst", &udp, "--count", "3"];
+    let connect = ["tcp", "--dst", &tcp, "--count", "1"];
+    let blocked = try_gen(net, &child.path, 10123, &sendto);
+    if device == Device::Linux {
+        assert_refused(&blocked, "sendto at skb egress");
+        assert_refused(&try_gen(net, &child.path, 10123, &connect), "connect4");
+    } else {
+        // tc drops silently: the sends succeed, nothing leaves.
+        assert_ok(&blocked, "sendto at tc egress");
+    }
+    gen(net, &child.path, 10124, &sendto);
+    let want = if device == Device::Linux { 1 } else { 3 };
+    let mut flows = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            flows = agent.flows();
+            flows
+                .iter()
+                .any(|f| f.uid == 10123 && f.port == 9401 && f.blocked == want && f.tx_packets == 0)
+                && flows
+                    .iter()
+                    .any(|f| f.uid == 10124 && f.port == 9401 && f.udp_sends == 3 && f.blocked == 0)
+        }),
+        "{device:?}: {flows:#?}"
+    );
+    assert_eq!(
+        capture.read("udp", SERVER4, 9401).0,
+        3,
+        "only uid 10124's datagrams left"
+    );
+    agent.cli(&["unblock", "--all"]);
+    gen(net, &child.path, 10123, &sendto);
+    assert!(
+        eventually(Duration::from_secs(5), || capture
+            .read("udp", SERVER4, 9401)
+            .0
+            == 6),
+        "{device:?}: unblocked datagrams leave"
+    );
+    layout.assert_netd_untouched();
+}
+
+#[test]
+fn block_rules_refuse_at_cgroup_hooks() {
+    block_case(Device::Linux);
+}
+
+#[test]
+fn block_rules_drop_at_tc_egress_where_netd_holds_the_cgroup() {
+    block_case(Device::Android15);
 }

@@ -250,6 +250,34 @@ fn allowed_uids_use_the_control_socket_others_are_refused_by_peer_credentials() 
         &["--unix-socket", socket, "-X", "POST", "http://x/shutdown"],
     );
     assert_eq!(stop.status, 403);
+    // An allowed uid reads flows but never changes blocks.
+    let rule = "[[rule]]\nname = \"x\"\naction = \"block\"\nmode = \"enforce\"\nuid = 10123\n";
+    let block = curl_as(
+        2000,
+        &[
+            "--unix-socket",
+            socket,
+            "-X",
+            "POST",
+            "--data-binary",
+            rule,
+            "http://x/block",
+        ],
+    );
+    assert_eq!(block.status, 403, "{block:?}");
+    assert!(block.body.contains("only root"), "{block:?}");
+    let unblock = curl_as(
+        2000,
+        &[
+            "--unix-socket",
+            socket,
+            "-X",
+            "POST",
+            "http://x/unblock?all",
+        ],
+    );
+    assert_eq!(unblock.status, 403, "{unblock:?}");
+    assert_eq!(agent.status()["blocks"], serde_json::json!([]));
     still_running(&agent);
     let out = agent
         .command()

@@ -457,6 +457,11 @@ fn test(soak_secs: u64) -> Result<()> {
     integration_test("capture")?;
     shell::step(
         "test",
+        "blocking: refused connects and sends, dry runs, guard rails, a cut connection, country and host rules, the tc path",
+    );
+    integration_test("blocking")?;
+    shell::step(
+        "test",
         "restarts: per-country bytes, alerts, log lines and netd totals exact across kill -9",
     );
     integration_test("restart")?;

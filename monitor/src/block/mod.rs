@@ -181,6 +181,13 @@ impl Blocks {
         }
     }
 
+    /// Works on the kernel's maps from now on, adopting what an earlier
+    /// agent left there (the next `apply` replaces it).
+    pub(crate) fn use_maps(&mut self, maps: BlockMaps) {
+        (self.installed, self.gen) = maps.read();
+        self.maps = Some(maps);
+    }
+
     /// Takes the block rules of a (re)loaded rules file; a changed file
     /// lifts an `unblock --all`.
     pub(crate) fn set_file_rules(&mut self, rules: &Rules) {

@@ -767,7 +767,7 @@ mod tests {
         let problem = adoption_problem(&spec, &planted, Path::new("/p")).unwrap();
         assert!(
             problem.starts_with(
-                "/p/FLOWS is not a map this egressmon can use (value size 48, expected 72)"
+                "/p/FLOWS is not a map this egressmon can use (value size 48, expected 80)"
             ) && problem.contains("`egressmon detach --pin-dir /p`"),
             "{problem}"
         );

@@ -255,6 +255,22 @@ mod tests {
     }
 
     #[test]
+    fn owners_and_flows_a_block_rule_refused_are_marked() {
+        let mut refused = flow(1001, "203.0.113.7", 0, &[]);
+        refused.blocked = 7;
+        refused.block_rule = Some("radio-cn".into());
+        refused.block_mode = Some(crate::pipeline::rules::BlockMode::Enforce);
+        let rows = group(&[refused.clone()]);
+        assert_eq!(
+            (rows[0].blocked, alert_mark(&rows[0]).as_str()),
+            (7, "BLK ")
+        );
+        assert_eq!(flow_notes(&refused), "BLK 7");
+        refused.block_mode = Some(crate::pipeline::rules::BlockMode::DryRun);
+        assert_eq!(flow_notes(&refused), "BLK(dry-run radio-cn) 7");
+    }
+
+    #[test]
     fn local_rows_come_last_under_a_heading_and_alerts_are_marked() {
         let rows = group(&[
             flow(0, "127.0.0.1", 9000, &[]),

@@ -746,6 +746,45 @@ mod tests {
         s.parse().unwrap()
     }
 
+    #[test]
+    fn ranges_become_the_fewest_networks_and_csv_countries_expand() {
+        let cidrs = |a: &str, b: &str| {
+            let (a, b) = (ip(a), ip(b));
+            let mut out = Vec::new();
+            match (a, b) {
+                (IpAddr::V4(a), IpAddr::V4(b)) => {
+                    range_to_cidrs(u32::from(a).into(), u32::from(b).into(), 32, &mut out)
+                }
+                (IpAddr::V6(a), IpAddr::V6(b)) => range_to_cidrs(a.into(), b.into(), 128, &mut out),
+                _ => unreachable!(),
+            }
+            out.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        assert_eq!(cidrs("10.0.0.0", "10.0.1.255"), ["10.0.0.0/23"]);
+        assert_eq!(
+            cidrs("10.0.0.1", "10.0.0.6"),
+            ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"]
+        );
+        assert_eq!(cidrs("0.0.0.0", "255.255.255.255"), ["0.0.0.0/0"]);
+        assert_eq!(cidrs("2001:db8::", "2001:db8::ffff"), ["2001:db8::/112"]);
+        let dir = Dir::new("networks");
+        let csv = dir.file(
+            "c.csv",
+            b"10.200.0.0,10.200.0.255,CN\n10.201.0.0,10.201.0.9,US\n2001:db8::,2001:db8::ff,CN\n",
+        );
+        let geo = GeoIp::open(&[csv]).unwrap();
+        let cn: Vec<String> = geo
+            .networks(true, &|c, _| c == Some("CN"))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(cn, ["10.200.0.0/24", "2001:db8::/120"]);
+        assert!(
+            geo.networks(false, &|_, _| true).is_empty(),
+            "no ASN source"
+        );
+    }
+
     struct Dir(PathBuf);
 
     impl Dir {

@@ -473,6 +473,37 @@ pub fn gen(net: &NetPair, cgroup: &Path, uid: u32, args: &[&str]) -> u32 {
     pid
 }
 
+/// Runs `egressmon-gen ARGS` as `uid` in the cgroup and client namespace,
+/// without asserting success (a refused connect is the point).
+pub fn try_gen(net: &NetPair, cgroup: &Path, uid: u32, args: &[&str]) -> std::process::Output {
+    Command::new(GEN)
+        .args(["--netns", &NetPair::path(&net.client), "--cgroup"])
+        .arg(cgroup)
+        .args(["--uid", &uid.to_string()])
+        .args(args)
+        .output()
+        .expect("spawn gen")
+}
+
+/// The run failed with EPERM (a block rule refused it).
+pub fn assert_refused(out: &std::process::Output, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && (err.contains("os error 1)") || err.contains("Operation not permitted")),
+        "{what}: expected EPERM, got {:?}: {err}",
+        out.status
+    );
+}
+
+pub fn assert_ok(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// One flow from the table, by uid, protocol, destination and port.
 pub fn find<'a>(
     flows: &'a [FlowRecord],
