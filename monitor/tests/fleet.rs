@@ -11,8 +11,9 @@
 //! cgroup with `--android-root` (packages.list naming uid 10123),
 //! `--identifiers` (an IMEI), `--geoip` (a CSV placing the test server in
 //! CN), `--log-interval 1 --flow-idle 3`, while uid 1001 (radio) resolved a
-//! name and POSTed the IMEI over HTTP and uid 10123 sent UDP twice, and the
-//! package list changed under it. When the log format changes (a field
+//! name and POSTed the IMEI over HTTP and uid 10123 sent UDP twice under a
+//! dry-run block rule (`egressmon block`), and the package list changed
+//! under it. When the log format changes (a field
 //! added to `FlowRecord`, a new event), `fixture_is_current_agent_output`
 //! fails: capture new lines the same way (or take them from the
 //! `observability` test's log), then update the examples until this file
@@ -27,11 +28,12 @@ use std::path::{Path, PathBuf};
 
 type Line = Map<String, Value>;
 
-const EVENTS: [&str; 5] = [
+const EVENTS: [&str; 6] = [
     "flow_start",
     "flow_update",
     "flow_end",
     "alert",
+    "block",
     "owner_change",
 ];
 const DELTAS: [&str; 4] = [
@@ -136,6 +138,7 @@ fn event_fields(line: &Line) -> BTreeSet<String> {
         "alert" => {
             extra.insert("rule".into());
         }
+        "block" => extra.extend(set(["rule", "mode"])),
         "owner_change" => extra.extend(set(PREVIOUS)),
         other => panic!("unknown event {other}"),
     }
@@ -481,6 +484,9 @@ fn filled(line: &Line) -> Line {
     r.host_source.get_or_insert_with(|| "sni".into());
     r.country.get_or_insert_with(|| "NL".into());
     r.asn.get_or_insert(64496);
+    r.block_rule.get_or_insert_with(|| "radio-cn".into());
+    r.block_mode
+        .get_or_insert(egressmon::pipeline::rules::BlockMode::Enforce);
     let Value::Object(mut out) = serde_json::to_value(r).unwrap() else {
         unreachable!()
     };

@@ -118,11 +118,11 @@ fn planted_map_with_a_wrong_value_size_is_refused() {
     let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
     let plants = [
         // An egressmon whose flow values were 48 bytes.
-        (flows_shape(48), "value size 48, expected 56"),
+        (flows_shape(48), "value size 48, expected 80"),
         // A plain hash map of 8-byte values.
         (
             (BPF_MAP_TYPE_HASH, 24, 8, 1024),
-            "type 1, expected 9, value size 8, expected 56",
+            "type 1, expected 9, value size 8, expected 80",
         ),
     ];
     for (shape, difference) in plants {
@@ -251,7 +251,7 @@ fn detach_on_a_bpffs_root_removes_only_ours() {
     let tag = tag("pin-root");
     let root = BpfPath::mount(&tag);
     let before = root.entries();
-    root.plant("FLOWS", "FLOWS", flows_shape(56));
+    root.plant("FLOWS", "FLOWS", flows_shape(80));
     root.plant(
         "TC_FILTERS",
         "TC_FILTERS",

@@ -5,7 +5,8 @@
 -- Each event kind carries a subset of the fields: a field a line lacks
 -- takes its column's default (input_format_defaults_for_omitted_fields):
 -- delta_* 0 except on flow_update/flow_end (and a flow_start after an end),
--- reason '' except on flow_end, rule '' except on alert, previous_* empty
+-- reason '' except on flow_end, rule '' except on alert and block, mode ''
+-- except on block, previous_* empty
 -- except on owner_change, whose rows leave the flow columns at their defaults.
 --
 -- monitor/tests/fleet.rs checks every column against real log lines.
@@ -51,12 +52,16 @@ CREATE TABLE IF NOT EXISTS egressmon.events
     leaks             Array(String),
     direction         LowCardinality(String),
     scope             LowCardinality(String),
+    blocked           UInt64,
+    block_rule        LowCardinality(Nullable(String)),
+    block_mode        LowCardinality(Nullable(String)),
     delta_connects    UInt64,
     delta_udp_sends   UInt64,
     delta_tx_packets  UInt64,
     delta_tx_bytes    UInt64,
     reason            LowCardinality(String),
     rule              LowCardinality(String),
+    mode              LowCardinality(String),
     previous_owner    String,
     previous_packages Array(String),
     previous_origin   LowCardinality(String),

@@ -841,6 +841,27 @@ mod tests {
     }
 
     #[test]
+    fn mmdb_networks_of_a_country_and_an_asn() {
+        let dir = Dir::new("mmdb-networks");
+        let c = dir.file("GeoLite2-Country.mmdb", &country_db());
+        let a = dir.file("GeoLite2-ASN.mmdb", &asn_db());
+        let geo = GeoIp::open(&[c, a]).unwrap();
+        let names = |by_country, wanted: &dyn Fn(Option<&str>, Option<u32>) -> bool| {
+            let mut found: Vec<String> = geo
+                .networks(by_country, wanted)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            found.sort();
+            found
+        };
+        assert_eq!(names(true, &|c, _| c == Some("CN")), ["203.0.113.0/24"]);
+        // registered_country stands in where country is missing.
+        assert_eq!(names(true, &|c, _| c == Some("FR")), ["192.0.2.0/24"]);
+        assert_eq!(names(false, &|_, a| a == Some(64500)), ["2001:db8::/32"]);
+    }
+
+    #[test]
     fn mmdb_country_and_asn_through_the_maxminddb_crate() {
         let dir = Dir::new("mmdb");
         let c = dir.file("GeoLite2-Country.mmdb", &country_db());
