@@ -55,22 +55,23 @@ pub struct FlowValue {
     pub tx_packets: u64,
     /// Sum of skb->len at cgroup skb egress: IP header included.
     pub tx_bytes: u64,
-    pub first_seen: u64,
-    pub last_seen: u64,
-    /// Payload handed to the agent so far: bytes in the low 32 bits,
-    /// packets in the high 32, or [`CAPTURE_ENCRYPTED`] / [`CAPTURE_DONE`]
-    /// once no more is wanted (see [`PayloadEvent`] and [`EVIDENCE_BYTES`]).
-    pub captured: u64,
-    /// Attempts a block rule refused: connect() calls, datagrams, and
-    /// packets of connections open when the rule came (in a dry run, those
-    /// it would have refused). What is refused is not in the counters above.
-    pub blocked: u64,
     /// The block decision for this flow under the rules of generation
-    /// `block_gen`: a [`BlockEntry::rule`] or 0.
+    /// `block_gen`: a [`BlockEntry::rule`] or 0. (Beside the counters: a
+    /// packet reads both from the same cache line.)
     pub block: u32,
     /// [`MAP_BLOCK_GEN`] when `block` was decided: the next run decides
     /// again when the rules have changed since.
     pub block_gen: u32,
+    /// Payload handed to the agent so far: bytes in the low 32 bits,
+    /// packets in the high 32, or [`CAPTURE_ENCRYPTED`] / [`CAPTURE_DONE`]
+    /// once no more is wanted (see [`PayloadEvent`] and [`EVIDENCE_BYTES`]).
+    pub captured: u64,
+    pub first_seen: u64,
+    pub last_seen: u64,
+    /// Attempts a block rule refused: connect() calls, datagrams, and
+    /// packets of connections open when the rule came (in a dry run, those
+    /// it would have refused). What is refused is not in the counters above.
+    pub blocked: u64,
     /// The decision (`block`) under which `blocked` last grew: names the
     /// rule after a later change decided the flow again.
     pub blocked_by: u32,
