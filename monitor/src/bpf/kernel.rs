@@ -366,16 +366,7 @@ impl Kernel {
     /// its own: scrapes and `status` read them without waiting for a pass
     /// (which holds the kernel for its walk of the flow map).
     pub(crate) fn counters(&self) -> Result<Counters> {
-        let own = |name: &str| -> Result<MapData> {
-            let map = self
-                .ebpf
-                .map(name)
-                .with_context(|| format!("{name} missing"))?;
-            let fd = map_fd(map)
-                .with_context(|| format!("{name} has no descriptor"))?
-                .try_clone_to_owned()?;
-            Ok(MapData::from_fd(fd)?)
-        };
+        let own = |name| self.own_map(name);
         Ok(Counters {
             uid_totals: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(own(
                 MAP_UID_TOTALS,
@@ -388,17 +379,19 @@ impl Kernel {
     /// The block maps on descriptors of their own (rules change without
     /// waiting for a pass).
     pub(crate) fn block_maps(&self) -> Result<crate::block::BlockMaps> {
-        let own = |name: &str| -> Result<MapData> {
-            let map = self
-                .ebpf
-                .map(name)
-                .with_context(|| format!("{name} missing"))?;
-            let fd = map_fd(map)
-                .with_context(|| format!("{name} has no descriptor"))?
-                .try_clone_to_owned()?;
-            Ok(MapData::from_fd(fd)?)
-        };
-        crate::block::BlockMaps::new(own(MAP_BLOCKS)?, own(MAP_BLOCK_GEN)?)
+        crate::block::BlockMaps::new(self.own_map(MAP_BLOCKS)?, self.own_map(MAP_BLOCK_GEN)?)
+    }
+
+    /// Loaded map `name` on a descriptor of its own.
+    fn own_map(&self, name: &str) -> Result<MapData> {
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("{name} missing"))?;
+        let fd = map_fd(map)
+            .with_context(|| format!("{name} has no descriptor"))?
+            .try_clone_to_owned()?;
+        Ok(MapData::from_fd(fd)?)
     }
 
     pub(crate) fn take_payloads(&mut self) -> Result<RingBuf<MapData>> {
