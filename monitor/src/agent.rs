@@ -128,7 +128,31 @@ pub(crate) struct Agent {
     blocks: Arc<Mutex<crate::block::Blocks>>,
     /// When the rules file was last read.
     rules_stamp: Mutex<Option<SystemTime>>,
+    /// What the latest pass began from, to skip passes over a still map.
+    quiet: Mutex<Quiet>,
 }
+
+/// What a poll reads to tell whether anything moved since the latest pass
+/// began: the kernel's counts, and the payloads and identities received.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Probe {
+    kernel: crate::bpf::kernel::Movement,
+    payloads: u64,
+    identities: u64,
+}
+
+/// See [`Agent::may_skip_pass`].
+#[derive(Default)]
+struct Quiet {
+    /// Read as the latest pass began (None: the next poll makes a pass).
+    before_pass: Option<Probe>,
+    last_pass: Option<Instant>,
+    /// Polls that skipped their pass.
+    skipped: u64,
+}
+
+/// A still map is walked at least this often all the same.
+const QUIET_AT_MOST: Duration = Duration::from_secs(30);
 
 /// The history database for the flow map `kernel` uses, if history is on
 /// and its directory usable (without it, the agent runs and says why).
@@ -355,6 +379,12 @@ pub(crate) struct Status {
     pub(crate) flows_evicted: u64,
     /// New-flow events this agent read from the ring buffer.
     pub(crate) events_received: u64,
+    /// Passes over the flow map, and polls that made none because nothing
+    /// had moved since the latest pass.
+    #[serde(default)]
+    pub(crate) passes: u64,
+    #[serde(default)]
+    pub(crate) quiet_polls: u64,
     pub(crate) log_write_errors: u64,
     /// Owner sources reread after a change, and rereads refused because the
     /// files were damaged (the last good owners stay in use).
@@ -649,6 +679,7 @@ impl Agent {
             history: Mutex::new(history),
             blocks,
             rules_stamp: Mutex::new(rules_stamp),
+            quiet: Mutex::new(Quiet::default()),
         });
         let poller = Agent::spawn_poller(agent.clone());
         agent.threads.lock().unwrap().push(poller);
@@ -660,13 +691,25 @@ impl Agent {
             .name("egressmon-poll".into())
             .spawn(move || {
                 let mut last_reload_check = Instant::now();
+                let mut polls: u64 = 0;
                 while !agent.stop.load(Ordering::Relaxed) {
                     if last_reload_check.elapsed() >= Duration::from_secs(2) {
                         agent.reload_owners_if_changed();
                         agent.reload_rules_if_changed();
                         last_reload_check = Instant::now();
                     }
-                    if let Err(e) = agent.tick() {
+                    // Interfaces come and go whether or not anything moved.
+                    let refresh_tc = polls.is_multiple_of(5);
+                    if refresh_tc {
+                        agent.kernel.lock().unwrap().refresh_tc();
+                    }
+                    polls += 1;
+                    if agent.may_skip_pass() {
+                        agent.quiet.lock().unwrap().skipped += 1;
+                        if refresh_tc {
+                            agent.publish_facts();
+                        }
+                    } else if let Err(e) = agent.tick() {
                         log::warn!("reading flows: {e:#}");
                     }
                     agent.kernel_log_reader.lock().unwrap().flush();
@@ -689,10 +732,10 @@ impl Agent {
     /// and log lines. Locks in this order: kernel, destinations, log,
     /// tracker, then the reader's channel (others take the kernel alone).
     pub(crate) fn tick(&self) -> Result<()> {
-        let mut kernel = self.kernel.lock().unwrap();
-        if self.ticks.load(Ordering::Relaxed).is_multiple_of(5) {
-            kernel.refresh_tc();
-        }
+        let kernel = self.kernel.lock().unwrap();
+        // Read before the walk: whatever moves from here on, the next
+        // probe sees.
+        let probe = self.probe();
         let resolver = self.resolver();
         let destinations = self.destinations.lock().unwrap();
         let prune = self
@@ -723,6 +766,11 @@ impl Agent {
         drop(kernel);
         let read = read?;
         self.last_flow_count.store(read, Ordering::Relaxed);
+        {
+            let mut quiet = self.quiet.lock().unwrap();
+            quiet.before_pass = probe;
+            quiet.last_pass = Some(Instant::now());
+        }
         tracker.end_pass(pass, &describe, &mut write);
         if prune {
             // What the kernel no longer holds, the tracker just dropped too.
@@ -750,6 +798,70 @@ impl Agent {
             unsafe { libc::malloc_trim(0) };
         }
         Ok(())
+    }
+
+    /// Reads what moved, without walking the flow map (None if the kernel's
+    /// counters cannot be read: then every poll makes a pass).
+    fn probe(&self) -> Option<Probe> {
+        Some(Probe {
+            kernel: self.counters.movement().ok()?,
+            payloads: self.payloads_received.load(Ordering::Relaxed),
+            identities: self.events_received.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Whether this poll may skip its pass: nothing moved since the latest
+    /// pass began (the kernel made, evicted and counted nothing; no payload
+    /// or identity arrived), nothing waits on a pass (idle endings, due log
+    /// lines or history writes, identities, re-arming), no block entry is in
+    /// the kernel (a refused attempt counts in its flow alone), and the
+    /// latest pass is under [`QUIET_AT_MOST`] old. A walk of a full map
+    /// costs tens of milliseconds; a probe, a few syscalls per uid.
+    fn may_skip_pass(&self) -> bool {
+        let now = Instant::now();
+        let (before, last_pass) = {
+            let quiet = self.quiet.lock().unwrap();
+            (quiet.before_pass, quiet.last_pass)
+        };
+        let Some(before) = before else { return false };
+        if last_pass.is_none_or(|t| now.duration_since(t) >= QUIET_AT_MOST)
+            || self.blocks.lock().unwrap().in_kernel()
+            || self.tracker_wants_pass(now)
+            || self
+                .history
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|h| h.wants_pass())
+            || self
+                .rearm
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|r| r.waiting())
+            || self.probe() != Some(before)
+        {
+            return false;
+        }
+        true
+    }
+
+    /// Whether the tracker has work for a pass (see `Tracker::wants_pass`),
+    /// or identities came that it holds no flow of yet: events are counted
+    /// as they are read, before they reach the channel.
+    fn tracker_wants_pass(&self, now: Instant) -> bool {
+        let mut tracker = self.tracker.lock().unwrap();
+        let mut received = false;
+        for batch in self.identified.lock().unwrap().try_iter() {
+            received = true;
+            tracker.receive(batch);
+        }
+        received || tracker.wants_pass(now)
+    }
+
+    /// The next poll makes a pass (rules, owners or blocks changed).
+    fn pass_due(&self) {
+        self.quiet.lock().unwrap().before_pass = None;
     }
 
     /// Re-arms payload capture where due, then saves the pass's state while
@@ -808,6 +920,7 @@ impl Agent {
         }) {
             Ok(()) => {
                 self.tracker.lock().unwrap().set_rules(rules);
+                self.pass_due();
                 log::info!("rules file changed: reloaded");
             }
             Err(e) => {
@@ -831,6 +944,7 @@ impl Agent {
         let mut blocks = self.blocks.lock().unwrap();
         let result = change(&mut blocks, &resolver, destinations.geoip());
         drop(destinations);
+        self.pass_due();
         let view = blocks.view();
         drop(blocks);
         self.tracker.lock().unwrap().set_blocks(view);
@@ -874,6 +988,7 @@ impl Agent {
         }
         *last = now;
         self.reload_identifiers();
+        self.pass_due();
         let current_warnings = self.resolver().warnings().len();
         match OwnerResolver::new(self.options.android_root.as_deref()) {
             // More damage than before (a truncated packages.xml, a broken
@@ -935,10 +1050,12 @@ impl Agent {
     }
 
     /// The flow table, busiest first: a pass brings the tracker's model up
-    /// to the kernel's counters, then the model is read (nothing is
-    /// described a second time).
+    /// to the kernel's counters (unless nothing moved since the latest
+    /// began), then the model is read (nothing is described a second time).
     pub(crate) fn flows(&self) -> Result<Vec<FlowRecord>> {
-        self.tick()?;
+        if !self.may_skip_pass() {
+            self.tick()?;
+        }
         let mut rows = self.tracker.lock().unwrap().records();
         flows::sort_busiest_first(&mut rows);
         Ok(rows)
@@ -1083,6 +1200,8 @@ impl Agent {
                 .saturating_sub(self.last_flow_count.load(Ordering::Relaxed))
                 .max(facts.tracker_evicted),
             events_received: self.events_received.load(Ordering::Relaxed),
+            passes: self.ticks.load(Ordering::Relaxed),
+            quiet_polls: self.quiet.lock().unwrap().skipped,
             log_write_errors: self.log_errors.load(Ordering::Relaxed),
             owner_reloads: self.owner_reloads.load(Ordering::Relaxed),
             owner_reloads_rejected: self.owner_reloads_rejected.load(Ordering::Relaxed),

@@ -567,3 +567,64 @@ fn xtask_run_shows_the_table_alone_and_alerts_in_it() {
         screen()
     );
 }
+
+/// The agent's passes and its quiet polls, from `status`.
+fn passes(agent: &AgentProc) -> (u64, u64) {
+    let status = agent.status();
+    let count = |field: &str| {
+        status[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("status lacks {field}: {status:#}"))
+    };
+    (count("passes"), count("quiet_polls"))
+}
+
+/// A flow map that holds still is not walked again: polls read the
+/// kernel's totals, find nothing moved and make no pass. The next datagram
+/// brings the passes back, and what they log is exact.
+#[test]
+fn a_still_map_is_not_walked_until_something_moves() {
+    require_root();
+    let tag = tag("still");
+    let net = NetPair::new(&tag);
+    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
+    let dir = scratch(&tag);
+    let _cleanup = Scratch(dir.clone());
+    let log = dir.join("flows.jsonl");
+    let (first, second) = (format!("{SERVER4}:9001"), format!("{SERVER4}:9002"));
+    let _sink = start_sink(&net, &[], &[addr(&first), addr(&second)]);
+    let agent = AgentProc::start(&cgroup.path, &tag, &["--log", log.to_str().unwrap()]);
+    let send = |dst: &str, count: &str| {
+        gen(
+            &net,
+            &cgroup.path,
+            10123,
+            &["udp-sendto", "--dst", dst, "--count", count, "--size", "64"],
+        )
+    };
+    send(&first, "3");
+    // After the passes that find the flow (and history's write of it),
+    // polls go on without passes.
+    let mut quiet = (0, 0);
+    let still = eventually(Duration::from_secs(40), || {
+        let before = passes(&agent);
+        std::thread::sleep(Duration::from_secs(3));
+        quiet = passes(&agent);
+        quiet.0 == before.0 && quiet.1 >= before.1 + 2
+    });
+    assert!(still, "passes and quiet polls: {quiet:?}");
+    send(&second, "5");
+    let started = |port: u64| {
+        read_log_lines(&log)
+            .into_iter()
+            .find(|l| l["event"] == "flow_start" && l["port"] == port)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || started(9002).is_some()),
+        "no flow_start for the second destination: {:#?}",
+        read_log_lines(&log)
+    );
+    assert_eq!(started(9001).unwrap()["udp_sends"], 3);
+    assert_eq!(started(9002).unwrap()["udp_sends"], 5);
+    assert!(passes(&agent).0 > quiet.0, "{:?}", passes(&agent));
+}

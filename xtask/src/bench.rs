@@ -222,6 +222,9 @@ const SETTLE: Duration = Duration::from_millis(1000);
 /// How long the agent's CPU is still counted after a workload: past its
 /// next history write (every 10 s by default).
 pub const AGENT_SETTLE: Duration = Duration::from_secs(12);
+/// After W4 has settled, the agent's CPU is measured this long again with
+/// nothing moving and its flow map full: what a device pays at rest.
+pub const AGENT_IDLE: Duration = Duration::from_secs(10);
 
 /// Uids of the twenty nftables rules: root, fifteen login-style uids and
 /// W4's four.
@@ -269,6 +272,8 @@ pub struct Sample {
     /// The agent's share of a core from the workload's start until
     /// `AGENT_SETTLE` after its end.
     pub agent_settled_share: Option<f64>,
+    /// W4: the agent's share over `AGENT_IDLE` after it settled.
+    pub agent_idle_share: Option<f64>,
     pub agent_hwm: Option<u64>,
     /// egressmon_events_lost_total after the workload (fresh agent).
     pub events_lost: Option<f64>,
@@ -808,6 +813,13 @@ impl Bench {
             }
             None => None,
         };
+        let mut agent_idle_share = None;
+        if let (Some(pid), Some(settled), Workload::W4) = (agent_pid, ticks_settled, w) {
+            std::thread::sleep(AGENT_IDLE);
+            let idle = sys::proc_cpu_ticks(pid)? - settled;
+            agent_idle_share =
+                Some(idle as f64 / sys::clock_ticks_per_sec() as f64 / AGENT_IDLE.as_secs_f64());
+        }
         let mut events_lost = None;
         if let Active::Egressmon(a) = active {
             a.check_alive()?;
@@ -856,6 +868,7 @@ impl Bench {
             progs,
             agent_share,
             agent_settled_share,
+            agent_idle_share,
             agent_hwm,
             events_lost,
             received: ran.received,

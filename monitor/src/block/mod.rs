@@ -319,6 +319,12 @@ impl Blocks {
         }
     }
 
+    /// Whether the kernel holds any block entry (its refusals count in
+    /// their flows alone, not in the uids' totals).
+    pub(crate) fn in_kernel(&self) -> bool {
+        !self.installed.is_empty()
+    }
+
     /// Rule names by number, for the flows' `block_rule`.
     pub(crate) fn names(&self) -> Vec<(String, BlockMode)> {
         self.numbers

@@ -464,6 +464,13 @@ impl Chunks<'_> {
     }
 }
 
+/// A reading of [`Counters::movement`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Movement {
+    flows_created: u64,
+    counted: u64,
+}
+
 /// The kernel's per-uid totals and health counters (see [`Kernel::counters`]).
 pub(crate) struct Counters {
     uid_totals: PerCpuHashMap<MapData, UidKey, UidTotals>,
@@ -490,6 +497,29 @@ impl Counters {
             out.insert(uid, t);
         }
         Ok(out)
+    }
+
+    /// Everything the kernel counted, summed: flows made and every uid's
+    /// totals. Two equal readings mean the flow map did not change between
+    /// them but for refused attempts, which count in their flow alone (see
+    /// `Agent::may_skip_pass`): the LRU evicts only to make a flow, and
+    /// every other count reaches its uid's totals.
+    pub(crate) fn movement(&self) -> Result<Movement> {
+        let flows_created = self
+            .stats
+            .get(&STAT_FLOWS_CREATED, 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0);
+        let counted = self.uid_totals()?.values().fold(0u64, |sum, t| {
+            sum.wrapping_add(t.connects)
+                .wrapping_add(t.udp_sends)
+                .wrapping_add(t.tx_packets)
+                .wrapping_add(t.tx_bytes)
+        });
+        Ok(Movement {
+            flows_created,
+            counted,
+        })
     }
 
     /// Health counters summed over CPUs, indexed by `STAT_*`.

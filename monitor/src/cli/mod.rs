@@ -702,6 +702,10 @@ pub(crate) fn render_status(s: &Status) -> String {
         "\nevents lost: {}   flow update failures: {}   uid update failures: {}\n",
         s.events_lost, s.flow_update_failures, s.uid_update_failures
     ));
+    out.push_str(&format!(
+        "passes over the flow map: {}   polls with nothing moved (no pass): {}\n",
+        s.passes, s.quiet_polls
+    ));
     match &s.history {
         Some(h) => {
             out.push_str(&format!(

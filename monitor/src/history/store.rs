@@ -543,6 +543,16 @@ impl History {
         }
     }
 
+    /// Whether the next pass has something to write even if no flow moved:
+    /// evicted flows a failed write left, or moved flows now due.
+    pub(crate) fn wants_pass(&self) -> bool {
+        !self.evicted.is_empty()
+            || (self.owed
+                && self
+                    .last_write
+                    .is_none_or(|t| t.elapsed() >= self.options.write_every))
+    }
+
     /// Writes the evicted flows, and with `all` every tracked flow that
     /// moved.
     fn record(&mut self, tracker: &mut Tracker, all: bool) {
@@ -687,13 +697,15 @@ impl History {
                 *written = value.into();
                 Ok(())
             };
+            self.evicted
+                .sort_unstable_by_key(|flow| row_order(&flow.key));
             for flow in &mut self.evicted {
                 row(&flow.key, &flow.value, &flow.description, &mut flow.written)?;
             }
             if !all {
                 return Ok(());
             }
-            tracker.for_each_written(row)?;
+            tracker.for_each_written(row_order, row)?;
             if self.legacy_baselines {
                 tx.execute_batch("DROP TABLE baselines")?;
             }
@@ -778,6 +790,14 @@ fn wall_secs(boot_ns: u64) -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs() as i64
+}
+
+/// Where a flow's row sits in the primary key (uid, owner, proto,
+/// direction, dst, port): rows written in this order touch each index page
+/// once. Addresses go by their bytes, which for most follows their text.
+fn row_order(key: &FlowKey) -> (u32, u8, bool, u8, [u8; 16], u16) {
+    let inbound = crate::pipeline::flows::is_inbound(key);
+    (key.uid, key.proto, !inbound, key.family, key.addr, key.port)
 }
 
 fn key_bytes(key: &FlowKey) -> [u8; 24] {

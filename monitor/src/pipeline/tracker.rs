@@ -213,6 +213,15 @@ pub(crate) struct Tracker {
     /// Flows evicted with counters history has not written yet (kept
     /// only while history is on; see [`Tracker::keep_unwritten`]).
     unwritten: Option<Vec<Unwritten>>,
+    /// Flows the current pass found that the tracker does not follow yet:
+    /// they start once the pass has dropped what the kernel evicted, so
+    /// that a pass over a churning map never tracks its old and new flows
+    /// at once (up to twice the map's size).
+    arrivals: Vec<(FlowKey, FlowValue)>,
+    /// `Pass::secs` at which the soonest flow goes idle (`u32::MAX`: none).
+    next_idle: u32,
+    /// A flow moved since the last flow_update lines.
+    unlogged: bool,
     /// The block rules' names by number, and those that learn
     /// destinations from described flows.
     blocks: crate::block::BlockView,
@@ -384,12 +393,18 @@ impl Tracker {
 
     /// History's walk: every described flow with its kernel counters as of
     /// the latest pass and what the history database holds of it, which
-    /// `f` may move forward.
-    pub(crate) fn for_each_written<E>(
+    /// `f` may move forward, in the order of `order`'s keys (history's
+    /// rows in index order: each page of the index is fetched once per
+    /// walk instead of once per row).
+    pub(crate) fn for_each_written<K: Ord, E>(
         &mut self,
+        order: impl Fn(&FlowKey) -> K,
         mut f: impl FnMut(&FlowKey, &FlowValue, &Description, &mut Counters) -> Result<(), E>,
     ) -> Result<(), E> {
-        for (key, tracked) in self.flows.iter_mut() {
+        let mut indices: Vec<usize> = (0..self.flows.len()).collect();
+        indices.sort_unstable_by_key(|&i| order(self.flows.get_index(i).expect("in range").0));
+        for i in indices {
+            let (key, tracked) = self.flows.get_index_mut(i).expect("in range");
             let Tracked {
                 current,
                 description,
@@ -470,6 +485,9 @@ impl Tracker {
             unclaimed: Identities::new(capacity),
             senders: Senders::default(),
             unwritten: None,
+            arrivals: Vec::new(),
+            next_idle: u32::MAX,
+            unlogged: false,
             blocks: Default::default(),
             blocked: BTreeMap::new(),
             block_matches: Vec::new(),
@@ -641,25 +659,38 @@ impl Tracker {
         };
         self.note_owners(snapshot, describe, &mut events);
         for (key, value) in snapshot {
-            // One hash lookup per flow and pass; indices from here on.
-            match self.flows.get_index_of(key) {
-                Some(index) if same_flow(&self.flows[index].current, value) => {
-                    self.follow(pass, index, key, value, describe, &mut events)
-                }
-                Some(index) => {
-                    // Evicted and made again under the same key since the
-                    // last pass (or while no agent ran): the old one ended.
-                    let (_, mut old) = self.flows.swap_remove_index(index).expect("present");
-                    let senders = &mut self.senders;
-                    events.push_with(|| {
-                        end_event(describe, senders, key, &mut old, EndReason::Evicted)
-                    });
-                    self.flows_evicted += 1;
-                    self.start(pass, key, value, describe, &mut events);
-                }
-                None => self.start(pass, key, value, describe, &mut events),
+            if !self.find(pass, key, value, describe, &mut events) {
+                self.arrivals.push((*key, *value));
             }
         }
+    }
+
+    /// Follows a flow the tracker holds; false when it holds none under
+    /// `key` (or held one the kernel has since evicted and made again, which
+    /// ends here).
+    fn find(
+        &mut self,
+        pass: &Pass,
+        key: &FlowKey,
+        value: &FlowValue,
+        describe: &dyn Describe,
+        events: &mut Sink<'_>,
+    ) -> bool {
+        // One hash lookup per flow and pass; indices from here on.
+        let Some(index) = self.flows.get_index_of(key) else {
+            return false;
+        };
+        if same_flow(&self.flows[index].current, value) {
+            self.follow(pass, index, key, value, describe, events);
+            return true;
+        }
+        // Evicted and made again under the same key since the last pass
+        // (or while no agent ran): the old one ended.
+        let (_, mut old) = self.flows.swap_remove_index(index).expect("present");
+        let senders = &mut self.senders;
+        events.push_with(|| end_event(describe, senders, key, &mut old, EndReason::Evicted));
+        self.flows_evicted += 1;
+        false
     }
 
     /// A flow the tracker did not follow yet.
@@ -762,6 +793,7 @@ impl Tracker {
             });
         }
         self.dirty |= moved;
+        self.unlogged |= moved;
         let tracked = &mut self.flows[index];
         // The kernel stamps a flow when it creates it; after that, "last
         // seen" is when a pass found its counters moved.
@@ -815,20 +847,31 @@ impl Tracker {
             tracked.seen == generation
         });
         self.flows_evicted += (before - self.flows.len()) as u64;
+        // A walk over a changing map can return a key twice: the second
+        // finds the flow its first started.
+        for (key, value) in std::mem::take(&mut self.arrivals) {
+            if !self.find(&pass, &key, &value, describe, &mut events) {
+                self.start(&pass, &key, &value, describe, &mut events);
+            }
+        }
         self.end_unmet_announced(describe, &mut events);
         self.unclaimed.drop_stale();
         self.senders.drop_unused();
         self.dirty |= self.flows.len() != before;
         // Idle flows end; the kernel entry stays and new traffic restarts it.
         let idle_secs = self.idle_secs();
-        for (key, tracked) in self.flows.iter_mut() {
-            if !tracked.ended && secs.saturating_sub(tracked.last_change) >= idle_secs {
-                let senders = &mut self.senders;
-                events.push_with(|| end_event(describe, senders, key, tracked, EndReason::Idle));
-                tracked.logged = (&tracked.current).into();
-                tracked.ended = true;
-                self.dirty = true;
+        self.next_idle = u32::MAX;
+        for (key, tracked) in self.flows.iter_mut().filter(|(_, t)| !t.ended) {
+            let idle_at = tracked.last_change.saturating_add(idle_secs);
+            if secs < idle_at {
+                self.next_idle = self.next_idle.min(idle_at);
+                continue;
             }
+            let senders = &mut self.senders;
+            events.push_with(|| end_event(describe, senders, key, tracked, EndReason::Idle));
+            tracked.logged = (&tracked.current).into();
+            tracked.ended = true;
+            self.dirty = true;
         }
         // Flows restored from a state file are described once, here.
         for (key, tracked) in self.flows.iter_mut() {
@@ -839,6 +882,7 @@ impl Tracker {
         }
         if update_due {
             self.last_update = Some(now);
+            self.unlogged = false;
             for (key, tracked) in self.flows.iter_mut().filter(|(_, t)| !t.ended) {
                 if changed(&tracked.current, &tracked.logged) {
                     self.dirty = true;
@@ -853,6 +897,20 @@ impl Tracker {
                 }
             }
         }
+    }
+
+    /// Whether a pass has work to do even where the kernel's map did not
+    /// change: a previous agent's flows wait for theirs, flows go idle, or
+    /// flow_update lines are due. (Identities that no pass found a flow of
+    /// find none in a map that did not change.)
+    pub(crate) fn wants_pass(&self, now: Instant) -> bool {
+        let secs = now.saturating_duration_since(self.epoch).as_secs() as u32;
+        let update_due = self.options.emit
+            && self.unlogged
+            && self
+                .last_update
+                .is_none_or(|t| now.duration_since(t) >= self.options.update_every);
+        !self.announced.is_empty() || secs >= self.next_idle || update_due
     }
 
     fn idle_secs(&self) -> u32 {
@@ -1213,6 +1271,17 @@ mod tests {
         }
     }
 
+    /// Flow updates every 10 s, idle after 30 s, log lines made if `emit`.
+    fn options(emit: bool) -> TrackerOptions {
+        TrackerOptions {
+            capacity: 16,
+            update_every: Duration::from_secs(10),
+            idle_after: Duration::from_secs(30),
+            emit,
+            rules: Rules::none(),
+        }
+    }
+
     fn snap(bytes: u64) -> Vec<(FlowKey, FlowValue)> {
         let key = FlowKey {
             uid: 10123,
@@ -1234,13 +1303,7 @@ mod tests {
 
     #[test]
     fn a_pass_in_chunks_keeps_what_any_chunk_found() {
-        let mut t = Tracker::new(TrackerOptions {
-            capacity: 16,
-            update_every: Duration::from_secs(10),
-            idle_after: Duration::from_secs(30),
-            emit: true,
-            rules: Rules::none(),
-        });
+        let mut t = Tracker::new(options(true));
         let d = Fixed(RefCell::new(owner("com.example.app", "app")));
         let first = snap(100);
         let mut second = snap(200);
@@ -1269,14 +1332,65 @@ mod tests {
     }
 
     #[test]
-    fn a_sender_handed_over_before_or_after_its_flow_is_found_is_shown() {
-        let mut t = Tracker::new(TrackerOptions {
-            capacity: 16,
-            update_every: Duration::from_secs(10),
-            idle_after: Duration::from_secs(30),
-            emit: false,
-            rules: Rules::none(),
+    fn a_key_walked_twice_in_one_pass_starts_one_flow_after_the_evicted_end() {
+        let mut t = Tracker::new(options(true));
+        let d = Fixed(RefCell::new(owner("com.example.app", "app")));
+        let old = snap(100);
+        let mut events = Vec::new();
+        let t0 = Instant::now();
+        t.tick(t0, &old, &d, &mut |_| {});
+        // The kernel evicted the old flow; a walk over the churning map
+        // returns a new one twice, grown in between.
+        let mut new = snap(300);
+        new[0].0.port = 443;
+        let mut again = snap(400);
+        again[0].0.port = 443;
+        let pass = t.begin_pass(t0 + Duration::from_secs(1));
+        for chunk in [&new, &again] {
+            t.take(&pass, chunk, &d, &mut |v| {
+                events.push(serde_json::to_value(v).unwrap())
+            });
+            // Nothing starts before the pass has dropped what it lost.
+            assert_eq!(t.tracked(), 1);
+        }
+        t.end_pass(pass, &d, &mut |v| {
+            events.push(serde_json::to_value(v).unwrap())
         });
+        let seen: Vec<(&str, u64)> = events
+            .iter()
+            .map(|e| (e["event"].as_str().unwrap(), e["port"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(seen, [("flow_end", 80), ("flow_start", 443)]);
+        assert_eq!((t.tracked(), t.flows_evicted), (1, 1));
+        // Bytes: 100 of the old flow, 400 of the new, none twice.
+        assert_eq!(t.bytes_by_country().values().sum::<u64>(), 500);
+    }
+
+    #[test]
+    fn a_still_tracker_wants_a_pass_when_a_flow_goes_idle_or_a_log_line_is_due() {
+        let d = Fixed(RefCell::new(owner("com.example.app", "app")));
+        let t0 = Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        for emit in [false, true] {
+            let mut t = Tracker::new(options(emit));
+            t.tick(t0, &snap(100), &d, &mut |_| {});
+            assert!(!t.wants_pass(at(5)));
+            // It moved: with a log, its flow_update is due 10 s on.
+            t.tick(at(1), &snap(200), &d, &mut |_| {});
+            assert!(!t.wants_pass(at(5)));
+            assert_eq!(t.wants_pass(at(11)), emit, "emit {emit}");
+            // Idle 30 s after it last moved, log or not.
+            t.tick(at(11), &snap(200), &d, &mut |_| {});
+            assert!(!t.wants_pass(at(20)));
+            assert!(t.wants_pass(at(31)));
+            t.tick(at(31), &snap(200), &d, &mut |_| {});
+            assert!(!t.wants_pass(at(300)), "an ended flow waits for nothing");
+        }
+    }
+
+    #[test]
+    fn a_sender_handed_over_before_or_after_its_flow_is_found_is_shown() {
+        let mut t = Tracker::new(options(false));
         let d = Fixed(RefCell::new(owner("com.example.app", "app")));
         let sender = |tgid: u32| FlowMeta {
             sender: std::sync::Arc::new(crate::identity::events::Sender {
@@ -1306,13 +1420,7 @@ mod tests {
 
     #[test]
     fn start_update_idle_end_restart_evict_and_owner_change() {
-        let mut t = Tracker::new(TrackerOptions {
-            capacity: 16,
-            update_every: Duration::from_secs(10),
-            idle_after: Duration::from_secs(30),
-            emit: true,
-            rules: Rules::none(),
-        });
+        let mut t = Tracker::new(options(true));
         let tick = |t: &mut Tracker, at: Instant, snap: &[(FlowKey, FlowValue)], d: &Fixed| {
             let mut out = Vec::new();
             t.tick(at, snap, d, &mut |v| {

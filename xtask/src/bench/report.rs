@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 const AGENT_SETTLE_SECS: u64 = super::AGENT_SETTLE.as_secs();
+const AGENT_IDLE_SECS: u64 = super::AGENT_IDLE.as_secs();
 
 /// Everything from this line on in an existing report is kept as is.
 pub const NOTES_MARKER: &str = "<!-- notes: written by hand, kept by cargo xtask bench -->";
@@ -164,6 +165,9 @@ pub fn sample_line(w: Workload, s: &Sample) -> String {
             AGENT_SETTLE_SECS
         );
     }
+    if let Some(idle) = s.agent_idle_share {
+        let _ = write!(line, ", then {:.1}% at rest", idle * 100.0);
+    }
     if let Some(r) = s.received {
         let _ = write!(line, ", {} received", pct(r / s.ops));
     }
@@ -292,6 +296,14 @@ impl<'a> View<'a> {
         self.samples(Condition::Egressmon, w)
             .iter()
             .filter_map(|s| s.agent_settled_share)
+            .collect()
+    }
+
+    /// W4: the agent's share at rest with its flow map full.
+    fn agent_idle_shares(&self, w: Workload) -> Vec<f64> {
+        self.samples(Condition::Egressmon, w)
+            .iter()
+            .filter_map(|s| s.agent_idle_share)
             .collect()
     }
 
@@ -431,7 +443,12 @@ fn table(v: &View) -> String {
             }
             let during = spread(&v.agent_shares(w), |x| format!("{:.1}%", x * 100.0));
             let settled = spread(&v.agent_settled_shares(w), |x| format!("{:.1}%", x * 100.0));
-            let cpu = format!("{during}; {settled}");
+            let mut cpu = format!("{during}; {settled}");
+            let idle = v.agent_idle_shares(w);
+            if !idle.is_empty() {
+                let idle = spread(&idle, |x| format!("{:.1}%", x * 100.0));
+                let _ = write!(cpu, "<br>then at rest, the flow map full, for {AGENT_IDLE_SECS} s: {idle}");
+            }
             let lost: f64 = v.samples(c, w).iter().filter_map(|s| s.events_lost).sum();
             let rss = spread(&v.agent_hwms(w), |x| format!("{x:.1}"));
             let mut cell = format!("{cpu}<br>peak RSS {rss} MiB");
@@ -1171,7 +1188,7 @@ fn list_or_dash(v: &[String]) -> String {
 /// Every sample, one line each, for a second look at a run.
 pub fn samples_tsv(r: &Results) -> String {
     let mut t = String::from(
-        "condition\tworkload\tround\tops\trate\tcpu_ns_per_op\tagent_share\tagent_settled_share\tagent_hwm\tevents_lost\treceived\tprograms\n",
+        "condition\tworkload\tround\tops\trate\tcpu_ns_per_op\tagent_share\tagent_settled_share\tagent_idle_share\tagent_hwm\tevents_lost\treceived\tprograms\n",
     );
     for ((c, w), samples) in &r.samples {
         for s in samples {
@@ -1183,7 +1200,7 @@ pub fn samples_tsv(r: &Results) -> String {
             let opt = |x: Option<f64>| x.map_or(String::new(), |v| format!("{v}"));
             let _ = writeln!(
                 t,
-                "{}\t{w}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{w}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                 short_plain(*c),
                 s.round + 1,
                 s.ops,
@@ -1191,6 +1208,7 @@ pub fn samples_tsv(r: &Results) -> String {
                 s.cpu_per_op_ns,
                 opt(s.agent_share),
                 opt(s.agent_settled_share),
+                opt(s.agent_idle_share),
                 opt(s.agent_hwm.map(|b| b as f64)),
                 opt(s.events_lost),
                 opt(s.received),

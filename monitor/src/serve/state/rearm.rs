@@ -54,6 +54,11 @@ impl PayloadRearm {
     }
 
     /// Called after each pass, with what the pass left.
+    /// Flows wait to be re-armed: passes must go on to count and find them.
+    pub(crate) fn waiting(&self) -> bool {
+        self.passes == 0 || !self.waiting.is_empty()
+    }
+
     pub(crate) fn after_pass(&mut self, tracker: &Tracker, destinations: &Destinations) {
         self.passes = self.passes.saturating_add(1);
         if self.passes == 1 {
