@@ -133,12 +133,14 @@ pub(crate) struct Agent {
 }
 
 /// What a poll reads to tell whether anything moved since the latest pass
-/// began: the kernel's counts, and the payloads and identities received.
+/// began: the kernel's counts, the payloads and identities received, and
+/// changes to rules, owners and blocks.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Probe {
     kernel: crate::bpf::kernel::Movement,
     payloads: u64,
     identities: u64,
+    changes: u64,
 }
 
 /// See [`Agent::may_skip_pass`].
@@ -146,6 +148,8 @@ struct Probe {
 struct Quiet {
     /// Read as the latest pass began (None: the next poll makes a pass).
     before_pass: Option<Probe>,
+    /// Rules, owners or blocks changed this many times (see `pass_due`).
+    changes: u64,
     last_pass: Option<Instant>,
     /// Polls that skipped their pass.
     skipped: u64,
@@ -807,6 +811,7 @@ impl Agent {
             kernel: self.counters.movement().ok()?,
             payloads: self.payloads_received.load(Ordering::Relaxed),
             identities: self.events_received.load(Ordering::Relaxed),
+            changes: self.quiet.lock().unwrap().changes,
         })
     }
 
@@ -859,9 +864,10 @@ impl Agent {
         received || tracker.wants_pass(now)
     }
 
-    /// The next poll makes a pass (rules, owners or blocks changed).
+    /// The next poll makes a pass (rules, owners or blocks changed), even
+    /// if the change came during a pass that began before it.
     fn pass_due(&self) {
-        self.quiet.lock().unwrap().before_pass = None;
+        self.quiet.lock().unwrap().changes += 1;
     }
 
     /// Re-arms payload capture where due, then saves the pass's state while
