@@ -213,10 +213,12 @@ pub(crate) struct Tracker {
     /// Flows evicted with counters history has not written yet (kept
     /// only while history is on; see [`Tracker::keep_unwritten`]).
     unwritten: Option<Vec<Unwritten>>,
-    /// Flows the current pass found that the tracker does not follow yet:
-    /// they start once the pass has dropped what the kernel evicted, so
-    /// that a pass over a churning map never tracks its old and new flows
-    /// at once (up to twice the map's size).
+    /// Flows the current pass found while the tracker held as many flows
+    /// as the map can: they start once the pass has dropped what the kernel
+    /// evicted, so that a pass over a churning map never tracks its old and
+    /// new flows at once (up to twice the map's size). Below that, a new
+    /// flow starts where the walk finds it (a full map's first pass would
+    /// otherwise hold all of it here, 104 bytes a flow).
     arrivals: Vec<(FlowKey, FlowValue)>,
     /// `Pass::secs` at which the soonest flow goes idle (`u32::MAX`: none).
     next_idle: u32,
@@ -659,7 +661,12 @@ impl Tracker {
         };
         self.note_owners(snapshot, describe, &mut events);
         for (key, value) in snapshot {
-            if !self.find(pass, key, value, describe, &mut events) {
+            if self.find(pass, key, value, describe, &mut events) {
+                continue;
+            }
+            if self.flows.len() < self.options.capacity {
+                self.start(pass, key, value, describe, &mut events);
+            } else {
                 self.arrivals.push((*key, *value));
             }
         }
@@ -1331,38 +1338,66 @@ mod tests {
         assert_eq!(t.bytes_by_country().values().sum::<u64>(), 300);
     }
 
-    #[test]
-    fn a_key_walked_twice_in_one_pass_starts_one_flow_after_the_evicted_end() {
-        let mut t = Tracker::new(options(true));
+    /// A pass over a churning map: the kernel evicted the one flow of the
+    /// last pass, and the walk returns a new one twice, grown in between.
+    /// Returns the events (name, port) and the flows tracked after each
+    /// chunk.
+    fn churning_pass(t: &mut Tracker) -> (Vec<(String, u64)>, Vec<usize>) {
         let d = Fixed(RefCell::new(owner("com.example.app", "app")));
-        let old = snap(100);
         let mut events = Vec::new();
         let t0 = Instant::now();
-        t.tick(t0, &old, &d, &mut |_| {});
-        // The kernel evicted the old flow; a walk over the churning map
-        // returns a new one twice, grown in between.
+        t.tick(t0, &snap(100), &d, &mut |_| {});
         let mut new = snap(300);
         new[0].0.port = 443;
         let mut again = snap(400);
         again[0].0.port = 443;
         let pass = t.begin_pass(t0 + Duration::from_secs(1));
+        let mut tracked = Vec::new();
         for chunk in [&new, &again] {
             t.take(&pass, chunk, &d, &mut |v| {
                 events.push(serde_json::to_value(v).unwrap())
             });
-            // Nothing starts before the pass has dropped what it lost.
-            assert_eq!(t.tracked(), 1);
+            tracked.push(t.tracked());
         }
         t.end_pass(pass, &d, &mut |v| {
             events.push(serde_json::to_value(v).unwrap())
         });
-        let seen: Vec<(&str, u64)> = events
+        let seen = events
             .iter()
-            .map(|e| (e["event"].as_str().unwrap(), e["port"].as_u64().unwrap()))
+            .map(|e| {
+                (
+                    e["event"].as_str().unwrap().to_string(),
+                    e["port"].as_u64().unwrap(),
+                )
+            })
             .collect();
-        assert_eq!(seen, [("flow_end", 80), ("flow_start", 443)]);
+        (seen, tracked)
+    }
+
+    #[test]
+    fn a_full_tracker_starts_a_key_walked_twice_once_after_the_evicted_end() {
+        let mut t = Tracker::new(TrackerOptions {
+            capacity: 1,
+            ..options(true)
+        });
+        let (seen, tracked) = churning_pass(&mut t);
+        // Never more flows than the map holds: nothing starts before the
+        // pass has dropped what it lost.
+        assert_eq!(tracked, [1, 1]);
+        assert_eq!(seen, [("flow_end".into(), 80), ("flow_start".into(), 443)]);
         assert_eq!((t.tracked(), t.flows_evicted), (1, 1));
         // Bytes: 100 of the old flow, 400 of the new, none twice.
+        assert_eq!(t.bytes_by_country().values().sum::<u64>(), 500);
+    }
+
+    #[test]
+    fn a_tracker_with_room_starts_a_new_flow_where_the_walk_finds_it() {
+        let mut t = Tracker::new(options(true));
+        let (seen, tracked) = churning_pass(&mut t);
+        // Started at the first chunk, found again at the second.
+        assert_eq!(tracked, [2, 2]);
+        assert_eq!(seen, [("flow_start".into(), 443), ("flow_end".into(), 80)]);
+        assert_eq!((t.tracked(), t.flows_evicted), (1, 1));
         assert_eq!(t.bytes_by_country().values().sum::<u64>(), 500);
     }
 
