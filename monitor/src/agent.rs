@@ -477,32 +477,6 @@ fn evidence_for(identifiers: &Identifiers) -> Evidence {
     evidence
 }
 
-/// `%XX` escapes and `+` of a query value.
-pub(crate) fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// When `path` was last modified, if it can be read.
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
@@ -977,7 +951,7 @@ impl Agent {
         let name = query
             .split('&')
             .find_map(|p| p.strip_prefix("name="))
-            .map(percent_decode)
+            .map(crate::serve::escape::decode_query_value)
             .context("name a block rule, or use --all")?;
         self.apply_block_rules(|blocks, resolver, geoip| blocks.remove(&name, resolver, geoip))?;
         log::info!("block rule {name} removed by egressmon unblock");

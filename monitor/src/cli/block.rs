@@ -75,58 +75,71 @@ pub(crate) struct UnblockArgs {
 impl BlockArgs {
     /// The rule as a rules file would hold it.
     fn to_toml(&self) -> String {
-        // A JSON string is a TOML basic string (serde_json never writes
-        // `\/`), and a list of them or of numbers a TOML array.
-        let quoted = |s: &str| serde_json::to_string(s).expect("strings serialize");
-        let texts = |v: &[String]| {
-            format!(
-                "[{}]",
-                v.iter().map(|s| quoted(s)).collect::<Vec<_>>().join(", ")
-            )
+        let rule = Rule {
+            name: &self.name,
+            action: "block",
+            mode: if self.enforce { "enforce" } else { "dry-run" },
+            force: self.force,
+            firmware: self.firmware,
+            uid: &self.uid,
+            owner: &self.owner,
+            package: &self.package,
+            origin: &self.origin,
+            dst: &self.dst,
+            host: &self.host,
+            country: &self.country,
+            asn: &self.asn,
+            port: &self.port,
+            proto: &self.proto,
+            leak: &self.leak,
         };
-        let numbers = |v: &[u64]| {
-            format!(
-                "[{}]",
-                v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
-            )
-        };
-        let wide = |v: &[u32]| v.iter().map(|&n| u64::from(n)).collect::<Vec<_>>();
-        let mut lines = vec![
-            "[[rule]]".to_string(),
-            format!("name = {}", quoted(&self.name)),
-            "action = \"block\"".into(),
-            format!(
-                "mode = \"{}\"",
-                if self.enforce { "enforce" } else { "dry-run" }
-            ),
-        ];
-        if self.force {
-            lines.push("force = true".into());
-        }
-        if self.firmware {
-            lines.push("firmware = true".into());
-        }
-        let ports: Vec<u64> = self.port.iter().map(|&p| u64::from(p)).collect();
-        let lists = [
-            ("uid", numbers(&wide(&self.uid)), self.uid.is_empty()),
-            ("owner", texts(&self.owner), self.owner.is_empty()),
-            ("package", texts(&self.package), self.package.is_empty()),
-            ("origin", texts(&self.origin), self.origin.is_empty()),
-            ("dst", texts(&self.dst), self.dst.is_empty()),
-            ("host", texts(&self.host), self.host.is_empty()),
-            ("country", texts(&self.country), self.country.is_empty()),
-            ("asn", numbers(&wide(&self.asn)), self.asn.is_empty()),
-            ("port", numbers(&ports), ports.is_empty()),
-            ("proto", texts(&self.proto), self.proto.is_empty()),
-            ("leak", texts(&self.leak), self.leak.is_empty()),
-        ];
-        for (key, value, empty) in lists {
-            if !empty {
-                lines.push(format!("{key} = {value}"));
-            }
-        }
-        lines.join("\n") + "\n"
+        toml::to_string(&RulesFile { rule: [rule] }).expect("a block rule serializes")
     }
+}
+
+/// A rules file holding one rule (`[[rule]]`).
+#[derive(serde::Serialize)]
+struct RulesFile<'a> {
+    rule: [Rule<'a>; 1],
+}
+
+/// A block rule as the rules file spells it; what the command line left
+/// out is left out.
+#[derive(serde::Serialize)]
+struct Rule<'a> {
+    name: &'a str,
+    action: &'static str,
+    mode: &'static str,
+    #[serde(skip_serializing_if = "is_false")]
+    force: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    firmware: bool,
+    #[serde(skip_serializing_if = "<[u32]>::is_empty")]
+    uid: &'a [u32],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    owner: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    package: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    origin: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    dst: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    host: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    country: &'a [String],
+    #[serde(skip_serializing_if = "<[u32]>::is_empty")]
+    asn: &'a [u32],
+    #[serde(skip_serializing_if = "<[u16]>::is_empty")]
+    port: &'a [u16],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    proto: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    leak: &'a [String],
+}
+
+fn is_false(flag: &bool) -> bool {
+    !flag
 }
 
 /// `egressmon block`.
@@ -142,22 +155,12 @@ pub(crate) fn unblock(args: UnblockArgs) -> Result<()> {
     crate::bpf::system::require_root("egressmon unblock")?;
     let query = match &args.name {
         _ if args.all => "all".to_string(),
-        Some(name) => format!("name={}", percent_encode(name)),
+        Some(name) => format!("name={}", crate::serve::escape::encode(name.as_bytes())),
         None => unreachable!("clap requires a name or --all"),
     };
     let answer = args.target.agent()?.post(&format!("/unblock?{query}"))?;
     println!("{}", answer.trim_end());
     Ok(())
-}
-
-/// Every byte but ASCII letters, digits and `-_.` as `%XX`.
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            b => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -167,7 +170,7 @@ mod tests {
     #[test]
     fn a_command_line_block_becomes_a_rule_the_agent_accepts() {
         let args = BlockArgs {
-            name: "cn activation".into(),
+            name: "cn \"activation\" + 100%".into(),
             uid: vec![1041],
             owner: vec![],
             package: vec![],
@@ -189,16 +192,10 @@ mod tests {
             },
         };
         let rule = crate::block::parse_command_rule(&args.to_toml()).unwrap();
-        assert_eq!(rule.name, "cn activation");
+        assert_eq!(rule.name, "cn \"activation\" + 100%");
         assert_eq!(rule.mode(), crate::pipeline::rules::BlockMode::Enforce);
         assert_eq!(rule.port.unwrap().0, vec![80, 443]);
         assert_eq!(rule.dst.unwrap().0.len(), 1);
         assert_eq!(rule.firmware, Some(true));
-    }
-
-    #[test]
-    fn names_are_sent_percent_encoded_and_read_back() {
-        let name = "cn activation/ü&x";
-        assert_eq!(crate::agent::percent_decode(&percent_encode(name)), name);
     }
 }

@@ -7,6 +7,7 @@
 //! `pipeline`. Never walks the kernel maps itself.
 
 pub(crate) mod api;
+pub(crate) mod escape;
 pub(crate) mod jsonl;
 pub(crate) mod metrics;
 pub(crate) mod peer;

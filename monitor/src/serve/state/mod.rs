@@ -89,34 +89,18 @@ pub fn default_dir() -> PathBuf {
     })
 }
 
-/// `pin_dir` as one file name: bytes other than letters, digits, `.`, `_`
-/// and `-` as %XX, so two pin directories never share a name.
+/// `pin_dir` as one file name (see `serve::escape`): two pin directories
+/// never share a name.
 fn escape(pin_dir: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
-    let mut out = String::new();
-    for &b in pin_dir.as_os_str().as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    crate::serve::escape::encode(pin_dir.as_os_str().as_bytes())
 }
 
-fn unescape(name: &str) -> Option<PathBuf> {
+fn unescape(name: &str) -> PathBuf {
     use std::os::unix::ffi::OsStringExt;
-    let mut out = Vec::new();
-    let mut bytes = name.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hex = [bytes.next()?, bytes.next()?];
-            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
-        } else {
-            out.push(b);
-        }
-    }
-    Some(PathBuf::from(std::ffi::OsString::from_vec(out)))
+    PathBuf::from(std::ffi::OsString::from_vec(crate::serve::escape::decode(
+        name,
+    )))
 }
 
 /// Longest escaped pin directory used as it is in a file name (names are
@@ -166,7 +150,7 @@ fn remove_stale(dir: &Path) {
             .strip_suffix(PASS_SUFFIX)
             .or_else(|| rest.strip_suffix(SCRAPE_SUFFIX));
         let stale = stem
-            .and_then(unescape)
+            .map(unescape)
             .is_some_and(|pin_dir| !crate::bpf::pins::PinDir::new(&pin_dir).has_pins());
         if stale && std::fs::remove_file(entry.path()).is_ok() {
             log::debug!("removed stale state {}", entry.path().display());
