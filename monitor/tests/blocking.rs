@@ -15,7 +15,7 @@ mod support;
 use egressmon::pipeline::flows::FlowRecord;
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use std::time::Duration;
@@ -26,10 +26,6 @@ use support::*;
 const RADIO: u32 = 1001;
 const APP: u32 = 10123;
 const HOST: &str = "zzhc.activation.example.cn";
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/android/android14")
-}
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -51,52 +47,30 @@ fn flow<'a>(flows: &'a [FlowRecord], uid: u32, proto: &str, port: u16) -> Option
         .find(|f| f.uid == uid && f.proto == proto && f.port == port && f.dst == SERVER4)
 }
 
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// A device layout, a test host and an agent on a cgroup of the test's.
 struct World {
-    net: NetPair,
-    cgroup: TestCgroup,
-    dir: PathBuf,
     agent: AgentProc,
     _sink: Proc,
-    _scratch: Scratch,
+    test: TestDevice,
 }
 
 impl World {
     fn new(name: &str, extra: &[&str]) -> World {
-        require_root();
-        let tag = tag(name);
-        let net = NetPair::new(&tag);
-        let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
-        let dir = std::env::temp_dir().join(&tag);
-        let scratch = Scratch(dir.clone());
-        copy_tree(&fixtures(), &dir.join("device"));
-        std::fs::write(
-            dir.join("countries.csv"),
-            "10.200.0.0,10.200.0.255,CN\n0.0.0.0,9.255.255.255,US\n",
-        )
-        .unwrap();
+        let test = TestDevice::new(&tag(name));
         let tcp: Vec<SocketAddr> = [8301, 8302, 5228]
             .iter()
             .map(|p| addr(&format!("{SERVER4}:{p}")))
             .collect();
         let sink = start_dns_sink(
-            &net,
+            &test.net,
             Some(&format!("{SERVER4}:53")),
             &[HOST],
             &tcp,
             &[addr(&format!("{SERVER4}:9301"))],
         );
-        let device = dir.join("device");
-        let geoip = dir.join("countries.csv");
-        let log = dir.join("flows.jsonl");
+        let device = test.device();
+        let geoip = test.geoip();
+        let log = test.dir.join("flows.jsonl");
         let mut args = vec![
             "--android-root",
             device.to_str().unwrap(),
@@ -106,19 +80,16 @@ impl World {
             log.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let agent = AgentProc::start(&cgroup.path, &tag, &args);
+        let agent = AgentProc::start(&test.cgroup.path, &test.tag, &args);
         World {
-            net,
-            cgroup,
-            dir,
             agent,
             _sink: sink,
-            _scratch: scratch,
+            test,
         }
     }
 
     fn gen(&self, uid: u32, args: &[&str]) -> Output {
-        try_gen(&self.net, &self.cgroup.path, uid, args)
+        try_gen(&self.test.net, &self.test.cgroup.path, uid, args)
     }
 
     fn block(&self, args: &[&str]) -> Output {
@@ -128,7 +99,7 @@ impl World {
     }
 
     fn log(&self) -> Vec<Value> {
-        lines(&self.dir.join("flows.jsonl"))
+        json_lines(&self.test.dir.join("flows.jsonl"))
     }
 }
 
@@ -347,13 +318,13 @@ fn a_dry_run_counts_without_refusing_and_guard_rails_need_force() {
 
     // A rules file that would refuse every uid is refused before anything
     // is attached.
-    let guarded = w.dir.join("guarded.toml");
+    let guarded = w.test.dir.join("guarded.toml");
     std::fs::write(
         &guarded,
         "[[rule]]\nname = \"all-cn\"\naction = \"block\"\nmode = \"enforce\"\ndst = \"10.200.0.0/24\"\n",
     )
     .unwrap();
-    let other = TestCgroup::new(&w.cgroup.path, "guarded");
+    let other = TestCgroup::new(&w.test.cgroup.path, "guarded");
     let pin_dir = PathBuf::from(format!("{}-guarded", w.agent.pin_dir.display()));
     let err = support::pins::run_refused(
         &other.path,
@@ -372,8 +343,8 @@ fn an_open_connection_is_cut_when_a_rule_arrives() {
     let w = World::new("cut", &[]);
     let dst = format!("{SERVER4}:8301");
     let mut stream = Command::new(GEN)
-        .args(["--netns", &NetPair::path(&w.net.client), "--cgroup"])
-        .arg(&w.cgroup.path)
+        .args(["--netns", &NetPair::path(&w.test.net.client), "--cgroup"])
+        .arg(&w.test.cgroup.path)
         .args([
             "--uid",
             "1001",

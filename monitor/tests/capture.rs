@@ -15,19 +15,12 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 use support::*;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/android/android14")
-}
-
-/// A test network, cgroup, agent (reading the Android fixture layout) and
-/// scratch directory; all removed on drop.
+/// A test device and an agent reading its Android layout; all removed on
+/// drop.
 struct Setup {
     // Dropped in this order: the agent before its cgroup and network.
     agent: AgentProc,
-    net: NetPair,
-    cgroup: TestCgroup,
-    dir: PathBuf,
-    _scratch: Scratch,
+    test: TestDevice,
 }
 
 impl Setup {
@@ -38,31 +31,19 @@ impl Setup {
     /// With `in_client_ns` the agent runs in the client namespace (where
     /// its tc programs attach to the veth), with `extra` arguments.
     fn with(name: &str, in_client_ns: bool, extra: &[&str]) -> Setup {
-        require_root();
-        let tag = tag(name);
-        let net = NetPair::new(&tag);
-        let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
-        let dir = std::env::temp_dir().join(&tag);
-        let scratch = Scratch(dir.clone());
-        copy_tree(&fixtures(), &dir.join("device"));
-        let client_ns = NetPair::path(&net.client);
-        let device = dir.join("device");
+        let test = TestDevice::new(&tag(name));
+        let client_ns = NetPair::path(&test.net.client);
+        let device = test.device();
         let mut args = vec!["--android-root", device.to_str().unwrap()];
         args.extend(extra);
         let agent = AgentProc::start_in(
             in_client_ns.then_some(client_ns.as_str()),
             &[],
-            &cgroup.path,
-            &tag,
+            &test.cgroup.path,
+            &test.tag,
             &args,
         );
-        Setup {
-            agent,
-            net,
-            cgroup,
-            dir,
-            _scratch: scratch,
-        }
+        Setup { agent, test }
     }
 
     /// Starts `egressmon capture ARGS` aimed at the agent and waits for
@@ -105,7 +86,7 @@ impl Setup {
     }
 
     fn file(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.test.dir.join(name)
     }
 }
 
@@ -243,7 +224,7 @@ fn one_uids_datagrams_are_captured_and_named_while_another_uid_sends_too() {
     let sink = format!("{SERVER4}:9999");
     let elsewhere = format!("{SERVER4}:9998");
     let _sink = start_sink(
-        &setup.net,
+        &setup.test.net,
         &[],
         &[sink.parse().unwrap(), elsewhere.parse().unwrap()],
     );
@@ -260,8 +241,8 @@ fn one_uids_datagrams_are_captured_and_named_while_another_uid_sends_too() {
     ]);
     let send = |uid: u32, dst: &str, count: &str| {
         gen(
-            &setup.net,
-            &setup.cgroup.path,
+            &setup.test.net,
+            &setup.test.cgroup.path,
             uid,
             &[
                 "udp-sendto",
@@ -324,7 +305,7 @@ fn one_uids_datagrams_are_captured_and_named_while_another_uid_sends_too() {
 fn a_capture_stopped_by_sigint_is_a_valid_file_with_both_directions() {
     let setup = Setup::new("capint");
     let service = format!("{SERVER4}:8080");
-    let _sink = start_sink(&setup.net, &[service.parse().unwrap()], &[]);
+    let _sink = start_sink(&setup.test.net, &[service.parse().unwrap()], &[]);
     let file = setup.file("both.pcapng");
     let mut capture = setup.capture(&["-w", file.to_str().unwrap(), "--uid", "1001"]);
     // A second capture beside the agent is refused while this one runs.
@@ -346,14 +327,14 @@ fn a_capture_stopped_by_sigint_is_a_valid_file_with_both_directions() {
     assert!(!setup.file("second.pcapng").exists());
 
     gen(
-        &setup.net,
-        &setup.cgroup.path,
+        &setup.test.net,
+        &setup.test.cgroup.path,
         1001,
         &["tcp", "--dst", &service, "--bytes", "300"],
     );
     gen(
-        &setup.net,
-        &setup.cgroup.path,
+        &setup.test.net,
+        &setup.test.cgroup.path,
         10123,
         &["tcp", "--dst", &service, "--bytes", "300"],
     );
@@ -449,13 +430,13 @@ fn the_tc_fallback_captures_raw_ip_both_ways_for_the_uid() {
         assert_eq!(entry["interfaces"], serde_json::json!(["veth0"]), "{entry}");
     }
     let service = format!("{SERVER4}:8080");
-    let _sink = start_sink(&setup.net, &[service.parse().unwrap()], &[]);
+    let _sink = start_sink(&setup.test.net, &[service.parse().unwrap()], &[]);
     let file = setup.file("tc.pcapng");
     let mut capture = setup.capture(&["-w", file.to_str().unwrap(), "--uid", "1001"]);
     for uid in [10123, 1001, 10123] {
         gen(
-            &setup.net,
-            &setup.cgroup.path,
+            &setup.test.net,
+            &setup.test.cgroup.path,
             uid,
             &["tcp", "--dst", &service, "--bytes", "300"],
         );
@@ -520,14 +501,14 @@ fn the_tc_fallback_captures_raw_ip_both_ways_for_the_uid() {
 fn firmware_owners_join_the_capture_as_the_agent_names_them() {
     let setup = Setup::new("capfw");
     let sink = format!("{SERVER4}:9999");
-    let _sink = start_sink(&setup.net, &[], &[sink.parse().unwrap()]);
+    let _sink = start_sink(&setup.test.net, &[], &[sink.parse().unwrap()]);
     let file = setup.file("firmware.pcapng");
     let mut capture = setup.capture(&["-w", file.to_str().unwrap(), "--firmware", "--count", "3"]);
     let send = |uid: u32, port: &str, count: &str| {
         let dst = format!("{SERVER4}:{port}");
         gen(
-            &setup.net,
-            &setup.cgroup.path,
+            &setup.test.net,
+            &setup.test.cgroup.path,
             uid,
             &["udp-sendto", "--dst", &dst, "--count", count],
         )
@@ -560,7 +541,7 @@ fn cleartext_only_leaves_tls_flows_out_after_their_first_payload() {
         .map(|port| format!("{SERVER4}:{port}").parse().unwrap())
         .collect();
     let _sink = start_dns_sink(
-        &setup.net,
+        &setup.test.net,
         Some(&resolver),
         &["plain.example.cn", "tls.example.org"],
         &tcp,
@@ -572,8 +553,8 @@ fn cleartext_only_leaves_tls_flows_out_after_their_first_payload() {
     let mut capture =
         setup.capture(&["-w", file.to_str().unwrap(), "--uid", "1001", "--cleartext"]);
     gen(
-        &setup.net,
-        &setup.cgroup.path,
+        &setup.test.net,
+        &setup.test.cgroup.path,
         1001,
         &[
             "tls",
@@ -586,8 +567,8 @@ fn cleartext_only_leaves_tls_flows_out_after_their_first_payload() {
         ],
     );
     gen(
-        &setup.net,
-        &setup.cgroup.path,
+        &setup.test.net,
+        &setup.test.cgroup.path,
         1001,
         &[
             "http-post",

@@ -9,7 +9,7 @@
 mod support;
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::*;
@@ -17,10 +17,6 @@ use support::*;
 const FIRMWARE_HOST: &str = "zzhc.activation.example.cn";
 const APP_HOST: &str = "api.example.org";
 const BINARY_HOST: &str = "push.example.cn";
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/android/android14")
-}
 
 /// openssl s_server in the server namespace, with a throwaway certificate.
 fn tls_server(net: &NetPair, dir: &Path, port: u16) -> Proc {
@@ -77,51 +73,33 @@ fn tls_server(net: &NetPair, dir: &Path, port: u16) -> Proc {
     proc
 }
 
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 #[test]
 fn firmware_cleartext_to_china_is_named_located_and_alerted() {
-    require_root();
-    let tag = tag("dest");
-    let net = NetPair::new(&tag);
-    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
-    let dir = std::env::temp_dir().join(&tag);
-    let _scratch = Scratch(dir.clone());
-    copy_tree(&fixtures(), &dir.join("device"));
-    // The test's own GeoIP data: the test host is in China, AS 4134.
-    std::fs::write(
-        dir.join("countries.csv"),
-        "10.200.0.0,10.200.0.255,CN\n0.0.0.0,9.255.255.255,US\n",
-    )
-    .unwrap();
+    // The test host is in China (TEST_COUNTRIES).
+    let test = TestDevice::new(&tag("dest"));
+    let (tag, net, cgroup, dir) = (&test.tag, &test.net, &test.cgroup, &test.dir);
     let resolver = format!("{SERVER4}:53");
     let tcp: Vec<std::net::SocketAddr> = [80, 5228]
         .iter()
         .map(|port| format!("{SERVER4}:{port}").parse().unwrap())
         .collect();
     let _sink = start_dns_sink(
-        &net,
+        net,
         Some(&resolver),
         &[FIRMWARE_HOST, APP_HOST, BINARY_HOST],
         &tcp,
         &[],
     );
-    let _tls = tls_server(&net, &dir, 443);
+    let _tls = tls_server(net, dir, 443);
     let log = dir.join("flows.jsonl");
     let agent = AgentProc::start(
         &cgroup.path,
-        &tag,
+        tag,
         &[
             "--android-root",
-            dir.join("device").to_str().unwrap(),
+            test.device().to_str().unwrap(),
             "--geoip",
-            dir.join("countries.csv").to_str().unwrap(),
+            test.geoip().to_str().unwrap(),
             "--log",
             log.to_str().unwrap(),
         ],
@@ -129,7 +107,7 @@ fn firmware_cleartext_to_china_is_named_located_and_alerted() {
 
     // radio (1001), a platform daemon: cleartext activation POST.
     gen(
-        &net,
+        net,
         &cgroup.path,
         1001,
         &[
@@ -144,7 +122,7 @@ fn firmware_cleartext_to_china_is_named_located_and_alerted() {
     );
     // radio again, binary data to a name only DNS can tell.
     gen(
-        &net,
+        net,
         &cgroup.path,
         1001,
         &[
@@ -159,7 +137,7 @@ fn firmware_cleartext_to_china_is_named_located_and_alerted() {
     );
     // com.example.app (10123), user-installed: TLS.
     gen(
-        &net,
+        net,
         &cgroup.path,
         10123,
         &["tls", "--host", APP_HOST, "--resolver", &resolver],
@@ -241,14 +219,14 @@ fn firmware_cleartext_to_china_is_named_located_and_alerted() {
     assert!(metrics.contains("country=\"CN\""), "{metrics}");
     assert!(
         eventually(Duration::from_secs(5), || {
-            lines(&log)
+            json_lines(&log)
                 .iter()
                 .any(|l| l["event"] == "alert" && l["rule"] == "firmware-cleartext")
         }),
         "{:#?}",
-        lines(&log)
+        json_lines(&log)
     );
-    let events = lines(&log);
+    let events = json_lines(&log);
     let alerts: Vec<&Value> = events.iter().filter(|l| l["event"] == "alert").collect();
     let cleartext = alerts
         .iter()
@@ -330,17 +308,12 @@ fn bad_geoip_and_rules_files_are_refused_with_the_line() {
 /// to the test host raises one; a rule with `scope = "any"` opts in to both.
 #[test]
 fn loopback_cleartext_is_counted_but_alerted_only_by_a_rule_that_opts_in() {
-    require_root();
-    let tag = tag("scope");
-    let net = NetPair::new(&tag);
-    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
-    let dir = std::env::temp_dir().join(&tag);
-    let _scratch = Scratch(dir.clone());
-    copy_tree(&fixtures(), &dir.join("device"));
+    let test = TestDevice::new(&tag("scope"));
+    let (tag, net, cgroup, dir) = (&test.tag, &test.net, &test.cgroup, &test.dir);
     const LOCAL_HOST: &str = "activation.localhost.test";
     let remote_resolver = format!("{SERVER4}:53");
     let _remote = start_dns_sink(
-        &net,
+        net,
         Some(&remote_resolver),
         &[FIRMWARE_HOST],
         &[format!("{SERVER4}:80").parse().unwrap()],
@@ -367,10 +340,10 @@ fn loopback_cleartext_is_counted_but_alerted_only_by_a_rule_that_opts_in() {
     let log = dir.join("flows.jsonl");
     let agent = AgentProc::start(
         &cgroup.path,
-        &tag,
+        tag,
         &[
             "--android-root",
-            dir.join("device").to_str().unwrap(),
+            test.device().to_str().unwrap(),
             "--rules",
             rules.to_str().unwrap(),
             "--log",
@@ -379,7 +352,7 @@ fn loopback_cleartext_is_counted_but_alerted_only_by_a_rule_that_opts_in() {
     );
     let post = |host: &str, resolver: &str| {
         gen(
-            &net,
+            net,
             &cgroup.path,
             1001,
             &["http-post", "--host", host, "--resolver", resolver],
@@ -437,7 +410,7 @@ fn loopback_cleartext_is_counted_but_alerted_only_by_a_rule_that_opts_in() {
     assert_eq!(alerts_total("cleartext-anywhere"), 2, "{metrics}");
     // Alert lines, by rule: the shipped rule for the remote flow alone.
     let alerted = |rule: &str| -> Vec<String> {
-        let mut dsts: Vec<String> = lines(&log)
+        let mut dsts: Vec<String> = json_lines(&log)
             .iter()
             .filter(|l| l["event"] == "alert" && l["rule"] == rule)
             .map(|l| l["dst"].as_str().unwrap().to_string())
@@ -450,7 +423,7 @@ fn loopback_cleartext_is_counted_but_alerted_only_by_a_rule_that_opts_in() {
             .len()
             == 2),
         "{:#?}",
-        lines(&log)
+        json_lines(&log)
     );
     assert_eq!(alerted("firmware-cleartext"), [SERVER4]);
     assert_eq!(alerted("cleartext-anywhere"), [SERVER4, "127.0.0.1"]);

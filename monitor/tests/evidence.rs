@@ -11,7 +11,7 @@
 mod support;
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use support::*;
 
@@ -26,18 +26,6 @@ const IMEI_SHA256: &str = "1f0b62b5f05f305e9251c88be27c9e519449e8e34a00a59ec0a53
 /// `{"device":"EGM7Q2X9K4LT","v":2}` in base64, padding dropped: the serial
 /// sits at the third alignment of a larger base64 run.
 const SERIAL_IN_BASE64: &str = "eyJkZXZpY2UiOiJFR003UTJYOUs0TFQiLCJ2IjoyfQ";
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/android/android14")
-}
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
 
 /// A file the test's sender reads (mode 0644 in a directory every uid can
 /// enter: the sender runs as another uid), so that what it sends is not in
@@ -71,13 +59,8 @@ fn post(net: &NetPair, cgroup: &Path, resolver: &str, port: u16, body: &str, spl
 
 #[test]
 fn identifiers_sent_in_cleartext_are_named_counted_and_alerted() {
-    require_root();
-    let tag = tag("evidence");
-    let net = NetPair::new(&tag);
-    let cgroup = TestCgroup::new(&cgroup2_root(), &tag);
-    let dir = std::env::temp_dir().join(&tag);
-    let _scratch = Scratch(dir.clone());
-    copy_tree(&fixtures(), &dir.join("device"));
+    let test = TestDevice::new(&tag("evidence"));
+    let (tag, net, cgroup, dir) = (&test.tag, &test.net, &test.cgroup, &test.dir);
     let identifiers = dir.join("identifiers.toml");
     std::fs::write(
         &identifiers,
@@ -92,14 +75,14 @@ fn identifiers_sent_in_cleartext_are_named_counted_and_alerted() {
         .iter()
         .map(|port| format!("{SERVER4}:{port}").parse().unwrap())
         .collect();
-    let _sink = start_dns_sink(&net, Some(&resolver), &[HOST], &tcp, &[]);
+    let _sink = start_dns_sink(net, Some(&resolver), &[HOST], &tcp, &[]);
     let log = dir.join("flows.jsonl");
     let agent = AgentProc::start(
         &cgroup.path,
-        &tag,
+        tag,
         &[
             "--android-root",
-            dir.join("device").to_str().unwrap(),
+            test.device().to_str().unwrap(),
             "--identifiers",
             identifiers.to_str().unwrap(),
             "--log",
@@ -115,7 +98,7 @@ fn identifiers_sent_in_cleartext_are_named_counted_and_alerted() {
     let body = |name: &str, text: &str| body_file(&bodies, name, text);
     let (r, c) = (&resolver, &cgroup.path);
     post(
-        &net,
+        net,
         c,
         r,
         80,
@@ -123,7 +106,7 @@ fn identifiers_sent_in_cleartext_are_named_counted_and_alerted() {
         false,
     );
     post(
-        &net,
+        net,
         c,
         r,
         8080,
@@ -131,7 +114,7 @@ fn identifiers_sent_in_cleartext_are_named_counted_and_alerted() {
         true,
     );
     post(
-        &net,
+        net,
         c,
         r,
         8081,
@@ -139,7 +122,7 @@ fn identifiers_sent_in_cleartext_are_named_counted_and_alerted() {
         false,
     );
     post(
-        &net,
+        net,
         c,
         r,
         8082,
@@ -149,7 +132,7 @@ fn identifiers_sent_in_cleartext_are_named_counted_and_alerted() {
     // com.example.app (10123): the IMEI inside TLS.
     let secret = body("tls", &format!("imei={IMEI}"));
     gen(
-        &net,
+        net,
         &cgroup.path,
         10123,
         &[
@@ -240,15 +223,15 @@ fn identifiers_sent_in_cleartext_are_named_counted_and_alerted() {
         "only the three leaks, none from the app: {metrics}"
     );
     assert!(
-        eventually(Duration::from_secs(5), || lines(&log)
+        eventually(Duration::from_secs(5), || json_lines(&log)
             .iter()
             .filter(|l| l["event"] == "alert" && l["rule"] == "firmware-identifier-leak")
             .count()
             == 3),
         "{:#?}",
-        lines(&log)
+        json_lines(&log)
     );
-    let events = lines(&log);
+    let events = json_lines(&log);
     let alert = events
         .iter()
         .find(|l| {

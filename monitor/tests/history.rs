@@ -25,44 +25,28 @@ const DATAGRAM: u64 = 128;
 /// A test host with UDP sinks, a device layout naming radio (firmware) and
 /// com.example.app, and the test's own cgroup and scratch directory.
 struct World {
-    net: NetPair,
-    cgroup: TestCgroup,
-    dir: PathBuf,
     _sink: Proc,
-    _scratch: Scratch,
+    test: TestDevice,
 }
 
 impl World {
     fn new(tag: &str) -> World {
-        let net = NetPair::new(tag);
-        let cgroup = TestCgroup::new(&cgroup2_root(), tag);
-        let dir = std::env::temp_dir().join(tag);
-        let scratch = Scratch(dir.clone());
-        copy_tree(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/android/android14"),
-            &dir.join("device"),
-        );
+        let test = TestDevice::new(tag);
         let udp: Vec<std::net::SocketAddr> = (9000..9010)
             .map(|port| format!("{SERVER4}:{port}").parse().unwrap())
             .collect();
-        let sink = start_sink(&net, &[], &udp);
-        World {
-            net,
-            cgroup,
-            dir,
-            _sink: sink,
-            _scratch: scratch,
-        }
+        let sink = start_sink(&test.net, &[], &udp);
+        World { _sink: sink, test }
     }
 
     fn state(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.test.dir.join(name)
     }
 
     fn args(&self, state: &Path, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
             "--android-root".to_string(),
-            self.dir.join("device").to_str().unwrap().to_string(),
+            self.test.dir.join("device").to_str().unwrap().to_string(),
             "--state-dir".to_string(),
             state.to_str().unwrap().to_string(),
         ];
@@ -76,7 +60,7 @@ impl World {
 
     fn agent(&self, tag: &str, state: &Path, extra: &[&str]) -> AgentProc {
         let args = self.args(state, extra);
-        AgentProc::start(&self.cgroup.path, tag, &strs(&args))
+        AgentProc::start(&self.test.cgroup.path, tag, &strs(&args))
     }
 
     /// A state directory holding one row (radio's two datagrams to 9001),
@@ -94,8 +78,8 @@ impl World {
         let dst = format!("{SERVER4}:{port}");
         let count = count.to_string();
         gen(
-            &self.net,
-            &self.cgroup.path,
+            &self.test.net,
+            &self.test.cgroup.path,
             uid,
             &[
                 "udp-sendto",
@@ -221,7 +205,7 @@ fn diff_fails_on_a_new_firmware_destination_and_only_then() {
     let (code, out, _) = diff(&new, &new, &[]);
     assert_eq!(code, 0, "itself: exit 0\n{out}");
 
-    let allow = world.dir.join("allow.toml");
+    let allow = world.test.dir.join("allow.toml");
     std::fs::write(
         &allow,
         "[[allow]]\nowner = \"radio\"\nhost = \"10.200.0.*\"\nport = 9002\n",
@@ -286,7 +270,7 @@ fn restart_and_reboot_neither_double_nor_lose() {
     // kill -9, traffic while no agent runs, start again on the same pins.
     agent.kill();
     world.send(RADIO, 9001, 5);
-    agent.spawn(&world.cgroup.path, &strs(&world.args(&state, &[])));
+    agent.spawn(&world.test.cgroup.path, &strs(&world.args(&state, &[])));
     wait_reported(&state, RADIO, 9001, 15 * DATAGRAM);
     assert_eq!(
         counted(&agent, RADIO, 9001),

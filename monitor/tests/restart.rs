@@ -28,10 +28,6 @@ const FIRMWARE_HOST: &str = "zzhc.activation.example.cn";
 const RADIO: u32 = 1001;
 const APP: u32 = 10123;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/android/android14")
-}
-
 /// Removes the agent's restart state on drop (declared before the agent,
 /// so the agent's last save on detach comes first).
 struct StateFiles(PathBuf);
@@ -46,23 +42,16 @@ impl Drop for StateFiles {
 /// German one (its IPv6 address), a device layout naming radio (1001,
 /// firmware) and com.example.app (10123), and GeoIP data for both.
 struct World {
-    net: NetPair,
-    cgroup: TestCgroup,
-    dir: PathBuf,
     resolver: String,
     _sink: Proc,
-    _scratch: Scratch,
+    test: TestDevice,
 }
 
 impl World {
     fn new(tag: &str) -> World {
-        let net = NetPair::new(tag);
-        let cgroup = TestCgroup::new(&cgroup2_root(), tag);
-        let dir = std::env::temp_dir().join(tag);
-        let scratch = Scratch(dir.clone());
-        copy_tree(&fixtures(), &dir.join("device"));
+        let test = TestDevice::new(tag);
         std::fs::write(
-            dir.join("countries.csv"),
+            test.geoip(),
             "10.200.0.0,10.200.0.255,CN\nfd00:200::,fd00:200::ffff,DE\n",
         )
         .unwrap();
@@ -75,28 +64,25 @@ impl World {
         let udp: Vec<std::net::SocketAddr> = (9000..9050)
             .map(|port| format!("{SERVER4}:{port}").parse().unwrap())
             .collect();
-        let sink = start_dns_sink(&net, Some(&resolver), &[FIRMWARE_HOST], &tcp, &udp);
+        let sink = start_dns_sink(&test.net, Some(&resolver), &[FIRMWARE_HOST], &tcp, &udp);
         World {
-            net,
-            cgroup,
-            dir,
             resolver,
             _sink: sink,
-            _scratch: scratch,
+            test,
         }
     }
 
     fn log(&self) -> PathBuf {
-        self.dir.join("flows.jsonl")
+        self.test.dir.join("flows.jsonl")
     }
 
     fn agent_args(&self, log: bool) -> Vec<String> {
         let path = |p: PathBuf| p.to_str().unwrap().to_string();
         let mut args = vec![
             "--android-root".into(),
-            path(self.dir.join("device")),
+            path(self.test.device()),
             "--geoip".into(),
-            path(self.dir.join("countries.csv")),
+            path(self.test.geoip()),
         ];
         if log {
             args.extend(["--log".into(), path(self.log())]);
@@ -105,7 +91,7 @@ impl World {
     }
 
     fn gen(&self, uid: u32, args: &[&str]) {
-        gen(&self.net, &self.cgroup.path, uid, args);
+        gen(&self.test.net, &self.test.cgroup.path, uid, args);
     }
 
     /// radio POSTs activation data in cleartext to the Chinese host.
@@ -127,14 +113,6 @@ impl World {
 
 fn args(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
-}
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("whole JSON lines"))
-        .collect()
 }
 
 /// Lines of `event` per flow (and rule, for alerts).
@@ -280,13 +258,13 @@ enum Hooks {
 
 /// Starts the agent counting the way `hooks` says.
 fn start_agent(world: &World, tag: &str, hooks: Hooks, args: &[&str]) -> AgentProc {
-    let client = NetPair::path(&world.net.client);
+    let client = NetPair::path(&world.test.net.client);
     let (netns, env): (Option<&str>, &[(&str, &str)]) = match hooks {
         Hooks::Cgroup => (None, &[]),
         Hooks::TcNetlink => (Some(&client), &[("EGRESSMON_TC_NETLINK", "1")]),
         Hooks::Tcx => (Some(&client), &[]),
     };
-    AgentProc::start_in(netns, env, &world.cgroup.path, tag, args)
+    AgentProc::start_in(netns, env, &world.test.cgroup.path, tag, args)
 }
 
 fn stop(agent: &mut AgentProc, how: Stop) {
@@ -357,7 +335,7 @@ fn restart_keeps_everything_exact(how: Stop, hooks: Hooks) {
     netd.count(netd_key(APP), tx(4_000));
     netd.drain(Which::A);
     std::thread::sleep(Duration::from_millis(500));
-    agent.spawn(&world.cgroup.path, &args(&agent_args));
+    agent.spawn(&world.test.cgroup.path, &args(&agent_args));
     std::thread::sleep(Duration::from_millis(1500));
     traffic.store(true, Ordering::Relaxed);
     thread.join().expect("background traffic");
@@ -401,7 +379,7 @@ fn restart_keeps_everything_exact(how: Stop, hooks: Hooks) {
 
     // The log: one flow_start per flow, one alert per flow and rule, as
     // many alert lines per rule as the counter says.
-    let log = lines(&world.log());
+    let log = json_lines(&world.log());
     let starts = count_lines(&log, "flow_start");
     assert_eq!(starts.len(), flows.len() + 1, "{starts:#?}\n{flows:#?}");
     assert!(starts.values().all(|&n| n == 1), "{starts:#?}");
@@ -453,7 +431,7 @@ fn a_flow_whose_payload_the_new_agent_never_saw_is_classified_again() {
     let agent_args = world.agent_args(false);
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{tag}"));
     let _state = StateFiles(pin_dir.clone());
-    let mut agent = AgentProc::start(&world.cgroup.path, &tag, &args(&agent_args));
+    let mut agent = AgentProc::start(&world.test.cgroup.path, &tag, &args(&agent_args));
     let post = |flows: &[FlowRecord]| find(flows, RADIO, "tcp", SERVER4, 80).clone();
     world.post(80);
     assert!(eventually(Duration::from_secs(10), || post(&agent.flows())
@@ -465,7 +443,7 @@ fn a_flow_whose_payload_the_new_agent_never_saw_is_classified_again() {
     agent.kill();
     let dir = egressmon::serve::state::default_dir();
     assert!(!egressmon::serve::state::remove(&dir, &pin_dir).is_empty());
-    agent.spawn(&world.cgroup.path, &args(&agent_args));
+    agent.spawn(&world.test.cgroup.path, &args(&agent_args));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(post(&agent.flows()).payload, "unknown", "nothing known");
     // Quiet for three passes: re-armed.

@@ -600,3 +600,63 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The Android 14 device layout among the tests' fixtures.
+pub fn android14() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/android/android14")
+}
+
+/// The tests' GeoIP data: the test host (10.200.0.0/24) in China, what
+/// lies below 10.0.0.0 in the US.
+pub const TEST_COUNTRIES: &str = "10.200.0.0,10.200.0.255,CN\n0.0.0.0,9.255.255.255,US\n";
+
+/// The JSON lines of a file: none while it is missing, and a line being
+/// written (not whole yet) is skipped.
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// What a test playing a phone needs: a network pair and a cgroup of its
+/// own, and a scratch directory holding a copy of the Android 14 layout
+/// (`device()`) and [`TEST_COUNTRIES`] (`geoip()`). All of it goes on
+/// drop, which should come after the agent's: as a local, declare it
+/// before the agent; as a field, after it.
+pub struct TestDevice {
+    pub tag: String,
+    pub net: NetPair,
+    pub cgroup: TestCgroup,
+    pub dir: PathBuf,
+    _scratch: Scratch,
+}
+
+impl TestDevice {
+    /// Everything named after `tag` (see [`tag`]).
+    pub fn new(tag: &str) -> TestDevice {
+        require_root();
+        let dir = std::env::temp_dir().join(tag);
+        let scratch = Scratch(dir.clone());
+        copy_tree(&android14(), &dir.join("device"));
+        std::fs::write(dir.join("countries.csv"), TEST_COUNTRIES).unwrap();
+        TestDevice {
+            tag: tag.to_string(),
+            net: NetPair::new(tag),
+            cgroup: TestCgroup::new(&cgroup2_root(), tag),
+            dir,
+            _scratch: scratch,
+        }
+    }
+
+    /// The copy of the device layout (`--android-root`).
+    pub fn device(&self) -> PathBuf {
+        self.dir.join("device")
+    }
+
+    /// The GeoIP file (`--geoip`).
+    pub fn geoip(&self) -> PathBuf {
+        self.dir.join("countries.csv")
+    }
+}
