@@ -335,9 +335,22 @@ fn account(
     let value = match FLOWS.get_ptr_mut(key) {
         Some(value) => value,
         None => {
-            // A new flow starts empty and undecided, and this run is
-            // counted below like any other: one path for the verifier.
-            new_flow(key, gen.wrapping_add(1), hook, skb);
+            if skb.is_none() && gen == 0 {
+                // A sock_addr hook while no block rule exists: the flow's
+                // decision is known (none), so the run is counted by the
+                // insert itself, one hash walk fewer per new flow.
+                if new_flow(key, &delta, gen, hook, None) {
+                    add_to_uid(key, &delta);
+                    return Some(Counted {
+                        value: core::ptr::null_mut(),
+                        block: 0,
+                    });
+                }
+            } else {
+                // A new flow starts empty and undecided, and this run is
+                // counted below like any other: one path for the verifier.
+                new_flow(key, &NOTHING, gen.wrapping_add(1), hook, skb);
+            }
             match FLOWS.get_ptr_mut(key) {
                 Some(value) => value,
                 None => {
@@ -365,22 +378,33 @@ fn account(
     Some(Counted { value, block })
 }
 
-/// Inserts a new flow, empty and undecided (`block_gen` is not the
-/// rules' generation), and emits its one event (unless another CPU made
-/// it first: its event names the flow).
+/// Inserts a new flow holding the calls in `counted` (a sock_addr hook's
+/// connect or datagram, or nothing), decided under `block_gen` (not the
+/// rules' generation: undecided), and emits its one event. Returns false
+/// when another CPU made it first (its event names the flow).
 #[inline(always)]
-fn new_flow(key: &FlowKey, block_gen: u32, hook: u8, skb: Option<&SkBuff>) {
+fn new_flow(
+    key: &FlowKey,
+    counted: &Delta,
+    block_gen: u32,
+    hook: u8,
+    skb: Option<&SkBuff>,
+) -> bool {
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let fresh = FlowValue {
+        connects: counted.connects,
+        udp_sends: counted.udp_sends,
         first_seen: now,
         last_seen: now,
         block_gen,
         ..FlowValue::default()
     };
-    if FLOWS.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
-        bump_stat(STAT_FLOWS_CREATED);
-        emit_new_flow(key, now, hook, skb);
+    if FLOWS.insert(key, fresh, BPF_NOEXIST as u64).is_err() {
+        return false;
     }
+    bump_stat(STAT_FLOWS_CREATED);
+    emit_new_flow(key, now, hook, skb);
+    true
 }
 
 /// Adds one run to a flow and to its uid's totals: `delta`, or when
@@ -714,7 +738,10 @@ fn count_skb(skb: &SkBuff, l3: usize, hook: u8) -> Option<(FlowKey, usize, bool)
     let value = counted.value;
     // Hot path ends here for every flow whose payload needs no capture.
     if unsafe { (*value).captured } < CAPTURE_ENCRYPTED {
-        capture_payload(skb, &key, l4_offset, sk_buff.len, value);
+        // In place at cgroup skb only: tc's variable link header would
+        // multiply the verifier's walk past its limit.
+        let in_place = hook == HOOK_SKB_EGRESS;
+        capture_payload(skb, &key, l4_offset, sk_buff.len, value, in_place);
     }
     // Where netd holds connect4/6, tc egress counts a connection's first
     // SYN as its connect. Last, so that its branches do not multiply the
@@ -899,7 +926,7 @@ fn note_dns_query(skb: &SkBuff, key: &FlowKey, l4_offset: usize) {
 #[inline(always)]
 fn dns_id(skb: &SkBuff, proto: u8, l4_offset: usize) -> Option<u16> {
     let len = unsafe { (*skb.skb).len };
-    let offset = payload_offset(skb, proto, l4_offset, len)?;
+    let offset = payload_offset(skb, proto, l4_offset, len, false)?;
     let at = if proto == PROTO_TCP {
         offset + 2
     } else {
@@ -908,12 +935,35 @@ fn dns_id(skb: &SkBuff, proto: u8, l4_offset: usize) -> Option<u16> {
     skb.load::<u16>(at).ok()
 }
 
-/// Offset of the transport payload, if the packet carries any.
+/// The TCP header's data offset byte. With `in_place`, read in place where
+/// the header is in the skb's linear area (at cgroup skb egress, always: the
+/// local stack built it): that saves a helper call on every packet of a flow
+/// whose payload is still wanted, such as a connection that has sent none.
 #[inline(always)]
-fn payload_offset(skb: &SkBuff, proto: u8, l4_offset: usize, len: u32) -> Option<usize> {
+fn tcp_data_offset(skb: &SkBuff, l4_offset: usize, in_place: bool) -> Option<u8> {
+    // SAFETY: the context fields the verifier rewrites into packet pointers.
+    let (data, end) = unsafe { ((*skb.skb).data as usize, (*skb.skb).data_end as usize) };
+    // The offset bounded first, so the verifier accepts it into the packet.
+    if in_place && l4_offset <= MAX_L4_OFFSET && data + l4_offset + 13 <= end {
+        // SAFETY: bounds checked against data_end just above.
+        return Some(unsafe { *((data + l4_offset + 12) as *const u8) });
+    }
+    skb.load(l4_offset + 12).ok()
+}
+
+/// Offset of the transport payload, if the packet carries any (`in_place`:
+/// see [`tcp_data_offset`]).
+#[inline(always)]
+fn payload_offset(
+    skb: &SkBuff,
+    proto: u8,
+    l4_offset: usize,
+    len: u32,
+    in_place: bool,
+) -> Option<usize> {
     let offset = match proto {
         PROTO_TCP => {
-            let data_offset: u8 = skb.load(l4_offset + 12).ok()?;
+            let data_offset = tcp_data_offset(skb, l4_offset, in_place)?;
             l4_offset + ((data_offset >> 4) as usize) * 4
         }
         PROTO_UDP => l4_offset + 8,
@@ -933,8 +983,15 @@ fn payload_offset(skb: &SkBuff, proto: u8, l4_offset: usize, len: u32) -> Option
 /// unclassified for good. At most two copies per packet and no loop, so
 /// the verifier's walk stays short.
 #[inline(always)]
-fn capture_payload(skb: &SkBuff, key: &FlowKey, l4_offset: usize, len: u32, value: *mut FlowValue) {
-    let Some(offset) = payload_offset(skb, key.proto, l4_offset, len) else {
+fn capture_payload(
+    skb: &SkBuff,
+    key: &FlowKey,
+    l4_offset: usize,
+    len: u32,
+    value: *mut FlowValue,
+    in_place: bool,
+) {
+    let Some(offset) = payload_offset(skb, key.proto, l4_offset, len, in_place) else {
         return;
     };
     // SAFETY: map value pointer from a successful lookup.
@@ -1218,7 +1275,7 @@ fn dns_response(skb: &SkBuff, l3: usize, tc: bool) -> Option<()> {
         return None;
     };
     let len = sk_buff.len;
-    let offset = payload_offset(skb, key.proto, l4_offset, len)?;
+    let offset = payload_offset(skb, key.proto, l4_offset, len, false)?;
     emit_payload(skb, &key, PAYLOAD_DNS_RESPONSE, offset as u32, len, 0);
     Some(())
 }
@@ -1565,6 +1622,9 @@ const MAX_IPV6_EXTENSIONS: usize = 4;
 /// An offset no packet reaches: "no transport header here" for the callers
 /// that read ports, flags or payload at the L4 offset (their loads fail).
 const NO_L4: usize = 0xffff;
+/// The furthest a transport header can start: the longest link header, an
+/// IPv4 header with every option, or IPv6 past its extension headers.
+const MAX_L4_OFFSET: usize = 256;
 
 #[inline(always)]
 fn is_ipv6_extension(next: u8) -> bool {
