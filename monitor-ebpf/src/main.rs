@@ -1622,8 +1622,10 @@ const MAX_IPV6_EXTENSIONS: usize = 4;
 /// An offset no packet reaches: "no transport header here" for the callers
 /// that read ports, flags or payload at the L4 offset (their loads fail).
 const NO_L4: usize = 0xffff;
-/// The furthest a transport header can start: the longest link header, an
-/// IPv4 header with every option, or IPv6 past its extension headers.
+/// Where an in-place read of the transport header may start at most (the
+/// verifier needs a bound on the offset): past the longest link header and
+/// an IPv4 header with every option (82 bytes) with room to spare. A header
+/// further in (IPv6 behind long extension headers) is read by the helper.
 const MAX_L4_OFFSET: usize = 256;
 
 #[inline(always)]
